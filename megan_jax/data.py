@@ -1,0 +1,94 @@
+"""Embedded data: the MNI152 2009c template shipped inside nilearn's wheel.
+
+nilearn carries the ICBM 2009 symmetric template (T1 and grey/white matter
+probability maps, 197×233×189 at 1 mm) as package data. We read those files
+straight from the installed package, without importing nilearn (whose import
+pulls in pandas and scikit-learn) and without any download.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from megan_jax.io import Volume, load_nifti
+
+_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+MNI152_NAME = "mni152"  # what CLI commands accept in place of an input path
+
+
+def mni152_path(kind: str = "t1") -> str:
+  """Path of the template file (``kind`` in t1, gm, wm) inside nilearn."""
+  if kind not in _FILES:
+    raise ValueError(f"unknown MNI152 map {kind!r}; choose from {sorted(_FILES)}")
+  spec = importlib.util.find_spec("nilearn")
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+        "the embedded MNI152 template comes with the 'nilearn' package; "
+        "install it (pip install nilearn)")
+  root = list(spec.submodule_search_locations)[0]
+  path = os.path.join(root, "datasets", "data", _FILES[kind])
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: not in this nilearn install")
+  return path
+
+
+@functools.lru_cache(maxsize=8)
+def _load(kind: str, spacing: float | None) -> Volume:
+  vol = load_nifti(mni152_path(kind))
+  if spacing is None or spacing == 1.0:
+    return vol
+  return resample_spacing(vol, spacing)
+
+
+def mni152(kind: str = "t1", spacing: float | None = None) -> Volume:
+  """The MNI152 template map ``kind`` (t1, gm, wm) as a ``Volume``.
+
+  Args:
+    kind: "t1" (intensities 0..255), "gm" or "wm" (probabilities ×255).
+    spacing: isotropic voxel size in mm (default 1 mm, the file's own).
+  """
+  vol = _load(kind, None if spacing is None else float(spacing))
+  # The cache holds one copy; callers get their own arrays to modify.
+  return Volume(vol.data.copy(), vol.affine.copy(), vol.header, vol.path)
+
+
+def resample_spacing(vol: Volume, spacing: float, order: int = 1) -> Volume:
+  """Resamples an (axis-aligned) volume to isotropic ``spacing`` mm.
+
+  Keeps the world position of the first voxel's corner and updates the
+  affine's scale; the header's zooms follow the new affine on save.
+  """
+  zooms = np.sqrt((vol.affine[:3, :3] ** 2).sum(axis=0))
+  factors = zooms / spacing
+  shape = np.maximum(1, np.round(np.array(vol.data.shape) * factors)).astype(int)
+  real = shape / np.array(vol.data.shape)  # the factor actually applied
+  data = ndi.zoom(vol.data, real, order=order, grid_mode=True, mode="nearest")
+  affine = vol.affine.copy()
+  affine[:3, :3] = vol.affine[:3, :3] / real[None, :]
+  # grid_mode: voxel corners stay put, so centres shift by half a new voxel.
+  corner = vol.affine[:3, :3] @ np.full(3, -0.5) + vol.affine[:3, 3]
+  affine[:3, 3] = corner - affine[:3, :3] @ np.full(3, -0.5)
+  header = vol.header.copy() if vol.header is not None else None
+  if header is not None:
+    header.set_data_shape(data.shape)
+    header.set_zooms(tuple(float(z) for z in zooms / real))
+  return Volume(data.astype(np.float32), affine, header, None)
+
+
+def brain_mask(spacing: float | None = None, threshold: float = 0.1
+               ) -> np.ndarray:
+  """A brain mask of the template: grey + white matter above ``threshold``,
+  closed and hole-filled so the ventricles (CSF) are inside."""
+  gm = mni152("gm", spacing).data / 255.0
+  wm = mni152("wm", spacing).data / 255.0
+  mask = (gm + wm) > threshold
+  mask |= ndi.binary_closing(mask, iterations=2)  # closing erodes the image border
+  return ndi.binary_fill_holes(mask)

@@ -1,0 +1,217 @@
+"""NIfTI in and out (nibabel), with the affine and header kept.
+
+The only module that knows nibabel: volumes leave it as float32 ``[D, H, W]``
+arrays in the file's voxel order, with the affine and header beside them.
+Every problem a user can fix becomes one ``InputError`` line naming the file.
+Writes are atomic (temporary file in the target folder, then rename) and
+never replace an input file.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+import zlib
+from typing import Iterable, Iterator
+
+import nibabel as nib
+import numpy as np
+
+from megan_jax.errors import InputError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclasses.dataclass(frozen=True)
+class Volume:
+  """A 3D image: float32 data ``[D, H, W]``, its 4×4 affine and header."""
+  data: np.ndarray
+  affine: np.ndarray
+  header: nib.nifti1.Nifti1Header | None = None
+  path: str | None = None
+
+  def with_data(self, data: np.ndarray) -> "Volume":
+    """The same geometry (affine, header) with other voxels."""
+    return dataclasses.replace(self, data=data, path=None)
+
+
+def is_nifti_path(path: str | os.PathLike) -> bool:
+  return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def load_nifti(path: str | os.PathLike, *, allow_constant: bool = True,
+               what: str = "image") -> Volume:
+  """Loads a 3D NIfTI file as float32 plus affine and header.
+
+  A 4D image holding a single volume is squeezed to 3D.
+
+  Args:
+    path: a ``.nii`` or ``.nii.gz`` file.
+    allow_constant: if False, an image with a single value is an error.
+    what: how the message names the file's role ("input", "mask", ...).
+
+  Returns:
+    A ``Volume``.
+
+  Raises:
+    InputError: missing, unreadable, not NIfTI, truncated, not 3D,
+      non-finite or (unless allowed) constant.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise InputError(f"{what} {path}: no such file")
+  if os.path.isdir(path):
+    raise InputError(f"{what} {path}: is a folder, expected a NIfTI file")
+  if not os.access(path, os.R_OK):
+    raise InputError(f"{what} {path}: not readable (permission denied)")
+  try:
+    img = nib.load(path)
+  except nib.filebasedimages.ImageFileError:
+    raise InputError(f"{what} {path}: not a NIfTI image") from None
+  except (OSError, EOFError, ValueError, zlib.error) as e:
+    raise InputError(f"{what} {path}: unreadable ({_one_line(e)})") from None
+  if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+    raise InputError(f"{what} {path}: not a NIfTI image "
+                     f"(nibabel read it as {type(img).__name__})")
+  shape = img.shape
+  if len(shape) == 4 and shape[3] == 1:
+    squeeze = True
+  elif len(shape) == 3:
+    squeeze = False
+  else:
+    raise InputError(f"{what} {path}: expected a 3D image, got shape "
+                     f"{'x'.join(map(str, shape))}")
+  try:
+    data = np.asarray(img.dataobj, dtype=np.float32)
+  except (OSError, EOFError, ValueError, zlib.error) as e:
+    raise InputError(
+        f"{what} {path}: truncated or corrupt data ({_one_line(e)})") from None
+  if squeeze:
+    data = data[..., 0]
+  check_finite(data, path, what=what)
+  if not allow_constant:
+    check_not_constant(data, path, what=what)
+  header = img.header.copy()
+  return Volume(data=data, affine=np.asarray(img.affine, np.float64),
+                header=header, path=path)
+
+
+def check_finite(data: np.ndarray, path: str | None, *, what: str = "image"):
+  bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+  if bad:
+    raise InputError(f"{what} {path}: {bad} non-finite voxel(s) (NaN or inf)")
+
+
+def check_not_constant(data: np.ndarray, path: str | None, *,
+                       what: str = "image"):
+  if data.size == 0 or float(data.min()) == float(data.max()):
+    value = float(data.flat[0]) if data.size else float("nan")
+    raise InputError(f"{what} {path}: constant image (every voxel is "
+                     f"{value:g}); nothing to translate")
+
+
+def check_output_path(out: str | os.PathLike,
+                      inputs: Iterable[str | os.PathLike | None] = ()):
+  """Checks ``out`` is a NIfTI path in a writable folder and is no input."""
+  out = os.fspath(out)
+  if not is_nifti_path(out):
+    raise InputError(f"output {out}: name must end in .nii or .nii.gz")
+  if os.path.isdir(out):
+    raise InputError(f"output {out}: is a folder")
+  for inp in inputs:
+    if inp is None:
+      continue
+    if _same_file(out, os.fspath(inp)):
+      raise InputError(f"output {out}: is the input file {inp}; "
+                       "refusing to overwrite an input")
+  folder = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(folder):
+    raise InputError(f"output {out}: folder {folder} does not exist")
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise InputError(f"output {out}: folder {folder} is not writable")
+
+
+def _same_file(a: str, b: str) -> bool:
+  if os.path.exists(a) and os.path.exists(b):
+    return os.path.samefile(a, b)
+  return os.path.abspath(a) == os.path.abspath(b)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None
+                ) -> Iterator[str]:
+  """Yields a temporary path beside ``path``; renames it to ``path`` on success.
+
+  On any exception the temporary file is removed, so nothing half-written is
+  left behind. ``suffix`` defaults to the target's (``.nii.gz``, ``.png``),
+  which lets writers pick the format from the name.
+  """
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  if suffix is None:
+    base = os.path.basename(path)
+    suffix = ".nii.gz" if base.lower().endswith(".nii.gz") else (
+        os.path.splitext(base)[1])
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+  os.close(fd)
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def save_nifti(path: str | os.PathLike, data: np.ndarray,
+               affine: np.ndarray | None = None,
+               header: nib.nifti1.Nifti1Header | None = None, *,
+               like: Volume | None = None,
+               inputs: Iterable[str | os.PathLike | None] = (),
+               dtype=np.float32) -> str:
+  """Writes ``data`` as NIfTI atomically, keeping an input's affine and header.
+
+  Args:
+    path: target ``.nii`` / ``.nii.gz``.
+    data: the 3D array.
+    affine, header: geometry to keep (default: ``like``'s).
+    like: a ``Volume`` whose affine and header to keep.
+    inputs: paths that must not be overwritten (``like.path`` is added).
+    dtype: on-disk data type; the header's data type is updated to it and
+      its scaling reset, everything else (qform/sform codes, units,
+      description, ...) is kept.
+
+  Returns:
+    ``path``.
+  """
+  path = os.fspath(path)
+  inputs = list(inputs)
+  if like is not None:
+    affine = like.affine if affine is None else affine
+    header = like.header if header is None else header
+    inputs.append(like.path)
+  check_output_path(path, inputs)
+  if affine is None:
+    affine = np.eye(4)
+  data = np.asarray(data)
+  if data.ndim != 3:
+    raise ValueError(f"save_nifti expects a 3D array, got shape {data.shape}")
+  if header is not None and isinstance(header, nib.Nifti2Header):
+    cls = nib.Nifti2Image
+  else:
+    cls = nib.Nifti1Image
+  header = header.copy() if header is not None else None
+  if header is not None and len(header.get_data_shape()) != 3:
+    header.set_data_shape(data.shape)
+  img = cls(data.astype(dtype, copy=False), affine, header)
+  img.header.set_data_dtype(dtype)
+  img.header.set_slope_inter(1.0, 0.0)
+  with atomic_path(path) as tmp:
+    nib.save(img, tmp)
+  return path
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split()) or type(e).__name__
+  return text[:200]

@@ -1,0 +1,117 @@
+"""NIfTI I/O: geometry kept, atomic writes, one-line errors for bad files."""
+import gzip
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from megan_jax import io
+from megan_jax.errors import InputError
+
+
+def _affine():
+  a = np.diag([1.5, 0.9, 2.0, 1.0])
+  a[:3, 3] = [-10.0, 20.5, 3.25]
+  return a
+
+
+def _write(path, data, affine=None, dtype=np.int16):
+  img = nib.Nifti1Image(np.asarray(data).astype(dtype), affine if affine is not None else _affine())
+  img.header["descrip"] = b"megan test"
+  img.header.set_xyzt_units("mm", "sec")
+  nib.save(img, str(path))
+  return str(path)
+
+
+def test_roundtrip_keeps_affine_header_and_values(tmp_path):
+  rng = np.random.default_rng(0)
+  data = rng.integers(0, 1000, size=(7, 9, 5))
+  src = _write(tmp_path / "in.nii.gz", data)
+  vol = io.load_nifti(src)
+  assert vol.data.dtype == np.float32 and vol.data.shape == (7, 9, 5)
+  np.testing.assert_array_equal(vol.data, data)
+  out = io.save_nifti(tmp_path / "out.nii.gz", vol.data * 0.5, like=vol)
+  back = nib.load(out)
+  np.testing.assert_allclose(back.affine, _affine())
+  assert back.header.get_data_dtype() == np.float32
+  assert back.header["descrip"].tobytes().startswith(b"megan test")
+  assert back.header.get_xyzt_units() == ("mm", "sec")
+  np.testing.assert_allclose(np.asarray(back.dataobj), data * 0.5)
+  assert sorted(os.listdir(tmp_path)) == ["in.nii.gz", "out.nii.gz"]
+
+
+def test_4d_single_volume_is_squeezed(tmp_path):
+  src = _write(tmp_path / "in.nii", np.ones((4, 5, 6, 1)) * np.arange(6)[:, None])
+  assert io.load_nifti(src).data.shape == (4, 5, 6)
+
+
+def _err(path, **kw):
+  with pytest.raises(InputError) as e:
+    io.load_nifti(path, **kw)
+  msg = str(e.value)
+  assert "\n" not in msg and str(path) in msg
+  return msg
+
+
+def test_bad_files_give_one_line_errors(tmp_path):
+  assert "no such file" in _err(tmp_path / "missing.nii.gz")
+  txt = tmp_path / "notes.nii.gz"
+  txt.write_text("hello")
+  _err(txt)
+  plain = tmp_path / "plain.txt"
+  plain.write_text("hello")
+  assert "NIfTI" in _err(plain)
+  assert "folder" in _err(tmp_path)
+  # Truncated: cut the compressed stream in half.
+  full = _write(tmp_path / "full.nii.gz", np.random.default_rng(1).normal(size=(20, 20, 20)), dtype=np.float32)
+  raw = open(full, "rb").read()
+  trunc = tmp_path / "trunc.nii.gz"
+  trunc.write_bytes(raw[: len(raw) // 2])
+  _err(trunc)
+  # Uncompressed and truncated: the header is fine, the data are short.
+  full2 = _write(tmp_path / "full2.nii", np.ones((20, 20, 20)), dtype=np.float32)
+  raw2 = open(full2, "rb").read()
+  trunc2 = tmp_path / "trunc2.nii"
+  trunc2.write_bytes(raw2[: len(raw2) - 1000])
+  _err(trunc2)
+  assert "3D" in _err(_write(tmp_path / "two.nii", np.ones((4, 4))))
+  assert "3D" in _err(_write(tmp_path / "four.nii", np.ones((4, 4, 4, 2))))
+  nan = np.ones((4, 4, 4), np.float32)
+  nan[1, 2, 3] = np.nan
+  assert "non-finite" in _err(_write(tmp_path / "nan.nii", nan, dtype=np.float32))
+  const = _write(tmp_path / "const.nii", np.full((4, 4, 4), 7))
+  io.load_nifti(const)  # allowed by default (masks may be empty)
+  assert "constant" in _err(const, allow_constant=False)
+
+
+def test_save_never_overwrites_input_and_checks_folder(tmp_path):
+  src = _write(tmp_path / "in.nii.gz", np.arange(27).reshape(3, 3, 3))
+  vol = io.load_nifti(src)
+  before = open(src, "rb").read()
+  with pytest.raises(InputError, match="input"):
+    io.save_nifti(src, vol.data, like=vol)
+  with pytest.raises(InputError, match="input"):  # same file by another name
+    io.save_nifti(os.path.join(tmp_path, ".", "in.nii.gz"), vol.data, like=vol)
+  assert open(src, "rb").read() == before
+  with pytest.raises(InputError, match="does not exist"):
+    io.save_nifti(tmp_path / "nope" / "out.nii.gz", vol.data, like=vol)
+  with pytest.raises(InputError, match=".nii"):
+    io.save_nifti(tmp_path / "out.txt", vol.data, like=vol)
+
+
+def test_unwritable_folder(tmp_path, monkeypatch):
+  # Tests run as root in CI, where chmod cannot deny a write: ask os.access.
+  monkeypatch.setattr(io.os, "access", lambda p, mode: False)
+  with pytest.raises(InputError, match="not writable"):
+    io.check_output_path(tmp_path / "x.nii.gz")
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+  def boom(img, path):
+    open(path, "wb").write(b"half")
+    raise RuntimeError("disk full")
+  monkeypatch.setattr(io.nib, "save", boom)
+  with pytest.raises(RuntimeError):
+    io.save_nifti(tmp_path / "out.nii.gz", np.zeros((2, 2, 2)))
+  assert os.listdir(tmp_path) == []

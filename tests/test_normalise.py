@@ -1,0 +1,34 @@
+"""Intensity scaling: range, clipping, inverse, CT window."""
+import numpy as np
+import pytest
+
+from megan_jax import normalise as nz
+from megan_jax.errors import InputError
+
+
+def test_percentile_scaling_and_inverse():
+  rng = np.random.default_rng(0)
+  x = rng.gamma(2.0, 100.0, size=(20, 20, 20)).astype(np.float32)
+  y, norm = nz.normalise(x, percentiles=(0, 99))
+  assert y.dtype == np.float32 and y.min() == -1.0 and y.max() == 1.0
+  assert np.mean(y == 1.0) == pytest.approx(0.01, abs=0.002)  # the clipped 1 %
+  inside = x <= norm.hi
+  np.testing.assert_allclose(norm.denormalise(y)[inside], x[inside], rtol=1e-5, atol=1e-3)
+
+
+def test_ct_window_is_fixed_across_scans():
+  norm = nz.fit_normaliser(np.array([-3000.0, 0.0, 3000.0]), window=(-1000, 1000))
+  np.testing.assert_allclose(norm.normalise(np.array([-1000.0, 0.0, 500.0, 2000.0])), [-1, 0, 0.5, 1])
+
+
+def test_unit_range_roundtrip():
+  y = np.linspace(-1, 1, 11)
+  np.testing.assert_allclose(nz.to_unit(y), np.linspace(0, 1, 11))
+  np.testing.assert_allclose(nz.from_unit(nz.to_unit(y)), y)
+
+
+def test_constant_and_bad_ranges_raise():
+  with pytest.raises(InputError, match="constant"):
+    nz.fit_normaliser(np.full((3, 3, 3), 5.0), path="c.nii")
+  with pytest.raises(InputError):
+    nz.fit_normaliser(np.arange(10.0), percentiles=(50, 10))
