@@ -1,0 +1,405 @@
+"""Patch grid: cut a volume into fixed-size patches and stitch their centres.
+
+This is what keeps device memory independent of the volume size: every HR
+network sees ``patch_size³`` voxels, however large the volume. All functions
+are pure and work alike on numpy arrays (returning numpy) and on jax arrays
+(returning jax; jit-able with the plan as a static argument, e.g.
+``jax.jit(extract, static_argnames="plan")``).
+
+Geometry, per axis of length ``L``, with patch size ``p``, border ``b`` and
+centre ``c = p - 2b``:
+
+* ``L <= p``: a single patch starting at 0. The volume is padded at the high
+  end with background up to ``p``; the patch keeps ``[0, L)``.
+* ``L > p``: ``n = 1 + ceil((L - p) / c)`` patches. Patch ``i < n - 1`` starts
+  at ``i * c``; the last one starts at ``L - p`` (so it never needs padding).
+  Patch 0 keeps ``[0, b + c)`` of the volume (untrimmed at the volume's low
+  edge), an interior patch ``i`` keeps ``[i*c + b, i*c + b + c)``, and the last
+  keeps from where its predecessor stopped up to ``L`` (untrimmed at the high
+  edge; it always trims at least ``b`` voxels on its low side).
+
+Kept ranges abut exactly, so every output voxel comes from exactly one patch,
+with no blending (averaging overlaps blurs); a patch is left untrimmed only on
+the sides that touch the volume's edge, where no neighbour could supply those
+voxels. Patches are numbered in C order over the ``(z, y, x)`` grid.
+
+HR conditioning (the previous-scale patch): for an output patch starting at
+``s`` (per axis) at scale ``k``, the network also sees ``p³`` voxels of the
+scale ``k - 1`` volume, padded with ``p // 4`` voxels of background on every
+side, starting at ``floor(s / 2)`` in that padded volume. That patch covers
+twice the output patch's field of view, centred on it: its centre half
+``[p/4, 3p/4)`` per axis lies under the output patch.
+"""
+import dataclasses
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from megan_jax.errors import InputError
+from megan_jax.types import BACKGROUND, Array, Shape3, as_shape3
+
+Range = tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The patch grid of one volume shape; static ints only, so it is hashable.
+
+  Attributes:
+    shape: the volume's spatial shape ``(D, H, W)``.
+    patch_size: patch side length ``p``.
+    border: voxels trimmed from each patch side that does not touch the
+      volume's edge.
+    starts: per axis, the start of each patch along that axis (volume coords).
+    keep_in_patch: per axis, the kept ``[lo, hi)`` range of each patch, in
+      patch coordinates.
+    keep_in_volume: per axis, the same ranges in volume coordinates; they
+      partition ``[0, L)``.
+  """
+  shape: Shape3
+  patch_size: int
+  border: int
+  starts: tuple[tuple[int, ...], ...]
+  keep_in_patch: tuple[tuple[Range, ...], ...]
+  keep_in_volume: tuple[tuple[Range, ...], ...]
+
+  @property
+  def grid(self) -> Shape3:
+    """Patches per axis."""
+    return tuple(len(s) for s in self.starts)
+
+  @property
+  def num_patches(self) -> int:
+    return math.prod(self.grid)
+
+  def kept_slices(self, index: int):
+    """Where patch ``index`` lands in the volume.
+
+    Returns:
+      ``(volume_slices, patch_slices)``, each a tuple of three slices, such
+      that ``volume[volume_slices] = patch[patch_slices]`` writes its kept part.
+    """
+    pos = np.unravel_index(int(index), self.grid)
+    vol = tuple(slice(*self.keep_in_volume[a][i]) for a, i in enumerate(pos))
+    pat = tuple(slice(*self.keep_in_patch[a][i]) for a, i in enumerate(pos))
+    return vol, pat
+
+
+def _axis_geometry(length: int, p: int, b: int):
+  """Starts and kept ranges (volume coords) along one axis."""
+  if length <= p:
+    return (0,), ((0, length),)
+  c = p - 2 * b
+  n = 1 + -(-(length - p) // c)
+  starts = [i * c for i in range(n - 1)] + [length - p]
+  keep = [(0, b + c)]
+  keep += [(i * c + b, i * c + b + c) for i in range(1, n - 1)]
+  keep.append((keep[-1][1], length))
+  return tuple(starts), tuple(keep)
+
+
+def _as_int(name: str, value) -> int:
+  if isinstance(value, bool) or int(value) != value:
+    raise InputError(f"{name} must be an integer, got {value!r}")
+  return int(value)
+
+
+def make_plan(shape, patch_size: int = 32, border: int = 6) -> Plan:
+  """Lays the patch grid over a volume of spatial shape ``shape``.
+
+  Args:
+    shape: ``(D, H, W)`` (any positive sizes) or one int for a cube.
+    patch_size: patch side ``p`` (>= 1).
+    border: voxels trimmed per interior patch side; ``2 * border < patch_size``
+      so each patch keeps a non-empty centre.
+
+  Returns:
+    The ``Plan``; see the module docstring for the geometry.
+  """
+  shape = as_shape3(shape)
+  p = _as_int("patch_size", patch_size)
+  b = _as_int("border", border)
+  if p < 1 or b < 0 or 2 * b >= p:
+    raise InputError(
+        f"need patch_size >= 1, border >= 0 and 2 * border < patch_size, got "
+        f"patch_size={patch_size}, border={border}")
+  geometry = [_axis_geometry(length, p, b) for length in shape]
+  starts = tuple(g[0] for g in geometry)
+  keep_in_volume = tuple(g[1] for g in geometry)
+  keep_in_patch = tuple(
+      tuple((lo - s, hi - s) for s, (lo, hi) in zip(st, kv))
+      for st, kv in zip(starts, keep_in_volume))
+  return Plan(shape, p, b, starts, keep_in_patch, keep_in_volume)
+
+
+# ---------------------------------------------------------------------------
+# Helpers shared by the numpy and jax paths.
+# ---------------------------------------------------------------------------
+def _xp(x):
+  """numpy for host arrays (memmaps included), jax.numpy for anything else."""
+  return np if isinstance(x, np.ndarray) else jnp
+
+
+def _check_volume(volume, shape: Shape3, what: str = "volume"):
+  if volume.ndim not in (3, 4) or tuple(volume.shape[:3]) != tuple(shape):
+    raise ValueError(
+        f"{what} of shape {tuple(volume.shape)} does not match the expected "
+        f"spatial shape {tuple(shape)} ([D, H, W] or [D, H, W, C])")
+
+
+def _take(volume, idx, check):
+  """Gathers ``volume[idx]``, masking indices outside the volume.
+
+  Args:
+    volume: ``[D, H, W]`` or ``[D, H, W, C]``.
+    idx: three mutually broadcastable integer index arrays.
+    check: per axis, whether ``idx`` may leave ``[0, L)`` (static), so only
+      those axes pay for clipping and masking.
+
+  Returns:
+    ``(values, mask)``: the gathered values (indices clipped into range) and
+    the in-range mask, or None when no axis was checked.
+  """
+  xp = _xp(volume)
+  mask, clipped = None, []
+  for a in range(3):
+    i = idx[a]
+    if check[a]:
+      n = volume.shape[a]
+      ok = (i >= 0) & (i < n)
+      mask = ok if mask is None else mask & ok
+      i = xp.clip(i, 0, n - 1)
+    clipped.append(i)
+  out = volume[tuple(clipped)]
+  if xp is np:
+    out = np.asarray(out)  # a memmap's fancy index is a copy; drop the subclass
+  if mask is not None and volume.ndim == 4:
+    mask = mask[..., None]
+  return out, mask
+
+
+def _fill(values, mask, pad_value):
+  if mask is None:
+    return values
+  xp = _xp(values)
+  return xp.where(mask, values, xp.asarray(pad_value, dtype=values.dtype))
+
+
+def _patch_indices(plan: Plan, indices, xp):
+  """Per-axis grid positions ``[B]`` of flat patch ``indices``."""
+  indices = xp.asarray(indices)
+  if indices.ndim != 1:
+    raise ValueError(f"indices must be 1D, got shape {indices.shape}")
+  _, ny, nx = plan.grid
+  return indices // (ny * nx), (indices // nx) % ny, indices % nx
+
+
+# ---------------------------------------------------------------------------
+# Extraction and stitching.
+# ---------------------------------------------------------------------------
+def extract(volume: Array, plan: Plan, pad_value: float = BACKGROUND) -> Array:
+  """Cuts every patch of ``plan`` out of ``volume``.
+
+  One gather with separable per-axis indices; no Python loop over patches.
+
+  Args:
+    volume: ``[D, H, W]`` or ``[D, H, W, C]``, numpy or jax.
+    plan: from ``make_plan(volume.shape[:3], ...)``.
+    pad_value: fills the voxels of patches beyond the volume (axes shorter
+      than the patch).
+
+  Returns:
+    ``[N, p, p, p]`` (or ``[N, p, p, p, C]``), same array type as ``volume``.
+  """
+  _check_volume(volume, plan.shape)
+  p = plan.patch_size
+  ar = np.arange(p)
+  # [n_a, p] per axis, on axes (a, 3 + a) of a [nz, ny, nx, p, p, p] grid.
+  idx = []
+  for a in range(3):
+    i = np.asarray(plan.starts[a])[:, None] + ar
+    shape = [1] * 6
+    shape[a], shape[3 + a] = i.shape
+    idx.append(i.reshape(shape))
+  check = [n < p for n in plan.shape]
+  out, mask = _take(volume, idx, check)
+  out = _fill(out, mask, pad_value)
+  return out.reshape((plan.num_patches, p, p, p) + tuple(volume.shape[3:]))
+
+
+def extract_batch(volume: Array, plan: Plan, indices: Array,
+                  pad_value: float = BACKGROUND) -> Array:
+  """Cuts only the patches numbered ``indices`` (flat, C order) of ``plan``.
+
+  For streaming inference: the volume may be a host array (even a memmap)
+  and only one batch of patches is materialised at a time.
+
+  Args:
+    volume: ``[D, H, W]`` or ``[D, H, W, C]``, numpy or jax.
+    plan: the volume's plan.
+    indices: ``[B]`` ints in ``[0, plan.num_patches)``; may be traced.
+    pad_value: background beyond the volume.
+
+  Returns:
+    ``[B, p, p, p]`` (or ``[B, p, p, p, C]``), equal to
+    ``extract(volume, plan)[indices]``.
+  """
+  _check_volume(volume, plan.shape)
+  xp = _xp(volume)
+  p = plan.patch_size
+  pos = _patch_indices(plan, indices, xp)
+  ar = xp.arange(p)
+  idx = []
+  for a in range(3):
+    s = xp.asarray(plan.starts[a])[pos[a]]  # [B]
+    shape = [1] * 3
+    shape[a] = p
+    idx.append(s[:, None, None, None] + ar.reshape(shape))
+  check = [n < p for n in plan.shape]
+  out, mask = _take(volume, idx, check)
+  return _fill(out, mask, pad_value)
+
+
+def _stitch_indices(plan: Plan):
+  """Per axis: which patch along the axis, and where in it, each voxel is."""
+  which, offset = [], []
+  for a in range(3):
+    w = np.empty(plan.shape[a], np.int32)
+    o = np.empty(plan.shape[a], np.int32)
+    for i, ((lo, hi), s) in enumerate(zip(plan.keep_in_volume[a],
+                                           plan.starts[a])):
+      w[lo:hi] = i
+      o[lo:hi] = np.arange(lo, hi) - s
+    which.append(w)
+    offset.append(o)
+  return which, offset
+
+
+def stitch(patches: Array, plan: Plan) -> Array:
+  """Assembles a volume from the kept regions of all patches.
+
+  Every voxel is copied from the one patch whose kept range covers it (no
+  blending); everything else in the patches is ignored.
+
+  Args:
+    patches: ``[N, p, p, p]`` or ``[N, p, p, p, C]``, numpy or jax, in the
+      plan's order.
+    plan: the plan the patches were cut with.
+
+  Returns:
+    ``[D, H, W]`` (or ``[D, H, W, C]``), same array type as ``patches``.
+  """
+  p = plan.patch_size
+  if (patches.ndim not in (4, 5) or patches.shape[0] != plan.num_patches
+      or tuple(patches.shape[1:4]) != (p, p, p)):
+    raise ValueError(
+        f"patches of shape {tuple(patches.shape)} do not fit the plan: "
+        f"expected [{plan.num_patches}, {p}, {p}, {p}(, C)]")
+  grid = patches.reshape(plan.grid + (p, p, p) + tuple(patches.shape[4:]))
+  which, offset = _stitch_indices(plan)
+  bcast = [(slice(None), None, None), (None, slice(None), None),
+           (None, None, slice(None))]
+  idx = tuple(which[a][bcast[a]] for a in range(3))
+  idx += tuple(offset[a][bcast[a]] for a in range(3))
+  return grid[idx]
+
+
+def stitch_into(out: np.ndarray, patches: Array, plan: Plan,
+                indices) -> np.ndarray:
+  """Writes the kept regions of a batch of patches into ``out``, in place.
+
+  The host side of streaming inference: the full volume lives in ``out``
+  (which may be a ``np.memmap``), batches of patches arrive from the device.
+  Calling it for every index once gives ``stitch(all_patches, plan)``.
+
+  Args:
+    out: preallocated ``[D, H, W]`` or ``[D, H, W, C]`` numpy array.
+    patches: ``[B, p, p, p]`` (or with channel axis), numpy or jax.
+    plan: the plan of ``out``.
+    indices: ``[B]`` flat patch numbers of ``patches``.
+
+  Returns:
+    ``out``.
+  """
+  _check_volume(out, plan.shape, "out")
+  patches = np.asarray(patches)
+  indices = np.asarray(indices).reshape(-1)
+  if patches.shape[0] != indices.shape[0]:
+    raise ValueError(
+        f"{patches.shape[0]} patches but {indices.shape[0]} indices")
+  # The batch is small (device-sized), so a loop over it is cheap.
+  for patch, index in zip(patches, indices):
+    vol, pat = plan.kept_slices(index)
+    out[vol] = patch[pat]
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Previous-scale (conditioning) patches.
+# ---------------------------------------------------------------------------
+def _check_previous(plan: Plan):
+  p = plan.patch_size
+  if p % 4:
+    raise InputError(
+        f"previous-scale patches need patch_size divisible by 4, got {p}")
+
+
+def previous_starts(plan: Plan) -> tuple[tuple[int, ...], ...]:
+  """Per axis, where each previous-scale patch starts.
+
+  In the previous-scale volume padded by ``p // 4`` voxels of background on
+  every side: ``floor(s / 2)`` for an output patch starting at ``s``.
+  Subtract ``p // 4`` for coordinates in the unpadded previous volume.
+  """
+  _check_previous(plan)
+  return tuple(tuple(s // 2 for s in st) for st in plan.starts)
+
+
+def previous_patches(prev_volume: Array, plan: Plan,
+                     pad_value: float = BACKGROUND, indices=None) -> Array:
+  """The previous-scale patch of each output patch of ``plan``.
+
+  Each is ``p³`` voxels of the previous scale (no resampling), covering
+  twice the output patch's field of view, centred on it. The padding by
+  ``p // 4`` is virtual: out-of-volume voxels are filled with ``pad_value``
+  (also beyond that padding, where a volume is shorter than a patch).
+
+  Args:
+    prev_volume: the scale ``k - 1`` volume, ``[D', H', W']`` (or with a
+      channel axis) with ``D' = ceil(D / 2)`` etc.
+    plan: the output plan at scale ``k``; ``patch_size % 4 == 0``.
+    pad_value: background around the previous volume.
+    indices: optional ``[B]`` flat patch numbers (may be traced); all
+      patches when None.
+
+  Returns:
+    ``[N or B, p, p, p]`` (or with channel axis), same array type as
+    ``prev_volume``.
+  """
+  _check_previous(plan)
+  expected = tuple(-(-n // 2) for n in plan.shape)
+  _check_volume(prev_volume, expected, "previous-scale volume")
+  xp = _xp(prev_volume)
+  p = plan.patch_size
+  q = p // 4
+  # Starts in unpadded previous-volume coordinates (may be negative).
+  starts = [np.asarray(st, np.int32) - q for st in previous_starts(plan)]
+  ar = np.arange(p)
+  idx = []
+  if indices is None:
+    for a in range(3):
+      i = starts[a][:, None] + ar
+      shape = [1] * 6
+      shape[a], shape[3 + a] = i.shape
+      idx.append(i.reshape(shape))
+  else:
+    pos = _patch_indices(plan, indices, xp)
+    for a in range(3):
+      shape = [1] * 3
+      shape[a] = p
+      s = xp.asarray(starts[a])[pos[a]]
+      idx.append(s[:, None, None, None] + xp.asarray(ar).reshape(shape))
+  out, mask = _take(prev_volume, idx, [True] * 3)
+  out = _fill(out, mask, pad_value)
+  return out.reshape((-1, p, p, p) + tuple(prev_volume.shape[3:]))

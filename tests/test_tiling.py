@@ -1,0 +1,242 @@
+"""Tests for megan_jax.tiling: the patch grid, extraction and stitching."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from megan_jax import tiling
+
+
+@st.composite
+def plans(draw, max_len=70, min_patch=2, max_patch=20):
+  shape = tuple(draw(st.integers(1, max_len)) for _ in range(3))
+  p = draw(st.integers(min_patch, max_patch))
+  b = draw(st.integers(0, (p - 1) // 2))
+  return tiling.make_plan(shape, p, b)
+
+
+def _random_volume(shape, seed=0, channels=None):
+  rng = np.random.default_rng(seed)
+  shape = tuple(shape) + ((channels,) if channels else ())
+  return rng.standard_normal(shape).astype(np.float32)
+
+
+@settings(max_examples=150, deadline=None)
+@given(plans())
+def test_stitch_extract_round_trip_numpy(plan):
+  v = _random_volume(plan.shape)
+  patches = tiling.extract(v, plan)
+  p = plan.patch_size
+  assert isinstance(patches, np.ndarray)
+  assert patches.shape == (plan.num_patches, p, p, p)
+  np.testing.assert_array_equal(tiling.stitch(patches, plan), v)
+
+
+@settings(max_examples=150, deadline=None)
+@given(plans())
+def test_kept_ranges_partition_and_respect_border(plan):
+  p, b = plan.patch_size, plan.border
+  assert plan.num_patches == np.prod(plan.grid)
+  for a, length in enumerate(plan.shape):
+    count = np.zeros(length, int)
+    for s, (plo, phi), (vlo, vhi) in zip(plan.starts[a], plan.keep_in_patch[a],
+                                         plan.keep_in_volume[a]):
+      assert (vlo, vhi) == (s + plo, s + phi)
+      assert 0 <= plo < phi <= p
+      # Trimmed by the border except on sides touching the volume's edge.
+      assert plo >= b or vlo == 0
+      assert phi <= p - b or vhi == length
+      # A patch only reaches beyond the volume when the axis is short.
+      assert s >= 0 and (s + p <= length or length < p)
+      count[vlo:vhi] += 1
+    np.testing.assert_array_equal(count, 1)
+    # Kept ranges appear in order, so they abut.
+    kept = plan.keep_in_volume[a]
+    assert kept[0][0] == 0 and kept[-1][1] == length
+    assert all(k[1] == nxt[0] for k, nxt in zip(kept, kept[1:]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(plans(max_len=40))
+def test_stitch_uses_only_kept_regions(plan):
+  p = plan.patch_size
+  n = plan.num_patches
+  patches = np.full((n, p, p, p), np.nan, np.float32)
+  expected = np.full(plan.shape, -7.0, np.float32)
+  for i in range(n):
+    vol, pat = plan.kept_slices(i)
+    patches[i][pat] = i  # everything outside the kept region stays NaN
+    expected[vol] = i
+  out = tiling.stitch(patches, plan)
+  assert not np.isnan(out).any()
+  np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("shape,p,b", [
+    ((7, 13, 30), 8, 2),   # one axis shorter than a patch
+    ((40, 33, 21), 12, 3),
+    ((5, 5, 5), 8, 0),     # smaller than a patch everywhere
+])
+def test_jax_path_under_jit_matches_numpy(shape, p, b):
+  plan = tiling.make_plan(shape, p, b)
+  v = _random_volume(shape, seed=1)
+  ext = jax.jit(tiling.extract, static_argnames="plan")
+  sti = jax.jit(tiling.stitch, static_argnames="plan")
+  patches = ext(jnp.asarray(v), plan=plan, pad_value=-1.0)
+  assert isinstance(patches, jax.Array)
+  np.testing.assert_array_equal(np.asarray(patches), tiling.extract(v, plan))
+  out = sti(patches, plan=plan)
+  assert isinstance(out, jax.Array)
+  np.testing.assert_array_equal(np.asarray(out), v)
+
+
+def test_extract_pads_short_axes_with_pad_value():
+  plan = tiling.make_plan((3, 10, 4), 6, 1)
+  v = _random_volume(plan.shape)
+  patches = tiling.extract(v, plan, pad_value=5.0)
+  assert plan.grid[0] == 1 and plan.grid[2] == 1
+  # Axis 0 has 3 voxels and axis 2 has 4: the rest of each patch is padding.
+  assert (patches[:, 3:] == 5.0).all()
+  assert (patches[:, :, :, 4:] == 5.0).all()
+  for i in range(plan.num_patches):
+    y = plan.starts[1][np.unravel_index(i, plan.grid)[1]]
+    np.testing.assert_array_equal(patches[i, :3, :, :4], v[:, y:y + 6, :])
+
+
+def test_channels_axis():
+  plan = tiling.make_plan((9, 14, 5), 8, 2)
+  v = _random_volume(plan.shape, channels=2)
+  patches = tiling.extract(v, plan)
+  assert patches.shape == (plan.num_patches, 8, 8, 8, 2)
+  for c in range(2):
+    np.testing.assert_array_equal(patches[..., c],
+                                  tiling.extract(v[..., c], plan))
+  np.testing.assert_array_equal(tiling.stitch(patches, plan), v)
+
+
+@pytest.mark.parametrize("channels", [None, 3])
+def test_batch_functions_agree_with_full_ones(tmp_path, channels):
+  plan = tiling.make_plan((11, 26, 19), 8, 2)
+  v = _random_volume(plan.shape, seed=2, channels=channels)
+  full = tiling.extract(v, plan)
+  rng = np.random.default_rng(0)
+  order = rng.permutation(plan.num_patches)
+  out = np.lib.format.open_memmap(tmp_path / "out.npy", mode="w+",
+                                  dtype=np.float32, shape=v.shape)
+  out[...] = np.nan
+  jit_batch = jax.jit(tiling.extract_batch, static_argnames="plan")
+  for batch in np.array_split(order, 5):
+    patches = tiling.extract_batch(v, plan, batch)
+    np.testing.assert_array_equal(patches, full[batch])
+    patches_jax = jit_batch(jnp.asarray(v), plan=plan,
+                            indices=jnp.asarray(batch))
+    np.testing.assert_array_equal(np.asarray(patches_jax), full[batch])
+    assert tiling.stitch_into(out, patches_jax, plan, batch) is out
+  out.flush()
+  np.testing.assert_array_equal(np.load(tmp_path / "out.npy"),
+                                tiling.stitch(full, plan))
+
+
+def test_extract_batch_pads_like_extract():
+  plan = tiling.make_plan((4, 17, 3), 8, 1)
+  v = _random_volume(plan.shape)
+  idx = np.arange(plan.num_patches)[::-1]
+  np.testing.assert_array_equal(
+      tiling.extract_batch(v, plan, idx, pad_value=2.5),
+      tiling.extract(v, plan, pad_value=2.5)[idx])
+
+
+def _previous_reference(prev, plan, pad_value):
+  """Pads the previous volume for real and slices at floor(s / 2)."""
+  p = plan.patch_size
+  q = p // 4
+  # p // 4 before; after, enough for volumes shorter than a patch too.
+  padded = np.pad(prev, [(q, p)] * 3, constant_values=pad_value)
+  out = []
+  for i in range(plan.num_patches):
+    pos = np.unravel_index(i, plan.grid)
+    s = [plan.starts[a][pos[a]] // 2 for a in range(3)]
+    out.append(padded[s[0]:s[0] + p, s[1]:s[1] + p, s[2]:s[2] + p])
+  return np.stack(out)
+
+
+@pytest.mark.parametrize("shape", [(16, 24, 40), (9, 30, 23), (3, 8, 50)])
+def test_previous_patches_match_explicit_padding(shape):
+  plan = tiling.make_plan(shape, 8, 2)
+  prev = _random_volume(tuple(-(-n // 2) for n in shape), seed=3)
+  got = tiling.previous_patches(prev, plan, pad_value=-1.0)
+  np.testing.assert_array_equal(got, _previous_reference(prev, plan, -1.0))
+  assert tiling.previous_starts(plan) == tuple(
+      tuple(s // 2 for s in st) for st in plan.starts)
+  # A subset by index, numpy and jitted jax.
+  idx = np.array([plan.num_patches - 1, 0, plan.num_patches // 2])
+  np.testing.assert_array_equal(
+      tiling.previous_patches(prev, plan, indices=idx), got[idx])
+  f = jax.jit(tiling.previous_patches, static_argnames="plan")
+  np.testing.assert_array_equal(
+      np.asarray(f(jnp.asarray(prev), plan=plan, indices=jnp.asarray(idx))),
+      got[idx])
+
+
+def test_previous_patch_centre_lies_under_output_patch():
+  # With even starts (even sizes, even patch and centre), the centre half of
+  # each previous patch, repeated x2, is exactly the output patch of the
+  # nearest-upsampled volume.
+  coarse_shape = (10, 3, 17)
+  plan = tiling.make_plan(tuple(2 * n for n in coarse_shape), 8, 2)
+  assert all(s % 2 == 0 for st in plan.starts for s in st)
+  coarse = _random_volume(coarse_shape, seed=4)
+  fine = coarse
+  for a in range(3):
+    fine = np.repeat(fine, 2, axis=a)
+  prev = tiling.previous_patches(coarse, plan)
+  out = tiling.extract(fine, plan)
+  centre = prev[:, 2:6, 2:6, 2:6]
+  for a in (1, 2, 3):
+    centre = np.repeat(centre, 2, axis=a)
+  np.testing.assert_array_equal(centre, out)
+  # The first patch sticks out of the volume on the low side of every axis.
+  assert (prev[0, :2] == -1.0).all()
+  assert (prev[0, :, :2] == -1.0).all()
+  assert (prev[0, :, :, :2] == -1.0).all()
+  assert not (prev[0, 2:, 2:5, 2:] == -1.0).any()  # inside (axis 1 has 3): data
+  assert (prev[0, :, 5:] == -1.0).all()  # beyond the 3 voxels of axis 1
+
+
+def test_previous_patches_channels():
+  plan = tiling.make_plan((12, 12, 12), 8, 2)
+  prev = _random_volume((6, 6, 6), channels=2)
+  got = tiling.previous_patches(prev, plan)
+  assert got.shape == (plan.num_patches, 8, 8, 8, 2)
+  np.testing.assert_array_equal(got[..., 1],
+                                tiling.previous_patches(prev[..., 1], plan))
+
+
+@pytest.mark.parametrize("p,b", [(8, 4), (8, -1), (0, 0), (5, 3)])
+def test_bad_plan_arguments(p, b):
+  with pytest.raises(ValueError, match=f"patch_size={p}, border={b}"):
+    tiling.make_plan((10, 10, 10), p, b)
+
+
+def test_shape_mismatch_and_patch_size_errors():
+  plan = tiling.make_plan((10, 11, 12), 6, 1)
+  with pytest.raises(ValueError, match="does not match"):
+    tiling.extract(np.zeros((10, 11, 13)), plan)
+  with pytest.raises(ValueError, match="divisible by 4, got 6"):
+    tiling.previous_patches(np.zeros((5, 6, 6)), plan)
+  plan8 = tiling.make_plan((10, 11, 12), 8, 1)
+  with pytest.raises(ValueError, match="previous-scale volume"):
+    tiling.previous_patches(np.zeros((5, 5, 6)), plan8)
+
+
+def test_plan_is_hashable_and_static():
+  a = tiling.make_plan((30, 31, 32), 8, 2)
+  b = tiling.make_plan((30, 31, 32), 8, 2)
+  assert a == b and hash(a) == hash(b)
+  assert a != tiling.make_plan((30, 31, 32), 8, 1)
+  assert all(isinstance(s, int) for st in a.starts for s in st)
+  # A 512³ volume at the paper's settings: 25 patches per axis.
+  big = tiling.make_plan(512, 32, 6)
+  assert big.grid == (1 + -(-(512 - 32) // 20),) * 3
+  assert big.starts[0][-1] == 512 - 32
