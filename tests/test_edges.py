@@ -1,0 +1,366 @@
+"""Tests for the 3D Canny edge sketch and the label helpers."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from scipy import ndimage
+from skimage import feature
+
+from megan_jax import edges
+from megan_jax.errors import InputError
+
+N = 40  # side of the test volumes
+
+
+def _grid(n=N):
+  return np.mgrid[:n, :n, :n].astype(np.float64)
+
+
+def _ball(centre, radius, n=N):
+  """Solid ball and each voxel's distance to the centre."""
+  z, y, x = _grid(n)
+  dist = np.sqrt((z - centre[0])**2 + (y - centre[1])**2 + (x - centre[2])**2)
+  return (dist < radius).astype(np.float32), dist
+
+
+def _blobs(seed, n=32):
+  """A smooth, asymmetric random volume with sharp and soft edges."""
+  rng = np.random.default_rng(seed)
+  smooth = ndimage.gaussian_filter(rng.standard_normal((n, n, n)), 2.0)
+  smooth /= smooth.std()
+  return ((smooth > 0.3) + 0.3 * smooth).astype(np.float32)
+
+
+# ----------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize("centre", [(19.7, 19.2, 19.9), (20.0, 20.0, 20.0),
+                                    (18.3, 21.1, 19.6)])
+def test_ball_edges_lie_on_a_thin_sphere(centre):
+  radius = 12.0
+  ball, dist = _ball(centre, radius)
+  sketch = edges.canny_3d(ball)
+  edge = sketch > 0
+  assert edge.any()
+  # On the surface: nothing inside nor far outside.
+  assert np.abs(dist[edge] - radius).max() <= 1.5
+  # Thin: about the sphere's area in voxels (a 2-voxel shell is ~2.4x).
+  area = 4 * np.pi * radius**2
+  assert 0.8 * area < edge.sum() < 1.6 * area
+  # Along each axis, columns near the poles cross the surface in 1 or 2
+  # voxels per hemisphere.
+  for axis in range(3):
+    moved = np.moveaxis(edge, axis, 0)
+    cz = centre[axis]
+    cy, cx = np.delete(np.asarray(centre), axis)
+    yy, xx = np.mgrid[:N, :N]
+    polar = np.hypot(yy - cy, xx - cx) < 0.5 * radius
+    for half in (moved[:int(cz)], moved[int(cz) + 1:]):
+      counts = half.sum(axis=0)[polar]
+      assert counts.min() >= 1 and counts.max() <= 2
+
+
+def test_cube_edges_on_faces_only():
+  vol = np.zeros((N, N, N), np.float32)
+  lo, hi = 12, 28  # the cube is [lo, hi)^3; its faces lie at lo - 0.5, hi - 0.5
+  vol[lo:hi, lo:hi, lo:hi] = 1
+  edge = edges.canny_3d(vol) > 0
+  shell = np.zeros_like(edge)
+  shell[lo - 1:hi + 1, lo - 1:hi + 1, lo - 1:hi + 1] = True
+  shell[lo + 1:hi - 1, lo + 1:hi - 1, lo + 1:hi - 1] = False
+  assert not (edge & ~shell).any()
+  mid = (lo + hi) // 2
+  for axis in range(3):
+    for face in (lo, hi - 1):
+      line = [mid, mid, mid]
+      line[axis] = slice(face - 1, face + 2)
+      assert edge[tuple(line)].any(), (axis, face)
+
+
+def test_slab_edges_on_its_two_faces_only():
+  vol = np.zeros((N, N, N), np.float32)
+  vol[:, 15:25, :] = 2.0  # a thick plane across the whole volume
+  edge = edges.canny_3d(vol) > 0
+  ys = np.flatnonzero(edge.any(axis=(0, 2)))
+  assert set(ys) <= {14, 15, 24, 25}
+  # Each face is a closed sheet: every (z, x) column meets it.
+  assert edge[:, 13:17, :].any(axis=1).all()
+  assert edge[:, 23:27, :].any(axis=1).all()
+
+
+def test_is_truly_3d_step_across_slices():
+  vol = np.zeros((N, N, N), np.float32)
+  vol[N // 2:] = 1.0  # constant within every axis-0 slice
+  slicewise = np.stack([feature.canny(s, sigma=1.0) for s in vol])
+  assert not slicewise.any()  # a 2D Canny per slice misses it
+  edge = edges.canny_3d(vol) > 0
+  zs = np.flatnonzero(edge.any(axis=(1, 2)))
+  assert set(zs) <= {N // 2 - 1, N // 2}
+  assert edge.any(axis=0).all()
+
+
+# ----------------------------------------------------------------- symmetry
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("axes", [(0, 2), (1, 2), (0, 1)])
+def test_rotation_equivariance(seed, axes):
+  vol = _blobs(seed)
+  sketch = edges.canny_3d(vol)
+  assert (sketch > 0).any()
+  for k in (1, 2, 3):
+    rotated = edges.canny_3d(np.rot90(vol, k, axes))
+    expected = np.rot90(sketch, k, axes)
+    # Quantised NMS makes the edge set exactly equivariant; values differ
+    # only by float rounding (the smoothing runs the axes in another order).
+    np.testing.assert_array_equal(rotated > 0, expected > 0)
+    np.testing.assert_allclose(rotated, expected, atol=1e-5)
+
+
+def test_flip_equivariance():
+  vol = _blobs(2)
+  sketch = edges.canny_3d(vol)
+  for axis in range(3):
+    flipped = edges.canny_3d(np.flip(vol, axis))
+    np.testing.assert_array_equal(flipped > 0, np.flip(sketch, axis) > 0)
+
+
+def _brute_force_offsets(grads):
+  """The neighbour offset with the largest cosine to each gradient."""
+  r = (-1, 0, 1)
+  offsets = np.array(
+      [(a, b, c) for a in r for b in r for c in r if (a, b, c) != (0, 0, 0)])
+  units = offsets / np.linalg.norm(offsets, axis=1, keepdims=True)
+  return offsets[np.argmax(units @ np.stack(grads), axis=0)]
+
+
+@settings(deadline=None, max_examples=20)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_direction_quantisation_is_the_closest_neighbour(seed):
+  grads = list(np.random.default_rng(seed).standard_normal((3, 500)).astype(
+      np.float32))
+  strides = (10000, 100, 1)
+  steps = edges._neighbour_steps(grads, strides)
+  expected = _brute_force_offsets(grads) @ np.array(strides)
+  # Allow a float tie on a Voronoi boundary, at most one in 500.
+  assert (steps != expected).sum() <= 1
+
+
+# ----------------------------------------------------------- output, options
+
+
+def test_output_range_dtype_and_shape():
+  vol = _blobs(3, n=24)[:, :20, :18] * 100 - 7
+  sketch = edges.canny_3d(vol, sigma=0.8)
+  assert sketch.shape == vol.shape and sketch.dtype == np.float32
+  assert sketch.min() >= 0 and sketch.max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, 123.5])
+def test_constant_volume_gives_zeros(value):
+  sketch = edges.canny_3d(np.full((16, 16, 16), value, np.float32))
+  assert sketch.dtype == np.float32
+  np.testing.assert_array_equal(sketch, 0)
+
+
+def test_integer_and_bool_volumes_accepted():
+  ball, _ = _ball((10, 10, 10), 6, n=20)
+  np.testing.assert_allclose(edges.canny_3d(ball.astype(np.int16)),
+                             edges.canny_3d(ball))
+  np.testing.assert_allclose(edges.canny_3d(ball.astype(bool)),
+                             edges.canny_3d(ball))
+
+
+def test_invariant_to_affine_intensity_change():
+  vol = _blobs(4)
+  base = edges.canny_3d(vol) > 0
+  scaled = edges.canny_3d(vol * 250.0 - 40.0) > 0
+  dice = 2 * (base & scaled).sum() / (base.sum() + scaled.sum())
+  assert dice > 0.99
+
+
+def test_mask_zeroes_edges_outside():
+  vol = _blobs(5)
+  mask = np.zeros(vol.shape, bool)
+  mask[:, :, :16] = True
+  unmasked = edges.canny_3d(vol)
+  assert (unmasked[~mask] > 0).any()  # otherwise the test proves nothing
+  sketch = edges.canny_3d(vol, mask=mask)
+  assert (sketch[~mask] == 0).all()
+  assert sketch[mask].max() == pytest.approx(1.0)
+  # Integer masks work the same.
+  np.testing.assert_array_equal(
+      edges.canny_3d(vol, mask=mask.astype(np.uint8)), sketch)
+
+
+@settings(deadline=None, max_examples=10)
+@given(low=st.floats(0.0, 0.5), high_gap=st.floats(0.0, 0.4),
+       raise_by=st.floats(0.0, 0.3))
+def test_higher_thresholds_give_a_subset(low, high_gap, raise_by):
+  vol = _blobs(6, n=24)
+  high = low + high_gap
+  loose = edges.canny_3d(vol, low_threshold=low, high_threshold=high) > 0
+  strict = edges.canny_3d(vol, low_threshold=low + raise_by,
+                          high_threshold=high + raise_by) > 0
+  assert not (strict & ~loose).any()
+
+
+def test_quantile_thresholds():
+  vol = _blobs(7)
+  sketch = edges.canny_3d(vol, low_threshold=0.8, high_threshold=0.95,
+                          use_quantiles=True)
+  edge = sketch > 0
+  assert edge.any()
+  # Only voxels above the 80th percentile of the magnitude can be edges.
+  assert edge.mean() <= 0.2
+  fewer = edges.canny_3d(vol, low_threshold=0.95, high_threshold=0.99,
+                         use_quantiles=True) > 0
+  assert fewer.sum() < edge.sum() and not (fewer & ~edge).any()
+
+
+def test_edge_pyramid_matches_per_scale_canny():
+  fine = _blobs(8, n=32)
+  coarse = fine[::2, ::2, ::2]
+  masks = [None, fine > 0]
+  pyramid = edges.edge_pyramid([coarse, fine], masks=masks, sigma=0.7)
+  assert [p.shape for p in pyramid] == [coarse.shape, fine.shape]
+  np.testing.assert_array_equal(pyramid[0], edges.canny_3d(coarse, sigma=0.7))
+  np.testing.assert_array_equal(
+      pyramid[1], edges.canny_3d(fine, sigma=0.7, mask=fine > 0))
+  with pytest.raises(InputError):
+    edges.edge_pyramid([coarse, fine], masks=[None])
+
+
+# -------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize(
+    "volume",
+    [np.zeros((8, 8)), np.zeros((4, 4, 4, 2)), np.zeros((1, 8, 8)),
+     np.array([[[np.nan, 0], [0, 0]], [[0, 0], [0, 0]]]),
+     np.full((4, 4, 4), np.inf), np.zeros((4, 4, 4), complex),
+     np.full((4, 4, 4), "a")])
+def test_bad_volume_raises_input_error(volume):
+  with pytest.raises(InputError) as info:
+    edges.canny_3d(volume)
+  assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(mask=np.ones((4, 4, 3))),
+    dict(low_threshold=0.3, high_threshold=0.2),
+    dict(low_threshold=-0.1),
+    dict(low_threshold=0.5, high_threshold=1.5, use_quantiles=True),
+    dict(sigma=-1.0),
+])
+def test_bad_options_raise_input_error(kwargs):
+  with pytest.raises(InputError):
+    edges.canny_3d(np.zeros((4, 4, 4)), **kwargs)
+
+
+# ------------------------------------------------------------------- labels
+
+
+def test_add_label_writes_boundary_and_interior():
+  rng = np.random.default_rng(0)
+  sketch = rng.uniform(0, 1, (24, 24, 24)).astype(np.float32)
+  original = sketch.copy()
+  label, _ = _ball((12, 11, 13), 5, n=24)
+  out = edges.add_label(sketch, label, value=0.9)
+  inside = label > 0
+  boundary = inside & ~ndimage.binary_erosion(inside)
+  assert boundary.any() and (inside & ~boundary).any()
+  np.testing.assert_allclose(out[boundary], 0.9)
+  np.testing.assert_allclose(out[inside & ~boundary], 0.45)
+  np.testing.assert_array_equal(out[~inside], sketch[~inside])
+  np.testing.assert_array_equal(sketch, original)  # input untouched
+  assert out.dtype == np.float32
+  custom = edges.add_label(sketch, label.astype(np.uint8), interior=0.0)
+  np.testing.assert_allclose(custom[inside & ~boundary], 0.0)
+  np.testing.assert_allclose(custom[boundary], 1.0)
+
+
+def test_label_boundary_is_closed_and_thin():
+  label, _ = _ball((12, 12, 12), 7, n=24)
+  boundary = edges.label_boundary(label)
+  # Closed: removing it disconnects the interior from the outside.
+  assert ndimage.label(~boundary)[1] == 2
+  # Thin: eroding the label once removes exactly the boundary.
+  np.testing.assert_array_equal(
+      boundary, (label > 0) & ~ndimage.binary_erosion(label > 0))
+
+
+def test_add_label_shape_mismatch_raises():
+  with pytest.raises(InputError):
+    edges.add_label(np.zeros((8, 8, 8)), np.zeros((8, 8, 7)))
+
+
+def _off_centre_label(n=32):
+  label, _ = _ball((10, 14, 17), 6, n=n)
+  return label.astype(np.uint8)
+
+
+def test_augment_label_is_deterministic_per_seed():
+  label = _off_centre_label()
+  a = edges.augment_label(label, np.random.default_rng(3))
+  b = edges.augment_label(label, np.random.default_rng(3))
+  np.testing.assert_array_equal(a, b)
+  others = [edges.augment_label(label, np.random.default_rng(s))
+            for s in range(4, 10)]
+  assert any(not np.array_equal(a, o) for o in others)
+
+
+@settings(deadline=None, max_examples=15)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_augment_label_scaling_bounds(seed):
+  label = _off_centre_label()
+  out = edges.augment_label(label, np.random.default_rng(seed), mirror=False)
+  assert out.shape == label.shape and out.dtype == label.dtype
+  assert set(np.unique(out)) <= {0, 1}
+  ratio = out.sum() / label.sum()
+  # Volume scales by factor**3 with factor in [0.85, 1.15]; allow 10 % for
+  # the voxel grid.
+  assert 0.85**3 * 0.9 <= ratio <= 1.15**3 * 1.1
+  # Scaling is about the centre of mass, which stays put.
+  np.testing.assert_allclose(ndimage.center_of_mass(out),
+                             ndimage.center_of_mass(label), atol=1.0)
+
+
+def test_augment_label_without_changes_is_identity():
+  label = _off_centre_label()
+  out = edges.augment_label(label, np.random.default_rng(0), scale_range=0.0,
+                            mirror=False)
+  np.testing.assert_array_equal(out, label)
+
+
+def test_augment_label_mirrors_along_the_given_axes():
+  label = _off_centre_label()
+  for axes in [(0,), (1, 2)]:
+    seen = set()
+    for seed in range(20):
+      out = edges.augment_label(label, np.random.default_rng(seed),
+                                scale_range=0.0, axes=axes)
+      matches = [a for a in axes if np.array_equal(out, np.flip(label, a))]
+      if np.array_equal(out, label):
+        seen.add(None)
+      else:
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert seen == {None, *axes}  # both outcomes, every allowed axis
+
+
+def test_augment_label_bad_input():
+  rng = np.random.default_rng(0)
+  with pytest.raises(InputError):
+    edges.augment_label(np.zeros((8, 8)), rng)
+  with pytest.raises(InputError):
+    edges.augment_label(np.zeros((8, 8, 8)), np.random.RandomState(0))
+  with pytest.raises(InputError):
+    edges.augment_label(np.zeros((8, 8, 8)), rng, scale_range=1.0)
+  with pytest.raises(InputError):
+    edges.augment_label(np.zeros((8, 8, 8)), rng, axes=(3,))
+
+
+def test_augment_label_empty_label():
+  empty = np.zeros((8, 8, 8), bool)
+  out = edges.augment_label(empty, np.random.default_rng(0))
+  assert out.dtype == bool and not out.any()
