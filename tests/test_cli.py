@@ -1,0 +1,124 @@
+"""The megan command line: outputs with the input's geometry, one-line errors."""
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from megan_jax import cli
+
+
+def _ball(path, shape=(24, 28, 20), affine=None):
+  z, y, x = np.indices(shape)
+  c = np.array(shape) / 2
+  vol = 100.0 * (((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) < 64)
+  affine = np.diag([1.2, 0.8, 2.0, 1.0]) if affine is None else affine
+  nib.save(nib.Nifti1Image(vol.astype(np.float32), affine), str(path))
+  return str(path)
+
+
+def _run(argv, capsys):
+  code = cli.main(argv)
+  out = capsys.readouterr()
+  return code, out.out, out.err
+
+
+def test_help_lists_commands(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  for command in ("edges", "demo"):
+    assert command in out
+
+
+def test_edges_writes_sketch_with_input_geometry(tmp_path, capsys):
+  src = _ball(tmp_path / "ball.nii.gz")
+  out = tmp_path / "edges.nii.gz"
+  code, stdout, _ = _run(["edges", "-i", src, "-o", str(out)], capsys)
+  assert code == 0
+  img = nib.load(out)
+  np.testing.assert_allclose(img.affine, nib.load(src).affine)
+  sketch = np.asarray(img.dataobj)
+  assert sketch.shape == (24, 28, 20) and sketch.max() == pytest.approx(1.0)
+  assert os.path.exists(tmp_path / "edges.png")
+  assert sorted(os.listdir(tmp_path)) == ["ball.nii.gz", "edges.nii.gz", "edges.png"]
+
+
+def test_edges_with_label_mask(tmp_path, capsys):
+  src = _ball(tmp_path / "ball.nii.gz")
+  lab = np.zeros((24, 28, 20), np.float32)
+  lab[2:6, 2:6, 2:6] = 1
+  nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / "lab.nii.gz"))
+  out = tmp_path / "e.nii.gz"
+  code, _, _ = _run(["edges", "-i", src, "-o", str(out), "--mask",
+                     str(tmp_path / "lab.nii.gz"), "--no-png"], capsys)
+  assert code == 0
+  sketch = np.asarray(nib.load(out).dataobj)
+  assert sketch[2, 2, 2] == 1.0 and sketch[3:5, 3:5, 3:5].min() > 0
+
+
+@pytest.mark.parametrize("case", ["missing", "not_nifti", "constant", "same_as_input",
+                                  "mask_shape", "bad_out_folder", "two_d"])
+def test_bad_input_is_one_line_no_output(case, tmp_path, capsys):
+  src = _ball(tmp_path / "in.nii.gz")
+  out = str(tmp_path / "out.nii.gz")
+  argv = ["edges", "-i", src, "-o", out]
+  name = src
+  if case == "missing":
+    name = str(tmp_path / "nope.nii.gz")
+    argv[2] = name
+  elif case == "not_nifti":
+    name = str(tmp_path / "x.nii.gz")
+    open(name, "w").write("not an image")
+    argv[2] = name
+  elif case == "constant":
+    name = str(tmp_path / "c.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), name)
+    argv[2] = name
+  elif case == "same_as_input":
+    argv[4] = src
+  elif case == "mask_shape":
+    name = str(tmp_path / "m.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.float32), np.eye(4)), name)
+    argv += ["--mask", name]
+  elif case == "bad_out_folder":
+    name = str(tmp_path / "no" / "out.nii.gz")
+    argv[4] = name
+  elif case == "two_d":
+    name = str(tmp_path / "flat.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((8, 8), np.float32), np.eye(4)), name)
+    argv[2] = name
+  before = sorted(os.listdir(tmp_path))
+  code, _, err = _run(argv, capsys)
+  assert code == 2
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("megan: error:")
+  assert name in lines[0]
+  assert "Traceback" not in err
+  assert sorted(os.listdir(tmp_path)) == before  # nothing left behind
+
+
+def test_console_script_no_traceback(tmp_path):
+  """The installed entry point: exit status and stderr of a real process."""
+  r = subprocess.run([sys.executable, "-m", "megan_jax.cli", "edges", "-i",
+                      str(tmp_path / "missing.nii"), "-o", str(tmp_path / "o.nii")],
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2
+  assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+  assert "missing.nii" in r.stderr
+
+
+@pytest.mark.slow
+def test_edges_on_embedded_template(tmp_path, capsys):
+  out = tmp_path / "mni_edges.nii.gz"
+  code, _, _ = _run(["edges", "-i", "mni152", "-o", str(out)], capsys)
+  assert code == 0
+  from megan_jax import data
+  t1 = nib.load(data.mni152_path("t1"))
+  img = nib.load(out)
+  np.testing.assert_allclose(img.affine, t1.affine)
+  assert img.shape == t1.shape
+  assert os.path.getsize(tmp_path / "mni_edges.png") > 10_000
