@@ -1,0 +1,3 @@
+"""See megan_jax/configs/demo.py (configs live in the package so an installed
+`megan` finds them)."""
+from megan_jax.configs.demo import get_config  # noqa: F401

@@ -1,0 +1,81 @@
+"""Built-in configs and how a command line names one.
+
+The configs live inside the package so an installed ``megan`` finds them;
+``configs/*.py`` at the repository top re-export them, so both
+``--config demo`` and ``--config configs/demo.py`` work, as does any file of
+the user's with a ``get_config(arg=None)``. ``NAME:ARG`` passes ``ARG``
+(``--config demo:smoke``). Fields are overridden with
+``--config.model.ngf=32`` style arguments.
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import os
+from typing import Sequence
+
+import ml_collections
+
+from megan_jax.errors import InputError
+
+BUILTIN = ("default", "demo", "brats_t2", "copd_ct")
+
+
+def get_config(spec: str = "demo") -> ml_collections.ConfigDict:
+  """Loads a config by built-in name or file path, with an optional ``:arg``."""
+  name, _, arg = spec.partition(":")
+  arg = arg or None
+  if name in BUILTIN:
+    module = importlib.import_module(f"megan_jax.configs.{name}")
+  else:
+    if not os.path.isfile(name):
+      raise InputError(f"config {name}: no such file (built-in names: "
+                       f"{', '.join(BUILTIN)})")
+    mod_spec = importlib.util.spec_from_file_location("_megan_user_config", name)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+      mod_spec.loader.exec_module(module)
+    except Exception as e:  # a user's file: report, don't trace back
+      raise InputError(f"config {name}: failed to load "
+                       f"({type(e).__name__}: {e})") from None
+    if not hasattr(module, "get_config"):
+      raise InputError(f"config {name}: defines no get_config()")
+  config = module.get_config(arg)
+  config.lock()  # a typo in an override is an error, not a new field
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """Applies ``config.a.b=value`` strings (leading dashes optional)."""
+  for item in overrides:
+    text = item.lstrip("-")
+    key, eq, raw = text.partition("=")
+    if not eq or not key.startswith("config."):
+      raise InputError(f"override {item!r}: expected --config.FIELD=VALUE")
+    path = key[len("config."):].split(".")
+    node = config
+    for part in path[:-1]:
+      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+        raise InputError(f"override {item!r}: no section {part!r} in the config")
+      node = node[part]
+    field = path[-1]
+    if field not in node:
+      raise InputError(f"override {item!r}: no field {field!r} in the config")
+    old = node[field]
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw  # a bare string
+    if isinstance(old, bool) and isinstance(value, str):
+      value = value.lower() in ("1", "true", "yes")
+    elif isinstance(old, float) and isinstance(value, int):
+      value = float(value)
+    elif isinstance(old, tuple) and isinstance(value, list):
+      value = tuple(value)
+    try:
+      node[field] = value  # ConfigDict checks the type against the old value
+    except (TypeError, ValueError) as e:
+      raise InputError(f"override {item!r}: {e}") from None
+  return config

@@ -1,0 +1,47 @@
+"""Tiny MEGAN that trains on the embedded MNI152 template in minutes on a CPU.
+
+The template at 2 mm (98×116×94) with two HR scales: LR 32³ (the 25×29×24
+scale-0 volume, padded) from 64³ edges, then 16³ patches at 49×58×47 and at
+98×116×94 (see ``resample.scale_shapes``). ``demo:smoke`` shrinks it further
+for the tests.
+"""
+from megan_jax.configs import default
+
+
+def get_config(arg=None):
+  c = default.get_config()
+  c.name = "demo"
+  c.steps = 300
+  c.data.path = "mni152"
+  c.data.spacing = 2.0
+  c.num_hr_scales = 2
+  c.lr_size = 32
+  c.patch_size = 16
+  c.border = 3
+  c.model.lr_generator = "unet"
+  c.model.unet_levels = 3
+  c.model.ngf = 8
+  c.model.n_blocks = 2
+  c.model.ndf = 8
+  c.model.d_layers = 2  # a 16³ patch is too small for 3 stride-2 layers
+  c.train.hr_batch_size = 8
+  c.train.log_every = 10
+  c.train.checkpoint_every = 100
+  c.train.eval_every = 100
+  c.train.montage_every = 100
+  c.train.val_patches = 8
+  c.infer.batch_size = 16
+  if arg == "smoke":  # for tests: a few steps, 4 mm, smallest widths
+    c.steps = 4
+    c.data.spacing = 4.0  # 49x58x47: scales 13x15x12, 25x29x24, 49x58x47
+    c.lr_size = 16
+    c.model.ngf = 4
+    c.model.ndf = 4
+    c.model.n_blocks = 1
+    c.train.hr_batch_size = 2
+    c.train.log_every = 2
+    c.train.checkpoint_every = 2
+    c.train.eval_every = 2
+    c.train.montage_every = 2
+    c.train.val_patches = 2
+  return c

@@ -1,0 +1,287 @@
+"""Networks, optimisers and the per-scale training state, from a config.
+
+State is data: a ``GanState`` pytree of both networks' parameters, their
+optimiser states and the step. Checkpoints hold exactly this pytree (orbax),
+two managers per scale: ``latest`` (resume) and ``best`` (lowest validation
+L1, the checkpoint inference uses, as in the public code).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from megan_jax import models
+from megan_jax.errors import InputError
+
+
+@flax.struct.dataclass
+class GanState:
+  """One scale's G and D: parameters, optimiser states, step (a scalar)."""
+  step: jax.Array
+  g_params: Any
+  d_params: Any
+  g_opt: Any
+  d_opt: Any
+
+
+def scale_names(config) -> list[str]:
+  """``["lr", "hr1", ..., "hrN"]``: scale 0 is the LR GAN."""
+  return ["lr"] + [f"hr{k}" for k in range(1, config.num_hr_scales + 1)]
+
+
+def _dtype(config):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+          "bf16": jnp.bfloat16}[config.model.dtype]
+
+
+def build_generator(config, kind: str, dtype=None):
+  """The generator of a scale kind ("lr" or "hr") described by ``config``."""
+  m = config.model
+  dtype = dtype or _dtype(config)
+  if kind == "hr":
+    return models.HRGenerator(ngf=m.ngf, n_blocks=m.n_blocks,
+                              dropout_rate=m.dropout, dtype=dtype,
+                              impl=m.impl)
+  if m.lr_generator == "resnet":
+    return models.LRResNetGenerator(ngf=m.ngf, n_blocks=m.n_blocks,
+                                    dropout_rate=m.dropout, dtype=dtype,
+                                    impl=m.impl)
+  if m.lr_generator == "unet":
+    return models.LRUNetGenerator(ngf=m.ngf, num_levels=m.unet_levels,
+                                  dropout_rate=m.dropout, dtype=dtype,
+                                  impl=m.impl)
+  raise InputError(f"config model.lr_generator={m.lr_generator!r}: "
+                   "choose 'unet' or 'resnet'")
+
+
+def build_discriminator(config, kind: str):
+  m = config.model
+  return models.PatchDiscriminator(kind=kind, ndf=m.ndf, n_layers=m.d_layers,
+                                   norm=m.d_norm, dtype=_dtype(config),
+                                   impl=m.impl)
+
+
+def input_shapes(config, kind: str, batch_size: int = 1):
+  """Shapes of a batch's entries for a scale kind (see ``dataset``)."""
+  if kind == "lr":
+    n = config.lr_size
+    return {"edges": (batch_size, 2 * n, 2 * n, 2 * n, 1),
+            "target": (batch_size, n, n, n, 1)}
+  p = config.patch_size
+  shape = (batch_size, p, p, p, 1)
+  return {"prev": shape, "edges": shape, "target": shape}
+
+
+def generator_input(batch, config, kind: str):
+  """The generator's input from a batch: LR the sketch; HR previous patch and
+  edges as channels (optionally the previous patch's centre upsampled ×2 so
+  the two align voxel for voxel: ``hr_condition="upsampled"``)."""
+  if kind == "lr":
+    return batch["edges"]
+  prev = batch["prev"]
+  if config.hr_condition == "upsampled":
+    p = config.patch_size
+    q = p // 4
+    centre = prev[:, q:p - q, q:p - q, q:p - q, :]
+    prev = jnp.repeat(jnp.repeat(jnp.repeat(centre, 2, 1), 2, 2), 2, 3)
+  elif config.hr_condition != "concat":
+    raise InputError(f"config hr_condition={config.hr_condition!r}: choose "
+                     "'concat' or 'upsampled'")
+  return jnp.concatenate([prev, batch["edges"]], axis=-1)
+
+
+def discriminator_input(batch, image, kind: str):
+  """D sees the condition with the image: HR (edges, prev, image) channels;
+  LR the pair (edges at 2L, image at L)."""
+  if kind == "lr":
+    return (batch["edges"], image)
+  return jnp.concatenate([batch["edges"], batch["prev"], image], axis=-1)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  o = config.optim
+  if o.decay == "linear":  # constant for the first half, then linearly to 0
+    half = max(config.steps // 2, 1)
+    lr = optax.join_schedules(
+        [optax.constant_schedule(o.lr),
+         optax.linear_schedule(o.lr, 0.0, max(config.steps - half, 1))],
+        [half])
+  elif o.decay == "none":
+    lr = o.lr
+  else:
+    raise InputError(f"config optim.decay={o.decay!r}: 'none' or 'linear'")
+  return optax.adam(lr, b1=o.b1, b2=o.b2)
+
+
+def create_state(rng, config, kind: str) -> GanState:
+  """Fresh parameters and optimiser states for a scale kind.
+
+  Compiled as one function, with the non-partitionable threefry: eager
+  initialisation compiles every random draw apart (~40 s for the tiny demo
+  networks on 2 CPU cores, 4 s this way). Initialisation is not sharded, so
+  the partitionable stream would buy nothing here.
+  """
+  with jax.threefry_partitionable(False):
+    return _init_fn(config.to_json(), kind)(rng)
+
+
+@functools.lru_cache(maxsize=16)
+def _init_fn(config_json: str, kind: str):
+  config = config_from_json(config_json)
+  return jax.jit(lambda rng: _create_state(rng, config, kind))
+
+
+def _create_state(rng, config, kind: str) -> GanState:
+  g, d = build_generator(config, kind), build_discriminator(config, kind)
+  shapes = input_shapes(config, kind)
+  dummy = {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()}
+  kg, kd, kdrop = jax.random.split(rng, 3)
+  g_params = g.init({"params": kg, "dropout": kdrop},
+                    generator_input(dummy, config, kind), train=False)
+  d_params = d.init({"params": kd},
+                    discriminator_input(dummy, dummy["target"], kind),
+                    train=False)
+  opt = make_optimizer(config)
+  return GanState(step=jnp.zeros((), jnp.int32), g_params=g_params,
+                  d_params=d_params, g_opt=opt.init(g_params),
+                  d_opt=opt.init(d_params))
+
+
+def abstract_state(config, kind: str) -> GanState:
+  """The state's shapes and dtypes, nothing allocated."""
+  return jax.eval_shape(lambda k: create_state(k, config, kind),
+                        jax.random.key(0))
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints and the run's config
+# ---------------------------------------------------------------------------
+# Fields that make a run what it is: a workdir refuses a config that differs
+# in any of them (steps, logging intervals and inference settings may change).
+IDENTITY_FIELDS = ("seed", "data", "num_hr_scales", "lr_size", "patch_size",
+                   "border", "hr_condition", "edges", "model", "loss", "optim",
+                   "augment")
+
+
+def _identity(config_dict: dict) -> dict:
+  out = {k: config_dict.get(k) for k in IDENTITY_FIELDS}
+  return json.loads(json.dumps(out, default=list))  # tuples == lists
+
+
+def _diff(a, b, prefix=""):
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in sorted(set(a) | set(b)):
+      d = _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+      if d:
+        return d
+    return None
+  return None if a == b else (prefix.rstrip("."), a, b)
+
+
+def save_config(workdir: str, config) -> None:
+  """Writes ``config.json``, or checks the workdir's run has the same config."""
+  from megan_jax import io
+  path = os.path.join(workdir, "config.json")
+  new = json.loads(config.to_json())
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    d = _diff(_identity(old), _identity(new))
+    if d:
+      raise InputError(
+          f"workdir {workdir}: holds a run of another config ({d[0]} is "
+          f"{d[1]!r} there, {d[2]!r} here); use another --workdir")
+    if old.get("steps") == new.get("steps"):
+      return
+  os.makedirs(workdir, exist_ok=True)
+  with io.atomic_path(path, ".json") as tmp:
+    with open(tmp, "w") as f:
+      json.dump(new, f, indent=2)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise InputError(f"workdir {workdir}: no config.json (not a megan run)")
+  with open(path) as f:
+    return config_from_json(f.read())
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  """Inverse of ``config.to_json()``."""
+  d = json.loads(text)
+  for key in ("percentiles", "window"):  # JSON turned these tuples into lists
+    d["data"][key] = tuple(d["data"][key])
+  return ml_collections.ConfigDict(d)
+
+
+def save_intensity(workdir: str, lo_hi) -> None:
+  """The target domain's intensity range (mean over the training volumes):
+  translations are written back in it."""
+  from megan_jax import io
+  with io.atomic_path(os.path.join(workdir, "intensity.json"), ".json") as tmp:
+    with open(tmp, "w") as f:
+      json.dump({"lo": float(lo_hi[0]), "hi": float(lo_hi[1])}, f)
+
+
+def load_intensity(workdir: str) -> tuple[float, float] | None:
+  path = os.path.join(workdir, "intensity.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    d = json.load(f)
+  return d["lo"], d["hi"]
+
+
+class Checkpoints:
+  """``latest`` and ``best`` orbax managers of one scale of a workdir."""
+
+  def __init__(self, workdir: str, scale: str):
+    import orbax.checkpoint as ocp
+    self._ocp = ocp
+    root = os.path.abspath(os.path.join(workdir, "checkpoints", scale))
+    self.latest = ocp.CheckpointManager(
+        os.path.join(root, "latest"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+    self.best = ocp.CheckpointManager(
+        os.path.join(root, "best"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, best_fn=lambda m: m["val_l1"],
+            best_mode="min"))
+
+  def save_latest(self, step: int, state: GanState) -> None:
+    self.latest.save(step, args=self._ocp.args.StandardSave(state))
+
+  def save_best(self, step: int, state: GanState, val_l1: float) -> None:
+    self.best.save(step, args=self._ocp.args.StandardSave(state),
+                   metrics={"val_l1": float(val_l1)})
+
+  def restore(self, abstract: GanState, which: str = "latest"
+              ) -> GanState | None:
+    """The ``latest`` or ``best`` state, or None if there is none."""
+    mngr = self.latest if which == "latest" else self.best
+    step = mngr.latest_step() if which == "latest" else mngr.best_step()
+    if step is None:
+      return None
+    return mngr.restore(step, args=self._ocp.args.StandardRestore(abstract))
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()

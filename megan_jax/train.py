@@ -1,0 +1,310 @@
+"""Per-scale GAN training: one jit-compiled step per scale kind, resumable.
+
+Each scale trains on its own (HR scale k is conditioned on the *real*, augmented
+scale k-1 volume, as in the paper), so scales can be trained in any order or
+on different machines. ``train_step(state, batch, rng) -> (state, metrics)``
+is pure: the step's randomness is ``fold_in(rng, state.step)`` and its batch
+comes from a generator seeded by ``(seed, scale, step)``, so a run killed and
+resumed from its latest checkpoint gives the same parameters as one that was
+never stopped.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from megan_jax import augment, dataset, losses, sharding
+from megan_jax import state as state_lib
+from megan_jax.errors import InputError
+from megan_jax.state import GanState
+
+
+# ---------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------
+def augment_inputs(batch, key, config, kind: str):
+  """Training-time augmentation of the conditioning (not of the target)."""
+  a = config.augment
+  k_prev, k_edges = jax.random.split(key)
+  out = dict(batch)
+  out["edges"] = augment.augment_edges(k_edges, batch["edges"],
+                                       a.edge_noise_std)
+  if kind == "hr":
+    out["prev"] = augment.augment_previous(
+        k_prev, batch["prev"], noise_std=a.prev_noise_std,
+        blur_prob=a.blur_prob, halfres_prob=a.halfres_prob)
+  return out
+
+
+def train_step(state: GanState, batch, rng, *, config, kind: str,
+               g_model, d_model, optimizer):
+  """One pix2pix update of D, then G, on one batch.
+
+  Args:
+    state: the scale's ``GanState``.
+    batch: ``dataset.sample_*_batch`` output (jax or numpy arrays).
+    rng: the scale's base key; the step folds in ``state.step``.
+    config, kind, g_model, d_model, optimizer: static, bound by ``partial``.
+
+  Returns:
+    ``(new_state, metrics)``, metrics a dict of scalars.
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  k_aug, k_drop = jax.random.split(rng)
+  batch = augment_inputs(batch, k_aug, config, kind)
+  real = batch["target"]
+  x = state_lib.generator_input(batch, config, kind)
+  gan_kind = config.loss.gan
+
+  # G forward once; its VJP serves G's update after D's.
+  def g_fwd(g_params):
+    return g_model.apply(g_params, x, train=True, rngs={"dropout": k_drop})
+  fake, g_vjp = jax.vjp(g_fwd, state.g_params)
+  fake_f32 = fake.astype(jnp.float32)
+
+  def d_logits(d_params, image):
+    logits, _ = d_model.apply(
+        d_params, state_lib.discriminator_input(batch, image, kind),
+        train=True)
+    return logits.astype(jnp.float32)
+
+  def d_loss_fn(d_params):
+    real_logits = d_logits(d_params, real)
+    fake_logits = d_logits(d_params, jax.lax.stop_gradient(fake_f32))
+    loss, parts = losses.discriminator_loss(real_logits, fake_logits,
+                                            kind=gan_kind)
+    acc = losses.discriminator_accuracy(real_logits, fake_logits, gan_kind)
+    return loss, (parts, acc)
+
+  (d_loss, (d_parts, d_acc)), d_grads = jax.value_and_grad(
+      d_loss_fn, has_aux=True)(state.d_params)
+  d_updates, d_opt = optimizer.update(d_grads, state.d_opt, state.d_params)
+  d_params = jax.tree.map(jnp.add, state.d_params, d_updates)
+  # The public code skips D's update while D is too good (accuracy > 0.8).
+  threshold = config.loss.d_skip_accuracy
+  skip = (d_acc > threshold) if threshold > 0 else jnp.asarray(False)
+  keep_old = lambda new, old: jnp.where(skip, old, new)
+  d_params = jax.tree.map(keep_old, d_params, state.d_params)
+  d_opt = jax.tree.map(keep_old, d_opt, state.d_opt)
+
+  def g_loss_fn(fake_img):
+    fake_logits = d_logits(d_params, fake_img)
+    _, parts = losses.generator_loss(fake_logits, fake_img, real,
+                                     kind=gan_kind)
+    total = (config.loss.gan_weight * parts["gan"]
+             + config.loss.l1_weight * parts["l1"])
+    return total, parts
+
+  (g_loss, g_parts), dfake = jax.value_and_grad(g_loss_fn, has_aux=True)(
+      fake_f32)
+  (g_grads,) = g_vjp(dfake.astype(fake.dtype))
+  g_updates, g_opt = optimizer.update(g_grads, state.g_opt, state.g_params)
+  g_params = jax.tree.map(jnp.add, state.g_params, g_updates)
+
+  new_state = GanState(step=state.step + 1, g_params=g_params,
+                       d_params=d_params, g_opt=g_opt, d_opt=d_opt)
+  metrics = {"g_loss": g_loss, "g_gan": g_parts["gan"], "g_l1": g_parts["l1"],
+             "d_loss": d_loss, "d_real": d_parts["real"],
+             "d_fake": d_parts["fake"], "d_acc": d_acc,
+             "d_skipped": skip.astype(jnp.float32)}
+  return new_state, metrics
+
+
+def make_train_step(config, kind: str, donate: bool = True) -> Callable:
+  """The jit-compiled ``train_step(state, batch, rng)`` of a scale kind.
+
+  One function per (config, kind, donate): every HR scale of a run, and a
+  resumed run in the same process, reuse one compilation.
+  """
+  return _train_step_cached(config.to_json(), kind, donate)
+
+
+@functools.lru_cache(maxsize=16)
+def _train_step_cached(config_json: str, kind: str, donate: bool):
+  config = state_lib.config_from_json(config_json)
+  step = functools.partial(
+      train_step, config=config, kind=kind,
+      g_model=state_lib.build_generator(config, kind),
+      d_model=state_lib.build_discriminator(config, kind),
+      optimizer=state_lib.make_optimizer(config))
+  return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_fn(config, kind: str) -> Callable:
+  """jit-compiled ``(g_params, batch) -> generated`` in inference mode."""
+  return _eval_fn_cached(config.to_json(), kind)
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_fn_cached(config_json: str, kind: str):
+  config = state_lib.config_from_json(config_json)
+  g = state_lib.build_generator(config, kind)
+
+  def generate(g_params, batch):
+    x = state_lib.generator_input(batch, config, kind)
+    return g.apply(g_params, x, train=False).astype(jnp.float32)
+  return jax.jit(generate)
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+def scale_index(name: str) -> int:
+  return 0 if name == "lr" else int(name[2:])
+
+
+def sample_batch(subjects, config, scale: int, step: int):
+  rng = dataset.step_rng(config.seed, scale, step)
+  if scale == 0:
+    return dataset.sample_lr_batch(subjects, config.train.lr_batch_size, rng)
+  return dataset.sample_hr_batch(subjects, scale, config.train.hr_batch_size,
+                                 config.patch_size, rng)
+
+
+def validation_batches(subjects, config, scale: int):
+  """Fixed validation batches (seeded apart from the training steps)."""
+  rng = dataset.step_rng(config.seed, scale, 0, stream=1)
+  if scale == 0:
+    return [dataset.sample_lr_batch([s], 1, rng) for s in subjects]
+  n = max(config.train.val_patches, 1)
+  return [dataset.sample_hr_batch(subjects, scale, n, config.patch_size, rng)]
+
+
+def _montage(path, batch, fake, kind):
+  from megan_jax import writers
+  vols = {"edges": batch["edges"][0, ..., 0] * 2.0 - 1.0}
+  if kind == "hr":
+    vols["previous"] = batch["prev"][0, ..., 0]
+  vols["generated"] = np.asarray(fake[0, ..., 0])
+  vols["real"] = batch["target"][0, ..., 0]
+  return writers.montage(vols, path)
+
+
+def train_scale(config, workdir: str, scale: str, subjects, val_subjects, *,
+                progress: bool = True, stop_after: int | None = None
+                ) -> GanState:
+  """Trains (or resumes) one scale to ``config.steps`` steps.
+
+  Args:
+    config: the run's config.
+    workdir: the run folder (checkpoints/, logs/, montages/ inside).
+    scale: "lr" or "hrK".
+    subjects, val_subjects: ``dataset.Subject`` lists.
+    progress: show a tqdm bar.
+    stop_after: stop (as if killed) after this many steps of this call; for
+      tests of resuming.
+
+  Returns:
+    The final state.
+  """
+  from tqdm import tqdm
+  from megan_jax import writers
+  k = scale_index(scale)
+  kind = "lr" if k == 0 else "hr"
+  ckpt = state_lib.Checkpoints(workdir, scale)
+  base = jax.random.fold_in(jax.random.key(config.seed), k)
+  abstract = state_lib.abstract_state(config, kind)
+  state = ckpt.restore(abstract, "latest")
+  if state is None:
+    state = state_lib.create_state(jax.random.fold_in(base, -1 % 2**31),
+                                   config, kind)
+  start = int(state.step)
+  mesh = sharding.make_mesh()
+  state = sharding.replicate(state, mesh)
+  step_fn = make_train_step(config, kind)
+  eval_fn = make_eval_fn(config, kind)
+  val = validation_batches(val_subjects, config, k)
+  logdir = os.path.join(workdir, "logs", scale)
+  writer = writers.create_default_writer(logdir)
+  montage_dir = os.path.join(workdir, "montages")
+  os.makedirs(montage_dir, exist_ok=True)
+  t = config.train
+  bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
+             desc=f"train {scale}", unit="step", disable=not progress,
+             dynamic_ncols=True)
+  done = 0
+  tick = time.perf_counter()
+  for step in bar:
+    batch = sharding.shard_batch(sample_batch(subjects, config, k, step), mesh)
+    state, metrics = step_fn(state, batch, base)
+    n = step + 1
+    last = n == config.steps
+    if n % t.log_every == 0 or last:
+      metrics = {key: float(v) for key, v in metrics.items()}
+      now = time.perf_counter()
+      metrics["sec_per_step"] = (now - tick) / (done + 1)
+      writer.write_scalars(n, metrics)
+      bar.set_postfix(g=f"{metrics['g_loss']:.3f}", l1=f"{metrics['g_l1']:.3f}",
+                      d=f"{metrics['d_loss']:.3f}")
+    if n % t.eval_every == 0 or last:
+      l1s = [float(jnp.mean(jnp.abs(eval_fn(state.g_params, b) - b["target"])))
+             for b in val]
+      val_l1 = float(np.mean(l1s))
+      writer.write_scalars(n, {"val_l1": val_l1})
+      ckpt.save_best(n, state, val_l1)
+    if n % t.checkpoint_every == 0 or last:
+      ckpt.save_latest(n, state)
+    if n % t.montage_every == 0 or last:
+      b = val[0]
+      image = _montage(os.path.join(montage_dir, f"{scale}_{n:06d}.png"), b,
+                       eval_fn(state.g_params, b), kind)
+      writer.write_images(n, {"montage": image})
+    done += 1
+    if stop_after is not None and done >= stop_after:
+      break
+  bar.close()
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  return state
+
+
+def train(config, workdir: str, scales: str = "all", *, progress: bool = True,
+          stop_after: int | None = None) -> dict[str, GanState]:
+  """Trains the scales ``scales`` ("all", "lr", "1", "2", ...) of a run.
+
+  Writes/validates ``workdir/config.json`` first: a workdir holding another
+  config's run is refused.
+  """
+  names = state_lib.scale_names(config)
+  if scales == "all":
+    chosen = names
+  else:
+    want = "lr" if scales in ("lr", "0") else f"hr{scales}"
+    if want not in names:
+      raise InputError(f"--scale {scales}: this config has scales "
+                       f"{', '.join(['lr'] + [n[2:] for n in names[1:]])}")
+    chosen = [want]
+  dataset.list_volumes(config.data.path)  # a bad dataset fails before any write
+  state_lib.save_config(workdir, config)
+  cache = os.path.join(workdir, "cache")
+  subjects = dataset.load_dataset(config.data.path, config, cache, progress)
+  val_subjects = (dataset.load_dataset(config.data.val_path, config, cache)
+                  if config.data.val_path else subjects)
+  state_lib.save_intensity(workdir, np.mean([s.intensity for s in subjects], 0))
+  return {name: train_scale(config, workdir, name, subjects, val_subjects,
+                            progress=progress, stop_after=stop_after)
+          for name in chosen}
+
+
+def restore(workdir: str, which: str = "latest"):
+  """``(config, {scale: GanState})`` of a run's ``latest`` (or ``best``)
+  checkpoints, for notebooks and scripts; scales without one are left out."""
+  config = state_lib.load_config(workdir)
+  states = {}
+  for name in state_lib.scale_names(config):
+    kind = "lr" if name == "lr" else "hr"
+    ckpt = state_lib.Checkpoints(workdir, name)
+    st = ckpt.restore(state_lib.abstract_state(config, kind), which)
+    ckpt.close()
+    if st is not None:
+      states[name] = st
+  if not states:
+    raise InputError(f"workdir {workdir}: no checkpoint found")
+  return config, states

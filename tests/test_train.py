@@ -1,0 +1,133 @@
+"""Training: the step learns, compiles once, and resumes exactly."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from megan_jax import cli, configs, dataset, train
+from megan_jax import state as state_lib
+from megan_jax.errors import InputError
+
+
+def tiny_config(**overrides):
+  c = configs.get_config("demo:smoke")
+  c.unlock()
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def subjects(tmp_path_factory):
+  c = tiny_config()
+  return dataset.load_dataset("mni152", c, str(tmp_path_factory.mktemp("cache")))
+
+
+def _fixed_batch(subjects, config, scale):
+  return train.sample_batch(subjects, config, scale, step=0)
+
+
+@pytest.mark.parametrize("kind,scale", [("hr", 2), ("lr", 0)])
+def test_step_lowers_loss_and_compiles_once(subjects, kind, scale):
+  config = tiny_config(**{"loss.d_skip_accuracy": 0.0, "optim.lr": 1e-3})
+  state = state_lib.create_state(jax.random.key(0), config, kind)
+  step = train.make_train_step(config, kind, donate=False)
+  batch = _fixed_batch(subjects, config, scale)
+  l1s = []
+  for _ in range(6):
+    state, metrics = step(state, batch, jax.random.key(1))
+    l1s.append(float(metrics["g_l1"]))
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert l1s[-1] < l1s[0]
+  assert int(state.step) == 6
+  assert step._cache_size() == 1  # no per-step recompilation
+
+
+def test_l1_only_overfits_a_single_patch(subjects):
+  config = tiny_config(**{"loss.gan_weight": 0.0, "optim.lr": 2e-3,
+                          "model.dropout": 0.0, "augment.prev_noise_std": 0.0,
+                          "augment.blur_prob": 0.0, "augment.halfres_prob": 0.0,
+                          "augment.edge_noise_std": 0.0,
+                          "train.hr_batch_size": 1})
+  state = state_lib.create_state(jax.random.key(0), config, "hr")
+  step = train.make_train_step(config, "hr", donate=False)
+  batch = _fixed_batch(subjects, config, 1)
+  first = None
+  for i in range(60):
+    state, metrics = step(state, batch, jax.random.key(1))
+    first = first if first is not None else float(metrics["g_l1"])
+  last = float(metrics["g_l1"])
+  assert last < 0.35 * first, (first, last)
+
+
+def test_generator_is_a_pure_function(subjects):
+  config = tiny_config()
+  state = state_lib.create_state(jax.random.key(0), config, "hr")
+  gen = train.make_eval_fn(config, "hr")
+  batch = _fixed_batch(subjects, config, 1)
+  a, b = gen(state.g_params, batch), gen(state.g_params, batch)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+  config = tiny_config()
+  full = train.train(config, str(tmp_path / "full"), "all", progress=False)
+  killed = str(tmp_path / "killed")
+  train.train(config, killed, "all", progress=False, stop_after=2)  # "killed"
+  _, partial = train.restore(killed)
+  assert {int(s.step) for s in partial.values()} == {2}
+  resumed = train.train(config, killed, "all", progress=False)
+  for name in ("lr", "hr1", "hr2"):
+    jax.tree.map(np.testing.assert_array_equal, full[name].g_params,
+                 resumed[name].g_params)
+    jax.tree.map(np.testing.assert_array_equal, full[name].d_params,
+                 resumed[name].d_params)
+  cfg, states = train.restore(killed)
+  assert cfg.steps == 4 and int(states["hr1"].step) == 4
+  # logs, montages and both checkpoint kinds are there
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "killed" / "logs" / "lr"))
+  assert os.listdir(tmp_path / "killed" / "montages")
+  assert os.listdir(tmp_path / "killed" / "checkpoints" / "hr1" / "best")
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+  config = tiny_config()
+  state_lib.save_config(str(tmp_path), config)
+  other = tiny_config(**{"model.ngf": 6})
+  with pytest.raises(InputError, match="model.ngf"):
+    state_lib.save_config(str(tmp_path), other)
+  longer = tiny_config(steps=99)  # more steps: the same run, continued
+  state_lib.save_config(str(tmp_path), longer)
+
+
+def test_cli_train_errors(tmp_path, capsys):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  code = cli.main(["train", "--config", "demo:smoke", "--workdir",
+                   str(tmp_path / "run"), f"--config.data.path={empty}"])
+  err = capsys.readouterr().err
+  assert code == 2 and str(empty) in err and len(err.strip().splitlines()) == 1
+  code = cli.main(["train", "--config", "demo:smoke", "--workdir",
+                   str(tmp_path / "run"), "--config.model.ngff=3"])
+  assert code == 2 and "ngff" in capsys.readouterr().err
+  code = cli.main(["train", "--config", "demo:smoke", "--workdir",
+                   str(tmp_path / "run"), "--scale", "7"])
+  assert code == 2 and "--scale 7" in capsys.readouterr().err
+
+
+def test_paper_configs_fit_their_data():
+  from megan_jax import resample
+  brats = configs.get_config("brats_t2")
+  shapes = resample.scale_shapes((155, 240, 240), brats.num_hr_scales)
+  assert shapes[0] == (39, 60, 60)
+  resample.check_lr_size(shapes[0], brats.lr_size)
+  copd = configs.get_config("copd_ct")
+  assert resample.scale_shapes((512,) * 3, copd.num_hr_scales)[0] == (64,) * 3
+  assert state_lib.scale_names(copd) == ["lr", "hr1", "hr2", "hr3"]
