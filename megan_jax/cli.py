@@ -98,35 +98,120 @@ def cmd_edges(args) -> int:
 # ---------------------------------------------------------------------------
 def _add_demo(sub):
   p = sub.add_parser(
-      "demo", help="run the main job on the embedded MNI152 template",
-      description="Runs MEGAN's pipeline on the embedded MNI152 template "
-      "(nothing is downloaded). For now: the template at 2 mm, its edge "
-      "sketch and a montage.")
+      "demo", help="train and translate on the embedded MNI152 template",
+      description="The main job on embedded data (nothing is downloaded): "
+      "trains the demo config on the MNI152 T1 template (the target domain), "
+      "then translates a T2-like contrast made from the template's tissue "
+      "maps (the source) into T1, and writes source.nii.gz, "
+      "translated.nii.gz, target.nii.gz, montage.png and metrics.json.")
   p.add_argument("--out", default="megan-demo", help="output folder")
+  p.add_argument("--steps", type=int, default=None,
+                 help="training steps per scale (default: the demo config's)")
+  p.add_argument("--train", action="store_true",
+                 help="retrain even if OUT/run holds a finished run")
   p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
-  from megan_jax import data, edges, io, writers
-  from megan_jax.normalise import normalise
+  from megan_jax import demo
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    raise InputError(f"output folder {args.out}: exists and is not a folder")
   os.makedirs(args.out, exist_ok=True)
   if not os.access(args.out, os.W_OK):
     raise InputError(f"output folder {args.out}: not writable")
-  vol = data.mni152("t1", spacing=2.0)
-  image, _ = normalise(vol.data)
-  sketch = edges.canny_3d(vol.data, mask=data.brain_mask(2.0))
-  src = os.path.join(args.out, "source.nii.gz")
-  out = os.path.join(args.out, "edges.nii.gz")
-  io.save_nifti(src, vol.data, vol.affine, vol.header)
-  io.save_nifti(out, sketch, vol.affine, vol.header)
-  png = os.path.join(args.out, "montage.png")
-  writers.montage({"source": image, "edges": sketch * 2.0 - 1.0}, png)
-  for f in (src, out, png):
-    print(f"wrote {f}")
+  summary = demo.run(args.out, steps=args.steps, retrain=args.train)
+  for key in ("source", "translated", "target", "montage", "metrics"):
+    print(f"wrote {summary[key]}")
+  print("metrics (translated vs the template's T1, in [0, 1]): " + ", ".join(
+      f"{k} {v:.4f}" for k, v in summary["scores"].items()))
   return 0
 
 
-_COMMANDS: Sequence[Callable] = (_add_demo, _add_edges)
+# ---------------------------------------------------------------------------
+# megan translate
+# ---------------------------------------------------------------------------
+def _add_translate(sub):
+  p = sub.add_parser(
+      "translate", help="translate a volume with a trained run",
+      description="Translates IN with the generators of a trained run "
+      "(--workdir) into OUT, with IN's shape, affine and header. Patches "
+      "are spread over every device; a killed run continues where it "
+      "stopped when started again with the same arguments.")
+  p.add_argument("-i", "--input", required=True, metavar="IN",
+                 help="source volume (.nii/.nii.gz), or 'mni152'")
+  p.add_argument("-o", "--output", required=True, metavar="OUT",
+                 help="output .nii/.nii.gz")
+  p.add_argument("--workdir", required=True, help="a trained run's folder")
+  p.add_argument("--mask", metavar="MASK",
+                 help="label mask written onto the sketches (e.g. a tumour)")
+  p.add_argument("--batch-size", type=int, default=None,
+                 help="patches per batch (default: the run's config)")
+  p.add_argument("--dtype", default="float32",
+                 choices=("float32", "bf16", "bfloat16"),
+                 help="compute dtype (bf16: parameters cast once)")
+  p.add_argument("--plan", action="store_true",
+                 help="print per scale the shape, patches, batch shape, "
+                 "compiled device memory and host memory, then exit")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+  p.set_defaults(func=cmd_translate)
+
+
+def cmd_translate(args) -> int:
+  from megan_jax import infer, io
+  if not args.plan:
+    io.check_output_path(args.output, [args.input, args.mask])
+  if not os.path.isdir(args.workdir):
+    raise InputError(f"workdir {args.workdir}: no such folder")
+  translator = infer.load(args.workdir, batch_size=args.batch_size,
+                          dtype=args.dtype)
+  vol = infer.load_source(args.input)
+  reports = translator.plan(infer.working_shape(translator.config, vol))
+  if args.plan:
+    for r in reports:
+      print(r.line())
+    return 0
+  translator.check_device_memory(reports)
+  infer.translate_file(translator, args.input, args.output, args.mask,
+                       progress=not args.quiet)
+  print(f"wrote {args.output}")
+  return 0
+
+
+# ---------------------------------------------------------------------------
+# megan train
+# ---------------------------------------------------------------------------
+def _add_train(sub):
+  p = sub.add_parser(
+      "train", help="train the cascade's GANs (resumes automatically)",
+      description="Trains MEGAN's GANs on a folder of target-domain volumes "
+      "(config data.path; 'mni152' = the embedded template). Every scale "
+      "trains on its own; a killed run resumes from its latest checkpoint "
+      "when started again with the same --workdir. Override config fields "
+      "with --config.FIELD=VALUE, e.g. --config.steps=1000 --config.seed=1.")
+  p.add_argument("--config", default="demo",
+                 help="config file (configs/demo.py) or built-in name "
+                 "(demo, default, brats_t2, copd_ct); NAME:ARG passes ARG")
+  p.add_argument("--workdir", required=True,
+                 help="run folder: checkpoints, logs, montages, cache")
+  p.add_argument("--scale", default="all",
+                 help="which scale to train: lr, 1, 2, ... or all (default)")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+  from megan_jax import configs, train
+  config = configs.get_config(args.config)
+  configs.apply_overrides(config, args.overrides)
+  if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+    raise InputError(f"workdir {args.workdir}: exists and is not a folder")
+  train.train(config, args.workdir, args.scale, progress=not args.quiet)
+  print(f"trained {args.scale} in {args.workdir}")
+  return 0
+
+
+_COMMANDS: Sequence[Callable] = (_add_demo, _add_edges, _add_train,
+                                  _add_translate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,7 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
-  args = parser.parse_args(argv)
+  # --config.FIELD=VALUE overrides are free-form; argparse sees the rest.
+  argv = list(sys.argv[1:] if argv is None else argv)
+  overrides = [a for a in argv if a.startswith("--config.")]
+  args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+  if overrides and args.command != "train":
+    parser.error(f"{overrides[0]}: config overrides are for 'megan train'")
+  args.overrides = overrides
   try:
     return int(args.func(args) or 0)
   except InputError as e:

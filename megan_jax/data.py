@@ -60,6 +60,13 @@ def mni152(kind: str = "t1", spacing: float | None = None) -> Volume:
   return Volume(vol.data.copy(), vol.affine.copy(), vol.header, vol.path)
 
 
+def spacing_shape(shape, affine, spacing: float) -> tuple[int, int, int]:
+  """The shape of a volume resampled to isotropic ``spacing`` mm."""
+  zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+  out = np.maximum(1, np.round(np.array(shape) * zooms / spacing))
+  return tuple(int(n) for n in out)
+
+
 def resample_spacing(vol: Volume, spacing: float, order: int = 1) -> Volume:
   """Resamples an (axis-aligned) volume to isotropic ``spacing`` mm.
 
@@ -67,8 +74,7 @@ def resample_spacing(vol: Volume, spacing: float, order: int = 1) -> Volume:
   affine's scale; the header's zooms follow the new affine on save.
   """
   zooms = np.sqrt((vol.affine[:3, :3] ** 2).sum(axis=0))
-  factors = zooms / spacing
-  shape = np.maximum(1, np.round(np.array(vol.data.shape) * factors)).astype(int)
+  shape = np.array(spacing_shape(vol.data.shape, vol.affine, spacing))
   real = shape / np.array(vol.data.shape)  # the factor actually applied
   data = ndi.zoom(vol.data, real, order=order, grid_mode=True, mode="nearest")
   affine = vol.affine.copy()
@@ -92,3 +98,20 @@ def brain_mask(spacing: float | None = None, threshold: float = 0.1
   mask = (gm + wm) > threshold
   mask |= ndi.binary_closing(mask, iterations=2)  # closing erodes the image border
   return ndi.binary_fill_holes(mask)
+
+
+def t2_like(spacing: float | None = None) -> Volume:
+  """A T2-like contrast of the template, made from its tissue maps.
+
+  CSF bright, grey matter intermediate, white matter dark (the reverse of
+  T1's order), on the template's grid: the same anatomy in another domain,
+  the demo's translation source (its ground truth is the template's T1).
+  """
+  t1 = mni152("t1", spacing)
+  gm = mni152("gm", spacing).data / 255.0
+  wm = mni152("wm", spacing).data / 255.0
+  inside = brain_mask(spacing)
+  csf = np.clip(inside.astype(np.float32) - gm - wm, 0.0, 1.0)
+  t2 = 900.0 * csf + 520.0 * gm + 260.0 * wm
+  t2 = ndi.gaussian_filter(t2, 0.5) * inside
+  return Volume(t2.astype(np.float32), t1.affine, t1.header, None)

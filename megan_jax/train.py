@@ -229,7 +229,7 @@ def train_scale(config, workdir: str, scale: str, subjects, val_subjects, *,
              desc=f"train {scale}", unit="step", disable=not progress,
              dynamic_ncols=True)
   done = 0
-  tick = time.perf_counter()
+  tick, tick_step = time.perf_counter(), start
   for step in bar:
     batch = sharding.shard_batch(sample_batch(subjects, config, k, step), mesh)
     state, metrics = step_fn(state, batch, base)
@@ -237,8 +237,9 @@ def train_scale(config, workdir: str, scale: str, subjects, val_subjects, *,
     last = n == config.steps
     if n % t.log_every == 0 or last:
       metrics = {key: float(v) for key, v in metrics.items()}
-      now = time.perf_counter()
-      metrics["sec_per_step"] = (now - tick) / (done + 1)
+      now = time.perf_counter()  # the first interval includes compiling
+      metrics["sec_per_step"] = (now - tick) / (n - tick_step)
+      tick, tick_step = now, n
       writer.write_scalars(n, metrics)
       bar.set_postfix(g=f"{metrics['g_loss']:.3f}", l1=f"{metrics['g_l1']:.3f}",
                       d=f"{metrics['d_loss']:.3f}")

@@ -1,0 +1,483 @@
+"""Full-resolution inference: the cascade, patch-parallel over every device.
+
+``Translator.translate`` runs: edges of the source at every scale → the LR
+generator on the whole (padded) sketch → for each HR scale: the patch grid
+(``tiling.make_plan``), previous-scale and edge patches gathered on the host,
+generated in fixed-size batches split over a 1-D device mesh, the valid
+centres stitched into a host array → the next scale. Every batch has one
+static shape (the last is padded with repeats and the padding dropped), so
+each scale compiles once and device memory does not depend on the volume.
+
+The generator is deterministic at inference (no dropout; instance norm is per
+patch), so the output depends neither on the batch size nor on the number of
+devices.
+
+With a ``workspace`` folder the per-scale outputs are memory-mapped ``.npy``
+files there, with a small record of the patches done: a translation that is
+killed continues where it stopped when run again with the same arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from megan_jax import dataset, io, resample, sharding, tiling
+from megan_jax import state as state_lib
+from megan_jax.errors import InputError
+from megan_jax.normalise import Normaliser, fit_normaliser
+
+RECORD_EVERY_S = 2.0  # how often a resumable run records its progress
+
+DTYPES = {"float32": jnp.float32, "fp32": jnp.float32,
+          "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleReport:
+  """What one scale of a translation needs (``megan translate --plan``)."""
+  scale: str
+  shape: tuple[int, int, int]
+  num_patches: int  # 1 for the LR scale (the whole volume)
+  batch_shape: tuple[int, ...]
+  device_bytes: int | None  # XLA's compiled memory analysis, per device
+  host_bytes: int  # the scale's output volume on the host
+
+  def line(self) -> str:
+    gib = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f} MiB"
+    return (f"{self.scale:>4}  shape {'x'.join(map(str, self.shape)):>13}  "
+            f"patches {self.num_patches:>7,}  batch {'x'.join(map(str, self.batch_shape)):>16}  "
+            f"device {gib(self.device_bytes):>12}  host {gib(self.host_bytes):>12}")
+
+
+def compiled_bytes(compiled) -> int | None:
+  """Arguments + outputs + temporaries of a compiled function (per device)."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # some backends do not implement it
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes
+             + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+class Translator:
+  """A trained cascade, ready to translate volumes of any size.
+
+  Args:
+    config: the run's config.
+    g_params: ``{"lr": params, "hr1": params, ...}`` generator parameters.
+    intensity: the target domain's ``(lo, hi)``; outputs are written in it
+      (default: [0, 1]).
+    devices: devices to spread patches over (default: all).
+    batch_size: patches per batch (rounded up to a multiple of the devices).
+    dtype: "float32" or "bfloat16" compute; parameters are cast once.
+  """
+
+  def __init__(self, config, g_params: dict, *, intensity=None, devices=None,
+               batch_size: int | None = None, dtype: str = "float32"):
+    self.config = config
+    names = state_lib.scale_names(config)
+    missing = [n for n in names if n not in g_params]
+    if missing:
+      raise InputError(f"checkpoint: no generator for scale(s) "
+                       f"{', '.join(missing)}; train them first")
+    if dtype not in DTYPES:
+      raise InputError(f"dtype {dtype!r}: choose float32 or bfloat16")
+    self.dtype = DTYPES[dtype]
+    self.mesh = sharding.make_mesh(devices)
+    n_dev = self.mesh.devices.size
+    bs = int(batch_size or config.infer.batch_size)
+    if bs < 1:
+      raise InputError(f"batch size {bs}: must be >= 1")
+    self.batch_size = -(-bs // n_dev) * n_dev
+    self.intensity = Normaliser(*(intensity or (0.0, 1.0)))
+    cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, self.dtype), tree)
+    self.params = {n: sharding.replicate(cast(g_params[n]), self.mesh)
+                   for n in names}
+    lr_g = state_lib.build_generator(config, "lr", dtype=self.dtype)
+    hr_g = state_lib.build_generator(config, "hr", dtype=self.dtype)
+
+    def lr_fn(params, edges):
+      return lr_g.apply(params, edges.astype(self.dtype),
+                        train=False).astype(jnp.float32)
+
+    def hr_fn(params, prev, edges):
+      batch = {"prev": prev.astype(self.dtype), "edges": edges.astype(self.dtype)}
+      x = state_lib.generator_input(batch, config, "hr")
+      return hr_g.apply(params, x, train=False).astype(jnp.float32)
+
+    rep = sharding.replicated(self.mesh)
+    bat = sharding.batch_sharded(self.mesh)
+    # Identifies the weights for resuming (``load`` sets checkpoint steps).
+    self.fingerprint = _fingerprint(
+        [float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(g_params)])
+    self._lr_fn = jax.jit(lr_fn)
+    self._hr_fn = jax.jit(hr_fn, in_shardings=(rep, bat, bat),
+                          out_shardings=bat)
+    self._compiled = {}  # executables compiled by ``plan``, reused by a run
+    self.keep_scales = False  # keep every scale's output (for montages)
+    self.timings, self.scale_outputs = {}, {}
+
+  # -- planning ---------------------------------------------------------------
+  def _hr_abstract(self, name):
+    p = self.config.patch_size
+    x = jax.ShapeDtypeStruct((self.batch_size, p, p, p, 1), jnp.float32)
+    return self._hr_fn.lower(self.params[name], x, x)
+
+  def _lr_abstract(self):
+    n = 2 * self.config.lr_size
+    x = jax.ShapeDtypeStruct((1, n, n, n, 1), jnp.float32)
+    return self._lr_fn.lower(self.params["lr"], x)
+
+  def plan(self, shape) -> list[ScaleReport]:
+    """Per scale: shape, patches, batch shape, compiled device memory (XLA's
+    memory analysis; nothing is allocated) and the output's host memory."""
+    c = self.config
+    shapes = resample.scale_shapes(shape, c.num_hr_scales)
+    resample.check_lr_size(shapes[0], c.lr_size)
+    n = c.lr_size
+    self._compiled["lr"] = self._lr_abstract().compile()
+    out = [ScaleReport("lr", shapes[0], 1, (1, 2 * n, 2 * n, 2 * n, 1),
+                       compiled_bytes(self._compiled["lr"]),
+                       4 * int(np.prod(shapes[0])))]
+    p = c.patch_size
+    for k in range(1, c.num_hr_scales + 1):
+      even = tuple(2 * s for s in shapes[k - 1])
+      pl = tiling.make_plan(even, p, c.border)
+      self._compiled[f"hr{k}"] = self._hr_abstract(f"hr{k}").compile()
+      out.append(ScaleReport(
+          f"hr{k}", shapes[k], pl.num_patches, (self.batch_size, p, p, p, 2),
+          compiled_bytes(self._compiled[f"hr{k}"]),
+          4 * int(np.prod(even))))
+    return out
+
+  def check_device_memory(self, reports) -> None:
+    """Stops before any work if a step would not fit the device's memory."""
+    dev = self.mesh.devices.flat[0]
+    try:
+      stats = dev.memory_stats() or {}
+    except Exception:
+      stats = {}
+    limit = stats.get("bytes_limit")
+    if not limit:
+      return  # the CPU reports no limit
+    for r in reports:
+      if r.device_bytes is not None and r.device_bytes > limit:
+        raise InputError(
+            f"scale {r.scale}: needs {r.device_bytes / 2**30:.2f} GiB per "
+            f"device, {dev.device_kind} has {limit / 2**30:.2f} GiB; use a "
+            "smaller --batch-size")
+
+  # -- running ----------------------------------------------------------------
+  def translate_normalised(self, image: np.ndarray, label=None, *,
+                           progress: bool = True, workspace: str | None = None,
+                           on_batch: Callable | None = None) -> np.ndarray:
+    """Translates a volume already in [-1, 1]; returns [-1, 1], same shape.
+
+    Args:
+      image: ``[D, H, W]`` source volume in [-1, 1].
+      label: optional mask written onto every scale's sketch.
+      progress: tqdm bars per scale.
+      workspace: folder for resumable memory-mapped outputs (see module doc).
+      on_batch: called as ``on_batch(scale, patches_done)`` after each batch
+        (tests use it to interrupt a run).
+    """
+    from tqdm import tqdm
+    c = self.config
+    t0 = time.perf_counter()
+    arrays = dataset.preprocess(image, c, label)
+    self.timings = {"edges": time.perf_counter() - t0}
+    state = _Workspace(workspace) if workspace else None
+
+    t0 = time.perf_counter()
+    y = state.load(0) if state else None
+    if y is None:
+      lr_fn = self._compiled.get("lr", self._lr_fn)
+      gen = lr_fn(self.params["lr"], arrays["lr_input"][None, ..., None])
+      _, crop = resample.lr_pad(arrays["image_0"], c.lr_size)
+      y = np.ascontiguousarray(np.asarray(gen)[0, ..., 0][crop])
+      if state:
+        y = state.save(0, y)
+    self.timings["lr"] = time.perf_counter() - t0
+    if self.keep_scales:
+      self.scale_outputs = {"edges": arrays[f"edges_{c.num_hr_scales}"],
+                            "scales": {"lr": np.array(y)}}
+
+    p, B = c.patch_size, self.batch_size
+    for k in range(1, c.num_hr_scales + 1):
+      t0 = time.perf_counter()
+      shape_k = arrays[f"image_{k}"].shape
+      even = tuple(2 * s for s in y.shape)
+      plan = tiling.make_plan(even, p, c.border)
+      edges, _ = resample.pad_to(arrays[f"edges_{k}"], even, 0.0,
+                                 low=(0, 0, 0))
+      done = state.patches_done(k) if state else 0
+      out = state.array(k, even) if state else None
+      if out is None:
+        out = np.empty(even, np.float32)
+      elif done >= plan.num_patches:  # this scale finished before
+        y = np.asarray(out[tuple(slice(0, s) for s in shape_k)])
+        continue
+      bar = tqdm(total=plan.num_patches, initial=done, unit="patch",
+                 desc=f"hr{k} {'x'.join(map(str, shape_k))}",
+                 disable=not progress, leave=False, dynamic_ncols=True)
+      hr_fn = self._compiled.get(f"hr{k}", self._hr_fn)
+      batched = sharding.batch_sharded(self.mesh)
+      pending = None
+      for start in range(done, plan.num_patches, B):
+        idx = np.arange(start, min(start + B, plan.num_patches))
+        full = np.concatenate([idx, np.full(B - len(idx), idx[-1])])
+        prev_p = tiling.previous_patches(y, plan, indices=full)[..., None]
+        edge_p = tiling.extract_batch(edges, plan, full, pad_value=0.0)[..., None]
+        prev_p, edge_p = jax.device_put((prev_p, edge_p), batched)
+        gen = hr_fn(self.params[f"hr{k}"], prev_p, edge_p)  # async
+        if pending is not None:  # stitch the previous batch meanwhile
+          self._finish(out, plan, *pending, state, k, bar, on_batch)
+        pending = (gen, idx)
+      if pending is not None:
+        self._finish(out, plan, *pending, state, k, bar, on_batch)
+      bar.close()
+      if state:
+        state.finish_scale(k, out, plan.num_patches)
+      y = np.ascontiguousarray(out[tuple(slice(0, s) for s in shape_k)])
+      self.timings[f"hr{k}"] = time.perf_counter() - t0
+      if self.keep_scales:
+        self.scale_outputs["scales"][f"hr{k}"] = y
+    return y
+
+  def _finish(self, out, plan, gen, idx, state, k, bar, on_batch):
+    patches = np.asarray(gen)[: len(idx), ..., 0]
+    tiling.stitch_into(out, patches, plan, idx)
+    done = int(idx[-1]) + 1
+    if state:
+      state.record(k, out, done)
+    bar.update(len(idx))
+    if on_batch is not None:
+      on_batch(k, done)
+
+  def _normalise_source(self, data: np.ndarray, path=None) -> np.ndarray:
+    c = self.config
+    norm = fit_normaliser(data, percentiles=tuple(c.data.percentiles),
+                          window=tuple(c.data.window) or None, path=path)
+    return norm.normalise(data)
+
+  def translate_volume(self, vol: io.Volume, label=None, **kwargs
+                       ) -> np.ndarray:
+    """A ``Volume`` (scanner intensities) → the translated array, on the
+    volume's grid, in the target domain's intensities."""
+    c = self.config
+    data, shape = vol.data, vol.data.shape
+    if c.data.spacing:
+      from megan_jax import data as data_lib
+      work = data_lib.resample_spacing(vol, c.data.spacing)
+      data = work.data
+      if label is not None:
+        label = resample.resize(label.astype(np.float32), data.shape) > 0.5
+    y = self.translate_normalised(self._normalise_source(data, vol.path),
+                                  label, **kwargs)
+    if y.shape != shape:
+      y = np.asarray(resample.resize(y, shape, "linear"))
+    return self.intensity.denormalise(np.clip(y, -1.0, 1.0))
+
+  def translate(self, x, mask=None, *, out: str | None = None,
+                progress: bool = False):
+    """Translates a path, a nibabel image or a numpy array.
+
+    Returns the same kind: an array for an array (scanner intensities in, the
+    target domain's out; an array is taken to be at the run's voxel spacing), a nibabel image with the input's affine and header
+    for an image or a path; with ``out`` the result is also written there
+    (atomically) and its path returned.
+    """
+    import nibabel as nib
+    label = None
+    if mask is not None:
+      label = np.asarray(io.load_nifti(mask, what="mask").data
+                         if isinstance(mask, (str, os.PathLike)) else
+                         np.asanyarray(getattr(mask, "dataobj", mask))) > 0.5
+    if isinstance(x, np.ndarray):
+      if x.ndim != 3:
+        raise InputError(f"array: expected 3D, got shape {x.shape}")
+      # An array has no geometry: it is taken to be at the run's spacing.
+      spacing = self.config.data.spacing or 1.0
+      vol = io.Volume(np.asarray(x, np.float32),
+                      np.diag([spacing, spacing, spacing, 1.0]))
+      io.check_finite(vol.data, "array")
+      return self.translate_volume(vol, label, progress=progress)
+    if isinstance(x, (str, os.PathLike)):
+      if out is not None:
+        return translate_file(self, x, out, mask if isinstance(
+            mask, (str, os.PathLike)) else None, progress=progress)
+      vol = io.load_nifti(x, allow_constant=False)
+    elif isinstance(x, nib.spatialimages.SpatialImage):
+      vol = io.Volume(np.asarray(x.dataobj, np.float32), x.affine, x.header)
+    else:
+      raise InputError(f"translate: expected a path, a nibabel image or a "
+                       f"numpy array, got {type(x).__name__}")
+    y = self.translate_volume(vol, label, progress=progress)
+    header = vol.header.copy() if vol.header is not None else None
+    if header is not None:
+      header.set_data_dtype(np.float32)
+    return nib.Nifti1Image(y, vol.affine, header)
+
+
+class _Workspace:
+  """Resumable state of one translation in a folder beside its output."""
+
+  def __init__(self, folder: str):
+    self.folder = folder
+    os.makedirs(folder, exist_ok=True)
+    self._progress_path = os.path.join(folder, "progress.json")
+    self.progress = {}
+    if os.path.exists(self._progress_path):
+      with open(self._progress_path) as f:
+        self.progress = json.load(f)
+    self._last_flush = time.monotonic()
+
+  def _path(self, k):
+    return os.path.join(self.folder, f"scale_{k}.npy")
+
+  def load(self, k):
+    if self.progress.get(str(k)) == "done":
+      return np.load(self._path(k), mmap_mode="r")
+    return None
+
+  def save(self, k, y):
+    with io.atomic_path(self._path(k), ".npy") as tmp:
+      np.save(tmp, y)
+    self._write(k, "done")
+    return y
+
+  def patches_done(self, k) -> int:
+    v = self.progress.get(str(k), 0)
+    return 1 << 62 if v == "done" else int(v)
+
+  def array(self, k, shape):
+    path = self._path(k)
+    if os.path.exists(path) and str(k) in self.progress:
+      arr = np.load(path, mmap_mode="r+")
+      if arr.shape == tuple(shape):
+        return arr
+    return np.lib.format.open_memmap(path, "w+", np.float32, tuple(shape))
+
+  def record(self, k, out, done):
+    """Flushes the output, then records the patches done (in that order, so
+    the record never runs ahead of the data on disk); at most every
+    ``RECORD_EVERY_S`` seconds."""
+    if time.monotonic() - self._last_flush < RECORD_EVERY_S:
+      return
+    self._flush(out)
+    self._write(k, done)
+
+  def finish_scale(self, k, out, n):
+    self._flush(out)
+    self._write(k, "done")
+
+  def _flush(self, out):
+    if isinstance(out, np.memmap):
+      out.flush()
+    self._last_flush = time.monotonic()
+
+  def _write(self, k, value):
+    self.progress[str(k)] = value
+    with io.atomic_path(self._progress_path, ".json") as tmp:
+      with open(tmp, "w") as f:
+        json.dump(self.progress, f)
+
+
+def _fingerprint(*parts) -> str:
+  blob = json.dumps(parts, sort_keys=True, default=str).encode()
+  return hashlib.sha1(blob).hexdigest()
+
+
+def workspace_for(out: str, fingerprint: str) -> str:
+  """The resume folder beside ``out``; a stale one (other arguments) is
+  cleared."""
+  folder = os.path.join(os.path.dirname(os.path.abspath(out)),
+                        f".{os.path.basename(out)}.partial")
+  meta = os.path.join(folder, "meta.json")
+  if os.path.isdir(folder):
+    try:
+      with open(meta) as f:
+        same = json.load(f).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+      same = False
+    if not same:
+      shutil.rmtree(folder)
+  if not os.path.isdir(folder):
+    os.makedirs(folder)
+    with open(meta, "w") as f:
+      json.dump({"fingerprint": fingerprint}, f)
+  return folder
+
+
+def load_source(path: str) -> io.Volume:
+  """A NIfTI source volume, or the embedded template for "mni152"."""
+  from megan_jax import data
+  if path == data.MNI152_NAME:
+    return data.mni152("t1")
+  return io.load_nifti(path, allow_constant=False)
+
+
+def working_shape(config, vol: io.Volume) -> tuple[int, int, int]:
+  """The shape the cascade runs at: the volume's, or after resampling to
+  ``config.data.spacing``."""
+  from megan_jax import data
+  if not config.data.spacing:
+    return vol.data.shape
+  return data.spacing_shape(vol.data.shape, vol.affine, config.data.spacing)
+
+
+def translate_file(translator: Translator, in_path: str, out_path: str,
+                   mask_path: str | None = None, *, progress: bool = True,
+                   on_batch: Callable | None = None) -> str:
+  """Translates a NIfTI file into ``out_path`` (input's shape, affine and
+  header), resumably; the file appears only at the end, atomically."""
+  io.check_output_path(out_path, [in_path, mask_path])
+  vol = load_source(in_path)
+  label = None
+  if mask_path is not None:
+    m = io.load_nifti(mask_path, what="mask")
+    if m.data.shape != vol.data.shape:
+      raise InputError(f"mask {mask_path}: shape {'x'.join(map(str, m.data.shape))} "
+                       f"differs from the input's {'x'.join(map(str, vol.data.shape))}")
+    label = m.data > 0.5
+  st = os.stat(vol.path)
+  fp = _fingerprint(os.path.abspath(vol.path), st.st_size, st.st_mtime_ns,
+                    mask_path, translator.config.to_dict(),
+                    str(translator.dtype), translator.fingerprint)
+  folder = workspace_for(out_path, fp)
+  y = translator.translate_volume(vol, label, progress=progress,
+                                  workspace=folder, on_batch=on_batch)
+  io.save_nifti(out_path, y, like=vol, inputs=[mask_path])
+  shutil.rmtree(folder, ignore_errors=True)
+  return out_path
+
+
+def load(workdir: str, *, devices=None, batch_size: int | None = None,
+         dtype: str = "float32", which: str = "best") -> Translator:
+  """A ``Translator`` of a trained run (its ``best`` generators by default,
+  the checkpoints with the lowest validation L1)."""
+  from megan_jax import train
+  config, states = train.restore(workdir, "latest")
+  if which == "best":  # per scale the best checkpoint where there is one
+    try:
+      states.update(train.restore(workdir, "best")[1])
+    except InputError:
+      pass
+  t = Translator(config, {n: s.g_params for n, s in states.items()},
+                 intensity=state_lib.load_intensity(workdir), devices=devices,
+                 batch_size=batch_size, dtype=dtype)
+  t.fingerprint = _fingerprint(
+      os.path.abspath(workdir), {n: int(s.step) for n, s in states.items()},
+      which)
+  return t

@@ -1,0 +1,190 @@
+"""Inference: the cascade keeps geometry, is batch- and device-independent,
+resumes after a kill, and plans its memory before running."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+import megan_jax
+from megan_jax import cli, configs, infer
+from megan_jax import state as state_lib
+
+SHAPE = (30, 37, 26)  # non-cubic, odd: scales 8x10x7, 15x19x13, 30x37x26
+
+
+def _config():
+  return configs.get_config("demo:smoke")
+
+
+def _volume(shape=SHAPE, seed=0):
+  rng = np.random.default_rng(seed)
+  z, y, x = np.indices(shape)
+  c = np.array(shape) / 2
+  r = np.sqrt(((z - c[0]) / c[0]) ** 2 + ((y - c[1]) / c[1]) ** 2 + ((x - c[2]) / c[2]) ** 2)
+  vol = 200.0 * (r < 0.8) + 80.0 * (r < 0.4) + rng.normal(0, 3, shape)
+  return np.clip(vol, 0, None).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """A run folder with random-initialised checkpoints of every scale."""
+  config = _config()
+  workdir = str(tmp_path_factory.mktemp("run"))
+  state_lib.save_config(workdir, config)
+  state_lib.save_intensity(workdir, (0.0, 255.0))
+  for i, name in enumerate(state_lib.scale_names(config)):
+    kind = "lr" if name == "lr" else "hr"
+    st = state_lib.create_state(jax.random.key(i), config, kind)
+    ck = state_lib.Checkpoints(workdir, name)
+    ck.save_latest(0, st)
+    ck.wait()
+    ck.close()
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def params(run_dir):
+  from megan_jax import train
+  _, states = train.restore(run_dir)
+  return {n: s.g_params for n, s in states.items()}
+
+
+def _nifti(path, data, zoom=4.0):
+  affine = np.diag([zoom, zoom, zoom, 1.0])
+  affine[:3, 3] = [-50, -60, -40]
+  img = nib.Nifti1Image(data, affine)
+  img.header["descrip"] = b"source scan"
+  nib.save(img, str(path))
+  return str(path)
+
+
+def test_batch_size_does_not_change_the_output(params):
+  config = _config()
+  image = infer.Translator(config, params)._normalise_source(_volume())
+  outs = [infer.Translator(config, params, batch_size=b).translate_normalised(
+      image, progress=False) for b in (1, 3, 8)]
+  assert outs[0].shape == SHAPE
+  assert np.isfinite(outs[0]).all() and np.abs(outs[0]).max() <= 1.0
+  for o in outs[1:]:
+    np.testing.assert_allclose(o, outs[0], rtol=0, atol=1e-6)
+
+
+def test_api_returns_the_kind_it_was_given(run_dir, tmp_path):
+  t = megan_jax.load(run_dir, batch_size=4)
+  vol = _volume()
+  arr = t.translate(vol)
+  assert isinstance(arr, np.ndarray) and arr.shape == SHAPE
+  assert 0.0 <= arr.min() and arr.max() <= 255.0  # the target's intensity range
+  src = _nifti(tmp_path / "src.nii.gz", vol)
+  img = t.translate(nib.load(src))
+  assert isinstance(img, nib.Nifti1Image)
+  np.testing.assert_allclose(img.affine, nib.load(src).affine)
+  np.testing.assert_allclose(np.asarray(img.dataobj), arr, atol=1e-4)
+  from_path = t.translate(src)
+  np.testing.assert_allclose(np.asarray(from_path.dataobj), arr, atol=1e-4)
+  out = t.translate(src, out=str(tmp_path / "out.nii.gz"))
+  assert out == str(tmp_path / "out.nii.gz") and os.path.exists(out)
+
+
+def test_killed_translation_resumes_to_the_same_file(run_dir, tmp_path, monkeypatch):
+  monkeypatch.setattr(infer, "RECORD_EVERY_S", 0.0)
+  src = _nifti(tmp_path / "src.nii.gz", _volume())
+  t = megan_jax.load(run_dir, batch_size=4)
+  whole = infer.translate_file(t, src, str(tmp_path / "whole.nii.gz"), progress=False)
+
+  class Killed(Exception):
+    pass
+
+  def kill(scale, done):
+    if scale == 2 and done >= 12:
+      raise Killed()
+  out = str(tmp_path / "resumed.nii.gz")
+  with pytest.raises(Killed):
+    infer.translate_file(t, src, out, progress=False, on_batch=kill)
+  assert not os.path.exists(out)  # nothing appears before the end
+  partial = tmp_path / ".resumed.nii.gz.partial"
+  progress = json.load(open(partial / "progress.json"))
+  assert progress["1"] == "done" and 12 <= progress["2"] < 100
+  seen = []
+  infer.translate_file(t, src, out, progress=False,
+                       on_batch=lambda s, d: seen.append((s, d)))
+  assert seen[0][0] == 2 and seen[0][1] > 12  # it did not start over
+  assert not partial.exists()
+  a, b = nib.load(whole), nib.load(out)
+  np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+  np.testing.assert_allclose(b.affine, nib.load(src).affine)
+  assert b.header["descrip"].tobytes().startswith(b"source scan")
+
+
+def test_cli_plan_and_translate(run_dir, tmp_path, capsys):
+  src = _nifti(tmp_path / "src.nii.gz", _volume())
+  out = str(tmp_path / "out.nii.gz")
+  assert cli.main(["translate", "-i", src, "-o", out, "--workdir", run_dir, "--plan"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert [l.split()[0] for l in lines] == ["lr", "hr1", "hr2"]
+  assert "30x37x26" in lines[2] and "MiB" in lines[2]
+  assert not os.path.exists(out)  # --plan only plans
+  assert cli.main(["translate", "-i", src, "-o", out, "--workdir", run_dir, "--quiet"]) == 0
+  assert nib.load(out).shape == SHAPE
+
+
+@pytest.mark.parametrize("case", ["no_checkpoint", "mask_shape", "same_file"])
+def test_cli_translate_errors(case, run_dir, tmp_path, capsys):
+  src = _nifti(tmp_path / "src.nii.gz", _volume())
+  argv = ["translate", "-i", src, "-o", str(tmp_path / "o.nii.gz"), "--workdir", run_dir]
+  if case == "no_checkpoint":
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    argv[-1] = str(empty)
+    name = str(empty)
+  elif case == "mask_shape":
+    name = _nifti(tmp_path / "m.nii.gz", np.ones((5, 5, 5), np.float32))
+    argv += ["--mask", name]
+  else:
+    argv[4] = src
+    name = src
+  before = sorted(os.listdir(tmp_path))
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and name in err[0]
+  assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_plan_memory_is_independent_of_the_volume(params):
+  t = infer.Translator(_config(), params, batch_size=4)
+  small, large = t.plan((30, 37, 26)), t.plan((64, 64, 64))
+  assert [r.device_bytes for r in small] == [r.device_bytes for r in large]
+  assert large[-1].num_patches > small[-1].num_patches
+  assert large[-1].host_bytes > small[-1].host_bytes
+
+
+@pytest.mark.slow
+def test_eight_devices_equal_one(run_dir, tmp_path):
+  """8 forced CPU devices give the same volume as 1, for a patch count that
+  is not a multiple of 8."""
+  script = textwrap.dedent(f"""
+    import numpy as np, jax, megan_jax
+    from megan_jax import infer
+    from tests.test_infer import _volume
+    assert len(jax.devices()) == 8
+    vol = _volume((30, 37, 36))  # 36 patches at the last scale
+    one = megan_jax.load({run_dir!r}, devices=jax.devices()[:1], batch_size=8)
+    eight = megan_jax.load({run_dir!r}, batch_size=8)
+    plan = eight.plan(vol.shape)
+    assert plan[-1].num_patches % 8 != 0, plan[-1].num_patches
+    a, b = one.translate(vol), eight.translate(vol)
+    print("maxdiff", float(np.abs(a - b).max()))
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                     timeout=600, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "maxdiff" in r.stdout
