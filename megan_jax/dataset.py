@@ -246,15 +246,17 @@ def step_rng(seed: int, scale: int, step: int, stream: int = 0
 
 
 def sample_hr_batch(subjects: Sequence[Subject], scale: int, batch_size: int,
-                    patch_size: int, rng: np.random.Generator
-                    ) -> dict[str, np.ndarray]:
+                    patch_size: int, rng: np.random.Generator,
+                    uniform_fraction: float = 0.0) -> dict[str, np.ndarray]:
   """Training patches of HR scale ``scale`` (>= 1), centred on foreground.
 
   The output patch starts at an even ``s = 2c`` (so its previous-scale patch,
   starting at ``c`` in the previous volume padded by ``p/4``, is exactly
   centred on it), with ``c`` chosen so the patch is centred on a foreground
   voxel of the previous scale drawn uniformly: patches are sampled in
-  proportion to the foreground.
+  proportion to the foreground. A ``uniform_fraction`` of the patches is
+  centred anywhere instead, so the generator also sees empty background (at
+  inference every patch of the grid is generated, the empty ones included).
 
   Returns:
     ``prev``, ``edges``, ``target``: ``[B, p, p, p, 1]`` float32 each; the
@@ -265,8 +267,11 @@ def sample_hr_batch(subjects: Sequence[Subject], scale: int, batch_size: int,
   for _ in range(batch_size):
     sub = subjects[rng.integers(len(subjects))]
     fine, coarse = sub.images[scale], sub.images[scale - 1]
-    centre = np.unravel_index(int(rng.choice(sub.foreground[scale - 1])),
-                              coarse.shape)
+    if rng.random() < uniform_fraction:
+      centre = tuple(int(rng.integers(n)) for n in coarse.shape)
+    else:
+      centre = np.unravel_index(int(rng.choice(sub.foreground[scale - 1])),
+                                coarse.shape)
     cmax = [max(length - p, 0) // 2 for length in fine.shape]
     c = [int(np.clip(u - p // 4, 0, m)) for u, m in zip(centre, cmax)]
     s = [2 * ci for ci in c]

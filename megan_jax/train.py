@@ -164,7 +164,8 @@ def sample_batch(subjects, config, scale: int, step: int):
   if scale == 0:
     return dataset.sample_lr_batch(subjects, config.train.lr_batch_size, rng)
   return dataset.sample_hr_batch(subjects, scale, config.train.hr_batch_size,
-                                 config.patch_size, rng)
+                                 config.patch_size, rng,
+                                 config.data.uniform_patch_fraction)
 
 
 def validation_batches(subjects, config, scale: int):

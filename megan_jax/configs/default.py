@@ -27,6 +27,9 @@ def get_config(arg=None):
   c.data.percentiles = (0.0, 99.5)  # intensity clipping to [-1, 1]
   c.data.window = ()  # (lo, hi), e.g. HU for CT; overrides percentiles
   c.data.foreground = -0.95  # voxels above this (in [-1, 1]) are foreground
+  # HR patches are centred on foreground voxels (the paper), except this
+  # fraction, centred anywhere, so empty background is seen too (our choice).
+  c.data.uniform_patch_fraction = 0.2
 
   # Geometry of the cascade.
   c.num_hr_scales = 2
