@@ -210,8 +210,47 @@ def cmd_train(args) -> int:
   return 0
 
 
-_COMMANDS: Sequence[Callable] = (_add_demo, _add_edges, _add_train,
-                                  _add_translate)
+# ---------------------------------------------------------------------------
+# megan evaluate
+# ---------------------------------------------------------------------------
+def _add_evaluate(sub):
+  p = sub.add_parser(
+      "evaluate", help="SSIM, PSNR, MAE, MSE of a prediction against a target",
+      description="Scores PRED against TARGET on intensities in [0, 1] (both "
+      "mapped with the target's range, or --range LO HI, e.g. a CT window in "
+      "HU, and clipped), over the whole volume or inside --mask; prints JSON.")
+  p.add_argument("--pred", required=True, help="predicted volume (.nii/.nii.gz)")
+  p.add_argument("--target", required=True, help="ground truth (.nii/.nii.gz)")
+  p.add_argument("--mask", help="evaluate inside this mask only")
+  p.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"),
+                 help="intensities mapped to 0 and 1 (default: the target's "
+                 "min and max)")
+  p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> int:
+  import json
+  from megan_jax import io, metrics
+  from megan_jax.normalise import Normaliser, to_unit
+  pred = io.load_nifti(args.pred, what="prediction")
+  target = io.load_nifti(args.target, what="target", allow_constant=False)
+  for vol, path, what in ((pred, args.pred, "prediction"),):
+    if vol.data.shape != target.data.shape:
+      raise InputError(f"{what} {path}: shape {'x'.join(map(str, vol.data.shape))}"
+                       f" differs from the target's "
+                       f"{'x'.join(map(str, target.data.shape))}")
+  mask = load_label(args.mask, target.data.shape)
+  lo, hi = args.range or (float(target.data.min()), float(target.data.max()))
+  norm = Normaliser(lo, hi)
+  scores = metrics.evaluate(to_unit(norm.normalise(pred.data)),
+                            to_unit(norm.normalise(target.data)), mask)
+  print(json.dumps({"pred": args.pred, "target": args.target,
+                    "mask": args.mask, "range": [lo, hi], **scores}, indent=2))
+  return 0
+
+
+_COMMANDS: Sequence[Callable] = (_add_demo, _add_edges, _add_evaluate,
+                                  _add_train, _add_translate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -122,3 +122,27 @@ def test_edges_on_embedded_template(tmp_path, capsys):
   np.testing.assert_allclose(img.affine, t1.affine)
   assert img.shape == t1.shape
   assert os.path.getsize(tmp_path / "mni_edges.png") > 10_000
+
+
+def test_evaluate_prints_json(tmp_path, capsys):
+  import json
+  rng = np.random.default_rng(0)
+  target = rng.uniform(0, 100, (16, 16, 16)).astype(np.float32)
+  t = tmp_path / "t.nii.gz"
+  p = tmp_path / "p.nii.gz"
+  nib.save(nib.Nifti1Image(target, np.eye(4)), str(t))
+  nib.save(nib.Nifti1Image(target + 10.0, np.eye(4)), str(p))
+  code, out, _ = _run(["evaluate", "--pred", str(p), "--target", str(t)], capsys)
+  assert code == 0
+  scores = json.loads(out)
+  span = target.max() - target.min()
+  # +10 everywhere, clipped at the top of the target's range
+  assert 0 < scores["mae"] <= 10 / span + 1e-6
+  assert scores["ssim"] < 1 and np.isfinite(scores["psnr"])
+  code, out, _ = _run(["evaluate", "--pred", str(t), "--target", str(t)], capsys)
+  same = json.loads(out)
+  assert same["mae"] == 0 and same["ssim"] == pytest.approx(1.0) and same["psnr"] == float("inf")
+  bad = tmp_path / "small.nii.gz"
+  nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), str(bad))
+  code, _, err = _run(["evaluate", "--pred", str(bad), "--target", str(t)], capsys)
+  assert code == 2 and str(bad) in err and len(err.strip().splitlines()) == 1

@@ -188,3 +188,16 @@ def test_eight_devices_equal_one(run_dir, tmp_path):
                      timeout=600, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert r.returncode == 0, r.stderr[-3000:]
   assert "maxdiff" in r.stdout
+
+
+def test_real_head_mri_never_seen_keeps_shape_and_affine(run_dir, tmp_path, capsys):
+  """A real T1 crop that ships with nibabel's tests (33x41x25 at 2 mm, x
+  flipped): non-cubic, not 1 mm, never seen in training."""
+  import nibabel.testing
+  src = os.path.join(nibabel.testing.data_path, "anatomical.nii")
+  out = str(tmp_path / "anat_t1.nii.gz")
+  assert cli.main(["translate", "-i", src, "-o", out, "--workdir", run_dir, "--quiet"]) == 0
+  a, b = nib.load(src), nib.load(out)
+  assert b.shape == a.shape == (33, 41, 25)
+  np.testing.assert_allclose(b.affine, a.affine)
+  assert np.isfinite(np.asarray(b.dataobj)).all()
