@@ -173,7 +173,8 @@ def cmd_translate(args) -> int:
   translator.check_device_memory(reports)
   infer.translate_file(translator, args.input, args.output, args.mask,
                        progress=not args.quiet)
-  print(f"wrote {args.output}")
+  if translator.is_writer:  # in a multi-process job only process 0 writes
+    print(f"wrote {args.output}")
   return 0
 
 
@@ -261,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
       "full-resolution 3D medical images.")
   parser.add_argument("--version", action="version",
                       version=f"%(prog)s {__version__}")
+  parser.add_argument("--distributed", action="store_true",
+                      help="join a multi-process JAX job first "
+                      "(jax.distributed; SLURM is detected, else MEGAN_COORDINATOR, "
+                      "MEGAN_NUM_PROCESSES, MEGAN_PROCESS_ID; also MEGAN_DISTRIBUTED=1)")
   sub = parser.add_subparsers(title="commands", dest="command",
                               metavar="COMMAND")
   sub.required = True
@@ -279,6 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"{overrides[0]}: config overrides are for 'megan train'")
   args.overrides = overrides
   try:
+    from megan_jax import sharding
+    if args.distributed or sharding.distributed_requested():
+      sharding.initialize_distributed()
     return int(args.func(args) or 0)
   except InputError as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)

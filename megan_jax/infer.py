@@ -15,6 +15,20 @@ devices.
 With a ``workspace`` folder the per-scale outputs are memory-mapped ``.npy``
 files there, with a small record of the patches done: a translation that is
 killed continues where it stopped when run again with the same arguments.
+
+Several processes (multi-host, after ``sharding.initialize_distributed``):
+the mesh spans every process's devices. Each process has the whole source and
+runs the same loop; it cuts only the patches of its own devices
+(``sharding.global_batch``), and the HR step ends with an all-gather inside
+the jitted function (``out_shardings`` replicated), so every process gets
+every generated patch and stitches the whole scale itself. Every process
+needs the whole scale-k volume anyway (scale k+1's conditioning patches cross
+any slab boundary), and gathering inside the step keeps dispatch
+asynchronous (the next batch computes while this one is stitched), which a
+separate blocking ``process_allgather`` would not. The LR scale (one small
+volume) runs replicated. Only process 0 writes: the output file and the
+resume workspace; what it finds there on a resumed run is broadcast to the
+others. A single-process run takes the original path unchanged.
 """
 from __future__ import annotations
 
@@ -95,6 +109,9 @@ class Translator:
       raise InputError(f"dtype {dtype!r}: choose float32 or bfloat16")
     self.dtype = DTYPES[dtype]
     self.mesh = sharding.make_mesh(devices)
+    # A mesh over several processes (multi-host): see the module doc.
+    self.multiprocess = not sharding.is_local(self.mesh)
+    self.is_writer = not self.multiprocess or jax.process_index() == 0
     n_dev = self.mesh.devices.size
     bs = int(batch_size or config.infer.batch_size)
     if bs < 1:
@@ -102,8 +119,9 @@ class Translator:
     self.batch_size = -(-bs // n_dev) * n_dev
     self.intensity = Normaliser(*(intensity or (0.0, 1.0)))
     cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, self.dtype), tree)
-    self.params = {n: sharding.replicate(cast(g_params[n]), self.mesh)
-                   for n in names}
+    put = (sharding.global_replicate if self.multiprocess
+           else sharding.replicate)
+    self.params = {n: put(cast(g_params[n]), self.mesh) for n in names}
     lr_g = state_lib.build_generator(config, "lr", dtype=self.dtype)
     hr_g = state_lib.build_generator(config, "hr", dtype=self.dtype)
 
@@ -119,11 +137,15 @@ class Translator:
     rep = sharding.replicated(self.mesh)
     bat = sharding.batch_sharded(self.mesh)
     # Identifies the weights for resuming (``load`` sets checkpoint steps).
-    self.fingerprint = _fingerprint(
-        [float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(g_params)])
+    sums = [float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(g_params)]
+    self.fingerprint = _fingerprint(sums)
+    if self.multiprocess:
+      sharding.assert_same_on_all(np.array(sums, np.float32), "checkpoints")
     self._lr_fn = jax.jit(lr_fn)
+    # Several processes: the output is gathered onto every device inside the
+    # step, so each process can read all patches (see the module doc).
     self._hr_fn = jax.jit(hr_fn, in_shardings=(rep, bat, bat),
-                          out_shardings=bat)
+                          out_shardings=rep if self.multiprocess else bat)
     self._compiled = {}  # executables compiled by ``plan``, reused by a run
     self.keep_scales = False  # keep every scale's output (for montages)
     self.timings, self.scale_outputs = {}, {}
@@ -136,7 +158,9 @@ class Translator:
 
   def _lr_abstract(self):
     n = 2 * self.config.lr_size
-    x = jax.ShapeDtypeStruct((1, n, n, n, 1), jnp.float32)
+    x = jax.ShapeDtypeStruct(
+        (1, n, n, n, 1), jnp.float32,
+        sharding=sharding.replicated(self.mesh) if self.multiprocess else None)
     return self._lr_fn.lower(self.params["lr"], x)
 
   def plan(self, shape) -> list[ScaleReport]:
@@ -163,7 +187,8 @@ class Translator:
 
   def check_device_memory(self, reports) -> None:
     """Stops before any work if a step would not fit the device's memory."""
-    dev = self.mesh.devices.flat[0]
+    me = jax.process_index()  # only this process's devices can be asked
+    dev = next(d for d in self.mesh.devices.flat if d.process_index == me)
     try:
       stats = dev.memory_stats() or {}
     except Exception:
@@ -197,15 +222,23 @@ class Translator:
     t0 = time.perf_counter()
     arrays = dataset.preprocess(image, c, label)
     self.timings = {"edges": time.perf_counter() - t0}
-    state = _Workspace(workspace) if workspace else None
+    # Only the writer (process 0 of several) touches the workspace.
+    state = _Workspace(workspace) if workspace and self.is_writer else None
+    progress = progress and self.is_writer
 
     t0 = time.perf_counter()
     y = state.load(0) if state else None
+    if self.multiprocess and self._shared_int(y is not None):
+      y = sharding.broadcast_from_0(
+          y if y is not None else np.empty(arrays["image_0"].shape, np.float32))
     if y is None:
       lr_fn = self._compiled.get("lr", self._lr_fn)
-      gen = lr_fn(self.params["lr"], arrays["lr_input"][None, ..., None])
+      x = arrays["lr_input"][None, ..., None]
+      if self.multiprocess:
+        x = sharding.global_replicate(x, self.mesh)
+      gen = sharding.local_value(lr_fn(self.params["lr"], x))
       _, crop = resample.lr_pad(arrays["image_0"], c.lr_size)
-      y = np.ascontiguousarray(np.asarray(gen)[0, ..., 0][crop])
+      y = np.ascontiguousarray(gen[0, ..., 0][crop])
       if state:
         y = state.save(0, y)
     self.timings["lr"] = time.perf_counter() - t0
@@ -223,6 +256,13 @@ class Translator:
                                  low=(0, 0, 0))
       done = state.patches_done(k) if state else 0
       out = state.array(k, even) if state else None
+      if self.multiprocess:  # the others continue where process 0 stopped
+        done = self._shared_int(min(done, plan.num_patches))
+        if done:
+          got = sharding.broadcast_from_0(
+              out if out is not None else np.empty(even, np.float32))
+          if out is None:
+            out = got
       if out is None:
         out = np.empty(even, np.float32)
       elif done >= plan.num_patches:  # this scale finished before
@@ -237,9 +277,12 @@ class Translator:
       for start in range(done, plan.num_patches, B):
         idx = np.arange(start, min(start + B, plan.num_patches))
         full = np.concatenate([idx, np.full(B - len(idx), idx[-1])])
-        prev_p = tiling.previous_patches(y, plan, indices=full)[..., None]
-        edge_p = tiling.extract_batch(edges, plan, full, pad_value=0.0)[..., None]
-        prev_p, edge_p = jax.device_put((prev_p, edge_p), batched)
+        if self.multiprocess:  # each process cuts its own devices' patches
+          prev_p, edge_p = self._global_batch(y, edges, plan, full)
+        else:
+          prev_p = tiling.previous_patches(y, plan, indices=full)[..., None]
+          edge_p = tiling.extract_batch(edges, plan, full, pad_value=0.0)[..., None]
+          prev_p, edge_p = jax.device_put((prev_p, edge_p), batched)
         gen = hr_fn(self.params[f"hr{k}"], prev_p, edge_p)  # async
         if pending is not None:  # stitch the previous batch meanwhile
           self._finish(out, plan, *pending, state, k, bar, on_batch)
@@ -255,8 +298,26 @@ class Translator:
         self.scale_outputs["scales"][f"hr{k}"] = y
     return y
 
+  def _shared_int(self, value) -> int:
+    """Process 0's ``value`` (a small int) on every process."""
+    return int(sharding.broadcast_from_0(np.int32(value)))
+
+  def _global_batch(self, y, edges, plan, full):
+    p = self.config.patch_size
+    shape = (len(full), p, p, p, 1)
+    prev = sharding.global_batch(
+        shape, self.mesh,
+        lambda ids: tiling.previous_patches(y, plan, indices=ids)[..., None],
+        full)
+    edge = sharding.global_batch(
+        shape, self.mesh,
+        lambda ids: tiling.extract_batch(edges, plan, ids,
+                                         pad_value=0.0)[..., None],
+        full)
+    return prev, edge
+
   def _finish(self, out, plan, gen, idx, state, k, bar, on_batch):
-    patches = np.asarray(gen)[: len(idx), ..., 0]
+    patches = sharding.local_value(gen)[: len(idx), ..., 0]
     tiling.stitch_into(out, patches, plan, idx)
     done = int(idx[-1]) + 1
     if state:
@@ -441,8 +502,15 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
                    mask_path: str | None = None, *, progress: bool = True,
                    on_batch: Callable | None = None) -> str:
   """Translates a NIfTI file into ``out_path`` (input's shape, affine and
-  header), resumably; the file appears only at the end, atomically."""
-  io.check_output_path(out_path, [in_path, mask_path])
+  header), resumably; the file appears only at the end, atomically.
+
+  With several processes every one calls this with the same arguments; only
+  process 0 writes (the output and the resume workspace), and all return once
+  the file is there.
+  """
+  writer = translator.is_writer
+  if writer:
+    io.check_output_path(out_path, [in_path, mask_path])
   vol = load_source(in_path)
   label = None
   if mask_path is not None:
@@ -455,11 +523,15 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
   fp = _fingerprint(os.path.abspath(vol.path), st.st_size, st.st_mtime_ns,
                     mask_path, translator.config.to_dict(),
                     str(translator.dtype), translator.fingerprint)
-  folder = workspace_for(out_path, fp)
+  folder = workspace_for(out_path, fp) if writer else None
   y = translator.translate_volume(vol, label, progress=progress,
                                   workspace=folder, on_batch=on_batch)
-  io.save_nifti(out_path, y, like=vol, inputs=[mask_path])
-  shutil.rmtree(folder, ignore_errors=True)
+  if writer:
+    io.save_nifti(out_path, y, like=vol, inputs=[mask_path])
+    shutil.rmtree(folder, ignore_errors=True)
+  if translator.multiprocess:  # nobody returns before the file exists
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"megan translate_file {out_path}")
   return out_path
 
 
@@ -467,11 +539,15 @@ def load(workdir: str, *, devices=None, batch_size: int | None = None,
          dtype: str = "float32", which: str = "best") -> Translator:
   """A ``Translator`` of a trained run (its ``best`` generators by default,
   the checkpoints with the lowest validation L1)."""
-  from megan_jax import train
-  config, states = train.restore(workdir, "latest")
+  if jax.process_count() > 1:
+    restore = _restore_local
+  else:
+    from megan_jax import train
+    restore = train.restore
+  config, states = restore(workdir, "latest")
   if which == "best":  # per scale the best checkpoint where there is one
     try:
-      states.update(train.restore(workdir, "best")[1])
+      states.update(restore(workdir, "best")[1])
     except InputError:
       pass
   t = Translator(config, {n: s.g_params for n, s in states.items()},
@@ -481,3 +557,25 @@ def load(workdir: str, *, devices=None, batch_size: int | None = None,
       os.path.abspath(workdir), {n: int(s.step) for n, s in states.items()},
       which)
   return t
+
+
+def _restore_local(workdir: str, which: str):
+  """``train.restore`` for a multi-process job: each process reads the
+  checkpoints onto its own first device. (Orbax would otherwise place them as
+  saved, on device 0, which only process 0 has.)"""
+  config = state_lib.load_config(workdir)
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  states = {}
+  for name in state_lib.scale_names(config):
+    kind = "lr" if name == "lr" else "hr"
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here),
+        state_lib.abstract_state(config, kind))
+    ckpt = state_lib.Checkpoints(workdir, name)
+    st = ckpt.restore(abstract, which)
+    ckpt.close()
+    if st is not None:
+      states[name] = st
+  if not states:
+    raise InputError(f"workdir {workdir}: no checkpoint found")
+  return config, states

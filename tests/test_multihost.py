@@ -1,0 +1,162 @@
+"""Multi-process (multi-host) inference: 2 local processes x 4 CPU devices,
+joined by jax.distributed through the local launcher, write the same volume
+as one process on one device, also when resuming a killed run."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+import megan_jax
+from megan_jax import configs, infer, sharding
+from megan_jax import state as state_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(ROOT, "launch", "translate_local_multiprocess.py")
+# Non-cubic; scales 8x10x9, 15x19x18, 30x37x36: 4 patches at hr1, 36 at hr2
+# (not a multiple of the 8 devices, so the last batch is padded).
+SHAPE = (30, 37, 36)
+PROCESSES, DEVICES = 2, 4
+# One patch per device, as in the 1-device reference with batch size 1: the
+# same per-device program, so the outputs can be compared bit for bit.
+BATCH = PROCESSES * DEVICES
+
+
+def _volume(shape=SHAPE, seed=0):
+  rng = np.random.default_rng(seed)
+  z, y, x = np.indices(shape)
+  c = np.array(shape) / 2
+  r = np.sqrt(((z - c[0]) / c[0]) ** 2 + ((y - c[1]) / c[1]) ** 2
+              + ((x - c[2]) / c[2]) ** 2)
+  vol = 200.0 * (r < 0.8) + 80.0 * (r < 0.4) + rng.normal(0, 3, shape)
+  return np.clip(vol, 0, None).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """A run folder with random-initialised checkpoints of every scale."""
+  config = configs.get_config("demo:smoke")
+  workdir = str(tmp_path_factory.mktemp("run"))
+  state_lib.save_config(workdir, config)
+  state_lib.save_intensity(workdir, (0.0, 255.0))
+  for i, name in enumerate(state_lib.scale_names(config)):
+    kind = "lr" if name == "lr" else "hr"
+    st = state_lib.create_state(jax.random.key(i), config, kind)
+    ck = state_lib.Checkpoints(workdir, name)
+    ck.save_latest(0, st)
+    ck.wait()
+    ck.close()
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+  affine = np.diag([4.0, 4.0, 4.0, 1.0])  # the smoke config's spacing
+  affine[:3, 3] = [-50, -60, -40]
+  path = str(tmp_path_factory.mktemp("src") / "src.nii.gz")
+  nib.save(nib.Nifti1Image(_volume(), affine), path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def one_device(run_dir):
+  return megan_jax.load(run_dir, devices=jax.devices()[:1], batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def reference(one_device, source, tmp_path_factory):
+  """One process, one device."""
+  out = str(tmp_path_factory.mktemp("ref") / "ref.nii.gz")
+  infer.translate_file(one_device, source, out, progress=False)
+  return np.asarray(nib.load(out).dataobj)
+
+
+def _launch(run_dir, src, out, processes=PROCESSES, timeout=240):
+  cmd = [sys.executable, LAUNCHER, "--workdir", run_dir, "-i", src, "-o", out,
+         "--processes", str(processes), "--devices-per-process", str(DEVICES),
+         "--batch-size", str(BATCH), "--quiet", "--timeout", "120"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cache = jax.config.jax_compilation_cache_dir  # conftest's, for the session
+  if cache:  # the second job reuses the first one's compiled programs
+    env.update(JAX_COMPILATION_CACHE_DIR=cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                        env=env, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_device_writes(run_dir, source,
+                                                    reference, tmp_path):
+  out = str(tmp_path / "out.nii.gz")
+  r = _launch(run_dir, source, out)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.count(f"wrote {out}") == 1  # process 0 reports
+  img = nib.load(out)
+  np.testing.assert_array_equal(np.asarray(img.dataobj), reference)
+  np.testing.assert_allclose(img.affine, nib.load(source).affine)
+  assert os.listdir(tmp_path) == ["out.nii.gz"]  # no workspace left behind
+
+
+@pytest.mark.slow
+def test_two_processes_resume_a_killed_run(run_dir, source, one_device,
+                                           reference, tmp_path, monkeypatch):
+  """One process is killed during hr1; two processes continue from its
+  workspace: process 0 reads it and sends the others the finished LR volume
+  and hr1's patches so far, which they need to cut hr2's patches."""
+  monkeypatch.setattr(infer, "RECORD_EVERY_S", 0.0)
+
+  class Killed(Exception):
+    pass
+
+  def kill(scale, done):
+    if scale == 1 and done >= 2:
+      raise Killed()
+  out = str(tmp_path / "out.nii.gz")
+  with pytest.raises(Killed):
+    infer.translate_file(one_device, source, out, progress=False,
+                         on_batch=kill)
+  partial = tmp_path / ".out.nii.gz.partial"
+  progress = json.load(open(partial / "progress.json"))
+  assert progress == {"0": "done", "1": 2}
+  r = _launch(run_dir, source, out)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert not partial.exists()
+  np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), reference)
+
+
+def test_a_failing_job_stops_with_the_error(source, tmp_path):
+  out = str(tmp_path / "out.nii.gz")
+  missing = str(tmp_path / "no_run")
+  r = _launch(missing, source, out, timeout=120)
+  assert r.returncode == 2
+  assert missing in r.stderr
+  assert not os.path.exists(out)
+
+
+def test_single_process_helpers():
+  mesh = sharding.make_mesh()
+  assert sharding.is_local(mesh)
+  n = mesh.devices.size
+  data = np.arange(2 * n * 3, dtype=np.float32).reshape(2 * n, 3)
+  ids = np.arange(2 * n)[::-1].copy()
+  batch = sharding.global_batch(data.shape, mesh, lambda i: data[i], ids)
+  assert batch.sharding == sharding.batch_sharded(mesh)
+  np.testing.assert_array_equal(np.asarray(batch), data[ids])
+  rep = sharding.global_replicate({"w": data}, mesh)["w"]
+  np.testing.assert_array_equal(sharding.local_value(rep), data)
+  big = np.random.default_rng(0).normal(size=(7, 5)).astype(np.float32)
+  np.testing.assert_array_equal(
+      sharding.broadcast_from_0(big, chunk_bytes=big[0].nbytes * 2), big)
+  sharding.assert_same_on_all(big, "anything")  # one process: nothing to do
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("true", True),
+                                             ("0", False), ("", False)])
+def test_distributed_requested(value, expected):
+  assert sharding.distributed_requested({sharding.ENV_REQUEST: value}) is expected
+  assert sharding.distributed_requested({}) is False
