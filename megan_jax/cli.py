@@ -144,6 +144,9 @@ def _add_translate(sub):
   p.add_argument("--workdir", required=True, help="a trained run's folder")
   p.add_argument("--mask", metavar="MASK",
                  help="label mask written onto the sketches (e.g. a tumour)")
+  p.add_argument("--mask-augment", type=int, default=None, metavar="SEED",
+                 help="scale (±15 %%) and mirror the mask at random first: "
+                 "a new lesion placement per seed (the paper's augmentation)")
   p.add_argument("--batch-size", type=int, default=None,
                  help="patches per batch (default: the run's config)")
   p.add_argument("--dtype", default="float32",
@@ -171,8 +174,11 @@ def cmd_translate(args) -> int:
       print(r.line())
     return 0
   translator.check_device_memory(reports)
+  if args.mask_augment is not None and args.mask is None:
+    raise InputError("--mask-augment: needs --mask")
   infer.translate_file(translator, args.input, args.output, args.mask,
-                       progress=not args.quiet)
+                       progress=not args.quiet,
+                       mask_augment_seed=args.mask_augment)
   if translator.is_writer:  # in a multi-process job only process 0 writes
     print(f"wrote {args.output}")
   return 0

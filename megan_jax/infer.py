@@ -500,9 +500,15 @@ def working_shape(config, vol: io.Volume) -> tuple[int, int, int]:
 
 def translate_file(translator: Translator, in_path: str, out_path: str,
                    mask_path: str | None = None, *, progress: bool = True,
-                   on_batch: Callable | None = None) -> str:
+                   on_batch: Callable | None = None,
+                   mask_augment_seed: int | None = None) -> str:
   """Translates a NIfTI file into ``out_path`` (input's shape, affine and
   header), resumably; the file appears only at the end, atomically.
+
+  With ``mask_augment_seed`` the label mask is first scaled (±
+  ``config.augment.label_scale``) and mirrored at random (the paper's label
+  augmentation, ``edges.augment_label``): a new lesion placement, so one
+  healthy scan and one mask give many pathological images.
 
   With several processes every one calls this with the same arguments; only
   process 0 writes (the output and the resume workspace), and all return once
@@ -519,9 +525,15 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
       raise InputError(f"mask {mask_path}: shape {'x'.join(map(str, m.data.shape))} "
                        f"differs from the input's {'x'.join(map(str, vol.data.shape))}")
     label = m.data > 0.5
+    if mask_augment_seed is not None:
+      from megan_jax import edges
+      a = translator.config.augment
+      label = edges.augment_label(
+          label, np.random.default_rng(mask_augment_seed),
+          scale_range=a.label_scale, mirror=a.label_mirror) > 0
   st = os.stat(vol.path)
   fp = _fingerprint(os.path.abspath(vol.path), st.st_size, st.st_mtime_ns,
-                    mask_path, translator.config.to_dict(),
+                    mask_path, mask_augment_seed, translator.config.to_dict(),
                     str(translator.dtype), translator.fingerprint)
   folder = workspace_for(out_path, fp) if writer else None
   y = translator.translate_volume(vol, label, progress=progress,

@@ -201,3 +201,19 @@ def test_real_head_mri_never_seen_keeps_shape_and_affine(run_dir, tmp_path, caps
   assert b.shape == a.shape == (33, 41, 25)
   np.testing.assert_allclose(b.affine, a.affine)
   assert np.isfinite(np.asarray(b.dataobj)).all()
+
+
+def test_mask_is_written_and_augmented(run_dir, tmp_path):
+  vol = _volume()
+  src = _nifti(tmp_path / "src.nii.gz", vol)
+  mask = np.zeros(SHAPE, np.float32)
+  mask[4:12, 5:14, 4:10] = 1  # off-centre, so a mirror moves it
+  m = _nifti(tmp_path / "m.nii.gz", mask)
+  t = megan_jax.load(run_dir, batch_size=8)
+  plain = nib.load(infer.translate_file(t, src, str(tmp_path / "a.nii.gz"), progress=False)).get_fdata()
+  masked = nib.load(infer.translate_file(t, src, str(tmp_path / "b.nii.gz"), m, progress=False)).get_fdata()
+  outs = [nib.load(infer.translate_file(t, src, str(tmp_path / f"c{s}.nii.gz"), m, progress=False,
+                                        mask_augment_seed=s)).get_fdata() for s in (1, 1, 2)]
+  assert np.abs(masked - plain).max() > 1e-3  # the mask reaches the generators
+  np.testing.assert_array_equal(outs[0], outs[1])  # a seed is reproducible
+  assert np.abs(outs[2] - outs[0]).max() > 1e-3 or np.abs(outs[0] - masked).max() > 1e-3
