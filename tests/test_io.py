@@ -39,6 +39,9 @@ def test_roundtrip_keeps_affine_header_and_values(tmp_path):
   assert back.header.get_xyzt_units() == ("mm", "sec")
   np.testing.assert_allclose(np.asarray(back.dataobj), data * 0.5)
   assert sorted(os.listdir(tmp_path)) == ["in.nii.gz", "out.nii.gz"]
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_4d_single_volume_is_squeezed(tmp_path):
