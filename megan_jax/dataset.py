@@ -188,7 +188,10 @@ def load_subject(path: str, config, cache_dir: str | None = None) -> Subject:
       raise InputError(f"label {lpath}: shape {lab.data.shape} differs from "
                        f"its volume's {vol.data.shape}")
     label = lab.data > 0.5
-  arrays = preprocess(norm.normalise(vol.data), config, label)
+  try:
+    arrays = preprocess(norm.normalise(vol.data), config, label)
+  except InputError as e:  # e.g. the config's LR grid is too small for it
+    raise InputError(f"dataset volume {path}: {e}") from None
   arrays["intensity"] = np.array([norm.lo, norm.hi], np.float64)
   if folder is not None:
     os.makedirs(folder, exist_ok=True)
