@@ -20,3 +20,30 @@ _cache = tempfile.mkdtemp(prefix="megan-jax-xla-cache-")
 jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import pytest  # noqa: E402
+
+
+def make_random_run(workdir: str, spec: str = "demo:smoke") -> str:
+  """A run folder with random-initialised checkpoints of every scale: what
+  inference needs, without the minutes of training."""
+  from megan_jax import configs
+  from megan_jax import state as state_lib
+  config = configs.get_config(spec)
+  state_lib.save_config(workdir, config)
+  state_lib.save_intensity(workdir, (0.0, 255.0))
+  for i, name in enumerate(state_lib.scale_names(config)):
+    kind = "lr" if name == "lr" else "hr"
+    st = state_lib.create_state(jax.random.key(i), config, kind)
+    ck = state_lib.Checkpoints(workdir, name)
+    ck.save_latest(0, st)
+    ck.wait()
+    ck.close()
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+  """One random-initialised ``demo:smoke`` run shared by the tests."""
+  return make_random_run(str(tmp_path_factory.mktemp("run")))

@@ -6,14 +6,12 @@ import subprocess
 import sys
 import textwrap
 
-import jax
 import nibabel as nib
 import numpy as np
 import pytest
 
 import megan_jax
 from megan_jax import cli, configs, infer
-from megan_jax import state as state_lib
 
 SHAPE = (30, 37, 26)  # non-cubic, odd: scales 8x10x7, 15x19x13, 30x37x26
 
@@ -29,23 +27,6 @@ def _volume(shape=SHAPE, seed=0):
   r = np.sqrt(((z - c[0]) / c[0]) ** 2 + ((y - c[1]) / c[1]) ** 2 + ((x - c[2]) / c[2]) ** 2)
   vol = 200.0 * (r < 0.8) + 80.0 * (r < 0.4) + rng.normal(0, 3, shape)
   return np.clip(vol, 0, None).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  """A run folder with random-initialised checkpoints of every scale."""
-  config = _config()
-  workdir = str(tmp_path_factory.mktemp("run"))
-  state_lib.save_config(workdir, config)
-  state_lib.save_intensity(workdir, (0.0, 255.0))
-  for i, name in enumerate(state_lib.scale_names(config)):
-    kind = "lr" if name == "lr" else "hr"
-    st = state_lib.create_state(jax.random.key(i), config, kind)
-    ck = state_lib.Checkpoints(workdir, name)
-    ck.save_latest(0, st)
-    ck.wait()
-    ck.close()
-  return workdir
 
 
 @pytest.fixture(scope="module")

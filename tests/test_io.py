@@ -1,5 +1,4 @@
 """NIfTI I/O: geometry kept, atomic writes, one-line errors for bad files."""
-import gzip
 import os
 
 import nibabel as nib

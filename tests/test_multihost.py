@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 import megan_jax
-from megan_jax import configs, infer, sharding
-from megan_jax import state as state_lib
+from megan_jax import infer, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "launch", "translate_local_multiprocess.py")
@@ -34,23 +33,6 @@ def _volume(shape=SHAPE, seed=0):
               + ((x - c[2]) / c[2]) ** 2)
   vol = 200.0 * (r < 0.8) + 80.0 * (r < 0.4) + rng.normal(0, 3, shape)
   return np.clip(vol, 0, None).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  """A run folder with random-initialised checkpoints of every scale."""
-  config = configs.get_config("demo:smoke")
-  workdir = str(tmp_path_factory.mktemp("run"))
-  state_lib.save_config(workdir, config)
-  state_lib.save_intensity(workdir, (0.0, 255.0))
-  for i, name in enumerate(state_lib.scale_names(config)):
-    kind = "lr" if name == "lr" else "hr"
-    st = state_lib.create_state(jax.random.key(i), config, kind)
-    ck = state_lib.Checkpoints(workdir, name)
-    ck.save_latest(0, st)
-    ck.wait()
-    ck.close()
-  return workdir
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,122 @@
+"""Tests of the memory benchmark (``benchmarks/memory.py``, Fig. 4).
+
+Tiny networks (``demo:smoke``, baselines at 1/64 width) and XLA's backend
+optimisation level 0 (same buffer assignment, faster compiles) keep the file
+fast; the session's persistent compilation cache (``conftest.py``) turns
+repeated programs into look-ups.
+"""
+import dataclasses
+import json
+import os
+import sys
+
+import pytest
+
+# ``benchmarks`` lives beside the package, at the repository root.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+from benchmarks import baselines  # noqa: E402
+from benchmarks import memory  # noqa: E402
+
+TINY = memory.Options(config="demo:smoke", width_scale=1 / 64,
+                      fast_compile=True)
+
+
+def test_hr_scales_cover_the_size():
+  for size in (16, 32, 48, 64, 100, 128, 1024):
+    for lr in (16, 64):
+      n = memory.num_hr_scales_for(size, lr)
+      assert -(-size // 2**n) <= lr
+      assert n == 0 or -(-size // 2**(n - 1)) > lr
+
+
+def test_hr_step_and_cascade_do_not_grow_with_the_output():
+  """MEGAN's flat lines: the HR training step and the cascade's largest
+  per-scale program compile to the same bytes for 32³, 48³ and 64³ outputs
+  (1, 2 and 2 HR scales of the smoke config), the patch batch fixed."""
+  scales = {s: memory.megan_config(TINY, s).num_hr_scales for s in (32, 48, 64)}
+  assert scales[32] < scales[48]  # the cascades really differ
+  hr = {s: memory.measure_compiled("megan_hr_step", s, TINY) for s in scales}
+  cascade = {s: memory.measure_compiled("megan_cascade", s, TINY)
+             for s in scales}
+  for r in list(hr.values()) + list(cascade.values()):
+    assert r["error"] is None and r["bytes"] > 0
+  assert len({r["bytes"] for r in hr.values()}) == 1
+  assert len({r["bytes"] for r in cascade.values()}) == 1
+  assert [len(cascade[s]["scales"]) for s in (32, 48, 64)] == [
+      1 + scales[s] for s in (32, 48, 64)]
+
+
+def test_pix2pix_step_grows_with_the_volume():
+  """A whole-volume baseline: 8× the voxels, more than 4× the memory (at
+  1/64 width, where activations, not parameters, dominate)."""
+  small = memory.measure_compiled("pix2pix", 16, TINY)
+  large = memory.measure_compiled("pix2pix", 32, TINY)
+  assert small["error"] is None and large["error"] is None
+  assert large["bytes"] > 4 * small["bytes"]
+
+
+@pytest.mark.parametrize("name", baselines.NAMES)
+def test_baselines_map_the_right_shapes(name):
+  import jax
+  b = baselines.build(name, 16, width_scale=1 / 16)
+  state = baselines.abstract_state(b)
+  out = jax.eval_shape(
+      lambda p, x: b.generator.apply(p, x, train=False), state.g_params,
+      baselines.abstract_batch(b)["g_in"])
+  assert out.shape == (1, 16, 16, 16, 1)
+  assert b.channels  # documented in the results' source
+  with pytest.raises(ValueError, match="power of two"):
+    baselines.build(name, 24)
+
+
+def test_main_writes_the_schema(tmp_path, capsys):
+  out = tmp_path / "results"
+  rc = memory.main(["--sizes", "16", "--models", "pix2pix", "--out",
+                    str(out), "--config", "demo:smoke", "--width-scale",
+                    "0.015625", "--fast-compile", "--in-process"])
+  assert rc == 0
+  (json_path,) = out.glob("memory-*.json")
+  data = json.loads(json_path.read_text())
+  backend = data["meta"]["backend"]
+  files = sorted(p.name for p in out.iterdir())
+  assert files == [f"memory-{backend}.{ext}" for ext in ("json", "md", "png")]
+  assert set(data) == {"meta", "results"}
+  for key in ("jax_version", "jaxlib_version", "backend", "device_kind",
+              "device_count", "date", "command"):
+    assert key in data["meta"]
+  (row,) = data["results"]
+  assert set(row) == set(memory.ROW_KEYS)
+  assert row["model"] == "pix2pix" and row["size"] == 16
+  assert row["measure"] == "compiled" and row["error"] is None
+  assert isinstance(row["bytes"], int) and row["bytes"] > 0
+  assert isinstance(row["compile_s"], float)
+  assert (out / f"memory-{backend}.png").read_bytes()[:4] == b"\x89PNG"
+  assert "| pix2pix |" in capsys.readouterr().out
+  (out / f"memory-{backend}.png").unlink()
+  assert memory.main(["--replot", "--out", str(out)]) == 0
+  assert (out / f"memory-{backend}.png").exists()
+
+
+def test_isolated_cases_answer_or_report_why_not():
+  case = {"model": "megan_cascade", "size": 16, "measure": "compiled",
+          "options": dataclasses.asdict(TINY)}
+  r = memory.run_isolated(case, timeout_s=120)
+  assert r["error"] is None and r["bytes"] > 0
+  r = memory.run_isolated(case, timeout_s=0.01)
+  assert r["bytes"] is None and r["error"].startswith("timeout")
+  # A bad case (24 is no power of two) is recorded, not raised.
+  r = memory.run_case(dict(case, model="pix2pix", size=24))
+  assert r["bytes"] is None and "power of two" in r["error"]
+
+
+def test_markdown_ratios_to_the_cascade():
+  rows = [{"model": "megan_cascade", "size": 256, "measure": "compiled",
+           "bytes": 2 * memory.GIB},
+          {"model": "pggan", "size": 256, "measure": "compiled",
+           "bytes": 90 * memory.GIB}]
+  table = memory.markdown_table(rows)
+  assert "× cascade at 256³" in table
+  assert "| pggan | 90.00 | 45× |" in table
