@@ -264,7 +264,7 @@ class Translator:
           if out is None:
             out = got
       if out is None:
-        out = np.empty(even, np.float32)
+        out = self._host_array(even)
       elif done >= plan.num_patches:  # this scale finished before
         y = np.asarray(out[tuple(slice(0, s) for s in shape_k)])
         continue
@@ -315,6 +315,20 @@ class Translator:
                                          pad_value=0.0)[..., None],
         full)
     return prev, edge
+
+  def _host_array(self, shape) -> np.ndarray:
+    """A scale's output on the host: in RAM, or memory-mapped in a temporary
+    file when larger than ``config.infer.memmap_bytes`` (so a 1024³ output
+    need not be held twice in RAM)."""
+    nbytes = 4 * int(np.prod(shape))
+    if nbytes <= self.config.infer.memmap_bytes:
+      return np.empty(shape, np.float32)
+    import tempfile
+    fd, path = tempfile.mkstemp(prefix="megan-scale-", suffix=".npy")
+    os.close(fd)
+    arr = np.lib.format.open_memmap(path, "w+", np.float32, tuple(shape))
+    os.remove(path)  # the mapping keeps the data; nothing is left behind
+    return arr
 
   def _finish(self, out, plan, gen, idx, state, k, bar, on_batch):
     patches = sharding.local_value(gen)[: len(idx), ..., 0]

@@ -198,3 +198,16 @@ def test_mask_is_written_and_augmented(run_dir, tmp_path):
   assert np.abs(masked - plain).max() > 1e-3  # the mask reaches the generators
   np.testing.assert_array_equal(outs[0], outs[1])  # a seed is reproducible
   assert np.abs(outs[2] - outs[0]).max() > 1e-3 or np.abs(outs[0] - masked).max() > 1e-3
+
+
+def test_large_outputs_are_memory_mapped(params):
+  config = _config()
+  config.unlock()
+  config.infer.memmap_bytes = 1000  # every scale counts as "large" here
+  t = infer.Translator(config, params, batch_size=8)
+  ref = infer.Translator(_config(), params, batch_size=8)
+  assert isinstance(t._host_array((20, 20, 20)), np.memmap)
+  assert not isinstance(ref._host_array((20, 20, 20)), np.memmap)
+  image = ref._normalise_source(_volume())
+  np.testing.assert_array_equal(t.translate_normalised(image, progress=False),
+                                ref.translate_normalised(image, progress=False))
