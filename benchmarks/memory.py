@@ -414,7 +414,7 @@ def write_plot(path: str, results: Sequence[dict], title: str) -> None:
       xs, ys = _series(results, model, measure)
       if xs:
         label = LABELS[model] + ("" if measure == "compiled" else
-                                 " (measured peak)")
+                                 " (peak)")
         ax.plot(xs, ys, style, color=colours[model], label=label,
                 linewidth=2.5 if model.startswith("megan") else 1.5,
                 markerfacecolor="none" if measure == "peak" else None)
@@ -439,7 +439,8 @@ def write_plot(path: str, results: Sequence[dict], title: str) -> None:
 
 def plot_title(meta: dict) -> str:
   return (f"One training step, batch 1, fp32 (MEGAN cascade: inference)\n"
-          f"solid: XLA compiled memory; dashed: measured peak; "
+          f"solid: XLA compiled memory; dashed: "
+          f"{meta.get('peak_bytes', 'measured peak')}; "
           f"{meta['backend']} ({meta['device_kind']}), jax "
           f"{meta['jax_version']}")
 
@@ -478,8 +479,8 @@ def write_markdown(path: str, results: Sequence[dict], meta: dict) -> str:
   parts = [f"Memory of one training step (GiB, batch 1, fp32; "
            f"{meta.get('backend')}, {meta.get('device_kind')}, jax "
            f"{meta.get('jax_version')}; `{meta.get('command')}`). "
-           f"megan_cascade: inference of the whole cascade, the largest "
-           f"scale's program ({batch.get('megan_cascade', '?')} patch(es) "
+           f"megan_cascade: inference of the whole cascade, its largest "
+           f"per-scale program ({batch.get('megan_cascade', '?')} patch(es) "
            f"per batch); megan_hr_step: {batch.get('megan_hr_step', '?')} "
            f"patch(es) of 32³ per step."]
   for measure, what in (("compiled", "XLA's compiled memory analysis"),
