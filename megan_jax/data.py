@@ -60,9 +60,15 @@ def mni152(kind: str = "t1", spacing: float | None = None) -> Volume:
   return Volume(vol.data.copy(), vol.affine.copy(), vol.header, vol.path)
 
 
+SPACING_RTOL = 0.02  # voxel sizes this close to the target are left alone
+
+
 def spacing_shape(shape, affine, spacing: float) -> tuple[int, int, int]:
-  """The shape of a volume resampled to isotropic ``spacing`` mm."""
+  """The shape of a volume resampled to isotropic ``spacing`` mm (its own
+  shape when every voxel size is within ``SPACING_RTOL`` of ``spacing``)."""
   zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+  if np.allclose(zooms, spacing, rtol=SPACING_RTOL, atol=0):
+    return tuple(int(n) for n in shape)
   out = np.maximum(1, np.round(np.array(shape) * zooms / spacing))
   return tuple(int(n) for n in out)
 
@@ -75,6 +81,8 @@ def resample_spacing(vol: Volume, spacing: float, order: int = 1) -> Volume:
   """
   zooms = np.sqrt((vol.affine[:3, :3] ** 2).sum(axis=0))
   shape = np.array(spacing_shape(vol.data.shape, vol.affine, spacing))
+  if tuple(shape) == vol.data.shape:  # already (close to) that spacing
+    return vol
   real = shape / np.array(vol.data.shape)  # the factor actually applied
   data = ndi.zoom(vol.data, real, order=order, grid_mode=True, mode="nearest")
   affine = vol.affine.copy()
