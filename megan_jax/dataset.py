@@ -96,17 +96,19 @@ def _load_volume(path: str, config) -> io.Volume:
   return vol
 
 
-def preprocess(image: np.ndarray, config, label: np.ndarray | None = None
-               ) -> dict[str, np.ndarray]:
+def preprocess(image: np.ndarray, config, label: np.ndarray | None = None,
+               *, foreground: bool = True) -> dict[str, np.ndarray]:
   """Pyramid and sketches of one normalised volume (pure numpy, no I/O).
 
   Args:
     image: ``[D, H, W]`` in [-1, 1] at full resolution.
     config: the run's config (geometry and edge fields).
     label: optional mask at full resolution, written onto every sketch.
+    foreground: also list the foreground voxels (for training's patch
+      sampling; inference skips them: at 1024³ they would take gigabytes).
 
   Returns:
-    A dict of arrays: ``image_k``, ``edges_k``, ``fg_k`` for every scale k,
+    A dict of arrays: ``image_k``, ``edges_k`` (and ``fg_k``) for every scale k,
     ``lr_input`` and ``lr_target``.
   """
   n = config.num_hr_scales
@@ -130,6 +132,8 @@ def preprocess(image: np.ndarray, config, label: np.ndarray | None = None
   for k, img in enumerate(images):
     out[f"image_{k}"] = np.asarray(img, np.float32)
     out[f"edges_{k}"] = sketch(img, None if labels is None else labels[k])
+    if not foreground:
+      continue
     fg = np.flatnonzero(img.ravel() > config.data.foreground).astype(np.int32)
     if fg.size == 0:  # nothing above the threshold: sample uniformly
       fg = np.arange(img.size, dtype=np.int32)

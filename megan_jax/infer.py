@@ -220,7 +220,7 @@ class Translator:
     from tqdm import tqdm
     c = self.config
     t0 = time.perf_counter()
-    arrays = dataset.preprocess(image, c, label)
+    arrays = dataset.preprocess(image, c, label, foreground=False)
     self.timings = {"edges": time.perf_counter() - t0}
     # Only the writer (process 0 of several) touches the workspace.
     state = _Workspace(workspace) if workspace and self.is_writer else None
