@@ -1,4 +1,4 @@
-"""Embedded data: the MNI152 2009c template shipped inside nilearn's wheel.
+"""Embedded data: the MNI152 2009a template shipped inside nilearn's wheel.
 
 nilearn carries the ICBM 2009 symmetric template (T1 and grey/white matter
 probability maps, 197×233×189 at 1 mm) as package data. We read those files
