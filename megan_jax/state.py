@@ -84,8 +84,11 @@ def input_shapes(config, kind: str, batch_size: int = 1):
 def generator_input(batch, config, kind: str):
   """The generator's input from a batch: LR the sketch; HR previous patch and
   edges as channels (optionally the previous patch's centre upsampled ×2 so
-  the two align voxel for voxel: ``hr_condition="upsampled"``)."""
+  the two align voxel for voxel: ``hr_condition="upsampled"``; or the edges
+  alone, ``hr_condition="none"``: the patch-wise GAN baseline)."""
   if kind == "lr":
+    return batch["edges"]
+  if config.hr_condition == "none":
     return batch["edges"]
   prev = batch["prev"]
   if config.hr_condition == "upsampled":
@@ -95,15 +98,18 @@ def generator_input(batch, config, kind: str):
     prev = jnp.repeat(jnp.repeat(jnp.repeat(centre, 2, 1), 2, 2), 2, 3)
   elif config.hr_condition != "concat":
     raise InputError(f"config hr_condition={config.hr_condition!r}: choose "
-                     "'concat' or 'upsampled'")
+                     "'concat', 'upsampled' or 'none'")
   return jnp.concatenate([prev, batch["edges"]], axis=-1)
 
 
-def discriminator_input(batch, image, kind: str):
-  """D sees the condition with the image: HR (edges, prev, image) channels;
-  LR the pair (edges at 2L, image at L)."""
+def discriminator_input(batch, image, kind: str, config=None):
+  """D sees the condition with the image: HR (edges, prev, image) channels
+  ((edges, image) when the generator sees no previous scale); LR the pair
+  (edges at 2L, image at L)."""
   if kind == "lr":
     return (batch["edges"], image)
+  if config is not None and config.hr_condition == "none":
+    return jnp.concatenate([batch["edges"], image], axis=-1)
   return jnp.concatenate([batch["edges"], batch["prev"], image], axis=-1)
 
 
@@ -148,7 +154,7 @@ def _create_state(rng, config, kind: str) -> GanState:
   g_params = g.init({"params": kg, "dropout": kdrop},
                     generator_input(dummy, config, kind), train=False)
   d_params = d.init({"params": kd},
-                    discriminator_input(dummy, dummy["target"], kind),
+                    discriminator_input(dummy, dummy["target"], kind, config),
                     train=False)
   opt = make_optimizer(config)
   return GanState(step=jnp.zeros((), jnp.int32), g_params=g_params,

@@ -70,7 +70,7 @@ def train_step(state: GanState, batch, rng, *, config, kind: str,
 
   def d_logits(d_params, image):
     logits, _ = d_model.apply(
-        d_params, state_lib.discriminator_input(batch, image, kind),
+        d_params, state_lib.discriminator_input(batch, image, kind, config),
         train=True)
     return logits.astype(jnp.float32)
 

@@ -36,7 +36,7 @@ def get_config(arg=None):
   c.lr_size = 64  # LR volume side; its edge input is 2 * lr_size
   c.patch_size = 32
   c.border = 6  # trimmed per side when stitching: the kept centre is 20³
-  c.hr_condition = "concat"  # "concat" (the code) | "upsampled" (aligned)
+  c.hr_condition = "concat"  # "concat" (the code) | "upsampled" (aligned) | "none" (edges only: the patch-wise GAN baseline)
 
   c.edges = ml_collections.ConfigDict()
   c.edges.sigma = 1.0

@@ -1,0 +1,109 @@
+"""The paper's baselines: patch-wise GAN, small GAN + upsampling, NLM."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from megan_jax import baselines, configs, resample, tiling
+from megan_jax import state as state_lib
+from megan_jax.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def pg_config():
+  return baselines.patch_gan_config(configs.get_config("demo:smoke"))
+
+
+def test_patch_gan_config_sees_edges_only(pg_config):
+  base = configs.get_config("demo:smoke")
+  assert base.hr_condition != "none" and pg_config.hr_condition == "none"
+  batch = {k: jnp.ones(s) for k, s in
+           state_lib.input_shapes(pg_config, "hr", 2).items()}
+  x = state_lib.generator_input(batch, pg_config, "hr")
+  assert x.shape[-1] == 1  # edges only
+  d_in = state_lib.discriminator_input(batch, batch["target"], "hr", pg_config)
+  assert d_in.shape[-1] == 2  # (edges, image): no previous scale either
+  assert state_lib.generator_input(batch, base, "hr").shape[-1] == 2
+
+
+def test_patch_gan_is_the_generator_tiled_on_the_full_volume(pg_config):
+  st = state_lib.create_state(jax.random.key(3), pg_config, "hr")
+  pg = baselines.PatchGan(pg_config, st.g_params, intensity=(0.0, 1.0),
+                          batch_size=3)
+  rng = np.random.default_rng(0)
+  image = np.clip(rng.normal(0, 0.5, (21, 18, 25)), -1, 1).astype(np.float32)
+  y = pg.translate_normalised(image)
+  assert y.shape == image.shape and np.isfinite(y).all()
+  # The same volume by hand: every patch at once, stitched.
+  from megan_jax import edges as edges_lib
+  c = pg_config
+  sketch = edges_lib.canny_3d(image, sigma=c.edges.sigma,
+                              low_threshold=c.edges.low,
+                              high_threshold=c.edges.high)
+  plan = tiling.make_plan(image.shape, c.patch_size, c.border)
+  patches = tiling.extract(sketch, plan, pad_value=0.0)[..., None]
+  g = state_lib.build_generator(c, "hr")
+  gen = g.apply(st.g_params, jnp.asarray(patches), train=False)[..., 0]
+  want = tiling.stitch(np.asarray(gen), plan)
+  np.testing.assert_allclose(y, want, atol=1e-5)
+  assert pg.plan.num_patches == plan.num_patches > 1
+
+
+def test_patch_gan_refuses_a_cascade_config():
+  c = configs.get_config("demo:smoke")
+  with pytest.raises(InputError, match="hr_condition"):
+    baselines.PatchGan(c, {})
+
+
+def test_upsample_lr_follows_the_cascade_grid():
+  shape = (37, 30, 26)  # not multiples of 4: ceil at every scale
+  lr_shape = resample.scale_shapes(shape, 2)[0]
+  const = np.full(lr_shape, 0.25, np.float32)
+  y = baselines.upsample_lr(const, shape)
+  assert y.shape == shape
+  np.testing.assert_allclose(y, 0.25, atol=1e-6)
+  # A ramp along axis 0 stays monotone and within the input's range.
+  ramp = np.broadcast_to(np.linspace(-0.5, 0.5, lr_shape[0])[:, None, None],
+                         lr_shape).astype(np.float32)
+  y = baselines.upsample_lr(ramp, shape)
+  profile = y[:, 5, 5]
+  assert np.all(np.diff(profile) >= -1e-6)
+  assert profile.min() >= -0.5 - 1e-6 and profile.max() <= 0.5 + 1e-6
+  with pytest.raises(InputError, match="no scale"):
+    baselines.upsample_lr(np.zeros((5, 5, 5), np.float32), shape)
+
+
+def test_nlm_removes_noise_and_reports_its_time():
+  rng = np.random.default_rng(1)
+  z, y, x = np.mgrid[:24, :24, :24] / 24.0
+  clean = (0.5 + 0.3 * np.sin(3 * z) * np.cos(2 * y) * (x > 0.5)).astype(
+      np.float32)
+  noisy = clean + rng.normal(0, 0.08, clean.shape).astype(np.float32)
+  den, seconds = baselines.nlm(noisy)
+  assert den.shape == clean.shape and seconds > 0
+  err = lambda a: float(np.mean((a - clean) ** 2))
+  assert err(den) < 0.5 * err(noisy)
+
+
+def test_noise_sigma_recovers_white_noise():
+  rng = np.random.default_rng(2)
+  smooth = np.linspace(0, 0.2, 32)[:, None, None] * np.ones((32, 32, 32))
+  for sigma in (0.02, 0.1):
+    noisy = smooth + rng.normal(0, sigma, smooth.shape)
+    assert baselines.noise_sigma(noisy) == pytest.approx(sigma, rel=0.1)
+
+
+def test_train_patch_gan_trains_only_the_finest_scale_and_loads(tmp_path,
+                                                                 pg_config):
+  config = configs.get_config("demo:smoke")
+  config.steps = 2
+  st = baselines.train_patch_gan(config, str(tmp_path), progress=False)
+  assert int(st.step) == 2
+  n = config.num_hr_scales
+  ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  assert ckpts == [f"hr{n}"]
+  pg = baselines.PatchGan.load(str(tmp_path))
+  assert pg.config.hr_condition == "none"
+  x = np.random.default_rng(0).uniform(0, 100, (20, 17, 19)).astype(np.float32)
+  y = pg.translate(x)
+  assert y.shape == x.shape and np.isfinite(y).all()
