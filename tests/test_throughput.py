@@ -1,0 +1,305 @@
+"""Tests of the throughput benchmark (``benchmarks/throughput.py``).
+
+One ``--quick`` run (tiny networks, 16³ patches) without torch, simulated by
+replacing the benchmark's import helper, is shared by most tests; they check
+the files' schema and the benchmark's own correctness checks, never a
+timing's size. The PyTorch and MONAI comparisons run where torch is
+installed.
+"""
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+# ``benchmarks`` lives beside the package, at the repository root.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+from benchmarks import throughput  # noqa: E402
+from megan_jax import tiling  # noqa: E402
+
+META_KEYS = {"jax_version", "jaxlib_version", "backend", "device_kind",
+             "device_count", "threads", "torch_threads", "torch_version",
+             "monai_version", "command", "date", "repeats", "notes",
+             "ratio_missing", "total_s"}
+
+
+def _without_torch(mp):
+  real = throughput._import_optional
+  mp.setattr(throughput, "_import_optional",
+             lambda name: None if name.split(".")[0] in ("torch", "monai")
+             else real(name))
+
+
+def _load(out) -> dict:
+  (path,) = glob.glob(os.path.join(out, "throughput-*.json"))
+  with open(path) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def no_torch_run(tmp_path_factory):
+  """``(out_dir, data)`` of a quick run of hr_forward (batch 1, both
+  dtypes, plain fp32), stitch, cascade and flops, with torch "missing"."""
+  out = str(tmp_path_factory.mktemp("quick"))
+  with pytest.MonkeyPatch.context() as mp:
+    _without_torch(mp)
+    rc = throughput.main(["--quick", "--out", out, "--only", "hr_forward",
+                          "stitch", "cascade", "--batches", "1", "--flops"])
+  assert rc == 0
+  return out, _load(out)
+
+
+def _rows(data, section, **match):
+  return [r for r in data["results"][section]
+          if all(r.get(k) == v for k, v in match.items())]
+
+
+def test_schema_meta_and_ratios(no_torch_run):
+  _, data = no_torch_run
+  assert set(data) == {"meta", "results", "ratios"}
+  meta = data["meta"]
+  assert META_KEYS <= set(meta)
+  assert meta["backend"] == "cpu" and meta["torch_version"] is None
+  assert meta["threads"] == throughput.xla_threads()
+  assert set(data["ratios"]) == set(throughput.RATIO_KEYS)
+  assert set(data["results"]) == set(throughput.SECTIONS) | {"flops"}
+  assert data["results"]["train_step"] is None  # not selected
+  ratios, why = data["ratios"], meta["ratio_missing"]
+  for key in ("jax_over_torch_per_patch", "jax_over_torch_per_patch_bf16"):
+    assert ratios[key] is None and throughput.NO_TORCH in why[key]
+  assert ratios["stitch_speedup_vs_monai"] is None
+  assert throughput.NO_TORCH in why["stitch_speedup_vs_monai"]
+  assert "train_step not run" in why["jax_over_torch_train_step_hr"]
+  assert ratios["fast_over_plain_forward"] > 0  # both sides measured
+  assert set(why) == {k for k, v in ratios.items() if v is None}
+
+
+def test_hr_forward_rows(no_torch_run):
+  _, data = no_torch_run
+  jax_rows = _rows(data, "hr_forward", framework="jax")
+  assert {(r["impl"], r["dtype"], r["batch"]) for r in jax_rows} == {
+      ("fast", "fp32", 1), ("fast", "bf16", 1), ("plain", "fp32", 1)}
+  for r in jax_rows:
+    assert r["error"] is None, r
+    assert r["s_per_patch"] > 0 and r["compile_s"] > 0
+    assert r["patches_per_s"] == pytest.approx(1 / r["s_per_patch"],
+                                               rel=1e-3)
+    assert len(r["times_s"]) == data["meta"]["repeats"] == 1
+  # The straight port computes what the fast forms do.
+  (plain,) = _rows(data, "hr_forward", impl="plain")
+  assert plain["max_abs_diff_vs_fast"] < 1e-4
+  torch_rows = _rows(data, "hr_forward", framework="torch")
+  assert {(r["dtype"], r["batch"]) for r in torch_rows} == {("fp32", 1),
+                                                           ("bf16", 1)}
+  assert all(r["error"] == throughput.NO_TORCH for r in torch_rows)
+
+
+def test_flops_rows(no_torch_run):
+  _, data = no_torch_run
+  rows = data["results"]["flops"]
+  assert {r["dtype"] for r in rows} == {"fp32", "bf16"}
+  q = throughput.QUICK
+  for r in rows:
+    assert r["error"] is None, r
+    assert r["flops_per_patch"] == throughput.hr_forward_flops(
+        q.ngf, q.n_blocks, q.patch)
+    assert r["achieved_flops"] > 0 and r["xla_flops_per_patch"] > 0
+    assert r["peak_flops"] is None and r["fraction_of_peak"] is None  # CPU
+
+
+def test_stitch_round_trip_is_exact(no_torch_run):
+  _, data = no_torch_run
+  (ours,) = _rows(data, "stitch", framework="ours")
+  q = throughput.QUICK
+  assert ours["error"] is None and ours["exact"] is True
+  assert ours["max_abs_diff"] == 0 and ours["median_s"] > 0
+  assert ours["patches"] == tiling.make_plan((48,) * 3, q.patch,
+                                             q.border).num_patches
+  (monai,) = _rows(data, "stitch", framework="monai")
+  assert monai["error"] == throughput.NO_TORCH
+
+
+def test_cascade_row(no_torch_run):
+  _, data = no_torch_run
+  (row,) = data["results"]["cascade"]
+  assert row["error"] is None, row
+  assert row["size"] == 64 and row["widths"] == "demo"
+  assert row["num_hr_scales"] == 1  # 64³ from the demo's 32³ LR volume
+  assert list(row["stages_s"]) == ["edges", "lr", "hr1"]
+  assert all(t > 0 for t in row["stages_s"].values())
+  assert row["total_s"] > 0 and row["compile_s"] > 0
+  assert row["patches"] == {
+      "lr": 1, "hr1": tiling.make_plan((64,) * 3, row["patch"],
+                                       row["border"]).num_patches}
+
+
+def test_markdown_tables(no_torch_run):
+  out, data = no_torch_run
+  with open(os.path.join(out, "throughput-cpu.md")) as f:
+    text = f.read()
+  assert text == throughput.markdown(data)
+  assert "**HR generator forward**" in text and "| 48³ | ours |" in text
+  assert "**Whole cascade**" in text
+  assert (f"- stitch monai sliding_window_inference 48³: "
+          f"{throughput.NO_TORCH}") in text.splitlines()
+
+
+def test_tile_round_trip_with_a_network():
+  """The stitch benchmark's loop keeps each patch's centre: a network that
+  marks every voxel with its patch number gives the plan's own layout."""
+  vol = np.zeros((30, 27, 41), np.float32)
+  plan = tiling.make_plan(vol.shape, 16, 3)
+  calls = []
+
+  def number(patches):
+    calls.append(len(patches))
+    start = sum(calls[:-1])
+    ids = np.arange(start, start + len(patches), dtype=np.float32)
+    return np.broadcast_to(ids[:, None, None, None], patches.shape)
+  out = throughput.tile_round_trip(vol, 16, 3, 5, number)
+  assert sum(calls) == plan.num_patches and max(calls) == 5
+  for i in range(plan.num_patches):
+    v, _ = plan.kept_slices(i)
+    assert np.all(out[v] == i)
+
+
+def test_blobs_are_smooth_and_in_range():
+  v = throughput.blobs(40, seed=3)
+  assert v.shape == (40,) * 3 and v.dtype == np.float32
+  assert -1.0 <= v.min() < -0.99 and 0.0 < v.max() <= 1.0
+  assert 0.1 < np.mean(v > -0.95) < 0.9  # blobs and background
+  assert np.abs(np.diff(v, axis=0)).max() < 0.5  # no jumps
+  assert np.array_equal(v, throughput.blobs(40, seed=3))
+
+
+def test_hr_forward_flops_is_the_documented_count():
+  # models/hr.py: 36.3 GFLOP per 32³ patch at ngf 64, 6 blocks, 2 channels.
+  assert round(throughput.hr_forward_flops(64, 6, 32) / 1e9, 1) == 36.3
+  # Twice the side: 8x the work.
+  assert throughput.hr_forward_flops(8, 2, 32) == 8 * \
+      throughput.hr_forward_flops(8, 2, 16)
+
+
+@pytest.mark.parametrize("kind,match,bf16", [
+    ("NVIDIA H100 80GB HBM3", "H100", 989e12),
+    ("NVIDIA H100 PCIe", "H100 PCIe", 756e12),
+    ("NVIDIA H200", "H200", 989e12),
+    ("NVIDIA A100-SXM4-40GB", "A100", 312e12),
+])
+def test_peak_lookup(kind, match, bf16):
+  peak = throughput.peak_flops(kind)
+  assert peak["match"] == match and peak["bf16"] == bf16
+  assert peak["fp32"] < peak["tf32"] < peak["bf16"]
+
+
+def test_peak_lookup_unknown():
+  assert throughput.peak_flops("cpu") is None
+
+
+def _fwd(framework, dtype, batch, s, impl=None, error=None):
+  return {"section": "hr_forward", "framework": framework,
+          "impl": impl or ("fast" if framework == "jax" else "torch_port"),
+          "dtype": dtype, "batch": batch, "s_per_patch": s, "error": error}
+
+
+def test_ratios_take_each_sides_best_batch():
+  results = {"hr_forward": [
+      _fwd("jax", "fp32", 1, 0.5), _fwd("jax", "fp32", 4, 0.3),
+      _fwd("jax", "fp32", 8, None, error="out of memory"),
+      _fwd("torch", "fp32", 1, 0.4), _fwd("torch", "fp32", 4, 0.6),
+      _fwd("jax", "fp32", 1, 5.0, impl="plain"),
+      _fwd("jax", "bf16", 1, 0.2),
+      _fwd("torch", "bf16", 1, None, error="boom")],
+      "train_step": None,
+      "stitch": [{"framework": "ours", "size": 64, "median_s": 1.0,
+                  "error": None},
+                 {"framework": "ours", "size": 128, "median_s": 2.0,
+                  "error": None},
+                 {"framework": "monai", "size": 64, "median_s": 9.0,
+                  "error": None},
+                 {"framework": "monai", "size": 128, "median_s": 5.0,
+                  "error": None}]}
+  ratios, why = throughput.compute_ratios(results)
+  assert ratios["jax_over_torch_per_patch"] == pytest.approx(0.3 / 0.4)
+  assert ratios["fast_over_plain_forward"] == pytest.approx(0.5 / 5.0)
+  assert ratios["stitch_speedup_vs_monai"] == pytest.approx(5.0 / 2.0)
+  assert ratios["jax_over_torch_per_patch_bf16"] is None
+  assert "boom" in why["jax_over_torch_per_patch_bf16"]
+  assert ratios["jax_over_torch_train_step_lr"] is None
+  assert "train_step not run" in why["jax_over_torch_train_step_lr"]
+
+
+def test_defaults_follow_quick_and_the_backend():
+  q = throughput.parse_args(["--quick"], backend="cpu")
+  assert (q.batches, q.plain_batches, q.plain_dtypes) == ([1, 2], [1],
+                                                           ["fp32"])
+  assert (q.stitch_sizes, q.cascade_sizes, q.repeats) == ([48], [64], 1)
+  assert q.cascade_widths == "demo"
+  cpu = throughput.parse_args([], backend="cpu")
+  assert cpu.cascade_sizes == [128, 256] and cpu.repeats == 3
+  assert cpu.batches == [1, 4, 8, 16, 32] and cpu.plain_batches == [1]
+  assert cpu.train_batches == [1, 4] and cpu.cascade_widths == "paper"
+  gpu = throughput.parse_args([], backend="gpu")
+  assert gpu.cascade_sizes == [128, 256, 512, 1024]
+  assert gpu.plain_batches == gpu.batches
+  assert gpu.plain_dtypes == ["fp32", "bf16"]
+  none = throughput.parse_args(["--plain-batches", "--plain-train-batches"],
+                               backend="cpu")
+  assert none.plain_batches == [] and none.plain_train_batches == []
+  with pytest.raises(SystemExit):
+    throughput.parse_args(["--batches", "0"], backend="cpu")
+
+
+def test_torch_comparisons(tmp_path):
+  """Where torch and MONAI are installed: the port computes our forward
+  (fp32, the same weights) and MONAI runs the same tiling."""
+  pytest.importorskip("torch")
+  pytest.importorskip("monai")
+  rc = throughput.main(["--quick", "--out", str(tmp_path), "--only",
+                        "hr_forward", "stitch", "--dtypes", "fp32",
+                        "--batches", "1", "--plain-batches"])
+  assert rc == 0
+  data = _load(str(tmp_path))
+  assert data["meta"]["torch_threads"] == data["meta"]["threads"]
+  (row,) = _rows(data, "hr_forward", framework="torch")
+  assert row["error"] is None, row
+  assert row["agrees"] is True and row["max_abs_diff"] < 1e-4
+  (monai,) = _rows(data, "stitch", framework="monai")
+  (ours,) = _rows(data, "stitch", framework="ours")
+  assert monai["error"] is None and monai["max_abs_diff"] < 1e-5
+  assert monai["patches"] == ours["patches"]  # the same window grid
+  ratios = data["ratios"]
+  assert ratios["jax_over_torch_per_patch"] > 0
+  assert ratios["stitch_speedup_vs_monai"] > 0
+  assert ratios["fast_over_plain_forward"] is None  # no plain asked for
+  assert "not measured" in data["meta"]["ratio_missing"][
+      "fast_over_plain_forward"]
+
+
+@pytest.mark.parametrize("kind", ["hr", "lr"])
+def test_torch_train_step_takes_our_batches(kind):
+  """The PyTorch step runs on the benchmark's batches, with weights of our
+  state's shapes copied in (no JAX compile: zeros of the abstract state)."""
+  pytest.importorskip("torch")
+  import jax
+  from megan_jax import state as state_lib
+  tc = throughput.load_torch(throughput.xla_threads(), "cpu")
+  assert tc.error is None, tc.error
+  config = throughput.train_config(throughput.QUICK, kind, "fast", 1)
+  abstract = state_lib.abstract_state(config, kind)
+  zeros = lambda tree: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                                    tree)
+  g, d = throughput.torch_gan(tc.port, config, kind,
+                              zeros(abstract.g_params),
+                              zeros(abstract.d_params))
+  assert tc.port.count_params(g) == state_lib.count_params(abstract.g_params)
+  assert tc.port.count_params(d) == state_lib.count_params(abstract.d_params)
+  step = tc.port.make_train_step(g, d, kind=kind)
+  batch = throughput.train_batch(config, kind, 1, seed=0)
+  metrics = step({k: tc.tensor(v) for k, v in batch.items()})
+  assert np.isfinite(metrics["g_loss"]) and np.isfinite(metrics["d_loss"])
