@@ -895,6 +895,11 @@ def markdown(data: dict) -> str:
            f"{meta.get('monai_version') or '–'}; `{meta['command']}`). "
            f"Median of {meta['repeats']} timed run(s) after an untimed "
            "one; compile times apart."]
+  merged = {k: c for k, c in (meta.get("sections") or {}).items()
+            if c != meta["command"]}
+  if merged:
+    parts += ["", "Sections kept from earlier runs: " + "; ".join(
+        f"{k}: `{c}`" for k, c in merged.items()) + "."]
   fwd = [r for r in res.get("hr_forward") or [] if not r.get("error")]
   if fwd:
     parts += ["", f"**HR generator forward** ({fwd[0]['patch']}³ patches, "
@@ -1102,6 +1107,10 @@ def parse_args(argv, backend: str | None = None):
                  help="PyTorch threads (default: XLA's thread count)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=os.path.join(_ROOT, "benchmarks", "results"))
+  p.add_argument("--merge", action="store_true",
+                 help="keep the sections not run now from the existing "
+                 "results file (each section records the command that "
+                 "measured it)")
   a = p.parse_args(argv)
 
   q = a.quick
@@ -1165,6 +1174,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     flops_why = None
   if flops_why:
     results["flops"] = [{"section": "flops", "error": flops_why}]
+
+  # Which command measured each section (differs for merged sections).
+  meta["sections"] = {k: meta["command"] for k in args.only}
+  if args.merge:
+    path = os.path.join(args.out, f"throughput-{backend}.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        old = json.load(f)
+      old_cmds = old["meta"].get("sections") or {
+          k: old["meta"]["command"] for k in SECTIONS + ("flops",)}
+      for k in SECTIONS + ("flops",):
+        if k in args.only or (k == "flops" and "hr_forward" in args.only):
+          continue
+        if old["results"].get(k):
+          results[k] = old["results"][k]
+          meta["sections"][k] = old_cmds.get(k, old["meta"]["command"])
 
   def save():
     meta["total_s"] = _r(time.perf_counter() - start, 1)
