@@ -92,18 +92,3 @@ def test_noise_sigma_recovers_white_noise():
     noisy = smooth + rng.normal(0, sigma, smooth.shape)
     assert baselines.noise_sigma(noisy) == pytest.approx(sigma, rel=0.1)
 
-
-def test_train_patch_gan_trains_only_the_finest_scale_and_loads(tmp_path,
-                                                                 pg_config):
-  config = configs.get_config("demo:smoke")
-  config.steps = 2
-  st = baselines.train_patch_gan(config, str(tmp_path), progress=False)
-  assert int(st.step) == 2
-  n = config.num_hr_scales
-  ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-  assert ckpts == [f"hr{n}"]
-  pg = baselines.PatchGan.load(str(tmp_path))
-  assert pg.config.hr_condition == "none"
-  x = np.random.default_rng(0).uniform(0, 100, (20, 17, 19)).astype(np.float32)
-  y = pg.translate(x)
-  assert y.shape == x.shape and np.isfinite(y).all()

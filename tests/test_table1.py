@@ -29,8 +29,8 @@ def test_table1_writes_every_method(tmp_path):
   rc = _table1().main([
       "--task", "kernel", "--steps", "2", "--out", str(tmp_path / "run"),
       "--results", str(results), "--spacing", "4.0", "--n-train", "1",
-      "--n-test", "1", "--no-progress", "--config.model.ngf=4",
-      "--config.model.ndf=4", "--config.model.n_blocks=1"])
+      "--n-test", "1", "--no-progress", "--config", "demo:smoke",
+      "--config.infer.batch_size=4"])
   assert rc == 0
   out = json.loads((results / "table1-kernel.json").read_text())
   assert set(out["methods"]) == {"megan", "patch_gan", "small_gan_upsampled",
@@ -40,7 +40,18 @@ def test_table1_writes_every_method(tmp_path):
       assert key in r, (name, key)
     assert -1.0 <= r["ssim"] <= 1.0 and 0.0 <= r["mae"] <= 1.0
     assert len(r["per_subject"]) == 1
-  assert out["meta"]["widths"]["ngf"] == 4
+  assert out["meta"]["widths"]["ngf"] == 4  # demo:smoke's
+  run = tmp_path / "run"
+  config = json.loads((run / "megan" / "config.json").read_text())
+  assert config["infer"]["batch_size"] == 4  # the --config.X=Y override
+  # The patch GAN trains only the finest scale, from edges alone.
+  pg = json.loads((run / "patch_gan" / "config.json").read_text())
+  assert pg["hr_condition"] == "none"
+  n = config["num_hr_scales"]
+  from megan_jax import train
+  assert list(train.restore(str(run / "patch_gan"))[1]) == [f"hr{n}"]
+  assert sorted(train.restore(str(run / "megan"))[1]) == sorted(
+      ["lr"] + [f"hr{k}" for k in range(1, n + 1)])
   assert out["meta"]["n_train"] == 1 and out["meta"]["n_test"] == 1
   # The input is the sharp volume of the same anatomy: far closer to its
   # target than an untrained GAN, and its grid shows no seams.
