@@ -19,8 +19,8 @@ demand, held-out test subjects); ``--data DIR`` takes your own folder with
 ``test/mask/`` (same file names), e.g. BRATS T1/T2 or COPD B80f/B20f (see
 ``launch/table1_brats.sh``, ``launch/table1_copd.sh``).
 
-  python launch/table1.py --task t1t2 --steps 600
-  python launch/table1.py --task kernel --steps 600
+  python launch/table1.py --task t1t2 --steps 500
+  python launch/table1.py --task kernel --steps 500
   python launch/table1.py --task t1t2 --spacing 1.0 --config default \
       --steps 20000                        # full 1 mm, paper widths: a GPU
   python launch/table1.py --data /data/brats_pairs --task brats_t1t2 \
@@ -69,13 +69,13 @@ def parse_args(argv=None):
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="Config fields can be overridden as for megan train: "
       "--config.FIELD=VALUE (e.g. --config.model.ngf=16). Example: python "
-      "launch/table1.py --task kernel --steps 600")
+      "launch/table1.py --task kernel --steps 500")
   p.add_argument("--task", default="t1t2",
                  help="embedded paired task, t1t2 (default) or kernel; with "
                  "--data any name, used for the results' file names")
-  p.add_argument("--steps", type=int, default=600,
+  p.add_argument("--steps", type=int, default=500,
                  help="training steps per scale, the same for every GAN "
-                 "(default 600)")
+                 "(default 500)")
   p.add_argument("--out", default=None,
                  help="folder for data, runs and outputs "
                  "(default runs/table1-<task>)")
