@@ -243,12 +243,13 @@ def main(argv=None) -> int:
       lo, hi = float(tgt.data.min()), float(tgt.data.max())
       target01 = _unit(tgt.data, lo, hi)
       megan_grid = _seam_boundaries(config, src.data.shape)
-      pg_grid = tuple(tuple(lo_ for lo_, _ in r[1:])
-                      for r in patch_gan.plan.keep_in_volume)
       for m, y in preds.items():
-        score = metrics.evaluate(_unit(y, lo, hi), target01, mask)
-        grid = pg_grid if m == "patch_gan" else megan_grid
-        score["seam"] = metrics.seam_score(_unit(y, lo, hi), boundaries=grid)
+        y01 = _unit(y, lo, hi)
+        score = metrics.evaluate(y01, target01, mask)
+        # The patch GAN's own grid; MEGAN's for the others (a control).
+        score["seam"] = (metrics.seam_score(y01, plan=patch_gan.plan)
+                         if m == "patch_gan" else
+                         metrics.seam_score(y01, boundaries=megan_grid))
         score["seconds"] = secs[m]
         per[m].append({"subject": name, **score})
         if m != "input":
