@@ -16,6 +16,20 @@ from megan_jax.errors import InputError
 PROG = "megan"
 
 
+def _batch_size(text: str):
+  """``--batch-size``: a positive integer or ``auto``."""
+  if text == "auto":
+    return text
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a positive integer or 'auto'") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+  return value
+
+
 def _png_path(out: str) -> str:
   """``x.nii.gz`` → ``x.png``: the montage written next to a NIfTI output."""
   base = out[:-7] if out.lower().endswith(".nii.gz") else os.path.splitext(out)[0]
@@ -147,8 +161,9 @@ def _add_translate(sub):
   p.add_argument("--mask-augment", type=int, default=None, metavar="SEED",
                  help="scale (±15 %%) and mirror the mask at random first: "
                  "a new lesion placement per seed (the paper's augmentation)")
-  p.add_argument("--batch-size", type=int, default=None,
-                 help="patches per batch (default: the run's config)")
+  p.add_argument("--batch-size", type=_batch_size, default=None,
+                 help="patches per batch, or 'auto': the largest that fits "
+                 "the device memory (default: the run's config)")
   p.add_argument("--dtype", default="float32",
                  choices=("float32", "bf16", "bfloat16"),
                  help="compute dtype (bf16: parameters cast once)")

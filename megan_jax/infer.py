@@ -84,6 +84,63 @@ def compiled_bytes(compiled) -> int | None:
              + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
+AUTO_DEVICE_FRACTION = 0.8  # of a device's bytes_limit, for batch="auto"
+AUTO_HOST_FRACTION = 0.25  # of free host RAM where the device has no limit
+AUTO_MAX_BATCH = {"cpu": 32, "gpu": 512}  # CPU: per-patch time flat beyond
+
+
+def memory_budget(device) -> tuple[int | None, str]:
+  """Bytes one step may use on ``device`` for ``batch_size="auto"``.
+
+  Returns ``(bytes, source)``: ``AUTO_DEVICE_FRACTION`` of the device's
+  ``memory_stats()["bytes_limit"]`` (GPUs, TPUs; source ``"device"``), else
+  ``AUTO_HOST_FRACTION`` of the host's free RAM (the CPU backend, which
+  reports no limit; source ``"host"``), else ``(None, "unknown")``.
+  """
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # backends without memory stats
+    stats = {}
+  if stats.get("bytes_limit"):
+    return int(AUTO_DEVICE_FRACTION * stats["bytes_limit"]), "device"
+  try:
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (AttributeError, ValueError, OSError):
+    return None, "unknown"
+  return int(AUTO_HOST_FRACTION * free), "host"
+
+
+def pick_batch_size(bytes_at: Callable[[int], int | None], budget: int | None,
+                    step: int = 1, max_batch: int = 512) -> int:
+  """The largest batch ``step·2^k <= max_batch`` whose step fits ``budget``.
+
+  ``bytes_at(b)`` is the compiled memory of the step at batch ``b`` (per
+  device; XLA's memory analysis, nothing allocated). Device memory is affine
+  in the batch (fixed weights plus activations per patch), so two compiles,
+  at ``step`` and ``2·step``, predict every batch; the prediction is then
+  checked by compiling the pick, halving while it does not fit. Returns
+  ``step`` when nothing is known (no budget or no memory analysis) or even
+  ``step`` does not fit (the caller's memory check then says so).
+  """
+  step, max_batch = int(step), max(int(max_batch), int(step))
+  if budget is None:
+    return step
+  b1, b2 = bytes_at(step), bytes_at(2 * step)
+  if b1 is None or b2 is None or b1 > budget:
+    return step
+  per_step = max(b2 - b1, 1)
+  fits = lambda b: b1 + per_step * (b // step - 1) <= budget
+  b = step
+  while 2 * b <= max_batch and fits(2 * b):
+    b *= 2
+  while b > 2 * step:  # step and 2·step were compiled: no check needed
+    got = bytes_at(b)
+    if got is not None and got <= budget:
+      break
+    b //= 2
+  return b
+
+
 class Translator:
   """A trained cascade, ready to translate volumes of any size.
 
@@ -93,12 +150,17 @@ class Translator:
     intensity: the target domain's ``(lo, hi)``; outputs are written in it
       (default: [0, 1]).
     devices: devices to spread patches over (default: all).
-    batch_size: patches per batch (rounded up to a multiple of the devices).
+    batch_size: patches per batch (rounded up to a multiple of the devices),
+      or ``"auto"``: the largest power-of-two multiple of the device count
+      whose HR step fits `memory_budget` (at most ``AUTO_MAX_BATCH``), from
+      XLA's compiled memory analysis (`pick_batch_size`); the choice is in
+      ``batch_info``.
     dtype: "float32" or "bfloat16" compute; parameters are cast once.
   """
 
   def __init__(self, config, g_params: dict, *, intensity=None, devices=None,
-               batch_size: int | None = None, dtype: str = "float32"):
+               batch_size: int | str | None = None,
+               dtype: str = "float32"):
     self.config = config
     names = state_lib.scale_names(config)
     missing = [n for n in names if n not in g_params]
@@ -113,7 +175,11 @@ class Translator:
     self.multiprocess = not sharding.is_local(self.mesh)
     self.is_writer = not self.multiprocess or jax.process_index() == 0
     n_dev = self.mesh.devices.size
-    bs = int(batch_size or config.infer.batch_size)
+    auto = batch_size == "auto"
+    try:
+      bs = n_dev if auto else int(batch_size or config.infer.batch_size)
+    except (TypeError, ValueError):
+      raise InputError(f"batch size {batch_size!r}: an integer or 'auto'")
     if bs < 1:
       raise InputError(f"batch size {bs}: must be >= 1")
     self.batch_size = -(-bs // n_dev) * n_dev
@@ -149,6 +215,32 @@ class Translator:
     self._compiled = {}  # executables compiled by ``plan``, reused by a run
     self.keep_scales = False  # keep every scale's output (for montages)
     self.timings, self.scale_outputs = {}, {}
+    self.batch_info = {"batch_size": self.batch_size,
+                       "source": "auto" if auto else "given"}
+    if auto:
+      self._auto_batch_size()
+
+  def _auto_batch_size(self) -> None:
+    """Sets ``batch_size`` from the device memory (see ``__init__``)."""
+    me = jax.process_index()
+    dev = next(d for d in self.mesh.devices.flat if d.process_index == me)
+    budget, where = memory_budget(dev)
+    n_dev = self.mesh.devices.size
+    cap = AUTO_MAX_BATCH["cpu" if dev.platform == "cpu" else "gpu"]
+    measured = {}
+
+    def bytes_at(b):
+      self.batch_size = b
+      measured[b] = compiled_bytes(self._hr_abstract("hr1").compile())
+      return measured[b]
+
+    self.batch_size = pick_batch_size(bytes_at, budget, n_dev,
+                                      max(cap, n_dev))
+    self.batch_info = {"batch_size": self.batch_size, "source": "auto",
+                       "budget_bytes": budget, "budget_from": where,
+                       "max_batch": cap,
+                       "compiled_bytes": {str(k): v for k, v in
+                                          sorted(measured.items())}}
 
   # -- planning ---------------------------------------------------------------
   def _hr_abstract(self, name):
@@ -561,7 +653,7 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
   return out_path
 
 
-def load(workdir: str, *, devices=None, batch_size: int | None = None,
+def load(workdir: str, *, devices=None, batch_size: int | str | None = None,
          dtype: str = "float32", which: str = "best") -> Translator:
   """A ``Translator`` of a trained run (its ``best`` generators by default,
   the checkpoints with the lowest validation L1)."""

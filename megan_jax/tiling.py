@@ -31,6 +31,7 @@ twice the output patch's field of view, centred on it: its centre half
 ``[p/4, 3p/4)`` per axis lies under the output patch.
 """
 import dataclasses
+import functools
 import math
 
 import jax.numpy as jnp
@@ -195,26 +196,33 @@ def _cut_numpy(volume: np.ndarray, starts: np.ndarray, p: int,
   One slice copy per patch: 3-4× faster than the separable fancy-index gather
   on the host (measured on 256³ in 32-patch batches: 0.15 s vs 0.57 s for a
   whole cut-and-stitch round trip), and a memmap reads only the patch's
-  pages.
+  pages. Which patches lie wholly inside is decided for the batch at once, so
+  those (all of them, for an output plan on a volume at least one patch
+  wide) cost one slice assignment each and no per-axis Python. A vectorised
+  gather (fancy indexing over a strided window view) was 2× slower: numpy
+  copies it element by element.
   """
+  starts = np.asarray(starts).reshape(-1, 3)
   shape = volume.shape[:3]
   out = np.empty((len(starts), p, p, p) + tuple(volume.shape[3:]),
                  volume.dtype)
-  for j, st in enumerate(starts):
-    src, dst, inside = [], [], True
-    for a in range(3):
-      lo, hi = max(int(st[a]), 0), min(int(st[a]) + p, shape[a])
+  inside = np.all((starts >= 0) & (starts + p <= np.asarray(shape)), axis=1)
+  for j, ((z, y, x), whole) in enumerate(zip(starts.tolist(),
+                                             inside.tolist())):
+    if whole:
+      out[j] = volume[z:z + p, y:y + p, x:x + p]
+      continue
+    src, dst, empty = [], [], False
+    for a, st in enumerate((z, y, x)):
+      lo, hi = max(st, 0), min(st + p, shape[a])
       if hi <= lo:
-        inside = False
+        empty = True
         break
       src.append(slice(lo, hi))
-      dst.append(slice(lo - int(st[a]), hi - int(st[a])))
-    if not inside:
-      out[j] = pad_value
-      continue
-    if any(d.start != 0 or d.stop != p for d in dst):
-      out[j] = pad_value
-    out[(j, *dst)] = volume[tuple(src)]
+      dst.append(slice(lo - st, hi - st))
+    out[j] = pad_value
+    if not empty:
+      out[(j, *dst)] = volume[tuple(src)]
   return out
 
 
@@ -341,6 +349,15 @@ def stitch(patches: Array, plan: Plan) -> Array:
   return grid[idx]
 
 
+@functools.lru_cache(maxsize=32)
+def _kept_slices_by_axis(plan: Plan):
+  """``(volume_slices, patch_slices)``, each per axis a tuple of slices, one
+  per patch along that axis (`Plan.kept_slices`, split by axis)."""
+  return tuple(
+      tuple(tuple(slice(lo, hi) for lo, hi in ranges) for ranges in which)
+      for which in (plan.keep_in_volume, plan.keep_in_patch))
+
+
 def stitch_into(out: np.ndarray, patches: Array, plan: Plan,
                 indices) -> np.ndarray:
   """Writes the kept regions of a batch of patches into ``out``, in place.
@@ -364,10 +381,20 @@ def stitch_into(out: np.ndarray, patches: Array, plan: Plan,
   if patches.shape[0] != indices.shape[0]:
     raise ValueError(
         f"{patches.shape[0]} patches but {indices.shape[0]} indices")
-  # The batch is small (device-sized), so a loop over it is cheap.
-  for patch, index in zip(patches, indices):
-    vol, pat = plan.kept_slices(index)
-    out[vol] = patch[pat]
+  if indices.size and (indices.min() < 0
+                       or indices.max() >= plan.num_patches):
+    raise ValueError(
+        f"patch indices must lie in [0, {plan.num_patches}), got "
+        f"{indices.min()}..{indices.max()}")
+  # The batch is small (device-sized), so a loop over it is cheap; the
+  # per-axis slices are built once per plan (`Plan.kept_slices` per patch
+  # cost as much as the copy itself on 256³).
+  (vz, vy, vx), (pz, py, px) = _kept_slices_by_axis(plan)
+  _, ny, nx = plan.grid
+  for patch, index in zip(patches, indices.tolist()):
+    z, rest = divmod(index, ny * nx)
+    y, x = divmod(rest, nx)
+    out[vz[z], vy[y], vx[x]] = patch[pz[z], py[y], px[x]]
   return out
 
 

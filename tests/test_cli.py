@@ -146,3 +146,15 @@ def test_evaluate_prints_json(tmp_path, capsys):
   nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), str(bad))
   code, _, err = _run(["evaluate", "--pred", str(bad), "--target", str(t)], capsys)
   assert code == 2 and str(bad) in err and len(err.strip().splitlines()) == 1
+
+
+def test_batch_size_takes_an_integer_or_auto(capsys):
+  parser = cli.build_parser()
+  base = ["translate", "-i", "a.nii", "-o", "b.nii", "--workdir", "w"]
+  assert parser.parse_args(base + ["--batch-size", "auto"]).batch_size == "auto"
+  assert parser.parse_args(base + ["--batch-size", "12"]).batch_size == 12
+  for bad in ("0", "lots"):
+    with pytest.raises(SystemExit) as e:
+      parser.parse_args(base + ["--batch-size", bad])
+    assert e.value.code == 2
+    assert "--batch-size" in capsys.readouterr().err

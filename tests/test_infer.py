@@ -12,6 +12,7 @@ import pytest
 
 import megan_jax
 from megan_jax import cli, configs, infer
+from megan_jax.errors import InputError
 
 SHAPE = (30, 37, 26)  # non-cubic, odd: scales 8x10x7, 15x19x13, 30x37x26
 
@@ -211,3 +212,39 @@ def test_large_outputs_are_memory_mapped(params):
   image = ref._normalise_source(_volume())
   np.testing.assert_array_equal(t.translate_normalised(image, progress=False),
                                 ref.translate_normalised(image, progress=False))
+
+
+def test_pick_batch_size_takes_the_largest_fitting_power_of_two():
+  calls = []
+
+  def bytes_at(b):  # affine in the batch, like a compiled step
+    calls.append(b)
+    return 1000 + 300 * b
+
+  # budget 10_000: 1000 + 300 b <= 10_000 -> b <= 30, so 16 (steps of 2).
+  assert infer.pick_batch_size(bytes_at, 10_000, step=2, max_batch=512) == 16
+  assert calls[:2] == [2, 4] and calls[-1] == 16  # the pick is compiled too
+  assert infer.pick_batch_size(bytes_at, 10_000, step=2, max_batch=8) == 8
+  assert infer.pick_batch_size(bytes_at, 1_500, step=1) == 1  # only 1 fits
+  assert infer.pick_batch_size(bytes_at, 100, step=4) == 4  # none: the step
+  assert infer.pick_batch_size(bytes_at, None, step=4) == 4  # nothing known
+  # A prediction the compile contradicts is halved until it fits.
+  real = lambda b: 1000 + 300 * b + (5000 if b >= 16 else 0)
+  assert infer.pick_batch_size(real, 10_000, step=2) == 8
+
+
+def test_auto_batch_size_fits_the_device_budget(params, monkeypatch):
+  fixed = infer.Translator(_config(), params, batch_size=4)
+  fixed.plan(SHAPE)
+  at4 = fixed.plan(SHAPE)[-1].device_bytes
+  at8 = infer.Translator(_config(), params, batch_size=8).plan(SHAPE)[-1].device_bytes
+  assert at8 > at4
+  budget = (at4 + at8) // 2  # 4 fits, 8 does not
+  monkeypatch.setattr(infer, "memory_budget", lambda dev: (budget, "device"))
+  t = infer.Translator(_config(), params, batch_size="auto")
+  assert t.batch_size == 4
+  assert t.batch_info["budget_bytes"] == budget
+  assert t.batch_info["compiled_bytes"]["4"] == at4
+  assert t.plan(SHAPE)[-1].batch_shape[0] == 4
+  with pytest.raises(InputError, match="integer or 'auto'"):
+    infer.Translator(_config(), params, batch_size="many")

@@ -147,6 +147,32 @@ def test_extract_batch_pads_like_extract():
       tiling.extract(v, plan, pad_value=2.5)[idx])
 
 
+def test_host_cut_mixes_inside_partial_and_outside_starts():
+  # The host cut takes a fast path for cubes wholly inside; the others are
+  # padded. Reference: slicing a really padded volume.
+  v = _random_volume((9, 14, 11), seed=4, channels=2)
+  p = 6
+  rng = np.random.default_rng(3)
+  starts = rng.integers(-8, 16, size=(60, 3))
+  starts[:5] = [[0, 0, 0], [3, 8, 5], [-6, 0, 0], [9, 0, 0], [2, 3, 4]]
+  pad = 20
+  padded = np.pad(v, [(pad, pad)] * 3 + [(0, 0)], constant_values=-3.0)
+  want = np.stack([padded[z + pad:z + pad + p, y + pad:y + pad + p,
+                          x + pad:x + pad + p] for z, y, x in starts])
+  got = tiling._cut_numpy(v, starts, p, -3.0)
+  np.testing.assert_array_equal(got, want)
+  assert np.all(got[2] == -3.0) and np.all(got[3] == -3.0)  # wholly outside
+
+
+def test_stitch_into_rejects_indices_outside_the_plan():
+  plan = tiling.make_plan((10, 10, 10), 8, 2)
+  out = np.zeros(plan.shape, np.float32)
+  patches = np.zeros((1, 8, 8, 8), np.float32)
+  for bad in (-1, plan.num_patches):
+    with pytest.raises(ValueError, match="patch indices"):
+      tiling.stitch_into(out, patches, plan, [bad])
+
+
 def _previous_reference(prev, plan, pad_value):
   """Pads the previous volume for real and slices at floor(s / 2)."""
   p = plan.patch_size
