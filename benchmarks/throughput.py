@@ -12,7 +12,10 @@ Sections (``--only`` picks some):
   and patches/s at each of ``--batches``; fp32 and bf16 (Flax
   ``dtype=bfloat16``, parameters fp32); impl ``"fast"`` (ours) and ``"plain"``
   (the straight port, the "before" number; ``--plain-batches``, on the CPU
-  batch 1 and fp32 only by default: it takes ~7 s per patch there). PyTorch
+  batch 1 and fp32 only by default: it takes ~7 s per patch there) and
+  ``"fast-im2col"`` (the fast form with every stride-1 conv as im2col, i.e.
+  without the tap-matmul form of the space-to-depth convs: the "before" of
+  that change; ``--im2col-batches``, on the CPU the largest batch). PyTorch
   (``benchmarks.torch_port``, the same weights copied in; eval mode,
   ``no_grad``) in fp32 and under ``torch.autocast(bfloat16)``; its fp32 output
   is checked against ours (``max_abs_diff``, expected < 1e-4). On a GPU (or
@@ -23,7 +26,8 @@ Sections (``--only`` picks some):
   augmentation as configured); HR at ``--train-batches`` patches of 32³, LR
   (the public code's ResNet generator, ``model.lr_generator="resnet"``, 128³
   edges -> 64³, LR discriminator) at batch 1. Plain for HR at
-  ``--plain-train-batches`` (default 1), for LR only with ``--lr-plain``.
+  ``--plain-train-batches`` (default 1), for LR only with ``--lr-plain``;
+  ``fast-im2col`` at batch 1 for ``--im2col-train-kinds`` (CPU: hr lr).
   PyTorch: ``torch_port.make_train_step`` on the same initial weights. The
   JAX step also augments its inputs and computes the D-skip rule; the PyTorch
   step does neither (``meta.notes``).
@@ -106,7 +110,9 @@ NO_MONAI = "monai not installed"
 RATIO_KEYS = ("jax_over_torch_per_patch", "jax_over_torch_per_patch_bf16",
               "jax_over_torch_train_step_hr", "jax_over_torch_train_step_lr",
               "stitch_speedup_vs_monai", "fast_over_plain_forward",
-              "fast_over_plain_train_step_hr")
+              "fast_over_plain_train_step_hr", "taps_over_im2col_forward",
+              "taps_over_im2col_train_step_hr",
+              "taps_over_im2col_train_step_lr")
 
 # Dense peak FLOP/s by device kind (vendor datasheets), first match wins:
 # (substring, bf16 tensor core, fp32 non-tensor core, tf32 tensor core).
@@ -316,6 +322,25 @@ def jit_init(init: Callable, key):
     return jax.jit(init)(key)
 
 
+@contextlib.contextmanager
+def conv_form(impl: str):
+  """Traces ``impl="fast-im2col"`` as the fast form with the tap-matmul
+  convs off (`layers.TAPS_RATIO` infinite): every stride-1 conv im2col, as
+  before the taps form was used beyond the 7³ output conv."""
+  from megan_jax.models import layers
+  old = layers.TAPS_RATIO
+  if impl == "fast-im2col":
+    layers.TAPS_RATIO = float("inf")
+  try:
+    yield
+  finally:
+    layers.TAPS_RATIO = old
+
+
+def model_impl(impl: str) -> str:
+  return "fast" if impl == "fast-im2col" else impl
+
+
 def hr_generator(sizes: Sizes, impl: str, dtype: str):
   from megan_jax import models
   return models.HRGenerator(ngf=sizes.ngf, n_blocks=sizes.n_blocks,
@@ -361,13 +386,15 @@ def bench_hr_forward(args, sizes: Sizes, tc: Torch, info: dict
   cases = [("fast", d, b) for d in args.dtypes for b in args.batches]
   cases += [("plain", d, b) for d in args.plain_dtypes
             for b in args.plain_batches]
+  cases += [("fast-im2col", "fp32", b) for b in args.im2col_batches]
   for impl, dtype, batch in cases:
     def measure(impl=impl, dtype=dtype, batch=batch):
-      g = hr_generator(sizes, impl, dtype)
+      g = hr_generator(sizes, model_impl(impl), dtype)
       fwd = jax.jit(lambda v, x: g.apply(v, x, train=False))
       x = jax.device_put(patch_input(batch, p, 2, seed))
       t0 = time.perf_counter()
-      exe = fwd.lower(variables, x).compile()
+      with conv_form(impl):
+        exe = fwd.lower(variables, x).compile()
       xla_s = time.perf_counter() - t0
       first, times = time_calls(lambda: exe(variables, x), args.repeats,
                                 jax.block_until_ready)
@@ -572,12 +599,13 @@ def bench_train_step(args, sizes: Sizes, tc: Torch) -> list[dict]:
   if "lr" in args.train_kinds:
     cases += [("lr", "fast", 1)] + ([("lr", "plain", 1)] if args.lr_plain
                                     else [])
+  cases += [(k, "fast-im2col", 1) for k in args.im2col_train_kinds]
   cases = [c for c in cases if c[0] in args.train_kinds]
   rows = []
   initial = {}  # kind -> host copy of the first state's params (for torch)
   for kind, impl, batch in cases:
     def measure(kind=kind, impl=impl, batch=batch):
-      config = train_config(sizes, kind, impl, batch)
+      config = train_config(sizes, kind, model_impl(impl), batch)
       key = jax.random.key(args.seed)
       state = state_lib.create_state(key, config, kind)
       initial.setdefault(kind, (jax.tree.map(np.array, state.g_params),
@@ -585,7 +613,8 @@ def bench_train_step(args, sizes: Sizes, tc: Torch) -> list[dict]:
       data = jax.device_put(train_batch(config, kind, batch, args.seed))
       step = train.make_train_step(config, kind)  # donates the state
       t0 = time.perf_counter()
-      exe = step.lower(state, data, key).compile()
+      with conv_form(impl):
+        exe = step.lower(state, data, key).compile()
       xla_s = time.perf_counter() - t0
       counts = {"g_params": state_lib.count_params(state.g_params),
                 "d_params": state_lib.count_params(state.d_params)}
@@ -814,6 +843,12 @@ def _ok(rows, **match):
           and all(r.get(k) == v for k, v in match.items())]
 
 
+def _im2col_batch(rows):
+  """The batch the ``fast-im2col`` forward ran at (compared at the same)."""
+  got = _ok(rows, framework="jax", impl="fast-im2col")
+  return got[0]["batch"] if got else None
+
+
 def compute_ratios(results: dict) -> tuple[dict, dict]:
   """``(ratios, why_missing)``: every key of `RATIO_KEYS`, None where a side
   was not measured (its reason in ``why_missing``)."""
@@ -862,6 +897,17 @@ def compute_ratios(results: dict) -> tuple[dict, dict]:
   else:
     ratio("stitch_speedup_vs_monai",
           best(stitch, "stitch", "median_s", framework="ours"), (None, None))
+  ratio("taps_over_im2col_forward",
+        best(fwd, "hr_forward", "s_per_patch", framework="jax", impl="fast",
+             dtype="fp32", batch=_im2col_batch(fwd)),
+        best(fwd, "hr_forward", "s_per_patch", framework="jax",
+             impl="fast-im2col", dtype="fp32"))
+  for kind in ("hr", "lr"):
+    ratio(f"taps_over_im2col_train_step_{kind}",
+          best(step, "train_step", "s_per_step", framework="jax",
+               impl="fast", kind=kind, batch=1),
+          best(step, "train_step", "s_per_step", framework="jax",
+               impl="fast-im2col", kind=kind, batch=1))
   ratio("fast_over_plain_forward",
         best(fwd, "hr_forward", "s_per_patch", framework="jax", impl="fast",
              dtype="fp32", batch=1),
@@ -1079,6 +1125,13 @@ def parse_args(argv, backend: str | None = None):
   p.add_argument("--plain-dtypes", nargs="*", choices=DTYPES, default=None,
                  help="dtypes of the plain impl (default: fp32 on the CPU, "
                  "--dtypes elsewhere)")
+  p.add_argument("--im2col-batches", type=int, nargs="*", default=None,
+                 help="hr_forward batches of impl 'fast-im2col' (the fast "
+                 "form with every stride-1 conv as im2col, the form before "
+                 "the tap matmuls; default: 32 on the CPU, none elsewhere)")
+  p.add_argument("--im2col-train-kinds", nargs="*", choices=("hr", "lr"),
+                 default=None, help="training steps (batch 1) also run as "
+                 "'fast-im2col' (default: hr lr on the CPU, none elsewhere)")
   p.add_argument("--flops", action="store_true",
                  help="also measure achieved FLOP/s off the GPU")
   p.add_argument("--train-batches", type=int, nargs="+", default=None,
@@ -1122,7 +1175,8 @@ def parse_args(argv, backend: str | None = None):
                                       list(DEFAULT_STITCH_SIZES))
   a.cascade_widths = a.cascade_widths or ("demo" if q else "paper")
   needs_backend = (a.plain_batches is None or a.plain_dtypes is None
-                   or a.cascade_sizes is None)
+                   or a.cascade_sizes is None or a.im2col_batches is None
+                   or a.im2col_train_kinds is None)
   if needs_backend and backend is None:
     import jax
     backend = jax.default_backend()
@@ -1131,11 +1185,18 @@ def parse_args(argv, backend: str | None = None):
     a.plain_batches = list(a.batches) if gpu else [1]
   if a.plain_dtypes is None:
     a.plain_dtypes = list(a.dtypes) if gpu else ["fp32"]
+  if a.im2col_batches is None:
+    a.im2col_batches = [] if gpu or q else [max(a.batches)]
+  if a.im2col_train_kinds is None:
+    a.im2col_train_kinds = [] if gpu or q else ["hr", "lr"]
+  a.im2col_train_kinds = [k for k in a.im2col_train_kinds
+                          if k in a.train_kinds]
   if a.cascade_sizes is None:
     a.cascade_sizes = [64] if q else (
         list(DEFAULT_CASCADE_SIZES) + (list(GPU_CASCADE_SIZES) if gpu else []))
   counts = {"--repeats": [a.repeats], "--batches": a.batches,
             "--plain-batches": a.plain_batches,
+            "--im2col-batches": a.im2col_batches,
             "--train-batches": a.train_batches,
             "--plain-train-batches": a.plain_train_batches,
             "--stitch-sizes": a.stitch_sizes, "--stitch-batch":

@@ -114,6 +114,11 @@ _CASES = {
                 lambda x, k: layers.conv3d(x, k, 3), 7, (1, 5, 6, 7, 4)),
     "out_2ch_k5": (lambda x, k: layers.out_conv_fast(x, k, 2),
                    lambda x, k: layers.conv3d(x, k, 2), 5, (2, 4, 5, 6, 3)),
+    "taps_k3_p1": (lambda x, k: layers.conv3d_taps(x, k, 1),
+                   lambda x, k: layers.conv3d(x, k, 1), 3, (2, 5, 6, 7, 3)),
+    # C_in 24 >= 4 · C_out 5: conv3d_fast dispatches to the taps form.
+    "fast_wide_in": (lambda x, k: layers.conv3d_fast(x, k, 1),
+                     lambda x, k: layers.conv3d(x, k, 1), 2, (1, 5, 4, 6, 24)),
 }
 
 
@@ -282,7 +287,8 @@ def test_hr_generator_flops_per_patch():
   XLA's count of the fast form (lowered, not compiled; the plain form's
   dilated convs are under-counted by XLA's cost model) includes the
   sub-pixel up convs' extra windows: each of the 8 phases runs at (n+1)³
-  windows for n³ outputs.
+  windows for n³ outputs; and the same for the tap-matmul form of the first
+  down conv (`layers.conv3d_fast`).
   """
   model, x = HRGenerator(impl="fast"), S((1, 32, 32, 32, 2), F32)
   params = _init_shapes(model, x, train=False)
@@ -290,6 +296,9 @@ def test_hr_generator_flops_per_patch():
       params, x).cost_analysis()["flops"]
   extra = sum(2 * ((n + 1)**3 - n**3) * 64 * cin * cout
               for n, cin, cout in ((8, 256, 128), (16, 128, 64)))
+  # The first stride-2 conv's space-to-depth conv (512 -> 128 channels,
+  # 17³ -> 16³) runs as the tap matmul, at every input voxel.
+  extra += 2 * (17**3 - 16**3) * 8 * 512 * 128
   assert flops == pytest.approx(36.3e9 + extra, rel=0.02)
 
 

@@ -11,8 +11,9 @@ module with two implementations selected by ``impl``:
   conv forward, the input gradient of every strided conv) and the 7³ conv to
   one channel at 0.3-3 GFLOP/s against ~95 for a plain 3³ conv
   (``shared/XLA-CPU.md``). On CPU (`use_dots`) the stride-1 convs inside are
-  further written as dots (im2col; the 7³ output conv as a matmul to its
-  taps), whose gradients XLA's CPU backend also runs far faster; on GPUs they
+  further written as dots (im2col, or a matmul to the taps where C_in >= 4·
+  C_out: the 7³ output conv, most space-to-depth convs), whose gradients
+  XLA's CPU backend also runs far faster; on GPUs they
   stay ``lax`` stride-1 convs, which cost no extra memory.
 
 Both implementations create IDENTICAL parameters: an ordinary ``kernel`` of
@@ -25,6 +26,7 @@ weight import and tests see one layout. Importing PyTorch weights:
 
 Padding is zero padding everywhere, as in the PyTorch reference.
 """
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -174,11 +176,34 @@ def use_dots() -> bool:
   return jax.default_backend() == "cpu"
 
 
+TAPS_RATIO = 4  # C_in / C_out from which `conv3d_fast` takes the taps form
+TAPS_MAX_EXTRA = 1.25  # the most input voxels per output voxel it accepts
+
+
 def conv3d_fast(x: Array, kernel: Array, padding: int = 0) -> Array:
-  """Stride-1 conv: `conv3d_im2col` where `use_dots`, else `conv3d`."""
-  if use_dots():
-    return conv3d_im2col(x, kernel, padding)
-  return conv3d(x, kernel, padding)
+  """Stride-1 conv; on the CPU (`use_dots`) as dots, elsewhere `conv3d`.
+
+  Of the two dot forms it takes the one that materialises less: im2col
+  (`conv3d_im2col`: k³·C_in values per output voxel) unless C_in >=
+  ``TAPS_RATIO``·C_out, then the tap matmul (`conv3d_taps`: k³·C_out per
+  input voxel), as long as the input has at most ``TAPS_MAX_EXTRA`` × the
+  output's voxels (the taps form multiplies at every input voxel: on an
+  8³ output of a valid 2³ conv that is 42 % more work, and im2col won).
+  The taps form is what the space-to-depth convs inside the
+  stride-2 convs need: for the LR ResNet generator's first stride-2 conv
+  (64->64 channels at 128³, im2col columns 4.3 GB) its forward and backward
+  ran 2.2× faster (8.4 s against 18.1 s), for the next one (64->128 at 64³)
+  1.4× (``shared/XLA-CPU.md`` has the per-layer forms).
+  """
+  if not use_dots():
+    return conv3d(x, kernel, padding)
+  k = kernel.shape[0]
+  n_in = math.prod(x.shape[1:4])
+  n_out = math.prod(n + 2 * padding - k + 1 for n in x.shape[1:4])
+  if (kernel.shape[3] >= TAPS_RATIO * kernel.shape[4]
+      and n_in <= TAPS_MAX_EXTRA * n_out):
+    return conv3d_taps(x, kernel, padding).astype(x.dtype)
+  return conv3d_im2col(x, kernel, padding)
 
 
 def down_conv_fast(x: Array, kernel: Array, padding: int) -> Array:
@@ -267,8 +292,11 @@ def up_conv_fast(x: Array, kernel: Array) -> Array:
   return y
 
 
-def out_conv_fast(x: Array, kernel: Array, padding: int) -> Array:
-  """A stride-1 conv to few channels as one matmul to the taps, then shift-and-add.
+def conv3d_taps(x: Array, kernel: Array, padding: int = 0) -> Array:
+  """A stride-1 conv as one matmul to the taps, then shift-and-add.
+
+  For convs to few channels (C_out much smaller than C_in: the 7³ output
+  conv, the space-to-depth convs of the stride-2 layers).
 
   ``y = kernel·x`` gives, per voxel, its contribution to every tap;
   ``out[o] = Σ_t y[t, o + t - p]``. ``y`` is kept taps-major (``[k, k, k,
@@ -309,6 +337,9 @@ def out_conv_fast(x: Array, kernel: Array, padding: int) -> Array:
       acc = part if acc is None else acc + part
     y = acc
   return jnp.moveaxis(y, 0, -1)  # [C_out, B, D', H', W'] -> channels-last
+
+
+out_conv_fast = conv3d_taps  # the name it had when only the 7³ conv used it
 
 
 # ---------------------------------------------------------------------------
@@ -395,7 +426,7 @@ class UpConv(_ConvBase):
 class OutConv(_ConvBase):
   """Stride-1 conv to few channels (the 7³ output conv): ``[B, D, H, W, C] -> [B, D', H', W', F]``.
 
-  ``impl="fast"``: on CPU (`use_dots`) `out_conv_fast` (one matmul to the
+  ``impl="fast"``: on CPU (`use_dots`) `conv3d_taps` (one matmul to the
   k³ taps, then shift-and-add in float32, cast back to ``dtype``), since XLA
   CPU runs the direct 7³ conv to one channel at ~0.3 GFLOP/s; elsewhere a
   plain conv (the tap tensor is k³ × the output, 45 MB per 32³ patch).
@@ -409,7 +440,7 @@ class OutConv(_ConvBase):
     x, kernel, bias = self._params(x, self.kernel_size)
     if self.impl == "plain" or not use_dots():
       return conv3d(x, kernel, self.padding) + bias
-    y = out_conv_fast(x, kernel, self.padding)
+    y = conv3d_taps(x, kernel, self.padding)
     return y.astype(self.dtype) + bias
 
 
