@@ -13,9 +13,10 @@ Sections (``--only`` picks some):
   ``dtype=bfloat16``, parameters fp32); impl ``"fast"`` (ours) and ``"plain"``
   (the straight port, the "before" number; ``--plain-batches``, on the CPU
   batch 1 and fp32 only by default: it takes ~7 s per patch there) and
-  ``"fast-im2col"`` (the fast form with every stride-1 conv as im2col, i.e.
-  without the tap-matmul form of the space-to-depth convs: the "before" of
-  that change; ``--im2col-batches``, on the CPU the largest batch). PyTorch
+  ``"fast-im2col"`` (the fast form with every stride-1 conv but the 7³
+  output conv as im2col, i.e. without the tap-matmul space-to-depth convs
+  and the Winograd 3³ convs: the "before" of those changes;
+  ``--im2col-batches``, on the CPU the largest batch). PyTorch
   (``benchmarks.torch_port``, the same weights copied in; eval mode,
   ``no_grad``) in fp32 and under ``torch.autocast(bfloat16)``; its fp32 output
   is checked against ours (``max_abs_diff``, expected < 1e-4). On a GPU (or
@@ -110,9 +111,9 @@ NO_MONAI = "monai not installed"
 RATIO_KEYS = ("jax_over_torch_per_patch", "jax_over_torch_per_patch_bf16",
               "jax_over_torch_train_step_hr", "jax_over_torch_train_step_lr",
               "stitch_speedup_vs_monai", "fast_over_plain_forward",
-              "fast_over_plain_train_step_hr", "taps_over_im2col_forward",
-              "taps_over_im2col_train_step_hr",
-              "taps_over_im2col_train_step_lr")
+              "fast_over_plain_train_step_hr", "fast_over_im2col_forward",
+              "fast_over_im2col_train_step_hr",
+              "fast_over_im2col_train_step_lr")
 
 # Dense peak FLOP/s by device kind (vendor datasheets), first match wins:
 # (substring, bf16 tensor core, fp32 non-tensor core, tf32 tensor core).
@@ -325,16 +326,21 @@ def jit_init(init: Callable, key):
 @contextlib.contextmanager
 def conv_form(impl: str):
   """Traces ``impl="fast-im2col"`` as the fast form with the tap-matmul
-  convs off (`layers.TAPS_RATIO` infinite): every stride-1 conv im2col, as
-  before the taps form was used beyond the 7³ output conv."""
+  and Winograd convs off (`layers.TAPS_RATIO`, `layers.WINOGRAD_MIN_TILES`
+  infinite): every stride-1 conv but the 7³ output conv as im2col, the fast
+  form before those two were added. (Trace a fresh jitted function inside
+  it: a cached trace would ignore it.)"""
   from megan_jax.models import layers
-  old = layers.TAPS_RATIO
+  names = ("TAPS_RATIO", "WINOGRAD_MIN_TILES")
+  old = {n: getattr(layers, n) for n in names}
   if impl == "fast-im2col":
-    layers.TAPS_RATIO = float("inf")
+    for n in names:
+      setattr(layers, n, float("inf"))
   try:
     yield
   finally:
-    layers.TAPS_RATIO = old
+    for n, v in old.items():
+      setattr(layers, n, v)
 
 
 def model_impl(impl: str) -> str:
@@ -611,7 +617,10 @@ def bench_train_step(args, sizes: Sizes, tc: Torch) -> list[dict]:
       initial.setdefault(kind, (jax.tree.map(np.array, state.g_params),
                                 jax.tree.map(np.array, state.d_params)))
       data = jax.device_put(train_batch(config, kind, batch, args.seed))
-      step = train.make_train_step(config, kind)  # donates the state
+      # A fresh jitted step (make_train_step caches one per config, whose
+      # trace would not see conv_form). It donates the state.
+      step = train._train_step_cached.__wrapped__(config.to_json(), kind,
+                                                   True)
       t0 = time.perf_counter()
       with conv_form(impl):
         exe = step.lower(state, data, key).compile()
@@ -897,13 +906,13 @@ def compute_ratios(results: dict) -> tuple[dict, dict]:
   else:
     ratio("stitch_speedup_vs_monai",
           best(stitch, "stitch", "median_s", framework="ours"), (None, None))
-  ratio("taps_over_im2col_forward",
+  ratio("fast_over_im2col_forward",
         best(fwd, "hr_forward", "s_per_patch", framework="jax", impl="fast",
              dtype="fp32", batch=_im2col_batch(fwd)),
         best(fwd, "hr_forward", "s_per_patch", framework="jax",
              impl="fast-im2col", dtype="fp32"))
   for kind in ("hr", "lr"):
-    ratio(f"taps_over_im2col_train_step_{kind}",
+    ratio(f"fast_over_im2col_train_step_{kind}",
           best(step, "train_step", "s_per_step", framework="jax",
                impl="fast", kind=kind, batch=1),
           best(step, "train_step", "s_per_step", framework="jax",

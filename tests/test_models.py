@@ -116,6 +116,14 @@ _CASES = {
                    lambda x, k: layers.conv3d(x, k, 2), 5, (2, 4, 5, 6, 3)),
     "taps_k3_p1": (lambda x, k: layers.conv3d_taps(x, k, 1),
                    lambda x, k: layers.conv3d(x, k, 1), 3, (2, 5, 6, 7, 3)),
+    "winograd_p1": (lambda x, k: layers.conv3d_winograd(x, k, 1),
+                    lambda x, k: layers.conv3d(x, k, 1), 3, (2, 5, 6, 7, 3)),
+    "winograd_p0": (lambda x, k: layers.conv3d_winograd(x, k, 0),
+                    lambda x, k: layers.conv3d(x, k, 0), 3, (1, 6, 9, 5, 2)),
+    # 8³ 2³-tiles and 32 channels: conv3d_fast dispatches to Winograd.
+    "fast_many_tiles": (lambda x, k: layers.conv3d_fast(x, k, 1),
+                        lambda x, k: layers.conv3d(x, k, 1), 3,
+                        (1, 16, 15, 16, 32)),
     # C_in 24 >= 4 · C_out 5: conv3d_fast dispatches to the taps form.
     "fast_wide_in": (lambda x, k: layers.conv3d_fast(x, k, 1),
                      lambda x, k: layers.conv3d(x, k, 1), 2, (1, 5, 4, 6, 24)),
