@@ -1,7 +1,7 @@
 r"""Speed of MEGAN in JAX, side by side with PyTorch and MONAI.
 
     python -m benchmarks.throughput
-        [--only hr_forward train_step stitch cascade]
+        [--only hr_forward train_step stitch cascade paired]
         [--batches 1 4 8 16 32] [--repeats 3] [--quick]
         [--out benchmarks/results]
 
@@ -46,6 +46,13 @@ Sections (``--only`` picks some):
   from ``Translator.timings``, patches per scale. ``--cascade-widths demo``
   uses the demo config's generator widths (ngf 8, 2 ResNet blocks) on the
   paper's geometry, so a CPU finishes.
+
+- ``paired``: JAX and PyTorch called alternately, one call each per round
+  (``--paired-rounds``), for the HR forward at ``--paired-batch`` and the HR
+  and LR training steps at batch 1; the ratio is the median of the rounds'
+  ratios (``ratio_median``), robust to a machine whose speed drifts during
+  the run (the other sections run all JAX cases, then all PyTorch ones).
+  Its ratios are ``paired_jax_over_torch_*``.
 
 Timing: every case is run once untimed first (its ``compile_s``: for JAX the
 lowering, XLA compile and that first call; ``xla_compile_s`` is the compile
@@ -97,7 +104,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-SECTIONS = ("hr_forward", "train_step", "stitch", "cascade")
+SECTIONS = ("hr_forward", "train_step", "stitch", "cascade", "paired")
+PAIRED_CASES = ("hr_forward", "train_step_hr", "train_step_lr")
 DTYPES = ("fp32", "bf16")
 DEFAULT_BATCHES = (1, 4, 8, 16, 32)
 DEFAULT_TRAIN_BATCHES = (1, 4)
@@ -113,7 +121,10 @@ RATIO_KEYS = ("jax_over_torch_per_patch", "jax_over_torch_per_patch_bf16",
               "stitch_speedup_vs_monai", "fast_over_plain_forward",
               "fast_over_plain_train_step_hr", "fast_over_im2col_forward",
               "fast_over_im2col_train_step_hr",
-              "fast_over_im2col_train_step_lr")
+              "fast_over_im2col_train_step_lr",
+              "paired_jax_over_torch_per_patch",
+              "paired_jax_over_torch_train_step_hr",
+              "paired_jax_over_torch_train_step_lr")
 
 # Dense peak FLOP/s by device kind (vendor datasheets), first match wins:
 # (substring, bf16 tensor core, fp32 non-tensor core, tf32 tensor core).
@@ -267,8 +278,8 @@ def _r(x, digits: int = 6):
 
 def _describe(row: dict) -> str:
   """``"hr_forward jax fast fp32 b=4"``: what a row measured."""
-  words = [str(row[k]) for k in ("section", "framework", "kind", "impl",
-                                 "dtype") if row.get(k)]
+  words = [str(row[k]) for k in ("section", "case", "framework", "kind",
+                                 "impl", "dtype") if row.get(k)]
   if "size" in row:
     words.append(f"{row['size']}³")
   if "batch" in row:
@@ -289,9 +300,14 @@ def _run_case(row: dict, measure: Callable[[], dict]) -> dict:
     _log(f"  {what}: error: {row['error']}")
   else:
     key = next(k for k in ("s_per_patch", "s_per_step", "median_s",
-                           "total_s") if row.get(k) is not None)
-    per = f"{row[key]:.4g} " + ("s" if key in ("median_s", "total_s") else
-                                key.replace("_", " "))
+                           "total_s", "ratio_median")
+               if row.get(k) is not None)
+    if key == "ratio_median":
+      per = (f"JAX {row['jax_median']:.4g} vs PyTorch "
+             f"{row['torch_median']:.4g} {row['unit']}, ratio {row[key]:.3f}")
+    else:
+      per = f"{row[key]:.4g} " + ("s" if key in ("median_s", "total_s") else
+                                  key.replace("_", " "))
     if row.get("compile_s") is not None:
       per += f" (compile {row['compile_s']:.1f} s)"
     _log(f"  {what}: {per}")
@@ -672,6 +688,107 @@ def bench_train_step(args, sizes: Sizes, tc: Torch) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------
+# paired
+# ---------------------------------------------------------------------------
+def bench_paired(args, sizes: Sizes, tc: Torch) -> list[dict]:
+  """JAX and PyTorch called alternately, one call each per round.
+
+  The other sections time all JAX cases, then all PyTorch ones; on a
+  machine whose speed drifts by tens of per cent within minutes (shared
+  cloud CPUs do) that biases their ratios. Here every round times one JAX
+  call and then one PyTorch call of the same work, and the ratio is the
+  median of the per-round ratios (``ratio_median``), so a drift slower than
+  a round cancels. Cases: the HR forward at ``--paired-batch`` (our fast
+  form and the port, same weights), the HR and the LR training step at
+  batch 1 (as ``train_step``).
+  """
+  import jax
+  from megan_jax import state as state_lib
+  from megan_jax import train
+  p, seed = sizes.patch, args.seed
+  rows = []
+  for case in args.paired_cases:
+    row = {"section": "paired", "case": case, "framework": "jax/torch",
+           "device": tc.device}
+    if tc.error:
+      rows.append(dict(row, error=tc.error))
+      continue
+
+    def measure(case=case):
+      torch = tc.torch
+      if case == "hr_forward":
+        per = args.paired_batch
+        g = hr_generator(sizes, "fast", "fp32")
+        x = jax.device_put(patch_input(per, p, 2, seed))
+        variables = jit_init(lambda k: g.init(k, x[:1], train=False),
+                             jax.random.key(seed))
+        exe = jax.jit(lambda v, x: g.apply(v, x, train=False)).lower(
+            variables, x).compile()
+        tg = tc.port.ResNetGenerator(in_channels=2, ngf=sizes.ngf,
+                                     n_blocks=sizes.n_blocks, n_pre_down=0,
+                                     out_channels=1, dropout_rate=0.5)
+        tc.port.load_flax_params(tg, jax.tree.map(np.array, variables))
+        tg = tg.to(tc.device).eval()
+        xt = tc.tensor(patch_input(per, p, 2, seed))
+
+        def jax_call():
+          jax.block_until_ready(exe(variables, x))
+
+        def torch_call():
+          with torch.no_grad():
+            tg(xt)
+          tc.sync()
+      else:
+        per, kind = 1, case[-2:]
+        config = train_config(sizes, kind, "fast", 1)
+        key = jax.random.key(seed)
+        state = state_lib.create_state(key, config, kind)
+        g_np = jax.tree.map(np.array, state.g_params)
+        d_np = jax.tree.map(np.array, state.d_params)
+        data = jax.device_put(train_batch(config, kind, 1, seed))
+        step = train._train_step_cached.__wrapped__(config.to_json(), kind,
+                                                     True)
+        exe = step.lower(state, data, key).compile()
+        holder = [state]
+
+        def jax_call():
+          holder[0], _ = exe(holder[0], data, key)
+          jax.block_until_ready(holder[0])
+        g, d = torch_gan(tc.port, config, kind, g_np, d_np)
+        g, d = g.to(tc.device).train(), d.to(tc.device).train()
+        tstep = tc.port.make_train_step(g, d, kind=kind,
+                                        l1_weight=config.loss.l1_weight)
+        tdata = {k: tc.tensor(v)
+                 for k, v in train_batch(config, kind, 1, seed).items()}
+
+        def torch_call():
+          tstep(tdata)
+          tc.sync()
+      jax_call()
+      torch_call()
+      tj, tt = [], []
+      for _ in range(args.paired_rounds):
+        t0 = time.perf_counter()
+        jax_call()
+        tj.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        torch_call()
+        tt.append(time.perf_counter() - t0)
+      return {"batch": per, "unit": "s/patch" if case == "hr_forward"
+              else "s/step", "rounds": args.paired_rounds,
+              "jax_times_s": [_r(t) for t in tj],
+              "torch_times_s": [_r(t) for t in tt],
+              "jax_median": _r(statistics.median(tj) / per),
+              "torch_median": _r(statistics.median(tt) / per),
+              "ratio_median": _r(statistics.median(
+                  a / b for a, b in zip(tj, tt)), 4),
+              "ratio_min": _r(min(a / b for a, b in zip(tj, tt)), 4),
+              "ratio_max": _r(max(a / b for a, b in zip(tj, tt)), 4)}
+    rows.append(_run_case(row, measure))
+  return rows
+
+
+# ---------------------------------------------------------------------------
 # stitch
 # ---------------------------------------------------------------------------
 def tile_round_trip(volume: np.ndarray, patch: int, border: int,
@@ -917,6 +1034,14 @@ def compute_ratios(results: dict) -> tuple[dict, dict]:
                impl="fast", kind=kind, batch=1),
           best(step, "train_step", "s_per_step", framework="jax",
                impl="fast-im2col", kind=kind, batch=1))
+  paired = results.get("paired")
+  for case, name in (("hr_forward", "paired_jax_over_torch_per_patch"),
+                     ("train_step_hr", "paired_jax_over_torch_train_step_hr"),
+                     ("train_step_lr", "paired_jax_over_torch_train_step_lr")):
+    got = _ok(paired, case=case)
+    ratios[name] = got[0]["ratio_median"] if got else None
+    if not got:
+      missing[name] = reason(paired, "paired", case=case)
   ratio("fast_over_plain_forward",
         best(fwd, "hr_forward", "s_per_patch", framework="jax", impl="fast",
              dtype="fp32", batch=1),
@@ -974,6 +1099,17 @@ def markdown(data: dict) -> str:
     parts += [f"| {r['kind']} | {r['framework']} | {r['impl']} | "
               f"{r['batch']} | {_fmt(r['s_per_step'])} | "
               f"{_fmt(r['compile_s'])} |" for r in step]
+  pairs = [r for r in res.get("paired") or [] if not r.get("error")]
+  if pairs:
+    parts += ["", "**Paired** (one JAX call, then one PyTorch call, per "
+              "round; the ratio is the median of the rounds' ratios):", "",
+              "| case | batch | unit | JAX | PyTorch | JAX / PyTorch "
+              "(min–max) | rounds |", "|---|---|---|---|---|---|---|"]
+    parts += [f"| {r['case']} | {r['batch']} | {r['unit']} | "
+              f"{_fmt(r['jax_median'])} | {_fmt(r['torch_median'])} | "
+              f"{_fmt(r['ratio_median'], '.3f')} ({_fmt(r['ratio_min'], '.2f')}"
+              f"–{_fmt(r['ratio_max'], '.2f')}) | {r['rounds']} |"
+              for r in pairs]
   stitch = [r for r in res.get("stitch") or [] if not r.get("error")]
   if stitch:
     parts += ["", "**Tiling and stitching** (identity network):", "",
@@ -1151,6 +1287,16 @@ def parse_args(argv, backend: str | None = None):
                  default=["hr", "lr"])
   p.add_argument("--lr-plain", action="store_true",
                  help="also the plain LR training step (very slow on CPU)")
+  p.add_argument("--paired-cases", nargs="+", choices=PAIRED_CASES,
+                 default=list(PAIRED_CASES),
+                 help="cases of the paired section (JAX and PyTorch "
+                 "alternately)")
+  p.add_argument("--paired-batch", type=int, default=None,
+                 help="HR forward batch of the paired section (default 8; "
+                 "--quick 2)")
+  p.add_argument("--paired-rounds", type=int, default=None,
+                 help="rounds of one JAX and one PyTorch call (default 5; "
+                 "--quick 1)")
   p.add_argument("--stitch-sizes", type=int, nargs="+", default=None,
                  help="stitch volume sides (default 128 256; --quick 48)")
   p.add_argument("--stitch-batch", type=int, default=32,
@@ -1177,6 +1323,8 @@ def parse_args(argv, backend: str | None = None):
 
   q = a.quick
   a.repeats = a.repeats or (1 if q else 3)
+  a.paired_batch = a.paired_batch or (2 if q else 8)
+  a.paired_rounds = a.paired_rounds or (1 if q else 5)
   a.batches = a.batches or ([1, 2] if q else list(DEFAULT_BATCHES))
   a.train_batches = a.train_batches or ([1] if q else
                                         list(DEFAULT_TRAIN_BATCHES))
@@ -1208,6 +1356,8 @@ def parse_args(argv, backend: str | None = None):
             "--im2col-batches": a.im2col_batches,
             "--train-batches": a.train_batches,
             "--plain-train-batches": a.plain_train_batches,
+            "--paired-batch": [a.paired_batch],
+            "--paired-rounds": [a.paired_rounds],
             "--stitch-sizes": a.stitch_sizes, "--stitch-batch":
             [a.stitch_batch], "--cascade-sizes": a.cascade_sizes,
             "--cascade-batch": [a.cascade_batch or 1],
@@ -1277,6 +1427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       results["train_step"] = bench_train_step(args, sizes, tc)
     elif section == "stitch":
       results["stitch"] = bench_stitch(args, sizes, tc)
+    elif section == "paired":
+      results["paired"] = bench_paired(args, sizes, tc)
     else:
       results["cascade"] = bench_cascade(args)
     data = save()

@@ -49,7 +49,8 @@ def no_torch_run(tmp_path_factory):
   with pytest.MonkeyPatch.context() as mp:
     _without_torch(mp)
     rc = throughput.main(["--quick", "--out", out, "--only", "hr_forward",
-                          "stitch", "cascade", "--batches", "1", "--flops"])
+                          "stitch", "cascade", "paired", "--batches", "1",
+                          "--flops"])
   assert rc == 0
   return out, _load(out)
 
@@ -76,6 +77,13 @@ def test_schema_meta_and_ratios(no_torch_run):
   assert throughput.NO_TORCH in why["stitch_speedup_vs_monai"]
   assert "train_step not run" in why["jax_over_torch_train_step_hr"]
   assert ratios["fast_over_plain_forward"] > 0  # both sides measured
+  # The paired section is all PyTorch comparisons: one row per case, each
+  # saying why it is missing.
+  assert [r["case"] for r in data["results"]["paired"]] == list(
+      throughput.PAIRED_CASES)
+  assert all(r["error"] == throughput.NO_TORCH
+             for r in data["results"]["paired"])
+  assert ratios["paired_jax_over_torch_train_step_lr"] is None
   assert set(why) == {k for k, v in ratios.items() if v is None}
 
 
@@ -281,6 +289,25 @@ def test_torch_comparisons(tmp_path):
       "fast_over_plain_forward"]
 
 
+def test_paired_alternates_jax_and_torch(tmp_path):
+  pytest.importorskip("torch")
+  rc = throughput.main(["--quick", "--out", str(tmp_path), "--only",
+                        "paired", "--paired-cases", "hr_forward",
+                        "train_step_hr", "--paired-rounds", "2"])
+  assert rc == 0
+  data = _load(str(tmp_path))
+  rows = data["results"]["paired"]
+  assert [r["case"] for r in rows] == ["hr_forward", "train_step_hr"]
+  for r in rows:
+    assert r["error"] is None, r
+    assert len(r["jax_times_s"]) == len(r["torch_times_s"]) == 2
+    assert r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
+  ratios = data["ratios"]
+  assert ratios["paired_jax_over_torch_per_patch"] == rows[0]["ratio_median"]
+  assert ratios["paired_jax_over_torch_train_step_hr"] > 0
+  assert ratios["paired_jax_over_torch_train_step_lr"] is None
+
+
 @pytest.mark.parametrize("kind", ["hr", "lr"])
 def test_torch_train_step_takes_our_batches(kind):
   """The PyTorch step runs on the benchmark's batches, with weights of our
@@ -303,3 +330,28 @@ def test_torch_train_step_takes_our_batches(kind):
   batch = throughput.train_batch(config, kind, 1, seed=0)
   metrics = step({k: tc.tensor(v) for k, v in batch.items()})
   assert np.isfinite(metrics["g_loss"]) and np.isfinite(metrics["d_loss"])
+
+
+def test_im2col_variant_traces_the_fast_form_without_taps_or_winograd():
+  import jax
+  import jax.numpy as jnp
+  from megan_jax.models import layers
+
+  def dots(fn, *shapes):
+    jaxpr = jax.make_jaxpr(fn)(*[jnp.zeros(s) for s in shapes])
+    return [e.params["dimension_numbers"] for e in jaxpr.eqns
+            if e.primitive.name == "dot_general"]
+
+  many_tiles = ((2, 16, 16, 16, 32), (3, 3, 3, 32, 32))  # Winograd
+  wide_in = ((1, 17, 17, 17, 64), (2, 2, 2, 64, 8))  # taps
+  fast = lambda x, k: layers.conv3d_fast(x, k, 1)
+  fast0 = lambda x, k: layers.conv3d_fast(x, k, 0)
+  batched = (((2,), (1,)), ((0,), (0,)))  # [64, tiles, C_in] @ [64, ...]
+  assert batched in dots(fast, *many_tiles)
+  assert any(d[0] == ((1,), (4,)) for d in dots(fast0, *wide_in))  # taps
+  with throughput.conv_form("fast-im2col"):  # fresh functions: no cached trace
+    for pad, shapes in ((1, many_tiles), (0, wide_in)):
+      fn = lambda x, k, pad=pad: layers.conv3d_fast(x, k, pad)
+      # one dot: im2col columns · kernel
+      assert dots(fn, *shapes) == [(((4,), (0,)), ((), ()))]
+  assert layers.TAPS_RATIO == 4 and layers.WINOGRAD_MIN_TILES == 256
