@@ -234,8 +234,8 @@ class Translator:
       measured[b] = compiled_bytes(self._hr_abstract("hr1").compile())
       return measured[b]
 
-    self.batch_size = pick_batch_size(bytes_at, budget, n_dev,
-                                      max(cap, n_dev))
+    if "hr1" in self.params:  # else there are no patches to batch
+      self.batch_size = pick_batch_size(bytes_at, budget, n_dev, cap)
     self.batch_info = {"batch_size": self.batch_size, "source": "auto",
                        "budget_bytes": budget, "budget_from": where,
                        "max_batch": cap,

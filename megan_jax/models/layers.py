@@ -201,13 +201,11 @@ def conv3d_fast(x: Array, kernel: Array, padding: int = 0) -> Array:
   if not use_dots():
     return conv3d(x, kernel, padding)
   k = kernel.shape[0]
-  n_in = math.prod(x.shape[1:4])
-  n_out = math.prod(n + 2 * padding - k + 1 for n in x.shape[1:4])
+  outs = [n + 2 * padding - k + 1 for n in x.shape[1:4]]
   if (kernel.shape[3] >= TAPS_RATIO * kernel.shape[4]
-      and n_in <= TAPS_MAX_EXTRA * n_out):
+      and math.prod(x.shape[1:4]) <= TAPS_MAX_EXTRA * math.prod(outs)):
     return conv3d_taps(x, kernel, padding).astype(x.dtype)
-  tiles = x.shape[0] * math.prod(
-      -(-(n + 2 * padding - k + 1) // 2) for n in x.shape[1:4])
+  tiles = x.shape[0] * math.prod(-(-o // 2) for o in outs)
   if (k == 3 and tiles >= WINOGRAD_MIN_TILES
       and kernel.shape[3] >= WINOGRAD_MIN_CHANNELS):
     return conv3d_winograd(x, kernel, padding)
