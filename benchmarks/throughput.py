@@ -388,6 +388,15 @@ def peak_flops(device_kind: str) -> dict | None:
   return None
 
 
+def torch_hr_generator(tc: Torch, sizes: Sizes, host_vars):
+  """The PyTorch port of the HR generator with our weights, in eval mode."""
+  g = tc.port.ResNetGenerator(in_channels=2, ngf=sizes.ngf,
+                              n_blocks=sizes.n_blocks, n_pre_down=0,
+                              out_channels=1, dropout_rate=0.5)
+  tc.port.load_flax_params(g, host_vars)
+  return g.to(tc.device).eval()
+
+
 def bench_hr_forward(args, sizes: Sizes, tc: Torch, info: dict
                      ) -> tuple[list[dict], list[dict] | None]:
   """Rows of ``hr_forward``, and of ``flops`` (None where not measured)."""
@@ -444,11 +453,7 @@ def bench_hr_forward(args, sizes: Sizes, tc: Torch, info: dict
 
       def measure(dtype=dtype, batch=batch):
         torch = tc.torch
-        g = tc.port.ResNetGenerator(in_channels=2, ngf=sizes.ngf,
-                                    n_blocks=sizes.n_blocks, n_pre_down=0,
-                                    out_channels=1, dropout_rate=0.5)
-        tc.port.load_flax_params(g, host_vars)
-        g = g.to(tc.device).eval()
+        g = torch_hr_generator(tc, sizes, host_vars)
         x = tc.tensor(patch_input(batch, p, 2, seed))
 
         def run():
@@ -612,10 +617,56 @@ def torch_gan(port, config, kind: str, g_variables=None, d_variables=None):
   return g, d
 
 
+class JaxStep:
+  """One compiled JAX training step of a benchmark case, ready to call.
+
+  ``impl`` may be ``"fast-im2col"`` (see `conv_form`); the step is a fresh
+  jitted function (``make_train_step`` caches one per config, whose trace
+  would not see `conv_form`) and donates its state.
+  """
+
+  def __init__(self, sizes: Sizes, kind: str, impl: str, batch: int,
+               seed: int):
+    import jax
+    from megan_jax import state as state_lib
+    from megan_jax import train
+    self.config = train_config(sizes, kind, model_impl(impl), batch)
+    self.key = jax.random.key(seed)
+    state = state_lib.create_state(self.key, self.config, kind)
+    self.host_params = (jax.tree.map(np.array, state.g_params),
+                        jax.tree.map(np.array, state.d_params))
+    self.counts = {"g_params": state_lib.count_params(state.g_params),
+                   "d_params": state_lib.count_params(state.d_params)}
+    self.data = jax.device_put(train_batch(self.config, kind, batch, seed))
+    step = train._train_step_cached.__wrapped__(self.config.to_json(), kind,
+                                                 True)
+    t0 = time.perf_counter()
+    with conv_form(impl):
+      self.exe = step.lower(state, self.data, self.key).compile()
+    self.xla_compile_s = time.perf_counter() - t0
+    self.state = state
+
+  def __call__(self):
+    self.state, metrics = self.exe(self.state, self.data, self.key)
+    return self.state, metrics
+
+
+def torch_step(tc: Torch, sizes: Sizes, kind: str, batch: int, seed: int,
+               host_params=None):
+  """``(step, g, d)``: a PyTorch training step of the same case on its own
+  data (``step()`` runs it), with our initial weights where given."""
+  config = train_config(sizes, kind, "fast", batch)
+  g, d = torch_gan(tc.port, config, kind, *(host_params or (None, None)))
+  g, d = g.to(tc.device).train(), d.to(tc.device).train()
+  step = tc.port.make_train_step(g, d, kind=kind,
+                                 l1_weight=config.loss.l1_weight)
+  data = {k: tc.tensor(v)
+          for k, v in train_batch(config, kind, batch, seed).items()}
+  return (lambda: step(data)), g, d
+
+
 def bench_train_step(args, sizes: Sizes, tc: Torch) -> list[dict]:
   import jax
-  from megan_jax import state as state_lib
-  from megan_jax import train
   cases = [("hr", "fast", b) for b in args.train_batches]
   cases += [("hr", "plain", b) for b in args.plain_train_batches]
   if "lr" in args.train_kinds:
@@ -627,30 +678,11 @@ def bench_train_step(args, sizes: Sizes, tc: Torch) -> list[dict]:
   initial = {}  # kind -> host copy of the first state's params (for torch)
   for kind, impl, batch in cases:
     def measure(kind=kind, impl=impl, batch=batch):
-      config = train_config(sizes, kind, model_impl(impl), batch)
-      key = jax.random.key(args.seed)
-      state = state_lib.create_state(key, config, kind)
-      initial.setdefault(kind, (jax.tree.map(np.array, state.g_params),
-                                jax.tree.map(np.array, state.d_params)))
-      data = jax.device_put(train_batch(config, kind, batch, args.seed))
-      # A fresh jitted step (make_train_step caches one per config, whose
-      # trace would not see conv_form). It donates the state.
-      step = train._train_step_cached.__wrapped__(config.to_json(), kind,
-                                                   True)
-      t0 = time.perf_counter()
-      with conv_form(impl):
-        exe = step.lower(state, data, key).compile()
-      xla_s = time.perf_counter() - t0
-      counts = {"g_params": state_lib.count_params(state.g_params),
-                "d_params": state_lib.count_params(state.d_params)}
-      holder = [state]
-
-      def run():
-        holder[0], metrics = exe(holder[0], data, key)
-        return holder[0], metrics
-      first, times = time_calls(run, args.repeats, jax.block_until_ready)
-      return dict(_timed_row(first, times, xla_compile_s=xla_s),
-                  s_per_step=_r(statistics.median(times)), **counts)
+      step = JaxStep(sizes, kind, impl, batch, args.seed)
+      initial.setdefault(kind, step.host_params)
+      first, times = time_calls(step, args.repeats, jax.block_until_ready)
+      return dict(_timed_row(first, times, xla_compile_s=step.xla_compile_s),
+                  s_per_step=_r(statistics.median(times)), **step.counts)
     rows.append(_run_case(
         {"section": "train_step", "framework": "jax", "kind": kind,
          "impl": impl, "dtype": "fp32", "batch": batch,
@@ -669,20 +701,13 @@ def bench_train_step(args, sizes: Sizes, tc: Torch) -> list[dict]:
       continue
 
     def measure(kind=kind, batch=batch):
-      config = train_config(sizes, kind, "fast", batch)
-      port = tc.port
-      g, d = torch_gan(port, config, kind, *initial.get(kind, (None, None)))
-      g, d = g.to(tc.device).train(), d.to(tc.device).train()
-      step = port.make_train_step(g, d, kind=kind,
-                                  l1_weight=config.loss.l1_weight)
-      data = {k: tc.tensor(v)
-              for k, v in train_batch(config, kind, batch, args.seed).items()}
-      first, times = time_calls(lambda: step(data), args.repeats,
-                                lambda _: tc.sync())
+      step, g, d = torch_step(tc, sizes, kind, batch, args.seed,
+                              initial.get(kind))
+      first, times = time_calls(step, args.repeats, lambda _: tc.sync())
       return dict(_timed_row(first, times),
                   s_per_step=_r(statistics.median(times)),
-                  g_params=int(port.count_params(g)),
-                  d_params=int(port.count_params(d)))
+                  g_params=int(tc.port.count_params(g)),
+                  d_params=int(tc.port.count_params(d)))
     rows.append(_run_case(row, measure))
   return rows
 
@@ -703,8 +728,6 @@ def bench_paired(args, sizes: Sizes, tc: Torch) -> list[dict]:
   batch 1 (as ``train_step``).
   """
   import jax
-  from megan_jax import state as state_lib
-  from megan_jax import train
   p, seed = sizes.patch, args.seed
   rows = []
   for case in args.paired_cases:
@@ -724,11 +747,7 @@ def bench_paired(args, sizes: Sizes, tc: Torch) -> list[dict]:
                              jax.random.key(seed))
         exe = jax.jit(lambda v, x: g.apply(v, x, train=False)).lower(
             variables, x).compile()
-        tg = tc.port.ResNetGenerator(in_channels=2, ngf=sizes.ngf,
-                                     n_blocks=sizes.n_blocks, n_pre_down=0,
-                                     out_channels=1, dropout_rate=0.5)
-        tc.port.load_flax_params(tg, jax.tree.map(np.array, variables))
-        tg = tg.to(tc.device).eval()
+        tg = torch_hr_generator(tc, sizes, jax.tree.map(np.array, variables))
         xt = tc.tensor(patch_input(per, p, 2, seed))
 
         def jax_call():
@@ -740,29 +759,14 @@ def bench_paired(args, sizes: Sizes, tc: Torch) -> list[dict]:
           tc.sync()
       else:
         per, kind = 1, case[-2:]
-        config = train_config(sizes, kind, "fast", 1)
-        key = jax.random.key(seed)
-        state = state_lib.create_state(key, config, kind)
-        g_np = jax.tree.map(np.array, state.g_params)
-        d_np = jax.tree.map(np.array, state.d_params)
-        data = jax.device_put(train_batch(config, kind, 1, seed))
-        step = train._train_step_cached.__wrapped__(config.to_json(), kind,
-                                                     True)
-        exe = step.lower(state, data, key).compile()
-        holder = [state]
+        step = JaxStep(sizes, kind, "fast", 1, seed)
+        tstep, _, _ = torch_step(tc, sizes, kind, 1, seed, step.host_params)
 
         def jax_call():
-          holder[0], _ = exe(holder[0], data, key)
-          jax.block_until_ready(holder[0])
-        g, d = torch_gan(tc.port, config, kind, g_np, d_np)
-        g, d = g.to(tc.device).train(), d.to(tc.device).train()
-        tstep = tc.port.make_train_step(g, d, kind=kind,
-                                        l1_weight=config.loss.l1_weight)
-        tdata = {k: tc.tensor(v)
-                 for k, v in train_batch(config, kind, 1, seed).items()}
+          jax.block_until_ready(step())
 
         def torch_call():
-          tstep(tdata)
+          tstep()
           tc.sync()
       jax_call()
       torch_call()

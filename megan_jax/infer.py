@@ -230,8 +230,7 @@ class Translator:
     measured = {}
 
     def bytes_at(b):
-      self.batch_size = b
-      measured[b] = compiled_bytes(self._hr_abstract("hr1").compile())
+      measured[b] = compiled_bytes(self._hr_abstract("hr1", b).compile())
       return measured[b]
 
     if "hr1" in self.params:  # else there are no patches to batch
@@ -243,9 +242,10 @@ class Translator:
                                           sorted(measured.items())}}
 
   # -- planning ---------------------------------------------------------------
-  def _hr_abstract(self, name):
+  def _hr_abstract(self, name, batch: int | None = None):
     p = self.config.patch_size
-    x = jax.ShapeDtypeStruct((self.batch_size, p, p, p, 1), jnp.float32)
+    x = jax.ShapeDtypeStruct((batch or self.batch_size, p, p, p, 1),
+                             jnp.float32)
     return self._hr_fn.lower(self.params[name], x, x)
 
   def _lr_abstract(self):
