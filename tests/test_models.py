@@ -1,5 +1,6 @@
 """Layers (fast == plain, PyTorch semantics), networks (shapes, counts, purity)."""
 import functools
+import math
 
 import hypothesis
 import hypothesis.strategies as st
@@ -120,10 +121,17 @@ _CASES = {
                     lambda x, k: layers.conv3d(x, k, 1), 3, (2, 5, 6, 7, 3)),
     "winograd_p0": (lambda x, k: layers.conv3d_winograd(x, k, 0),
                     lambda x, k: layers.conv3d(x, k, 0), 3, (1, 6, 9, 5, 2)),
-    # 8³ 2³-tiles and 32 channels: conv3d_fast dispatches to Winograd.
+    "winograd_k2_p0": (lambda x, k: layers.conv3d_winograd(x, k, 0),
+                       lambda x, k: layers.conv3d(x, k, 0), 2, (2, 7, 6, 5, 3)),
+    "winograd_k2_p1": (lambda x, k: layers.conv3d_winograd(x, k, 1),
+                       lambda x, k: layers.conv3d(x, k, 1), 2, (1, 4, 5, 6, 2)),
+    # 8³ 2³-tiles and 32 channels in and out: conv3d_fast takes Winograd.
     "fast_many_tiles": (lambda x, k: layers.conv3d_fast(x, k, 1),
                         lambda x, k: layers.conv3d(x, k, 1), 3,
                         (1, 16, 15, 16, 32)),
+    "fast_many_tiles_k2": (lambda x, k: layers.conv3d_fast(x, k, 0),
+                           lambda x, k: layers.conv3d(x, k, 0), 2,
+                           (1, 17, 16, 17, 32)),
     # C_in 24 >= 4 · C_out 5: conv3d_fast dispatches to the taps form.
     "fast_wide_in": (lambda x, k: layers.conv3d_fast(x, k, 1),
                      lambda x, k: layers.conv3d(x, k, 1), 2, (1, 5, 4, 6, 24)),
@@ -133,7 +141,8 @@ _CASES = {
 @pytest.mark.parametrize("case", sorted(_CASES))
 def test_fast_equals_plain_values_and_gradients(case):
   fast, plain, k, shape = _CASES[case]
-  cout = 2 if case.startswith("out_2") else (1 if case.startswith("out") else 5)
+  cout = {"out_1ch": 1, "out_2ch_k5": 2, "fast_many_tiles": 32,
+          "fast_many_tiles_k2": 32}.get(case, 5)
   x = _rand(0, shape)
   kernel = _rand(1, (k, k, k, shape[-1], cout), 1 / np.sqrt(k**3 * shape[-1]))
   y_fast, g_fast = _value_and_grads(fast, x, kernel)
@@ -289,15 +298,17 @@ def test_unet_size_and_count_match_docstring():
   assert out.shape == (1, 64, 64, 64, 1)
 
 
-def test_hr_generator_flops_per_patch():
+def test_hr_generator_flops_per_patch(monkeypatch):
   """METHOD.md: 36.3 GFLOP per 32³ patch (1 multiply-add = 2 FLOP).
 
   XLA's count of the fast form (lowered, not compiled; the plain form's
-  dilated convs are under-counted by XLA's cost model) includes the
+  dilated convs are under-counted by XLA's cost model) with Winograd off
+  (it does fewer multiplies than the network has) includes the
   sub-pixel up convs' extra windows: each of the 8 phases runs at (n+1)³
   windows for n³ outputs; and the same for the tap-matmul form of the first
   down conv (`layers.conv3d_fast`).
   """
+  monkeypatch.setattr(layers, "WINOGRAD_MIN_TILES", math.inf)
   model, x = HRGenerator(impl="fast"), S((1, 32, 32, 32, 2), F32)
   params = _init_shapes(model, x, train=False)
   flops = jax.jit(functools.partial(model.apply, train=False)).lower(

@@ -338,20 +338,33 @@ def test_im2col_variant_traces_the_fast_form_without_taps_or_winograd():
   from megan_jax.models import layers
 
   def dots(fn, *shapes):
-    jaxpr = jax.make_jaxpr(fn)(*[jnp.zeros(s) for s in shapes])
-    return [e.params["dimension_numbers"] for e in jaxpr.eqns
-            if e.primitive.name == "dot_general"]
+    """The dot_generals' dimension numbers, sub-jaxprs included."""
+    found = []
 
-  many_tiles = ((2, 16, 16, 16, 32), (3, 3, 3, 32, 32))  # Winograd
+    def walk(jaxpr):
+      for e in jaxpr.eqns:
+        if e.primitive.name == "dot_general":
+          found.append(e.params["dimension_numbers"])
+        for value in e.params.values():
+          sub = getattr(value, "jaxpr", value)
+          if hasattr(sub, "eqns"):
+            walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*[jnp.zeros(s) for s in shapes]).jaxpr)
+    return found
+
+  many_tiles = ((2, 16, 16, 16, 32), (3, 3, 3, 32, 32))  # Winograd F(2, 3)
+  many_tiles_k2 = ((1, 17, 17, 17, 32), (2, 2, 2, 32, 32))  # F(2, 2)
   wide_in = ((1, 17, 17, 17, 64), (2, 2, 2, 64, 8))  # taps
   fast = lambda x, k: layers.conv3d_fast(x, k, 1)
   fast0 = lambda x, k: layers.conv3d_fast(x, k, 0)
-  batched = (((2,), (1,)), ((0,), (0,)))  # [64, tiles, C_in] @ [64, ...]
-  assert batched in dots(fast, *many_tiles)
+  one = (((4,), (0,)), ((), ()))  # [..., C_in] @ [C_in, C_out]
+  assert dots(fast, *many_tiles) == [one] * 64  # one per tile position
+  assert dots(fast0, *many_tiles_k2) == [one] * 27
   assert any(d[0] == ((1,), (4,)) for d in dots(fast0, *wide_in))  # taps
   with throughput.conv_form("fast-im2col"):  # fresh functions: no cached trace
-    for pad, shapes in ((1, many_tiles), (0, wide_in)):
+    for pad, shapes in ((1, many_tiles), (0, many_tiles_k2), (0, wide_in)):
       fn = lambda x, k, pad=pad: layers.conv3d_fast(x, k, pad)
       # one dot: im2col columns · kernel
-      assert dots(fn, *shapes) == [(((4,), (0,)), ((), ()))]
+      assert dots(fn, *shapes) == [one]
   assert layers.TAPS_RATIO == 4 and layers.WINOGRAD_MIN_TILES == 256

@@ -26,6 +26,7 @@ weight import and tests see one layout. Importing PyTorch weights:
 
 Padding is zero padding everywhere, as in the PyTorch reference.
 """
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -176,8 +177,8 @@ def use_dots() -> bool:
   return jax.default_backend() == "cpu"
 
 
-WINOGRAD_MIN_TILES = 256  # 2³ output tiles from which 3³ convs use Winograd
-WINOGRAD_MIN_CHANNELS = 32  # and at least this many input channels
+WINOGRAD_MIN_TILES = 256  # 2³ output tiles from which 3³ and 2³ convs use Winograd
+WINOGRAD_MIN_CHANNELS = 32  # and at least this many input and output channels
 TAPS_RATIO = 4  # C_in / C_out from which `conv3d_fast` takes the taps form
 TAPS_MAX_EXTRA = 1.25  # the most input voxels per output voxel it accepts
 
@@ -185,7 +186,15 @@ TAPS_MAX_EXTRA = 1.25  # the most input voxels per output voxel it accepts
 def conv3d_fast(x: Array, kernel: Array, padding: int = 0) -> Array:
   """Stride-1 conv; on the CPU (`use_dots`) as dots, elsewhere `conv3d`.
 
-  Of the two dot forms it takes the one that materialises less: im2col
+  3³ and 2³ kernels (the ResNet convs; the 2³ convs inside the stride-2 and
+  transposed convs) with at least ``WINOGRAD_MIN_TILES`` 2³ output tiles
+  and ``WINOGRAD_MIN_CHANNELS`` channels in and out run as Winograd
+  (`conv3d_winograd`): fewest multiplies. Per layer on a 2-core Xeon it
+  won or came within ±13 % wherever it met those bounds (2.4× faster
+  forward and backward on the HR ResNet convs at batch 8, 1.3-1.7× on the
+  LR U-Net's large 2³ convs) and lost below them (up to 3.5× on the U-Net's
+  4³-tile bottleneck). Otherwise, of the two other dot
+  forms it takes the one that materialises less: im2col
   (`conv3d_im2col`: k³·C_in values per output voxel) unless C_in >=
   ``TAPS_RATIO``·C_out, then the tap matmul (`conv3d_taps`: k³·C_out per
   input voxel), as long as the input has at most ``TAPS_MAX_EXTRA`` × the
@@ -202,92 +211,201 @@ def conv3d_fast(x: Array, kernel: Array, padding: int = 0) -> Array:
     return conv3d(x, kernel, padding)
   k = kernel.shape[0]
   outs = [n + 2 * padding - k + 1 for n in x.shape[1:4]]
+  tiles = x.shape[0] * math.prod(-(-o // 2) for o in outs)
+  if (k in _WINOGRAD and tiles >= WINOGRAD_MIN_TILES
+      and min(kernel.shape[3:]) >= WINOGRAD_MIN_CHANNELS):
+    return conv3d_winograd(x, kernel, padding)
   if (kernel.shape[3] >= TAPS_RATIO * kernel.shape[4]
       and math.prod(x.shape[1:4]) <= TAPS_MAX_EXTRA * math.prod(outs)):
     return conv3d_taps(x, kernel, padding).astype(x.dtype)
-  tiles = x.shape[0] * math.prod(-(-o // 2) for o in outs)
-  if (k == 3 and tiles >= WINOGRAD_MIN_TILES
-      and kernel.shape[3] >= WINOGRAD_MIN_CHANNELS):
-    return conv3d_winograd(x, kernel, padding)
   return conv3d_im2col(x, kernel, padding)
 
 
-# Winograd F(2, 3) (Lavin & Gray 2016) for correlation: y = Aᵀ[(G g) ⊙ (Bᵀ d)]
-# on 4-sample input tiles giving 2 outputs; in 3D per axis.
-_WINO_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
-_WINO_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
-_WINO_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+# Winograd F(2, k) (Lavin & Gray 2016) for correlation: per axis,
+# y = Aᵀ[(G g) ⊙ (Bᵀ d)] on (k + 1)-sample input tiles giving 2 outputs; in
+# 3D per axis. F(2, 3): 4 multiplies per 2 outputs instead of 6; F(2, 2)
+# (the 2³ convs inside the stride-2 and transposed convs): 3 instead of 4,
+# with integer coefficients (exact).
+_WINOGRAD = {
+    3: (((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),  # Bᵀ
+        ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),  # G
+        ((1, 1, 1, 0), (0, 1, -1, -1))),  # Aᵀ
+    2: (((1, -1, 0), (0, 1, 0), (0, -1, 1)),
+        ((1, 0), (1, 1), (0, 1)),
+        ((1, 1, 0), (0, 1, 1))),
+}
 
 
 def _combine(parts, coefs):
-  """``Σ coef·part`` skipping zeros (the coefficients are 0, ±1)."""
+  """``Σ coef·part`` skipping zeros (adds and subtracts for ±1)."""
   acc = None
   for part, c in zip(parts, coefs):
     if c == 0:
       continue
-    term = part if c == 1 else -part
+    term = part if c == 1 else -part if c == -1 else part * c
     acc = term if acc is None else acc + term
   return acc
 
 
-def conv3d_winograd(x: Array, kernel: Array, padding: int = 0) -> Array:
-  """Stride-1 3³ conv by Winograd F(2³, 3³): 64 multiplies per 2³ outputs
-  and channel pair instead of 216 (3.4× fewer).
+def winograd_kernel(kernel: Array) -> Array:
+  """``G g Gᵀ`` per axis: ``[k, k, k, C_in, C_out] -> [(k+1)³, C_in, C_out]``.
 
-  The input is cut into 4³ tiles at stride 2 and transformed (``Bᵀ`` per
-  axis: adds and subtracts only), the kernel transformed (``G`` per axis),
-  then one batched dot over the 64 tile positions (``[64, tiles, C_in] @
-  [64, C_in, C_out]``) and the output transform (``Aᵀ``). The transformed
-  input is 8× the input (im2col: 27×). Autodiff gives the same structure
-  for the gradients. The dot is the part XLA's CPU backend runs well, so it
-  pays only with many tiles (`WINOGRAD_MIN_TILES`): on the HR generator's
-  ResNet convs (8³, 256 channels) forward at batch 32 it took 0.76 s
-  against im2col's 1.31 s, and at batch 1 its forward and backward were 2×
-  slower than im2col.
-
-  Args:
-    x: ``[B, D, H, W, C_in]``.
-    kernel: ``[3, 3, 3, C_in, C_out]``.
-    padding: zero padding per side.
-
-  Returns:
-    ``[B, D + 2p - 2, ..., C_out]`` in ``x.dtype`` (dot accumulated in
-    float32).
+  Tile positions ordered (W, H, D) outermost first, as `conv3d_winograd`'s
+  input transform. Written as scaled adds that XLA fuses into one pass:
+  an ``einsum`` with the 4×3 matrices ran as three tiny dots with
+  transposes, 72 ms for a 256→256 kernel against 5 ms (2-core Xeon), paid
+  once per call, which is what made Winograd lose at small batches.
   """
-  if kernel.shape[:3] != (3, 3, 3):
-    raise ValueError(f"conv3d_winograd: needs a 3³ kernel, got "
+  k = kernel.shape[0]
+  g = _WINOGRAD[k][1]
+  for axis in (0, 1, 2):  # D, H, W; each new tap axis goes in front
+    parts = [lax.index_in_dim(kernel, i, axis, keepdims=False)
+             for i in range(k)]
+    kernel = jnp.stack([_combine(parts, row) for row in g], axis=0)
+  return kernel.reshape((k + 1)**3, kernel.shape[-2], kernel.shape[-1])
+
+
+def _winograd_setup(x: Array, kernel: Array, padding: int):
+  """Checks the kernel; pads ``x`` to whole tiles; output sizes and tiles."""
+  k = kernel.shape[0]
+  if kernel.shape[:3] != (k,) * 3 or k not in _WINOGRAD:
+    raise ValueError(f"conv3d_winograd: needs a 3³ or 2³ kernel, got "
                      f"{kernel.shape[:3]}")
-  dtype = x.dtype
-  b, cin, cout = x.shape[0], x.shape[-1], kernel.shape[-1]
-  outs = [n + 2 * padding - 2 for n in x.shape[1:4]]
+  outs = [n + 2 * padding - k + 1 for n in x.shape[1:4]]
   tiles = [-(-o // 2) for o in outs]
-  config = [(0, 0, 0)] + [(padding, 2 * t + 2 - n - padding, 0)
-                          for t, n in zip(tiles, x.shape[1:4])] + [(0, 0, 0)]
-  x = lax.pad(x, jnp.zeros((), dtype), config)
+  config = [(0, 0, 0)] + [(padding, 2 * m + k - 1 - n - padding, 0)
+                          for m, n in zip(tiles, x.shape[1:4])] + [(0, 0, 0)]
+  return lax.pad(x, jnp.zeros((), x.dtype), config), outs, tiles
+
+
+def _winograd_stacked(x: Array, kernel: Array, padding: int) -> Array:
+  """`conv3d_winograd` with the tile positions stacked on a leading axis.
+
+  One batched dot; the transforms are stacks of sums of slices, whose
+  transposes (pads and slices) XLA runs well: this is the form that is
+  differentiated.
+  """
+  dtype = x.dtype
+  k = kernel.shape[0]
+  bt, _, at = _WINOGRAD[k]
+  t = k + 1  # input tile size
+  b, cin, cout = x.shape[0], x.shape[-1], kernel.shape[-1]
+  x, outs, tiles = _winograd_setup(x, kernel, padding)
   # Input transform along D, H, W; each adds a leading tile-position axis:
-  # [4w, 4h, 4d, B, tD, tH, tW, C].
-  for k, t in enumerate(tiles):
-    axis = 2 * k + 1  # the spatial axis, behind the k leading ones
-    parts = [lax.slice_in_dim(x, i, i + 2 * t - 1, stride=2, axis=axis)
-             for i in range(4)]
-    x = jnp.stack([_combine(parts, row) for row in _WINO_BT], axis=0)
+  # [t_w, t_h, t_d, B, tD, tH, tW, C].
+  for j, m in enumerate(tiles):
+    axis = 2 * j + 1  # the spatial axis, behind the j leading ones
+    parts = [lax.slice_in_dim(x, i, i + 2 * m - 1, stride=2, axis=axis)
+             for i in range(t)]
+    x = jnp.stack([_combine(parts, row) for row in bt], axis=0)
   n = b * tiles[0] * tiles[1] * tiles[2]
-  v = x.reshape(64, n, cin)
-  g = jnp.asarray(_WINO_G, kernel.dtype)
-  u = jnp.einsum("ad,bh,cw,dhwio->cbaio", g, g, g, kernel).reshape(
-      64, cin, cout)
+  v = x.reshape(t**3, n, cin)
+  u = winograd_kernel(kernel)
   m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))),
                       preferred_element_type=jnp.float32)
-  y = m.reshape(4, 4, 4, b, tiles[0], tiles[1], tiles[2], cout)
+  y = m.reshape(t, t, t, b, tiles[0], tiles[1], tiles[2], cout)
   # Output transform: D (axis 2), then H (1), then W (0); each interleaves
   # its 2 outputs behind the tile axis, which is axis 3 once the
   # transformed axis is gone.
   for axis in (2, 1, 0):
-    parts = [lax.index_in_dim(y, j, axis, keepdims=False) for j in range(4)]
-    y = jnp.stack([_combine(parts, row) for row in _WINO_AT], axis=4)
+    parts = [lax.index_in_dim(y, j, axis, keepdims=False) for j in range(t)]
+    y = jnp.stack([_combine(parts, row) for row in at], axis=4)
     shape = list(y.shape)
     y = y.reshape(shape[:3] + [2 * shape[3]] + shape[5:])
   return y[:, :outs[0], :outs[1], :outs[2]].astype(dtype)
+
+
+def _winograd_split(x: Array, kernel: Array, padding: int) -> Array:
+  """`conv3d_winograd` with every tile position its own array and dot.
+
+  The same arithmetic as `_winograd_stacked`, but no (k+1)³-way stack is
+  ever written: each transform stage maps a list of arrays to a list of
+  arrays, each position gets its own ``[tiles, C_in] @ [C_in, C_out]`` dot,
+  and the 8 output phases are interleaved in one pass at the end. On a
+  2-core Xeon at batch 8 (forward): the HR generator's first stride-2 conv
+  (its 2³ conv 512→128 at 16³) 247 ms against 384, the last transposed
+  conv 313-330 against 517, a ResNet conv about even. Its autodiff is
+  slow (hundreds of small pads summed), so only the primal uses it.
+  """
+  dtype = x.dtype
+  k = kernel.shape[0]
+  bt, _, at = _WINOGRAD[k]
+  t = k + 1
+  x, outs, tiles = _winograd_setup(x, kernel, padding)
+  pieces = {(): x}  # keyed by the tile positions (D, H, W) chosen so far
+  for j, m in enumerate(tiles):
+    axis = j + 1
+    new = {}
+    for key, arr in pieces.items():
+      parts = [lax.slice_in_dim(arr, i, i + 2 * m - 1, stride=2, axis=axis)
+               for i in range(t)]
+      for a, row in enumerate(bt):
+        new[key + (a,)] = _combine(parts, row)
+    pieces = new
+  u = winograd_kernel(kernel)  # positions ordered (W, H, D), outermost first
+  dn = (((4,), (0,)), ((), ()))
+  pieces = {key: lax.dot_general(v, u[(key[2] * t + key[1]) * t + key[0]],
+                                 dn, preferred_element_type=jnp.float32)
+            for key, v in pieces.items()}
+  for axis in range(3):  # replace each position index by an output phase
+    new = {}
+    for key in sorted(pieces):
+      if key[axis] != 0:
+        continue
+      parts = [pieces[key[:axis] + (i,) + key[axis + 1:]] for i in range(t)]
+      for phase, row in enumerate(at):
+        new[key[:axis] + (phase,) + key[axis + 1:]] = _combine(parts, row)
+    pieces = new
+  y = jnp.stack([jnp.stack([jnp.stack([pieces[(pd, ph, pw)] for pw in (0, 1)],
+                                      axis=4) for ph in (0, 1)], axis=3)
+                 for pd in (0, 1)], axis=2)  # [B, tD, 2, tH, 2, tW, 2, C]
+  y = y.reshape(y.shape[0], 2 * tiles[0], 2 * tiles[1], 2 * tiles[2], -1)
+  return y[:, :outs[0], :outs[1], :outs[2]].astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3d_winograd(x: Array, kernel: Array, padding: int = 0) -> Array:
+  """Stride-1 3³ or 2³ conv by Winograd F(2³, k³): per 2³ outputs and
+  channel pair 64 multiplies instead of 216 (k = 3, 3.4× fewer) or 27
+  instead of 64 (k = 2, 2.4× fewer).
+
+  The input is cut into (k+1)³ tiles at stride 2 and transformed (``Bᵀ``
+  per axis: adds and subtracts only), the kernel transformed
+  (`winograd_kernel`), then one dot per tile position (``[tiles, C_in] @
+  [C_in, C_out]``) and the output transform (``Aᵀ``). The transformed input
+  is 8× (k = 3) or 3.4× (k = 2) the input (im2col: k³×). The dots are
+  the part XLA's CPU backend runs well, so it pays with enough tiles
+  (`WINOGRAD_MIN_TILES`). The forward runs `_winograd_split`; under
+  differentiation the forward and backward are those of
+  `_winograd_stacked` (same values). Per layer on a 2-core Xeon (HR ResNet
+  conv, 8³, 256 channels, batch 8): forward 86-102 ms against im2col's
+  286 ms; forward and backward 232-311 against 369-487 ms; at batch 1
+  forward 19 against 25 ms, forward and backward 72-86 against 42-58 ms
+  (im2col wins: `WINOGRAD_MIN_TILES`).
+
+  Args:
+    x: ``[B, D, H, W, C_in]``.
+    kernel: ``[k, k, k, C_in, C_out]``, k = 2 or 3.
+    padding: zero padding per side.
+
+  Returns:
+    ``[B, D + 2p - k + 1, ..., C_out]`` in ``x.dtype`` (dots accumulated in
+    float32).
+  """
+  return _winograd_split(x, kernel, padding)
+
+
+def _winograd_fwd(x, kernel, padding):
+  return jax.vjp(lambda x, kernel: _winograd_stacked(x, kernel, padding),
+                 x, kernel)
+
+
+def _winograd_bwd(padding, vjp, dy):
+  del padding
+  return vjp(dy)
+
+
+conv3d_winograd.defvjp(_winograd_fwd, _winograd_bwd)
 
 
 def down_conv_fast(x: Array, kernel: Array, padding: int) -> Array:
