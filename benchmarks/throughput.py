@@ -341,17 +341,19 @@ def jit_init(init: Callable, key):
 
 @contextlib.contextmanager
 def conv_form(impl: str):
-  """Traces ``impl="fast-im2col"`` as the fast form with the tap-matmul
-  and Winograd convs off (`layers.TAPS_RATIO`, `layers.WINOGRAD_MIN_TILES`
-  infinite): every stride-1 conv but the 7³ output conv as im2col, the fast
-  form before those two were added. (Trace a fresh jitted function inside
-  it: a cached trace would ignore it.)"""
+  """Traces ``impl="fast-im2col"`` as the fast form with the tap-matmul,
+  Winograd and narrow-input convs off (`layers.TAPS_RATIO`,
+  `layers.WINOGRAD_MIN_TILES` infinite, `layers.NARROW_CHANNELS` -1): every
+  stride-1 conv but the 7³ output conv as im2col, the fast form before
+  those were added. (Trace a fresh jitted function inside it: a cached
+  trace would ignore it.)"""
   from megan_jax.models import layers
-  names = ("TAPS_RATIO", "WINOGRAD_MIN_TILES")
-  old = {n: getattr(layers, n) for n in names}
+  off = {"TAPS_RATIO": float("inf"), "WINOGRAD_MIN_TILES": float("inf"),
+         "NARROW_CHANNELS": -1}
+  old = {n: getattr(layers, n) for n in off}
   if impl == "fast-im2col":
-    for n in names:
-      setattr(layers, n, float("inf"))
+    for n, v in off.items():
+      setattr(layers, n, v)
   try:
     yield
   finally:

@@ -367,4 +367,14 @@ def test_im2col_variant_traces_the_fast_form_without_taps_or_winograd():
       fn = lambda x, k, pad=pad: layers.conv3d_fast(x, k, pad)
       # one dot: im2col columns · kernel
       assert dots(fn, *shapes) == [one]
-  assert layers.TAPS_RATIO == 4 and layers.WINOGRAD_MIN_TILES == 256
+  narrow = ((1, 10, 10, 10, 1), (3, 3, 3, 1, 16))
+  assert layers.NARROW_CHANNELS >= 1
+  assert jax.make_jaxpr(fast)(*[jnp.zeros(s) for s in narrow]).eqns[
+      0].primitive.name.startswith("custom_vjp")
+  with throughput.conv_form("fast-im2col"):
+    fn = lambda x, k: layers.conv3d_fast(x, k, 1)
+    assert dots(fn, *narrow) == [one]
+    assert jax.make_jaxpr(fn)(*[jnp.zeros(s) for s in narrow]).eqns[
+        0].primitive.name != "custom_vjp_call"
+  assert (layers.TAPS_RATIO, layers.WINOGRAD_MIN_TILES,
+          layers.NARROW_CHANNELS) == (4, 256, 4)

@@ -166,6 +166,55 @@ def conv3d_im2col(x: Array, kernel: Array, padding: int = 0) -> Array:
   return y.astype(dtype)
 
 
+def _columns_channel_major(x: Array, k: int, padding: int) -> Array:
+  """im2col transposed: ``[k³·C_in, B·D'·H'·W']``, rows ordered (kd, kh, kw,
+  c_in) as the kernel; each row is a shifted copy of one input channel."""
+  if padding:
+    x = jnp.pad(x, [(0, 0)] + [(padding, padding)] * 3 + [(0, 0)])
+  outs = [n - k + 1 for n in x.shape[1:4]]
+  xt = jnp.moveaxis(x, -1, 0)  # [C_in, B, D, H, W]
+  rows = [xt[:, :, a:a + outs[0], b:b + outs[1], c:c + outs[2]]
+          for a in range(k) for b in range(k) for c in range(k)]
+  return jnp.stack(rows, 0).reshape(k**3 * x.shape[-1], -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3d_im2col_narrow(x: Array, kernel: Array, padding: int = 0) -> Array:
+  """`conv3d_im2col` for inputs with few channels (the edge sketch), with
+  its own backward.
+
+  Autodiff of im2col contracts the columns with the output gradient over
+  the voxels, and XLA's CPU backend then transposes the output gradient to
+  channel-major in a strided loop: for the LR generator's first conv (1 ->
+  64 channels at 128³) that one copy took 1.6 s of a 17.5 s training step.
+  Here the kernel gradient is ``columnsᵀ · dy`` with the columns built
+  channel-major (cheap with one input channel) and the input gradient the
+  stride-1 conv of ``dy`` with the flipped kernel (`conv3d_fast`). That
+  conv's forward and kernel gradient: 1.1 s against 2.9 s (2-core Xeon).
+  Wider inputs lose (a 3³ 256-channel conv: 63 against 53 ms): see
+  ``NARROW_CHANNELS``.
+  """
+  return conv3d_im2col(x, kernel, padding)
+
+
+def _im2col_narrow_fwd(x, kernel, padding):
+  return conv3d_im2col(x, kernel, padding), (x, kernel)
+
+
+def _im2col_narrow_bwd(padding, residuals, dy):
+  x, kernel = residuals
+  k = kernel.shape[0]
+  dk = lax.dot_general(_columns_channel_major(x, k, padding),
+                       dy.reshape(-1, dy.shape[-1]), (((1,), (0,)), ((), ())),
+                       preferred_element_type=jnp.float32)
+  flipped = jnp.flip(kernel, (0, 1, 2)).swapaxes(3, 4)
+  dx = conv3d_fast(dy, flipped, k - 1 - padding)
+  return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+conv3d_im2col_narrow.defvjp(_im2col_narrow_fwd, _im2col_narrow_bwd)
+
+
 def use_dots() -> bool:
   """Whether the fast forms write stride-1 convs as dots (im2col, tap matmul).
 
@@ -180,32 +229,40 @@ def use_dots() -> bool:
 WINOGRAD_MIN_TILES = 256  # 2³ output tiles from which 3³ and 2³ convs use Winograd
 WINOGRAD_MIN_CHANNELS = 32  # and at least this many input and output channels
 TAPS_RATIO = 4  # C_in / C_out from which `conv3d_fast` takes the taps form
+TAPS_OVER_WINOGRAD = 8  # C_in / C_out from which taps go before Winograd
+NARROW_CHANNELS = 4  # up to this many input channels: `conv3d_im2col_narrow`
 TAPS_MAX_EXTRA = 1.25  # the most input voxels per output voxel it accepts
 
 
 def conv3d_fast(x: Array, kernel: Array, padding: int = 0) -> Array:
   """Stride-1 conv; on the CPU (`use_dots`) as dots, elsewhere `conv3d`.
 
-  3³ and 2³ kernels (the ResNet convs; the 2³ convs inside the stride-2 and
-  transposed convs) with at least ``WINOGRAD_MIN_TILES`` 2³ output tiles
-  and ``WINOGRAD_MIN_CHANNELS`` channels in and out run as Winograd
-  (`conv3d_winograd`): fewest multiplies. Per layer on a 2-core Xeon it
-  won or came within ±13 % wherever it met those bounds (2.4× faster
-  forward and backward on the HR ResNet convs at batch 8, 1.3-1.7× on the
-  LR U-Net's large 2³ convs) and lost below them (up to 3.5× on the U-Net's
-  4³-tile bottleneck). Otherwise, of the two other dot
-  forms it takes the one that materialises less: im2col
-  (`conv3d_im2col`: k³·C_in values per output voxel) unless C_in >=
-  ``TAPS_RATIO``·C_out, then the tap matmul (`conv3d_taps`: k³·C_out per
-  input voxel), as long as the input has at most ``TAPS_MAX_EXTRA`` × the
-  output's voxels (the taps form multiplies at every input voxel: on an
-  8³ output of a valid 2³ conv that is 42 % more work, and im2col won).
-  The taps form is what the space-to-depth convs inside the
-  stride-2 convs need: for the LR ResNet generator's first stride-2 conv
-  (64->64 channels at 128³, im2col columns 4.3 GB) its forward and backward
-  ran 2.2× faster (8.4 s against 18.1 s), for the next one (64->128 at 64³)
-  1.4×, measured per layer against PyTorch on a 2-core Xeon; the whole-net
-  effect is in ``benchmarks/throughput.py`` (impl ``"fast-im2col"``).
+  Chosen per conv at trace time, in this order (times per layer, forward
+  and backward unless said, 2-core Xeon, against the form used before):
+
+  1. Winograd (`conv3d_winograd`, fewest multiplies) for 3³ and 2³
+     kernels (ResNet convs; the 2³ convs inside the stride-2 and transposed
+     convs) with at least ``WINOGRAD_MIN_TILES`` 2³ output tiles,
+     ``WINOGRAD_MIN_CHANNELS`` channels in and out, and C_in <
+     ``TAPS_OVER_WINOGRAD``·C_out. HR ResNet conv at batch 8: forward
+     2.8×, forward and backward 1.6× faster than im2col; the LR U-Net's
+     large 2³ convs 1.3-1.7×. Below the tile bound it lost (3.5× on the
+     U-Net's 4³-tile bottleneck), and with C_in 8× C_out (the LR ResNet's
+     first stride-2 conv, 2³ conv 512→64 at 64³, a 1.9 GB transformed
+     input) the taps form took 5.7 s against 8.2.
+  2. The tap matmul (`conv3d_taps`: k³·C_out values per input voxel) when
+     C_in >= ``TAPS_RATIO``·C_out and the input has at most
+     ``TAPS_MAX_EXTRA`` × the output's voxels (it multiplies at every
+     input voxel: on an 8³ output of a valid 2³ conv 42 % more work, and
+     im2col won). That LR conv: 8.4 s against im2col's 18.1 (its columns
+     are 4.3 GB).
+  3. `conv3d_im2col_narrow` for at most ``NARROW_CHANNELS`` input channels
+     (the edge sketch): the LR generator's first conv, forward and kernel
+     gradient 1.1 s against 2.9.
+  4. Otherwise im2col (`conv3d_im2col`: k³·C_in values per output voxel).
+
+  The whole-network effect is in ``benchmarks/throughput.py`` (impl
+  ``"fast-im2col"``: everything as im2col).
   """
   if not use_dots():
     return conv3d(x, kernel, padding)
@@ -213,11 +270,14 @@ def conv3d_fast(x: Array, kernel: Array, padding: int = 0) -> Array:
   outs = [n + 2 * padding - k + 1 for n in x.shape[1:4]]
   tiles = x.shape[0] * math.prod(-(-o // 2) for o in outs)
   if (k in _WINOGRAD and tiles >= WINOGRAD_MIN_TILES
-      and min(kernel.shape[3:]) >= WINOGRAD_MIN_CHANNELS):
+      and min(kernel.shape[3:]) >= WINOGRAD_MIN_CHANNELS
+      and kernel.shape[3] < TAPS_OVER_WINOGRAD * kernel.shape[4]):
     return conv3d_winograd(x, kernel, padding)
   if (kernel.shape[3] >= TAPS_RATIO * kernel.shape[4]
       and math.prod(x.shape[1:4]) <= TAPS_MAX_EXTRA * math.prod(outs)):
     return conv3d_taps(x, kernel, padding).astype(x.dtype)
+  if kernel.shape[3] <= NARROW_CHANNELS and padding <= k - 1:
+    return conv3d_im2col_narrow(x, kernel, padding)
   return conv3d_im2col(x, kernel, padding)
 
 
