@@ -117,6 +117,10 @@ _CASES = {
                    lambda x, k: layers.conv3d(x, k, 2), 5, (2, 4, 5, 6, 3)),
     "taps_k3_p1": (lambda x, k: layers.conv3d_taps(x, k, 1),
                    lambda x, k: layers.conv3d(x, k, 1), 3, (2, 5, 6, 7, 3)),
+    # C_out 16 (`layers.TAPS_VOXEL_MAJOR`): y kept voxel-major.
+    "taps_voxel_major": (lambda x, k: layers.conv3d_taps(x, k, 1),
+                         lambda x, k: layers.conv3d(x, k, 1), 2,
+                         (2, 5, 4, 6, 3)),
     "winograd_p1": (lambda x, k: layers.conv3d_winograd(x, k, 1),
                     lambda x, k: layers.conv3d(x, k, 1), 3, (2, 5, 6, 7, 3)),
     "winograd_p0": (lambda x, k: layers.conv3d_winograd(x, k, 0),
@@ -146,7 +150,7 @@ _CASES = {
 def test_fast_equals_plain_values_and_gradients(case):
   fast, plain, k, shape = _CASES[case]
   cout = {"out_1ch": 1, "out_2ch_k5": 2, "fast_many_tiles": 32,
-          "fast_many_tiles_k2": 32}.get(case, 5)
+          "fast_many_tiles_k2": 32, "taps_voxel_major": 16}.get(case, 5)
   x = _rand(0, shape)
   kernel = _rand(1, (k, k, k, shape[-1], cout), 1 / np.sqrt(k**3 * shape[-1]))
   y_fast, g_fast = _value_and_grads(fast, x, kernel)
