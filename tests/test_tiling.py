@@ -164,6 +164,28 @@ def test_host_cut_mixes_inside_partial_and_outside_starts():
   assert np.all(got[2] == -3.0) and np.all(got[3] == -3.0)  # wholly outside
 
 
+@pytest.mark.parametrize("channels", [None, 2])
+@pytest.mark.parametrize("strided_out", [False, True])
+def test_stitch_into_in_grid_order_copies_whole_row_runs(channels,
+                                                         strided_out):
+  """Batches in C order (as inference cuts them) stitch whole runs of a grid
+  row at once; batch edges split runs anywhere; ``out`` may be a strided
+  view. Same result as the whole-volume stitch."""
+  plan = tiling.make_plan((9, 12, 40), 8, 2)
+  assert plan.grid[2] >= 8  # runs of several interior patches per row
+  v = _random_volume(plan.shape, seed=5, channels=channels)
+  full = tiling.extract(v, plan)
+  shape = v.shape
+  if strided_out:  # every other W column of a wider array
+    big = np.full(shape[:2] + (2 * shape[2],) + shape[3:], np.nan, np.float32)
+    out = big[:, :, ::2]
+  else:
+    out = np.full(shape, np.nan, np.float32)
+  for batch in np.array_split(np.arange(plan.num_patches), 7):
+    tiling.stitch_into(out, full[batch], plan, batch)
+  np.testing.assert_array_equal(out, v)
+
+
 def test_stitch_into_rejects_indices_outside_the_plan():
   plan = tiling.make_plan((10, 10, 10), 8, 2)
   out = np.zeros(plan.shape, np.float32)
