@@ -166,11 +166,15 @@ def test_host_cut_mixes_inside_partial_and_outside_starts():
 
 @pytest.mark.parametrize("channels", [None, 2])
 @pytest.mark.parametrize("strided_out", [False, True])
-def test_stitch_into_in_grid_order_copies_whole_row_runs(channels,
-                                                         strided_out):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_stitch_into_in_grid_order_copies_whole_row_runs(
+    monkeypatch, channels, strided_out, threads):
   """Batches in C order (as inference cuts them) stitch whole runs of a grid
-  row at once; batch edges split runs anywhere; ``out`` may be a strided
-  view. Same result as the whole-volume stitch."""
+  row at once; batch edges and thread parts split runs anywhere; ``out``
+  may be a strided view. Same result as the whole-volume stitch; the cut
+  (threaded too) equals the whole-volume cut, partial patches included."""
+  monkeypatch.setattr(tiling, "HOST_THREADS", threads)
+  monkeypatch.setattr(tiling, "_THREADED_VOXELS", 0)  # thread even tiny ones
   plan = tiling.make_plan((9, 12, 40), 8, 2)
   assert plan.grid[2] >= 8  # runs of several interior patches per row
   v = _random_volume(plan.shape, seed=5, channels=channels)
@@ -182,8 +186,14 @@ def test_stitch_into_in_grid_order_copies_whole_row_runs(channels,
   else:
     out = np.full(shape, np.nan, np.float32)
   for batch in np.array_split(np.arange(plan.num_patches), 7):
+    np.testing.assert_array_equal(tiling.extract_batch(v, plan, batch),
+                                  full[batch])
     tiling.stitch_into(out, full[batch], plan, batch)
   np.testing.assert_array_equal(out, v)
+  prev = _random_volume((5, 6, 20), seed=6, channels=channels)
+  np.testing.assert_array_equal(
+      tiling.previous_patches(prev, plan, indices=np.arange(30)),
+      tiling.previous_patches(prev, plan)[:30])
 
 
 def test_stitch_into_rejects_indices_outside_the_plan():
