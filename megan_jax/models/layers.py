@@ -226,7 +226,7 @@ def use_dots() -> bool:
   return jax.default_backend() == "cpu"
 
 
-WINOGRAD_MIN_TILES = 256  # 2³ output tiles from which 3³ and 2³ convs use Winograd
+WINOGRAD_MIN_TILES = 256  # 2³ output tiles from which 3³/2³ convs go Winograd
 WINOGRAD_MIN_CHANNELS = 32  # and at least this many input and output channels
 TAPS_RATIO = 4  # C_in / C_out from which `conv3d_fast` takes the taps form
 TAPS_OVER_WINOGRAD = 8  # C_in / C_out from which taps go before Winograd
