@@ -228,7 +228,8 @@ def _cut_numpy(volume: np.ndarray, starts: np.ndarray, p: int,
   whole cut-and-stitch round trip), and a memmap reads only the patch's
   pages. Which patches lie wholly inside is decided for the batch at once, so
   those (all of them, for an output plan on a volume at least one patch
-  wide) cost one slice assignment each and no per-axis Python. A vectorised
+  wide) cost one slice assignment each and no per-axis Python. The batch
+  is split over `HOST_THREADS` threads (`_in_parallel`). A vectorised
   gather (fancy indexing over a strided window view) was 2× slower: numpy
   copies it element by element.
   """

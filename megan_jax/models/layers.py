@@ -562,10 +562,11 @@ def conv3d_taps(x: Array, kernel: Array, padding: int = 0) -> Array:
   conv, the space-to-depth convs of the stride-2 layers).
 
   ``y = kernel·x`` gives, per voxel, its contribution to every tap;
-  ``out[o] = Σ_t y[t, o + t - p]``. ``y`` is kept taps-major (``[k, k, k,
-  C_out, B, D, H, W]``) so each shifted term is a contiguous block, and the
-  sum is done one axis at a time (3·k shifted adds instead of k³), in
-  float32. The taps are taken apart with ``lax.split``, whose transpose is a
+  ``out[o] = Σ_t y[t, o + t - p]``. Below ``TAPS_VOXEL_MAJOR`` output
+  channels ``y`` is kept taps-major (``[k, k, k, C_out, B, D, H, W]``) so
+  each shifted term is a contiguous block (the 7³ conv to one channel);
+  from there voxel-major (`_taps_voxel_major`). The sum is done one axis
+  at a time (3·k shifted adds instead of k³), in float32. The taps are taken apart with ``lax.split``, whose transpose is a
   concatenate: the backward pass is then one im2col of the output gradient
   and two dots (slicing the taps out one by one made XLA's backward ~15×
   slower).
