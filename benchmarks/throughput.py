@@ -799,15 +799,17 @@ def bench_paired(args, sizes: Sizes, tc: Torch) -> list[dict]:
 # ---------------------------------------------------------------------------
 def tile_round_trip(volume: np.ndarray, patch: int, border: int,
                     batch: int, network=lambda x: x) -> np.ndarray:
-  """Ours: plan, cut ``batch`` patches at a time, ``network``, stitch the
-  centres into a new volume (what ``infer.Translator`` does on the host)."""
+  """Ours: plan, cut ``batch`` patches at a time into one reused staging
+  buffer, ``network``, stitch the centres into a new volume (what
+  ``infer.Translator`` does on the host)."""
   from megan_jax import tiling
   plan = tiling.make_plan(volume.shape, patch, border)
   out = np.empty_like(volume)
+  stage = np.empty((batch,) + (patch,) * 3 + volume.shape[3:], volume.dtype)
   for start in range(0, plan.num_patches, batch):
     idx = np.arange(start, min(start + batch, plan.num_patches))
-    tiling.stitch_into(out, network(tiling.extract_batch(volume, plan, idx)),
-                       plan, idx)
+    cut = tiling.extract_batch(volume, plan, idx, out=stage[:len(idx)])
+    tiling.stitch_into(out, network(cut), plan, idx)
   return out
 
 

@@ -365,6 +365,11 @@ class Translator:
                  disable=not progress, leave=False, dynamic_ncols=True)
       hr_fn = self._compiled.get(f"hr{k}", self._hr_fn)
       batched = sharding.batch_sharded(self.mesh)
+      # Host staging buffers, two sets used in turn: a batch's set is cut
+      # into again only after that batch's patches came back (`_finish`),
+      # so it stays valid even where device_put aliases host memory.
+      stages = [(np.empty((B, p, p, p), y.dtype),
+                 np.empty((B, p, p, p), edges.dtype)) for _ in range(2)]
       pending = None
       for start in range(done, plan.num_patches, B):
         idx = np.arange(start, min(start + B, plan.num_patches))
@@ -372,8 +377,11 @@ class Translator:
         if self.multiprocess:  # each process cuts its own devices' patches
           prev_p, edge_p = self._global_batch(y, edges, plan, full)
         else:
-          prev_p = tiling.previous_patches(y, plan, indices=full)[..., None]
-          edge_p = tiling.extract_batch(edges, plan, full, pad_value=0.0)[..., None]
+          stage = stages[(start // B) % 2]
+          prev_p = tiling.previous_patches(y, plan, indices=full,
+                                           out=stage[0])[..., None]
+          edge_p = tiling.extract_batch(edges, plan, full, pad_value=0.0,
+                                        out=stage[1])[..., None]
           prev_p, edge_p = jax.device_put((prev_p, edge_p), batched)
         gen = hr_fn(self.params[f"hr{k}"], prev_p, edge_p)  # async
         if pending is not None:  # stitch the previous batch meanwhile

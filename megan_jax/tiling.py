@@ -217,8 +217,69 @@ def _fill(values, mask, pad_value):
   return xp.where(mask, values, xp.asarray(pad_value, dtype=values.dtype))
 
 
+def _out_buffer(out, shape, dtype) -> np.ndarray:
+  """``out`` checked to be a writable C-contiguous numpy ``shape`` of
+  ``dtype``, or a new one when None."""
+  if out is None:
+    return np.empty(shape, dtype)
+  if (not isinstance(out, np.ndarray) or out.shape != tuple(shape)
+      or out.dtype != dtype or not out.flags.c_contiguous
+      or not out.flags.writeable):
+    got = (f"{type(out).__name__} {getattr(out, 'shape', '')} "
+           f"{getattr(out, 'dtype', '')}")
+    raise ValueError(f"out must be a writable C-contiguous numpy array of "
+                     f"shape {tuple(shape)} and dtype {np.dtype(dtype)}, "
+                     f"got {got}")
+  return out
+
+
+def _numpy_only(out, xp) -> None:
+  if out is not None and xp is not np:
+    raise ValueError("out= needs a numpy volume and numpy indices (a batch "
+                     "cut from a jax array is a new jax array)")
+
+
+class _Interface:
+  """Holds an ``__array_interface__`` (and its memory's owner) for
+  `_rows`."""
+
+  def __init__(self, interface: dict, owner):
+    self.__array_interface__ = interface
+    self.owner = owner
+
+
+def _rows(a: np.ndarray, axis: int, n: int) -> np.ndarray | None:
+  """A view of ``a`` whose elements are runs of ``n`` entries along
+  ``axis`` (with everything after it): shape ``a.shape[:axis] +
+  (a.shape[axis] - n + 1,)``, one opaque (void) element starting at every
+  position, or None where those runs are not contiguous in memory.
+
+  numpy copies a strided array row by row with a fixed cost per row; rows
+  of 32 floats (a 32³ patch) pay it 1024 times a patch. Copying the same
+  bytes as void elements moves that loop into numpy's inner loop: a 256³
+  cut in 32-patch batches went from 50 to 42 ms (2-core Xeon, one thread).
+  """
+  a = np.asarray(a)
+  inner = a.shape[axis + 1:]
+  step = a.itemsize
+  for size, stride in zip(inner[::-1], a.strides[axis + 1:][::-1]):
+    if size > 1 and stride != step:
+      return None
+    step *= size
+  if a.shape[axis] < n or (n > 1 and a.strides[axis] != step):
+    return None
+  interface = {
+      "version": 3,
+      "shape": a.shape[:axis] + (a.shape[axis] - n + 1,),
+      "strides": a.strides[:axis + 1],
+      "typestr": f"|V{n * step}",
+      "data": (a.__array_interface__["data"][0], not a.flags.writeable),
+  }
+  return np.asarray(_Interface(interface, a))
+
+
 def _cut_numpy(volume: np.ndarray, starts: np.ndarray, p: int,
-               pad_value) -> np.ndarray:
+               pad_value, out: np.ndarray | None = None) -> np.ndarray:
   """``[B, p, p, p(, C)]`` cubes of a host volume starting at ``starts``
   (``[B, 3]``, may lie partly or wholly outside: those voxels get
   ``pad_value``).
@@ -235,16 +296,23 @@ def _cut_numpy(volume: np.ndarray, starts: np.ndarray, p: int,
   """
   starts = np.asarray(starts).reshape(-1, 3)
   shape = volume.shape[:3]
-  out = np.empty((len(starts), p, p, p) + tuple(volume.shape[3:]),
-                 volume.dtype)
+  out = _out_buffer(out, (len(starts), p, p, p) + tuple(volume.shape[3:]),
+                    volume.dtype)
   inside = np.all((starts >= 0) & (starts + p <= np.asarray(shape)), axis=1)
   starts, inside = starts.tolist(), inside.tolist()
+  src_rows, dst_rows = _rows(volume, 2, p), _rows(out, 3, p)
+  rows = src_rows is not None and dst_rows is not None
+  if rows:
+    dst_rows = dst_rows[..., 0]
 
   def cut(first: int, stop: int) -> None:
     for j in range(first, stop):
       z, y, x = starts[j]
       if inside[j]:
-        out[j] = volume[z:z + p, y:y + p, x:x + p]
+        if rows:
+          dst_rows[j] = src_rows[z:z + p, y:y + p, x]
+        else:
+          out[j] = volume[z:z + p, y:y + p, x:x + p]
         continue
       src, dst, empty = [], [], False
       for a, st in enumerate((z, y, x)):
@@ -305,7 +373,8 @@ def extract(volume: Array, plan: Plan, pad_value: float = BACKGROUND) -> Array:
 
 
 def extract_batch(volume: Array, plan: Plan, indices: Array,
-                  pad_value: float = BACKGROUND) -> Array:
+                  pad_value: float = BACKGROUND, *,
+                  out: np.ndarray | None = None) -> Array:
   """Cuts only the patches numbered ``indices`` (flat, C order) of ``plan``.
 
   For streaming inference: the volume may be a host array (even a memmap)
@@ -316,6 +385,10 @@ def extract_batch(volume: Array, plan: Plan, indices: Array,
     plan: the volume's plan.
     indices: ``[B]`` ints in ``[0, plan.num_patches)``; may be traced.
     pad_value: background beyond the volume.
+    out: numpy volumes only: a C-contiguous ``[B, p, p, p(, C)]`` array of
+      the volume's dtype to cut into (returned) instead of a new one. A
+      staging buffer reused from batch to batch is not allocated and
+      page-faulted anew each time, and stays in cache.
 
   Returns:
     ``[B, p, p, p]`` (or ``[B, p, p, p, C]``), equal to
@@ -323,12 +396,13 @@ def extract_batch(volume: Array, plan: Plan, indices: Array,
   """
   _check_volume(volume, plan.shape)
   xp = _xp(volume)
+  _numpy_only(out, xp)
   p = plan.patch_size
   pos = _patch_indices(plan, indices, xp)
   if xp is np:
     starts = np.stack([np.asarray(plan.starts[a])[pos[a]] for a in range(3)],
                       axis=-1)
-    return _cut_numpy(volume, starts, p, pad_value)
+    return _cut_numpy(volume, starts, p, pad_value, out)
   ar = xp.arange(p)
   idx = []
   for a in range(3):
@@ -476,7 +550,8 @@ def previous_starts(plan: Plan) -> tuple[tuple[int, ...], ...]:
 
 
 def previous_patches(prev_volume: Array, plan: Plan,
-                     pad_value: float = BACKGROUND, indices=None) -> Array:
+                     pad_value: float = BACKGROUND, indices=None, *,
+                     out: np.ndarray | None = None) -> Array:
   """The previous-scale patch of each output patch of ``plan``.
 
   Each is ``p³`` voxels of the previous scale (no resampling), covering
@@ -491,6 +566,8 @@ def previous_patches(prev_volume: Array, plan: Plan,
     pad_value: background around the previous volume.
     indices: optional ``[B]`` flat patch numbers (may be traced); all
       patches when None.
+    out: with numpy ``indices`` on a numpy volume only: the array to cut
+      into, as in `extract_batch`.
 
   Returns:
     ``[N or B, p, p, p]`` (or with channel axis), same array type as
@@ -500,6 +577,8 @@ def previous_patches(prev_volume: Array, plan: Plan,
   expected = tuple(-(-n // 2) for n in plan.shape)
   _check_volume(prev_volume, expected, "previous-scale volume")
   xp = _xp(prev_volume)
+  if indices is None or xp is not np:
+    _numpy_only(out, None)
   p = plan.patch_size
   q = p // 4
   # Starts in unpadded previous-volume coordinates (may be negative).
@@ -516,7 +595,7 @@ def previous_patches(prev_volume: Array, plan: Plan,
     pos = _patch_indices(plan, indices, np)
     return _cut_numpy(prev_volume,
                       np.stack([starts[a][pos[a]] for a in range(3)], -1),
-                      p, pad_value)
+                      p, pad_value, out)
   else:
     pos = _patch_indices(plan, indices, xp)
     for a in range(3):

@@ -164,6 +164,69 @@ def test_host_cut_mixes_inside_partial_and_outside_starts():
   assert np.all(got[2] == -3.0) and np.all(got[3] == -3.0)  # wholly outside
 
 
+@pytest.mark.parametrize("layout", ["c", "flipped_w", "channel_view",
+                                    "readonly_memmap"])
+def test_host_cut_row_view_and_fallback_agree(tmp_path, layout):
+  # Volumes whose W runs are contiguous are cut through `_rows` (void
+  # elements of whole rows), the others row by row; both give the padded
+  # reference. A read-only memmap works through the row view too.
+  base = _random_volume((9, 14, 31), seed=5, channels=3)
+  v = {"c": np.ascontiguousarray(base[..., 0]), "flipped_w": base[:, :, ::-1, 0],
+       "channel_view": base[..., :2], "readonly_memmap": base}[layout]
+  if layout == "readonly_memmap":
+    np.save(tmp_path / "v.npy", v)
+    v = np.load(tmp_path / "v.npy", mmap_mode="r")
+  contiguous = layout in ("c", "readonly_memmap")
+  assert (tiling._rows(v, 2, 6) is not None) == contiguous
+  p = 6
+  rng = np.random.default_rng(1)
+  starts = rng.integers(-3, np.array(v.shape[:3]) - 2, size=(40, 3))
+  pad = 8
+  widths = [(pad, pad)] * 3 + [(0, 0)] * (v.ndim - 3)
+  padded = np.pad(np.asarray(v), widths, constant_values=-1.0)
+  want = np.stack([padded[z + pad:z + pad + p, y + pad:y + pad + p,
+                          x + pad:x + pad + p] for z, y, x in starts])
+  buf = np.full((40, p, p, p) + v.shape[3:], np.nan, np.float32)
+  got = tiling._cut_numpy(v, starts, p, -1.0, buf)
+  assert got is buf
+  np.testing.assert_array_equal(got, want)
+
+
+def test_rows_view_holds_runs_at_every_position():
+  a = np.arange(2 * 3 * 7 * 2, dtype=np.float32).reshape(2, 3, 7, 2)
+  r = tiling._rows(a, 2, 4)
+  assert r.shape == (2, 3, 4) and r.dtype.itemsize == 4 * 2 * 4
+  for x in range(4):
+    np.testing.assert_array_equal(
+        r[1, 2, x:x + 1].view(np.float32).reshape(4, 2), a[1, 2, x:x + 4])
+  assert r.flags.writeable
+  a.flags.writeable = False
+  assert not tiling._rows(a, 2, 4).flags.writeable
+  assert tiling._rows(a, 2, 8) is None  # longer than the axis
+  assert tiling._rows(a[:, :, ::2], 2, 2) is None
+
+
+def test_extract_batch_and_previous_patches_fill_a_given_buffer():
+  plan = tiling.make_plan((20, 33, 18), 8, 2)
+  v = _random_volume(plan.shape, seed=6)
+  prev = _random_volume(tuple(-(-n // 2) for n in plan.shape), seed=7)
+  idx = np.array([0, 5, plan.num_patches - 1])
+  buf = np.empty((3, 8, 8, 8), np.float32)
+  assert tiling.extract_batch(v, plan, idx, out=buf) is buf
+  np.testing.assert_array_equal(buf, tiling.extract(v, plan)[idx])
+  assert tiling.previous_patches(prev, plan, indices=idx, out=buf) is buf
+  np.testing.assert_array_equal(buf, tiling.previous_patches(prev, plan)[idx])
+  for bad in (np.empty((2, 8, 8, 8), np.float32),
+              np.empty((3, 8, 8, 8), np.float64),
+              np.empty((3, 8, 8, 16), np.float32)[..., ::2]):
+    with pytest.raises(ValueError, match="out must be"):
+      tiling.extract_batch(v, plan, idx, out=bad)
+  with pytest.raises(ValueError, match="numpy volume"):
+    tiling.extract_batch(jnp.asarray(v), plan, idx, out=buf)
+  with pytest.raises(ValueError, match="numpy volume"):
+    tiling.previous_patches(prev, plan, out=buf)  # all patches: a gather
+
+
 @pytest.mark.parametrize("channels", [None, 2])
 @pytest.mark.parametrize("strided_out", [False, True])
 @pytest.mark.parametrize("threads", [1, 3])
