@@ -44,10 +44,17 @@ from megan_jax.types import BACKGROUND, Array, Shape3, as_shape3
 
 Range = tuple[int, int]
 
-# Host threads for cutting and stitching batches of numpy patches (the
-# copies release the GIL). On a 2-core Xeon, 2 threads cut a 256³ volume
-# into 32-patch batches in 34 ms instead of 53. Set to 1 for one thread.
+# Host threads for cutting batches of numpy patches (the copies release
+# the GIL). On a 2-core Xeon, 2 threads cut a 256³ volume into 32-patch
+# batches in 34 ms instead of 53. Set to 1 for one thread.
 HOST_THREADS = min(4, os.cpu_count() or 1)
+# Threads for `stitch_into`. An output volume is usually new, so the stitch
+# is what first touches its pages; two threads faulting pages in at once
+# were slower than one here (256³ round trip in 32-patch batches, median of
+# 5: 85-113 ms with one stitch thread, 100-126 ms with two; into memory
+# touched before, two gave 27 ms against 33). Raise it for outputs written
+# more than once.
+STITCH_THREADS = 1
 _THREADED_VOXELS = 1 << 18  # batches smaller than this stay on one thread
 
 
@@ -57,11 +64,12 @@ def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
       workers, thread_name_prefix="megan-tiling")
 
 
-def _in_parallel(fn, count: int, voxels: int) -> None:
-  """Calls ``fn(lo, hi)`` on ``HOST_THREADS`` contiguous parts of
-  ``range(count)`` (one of them on this thread), or once on all of it when
-  the batch is small (``voxels`` in all)."""
-  workers = min(HOST_THREADS, count)
+def _in_parallel(fn, count: int, voxels: int, threads: int | None = None
+                 ) -> None:
+  """Calls ``fn(lo, hi)`` on ``threads`` (default `HOST_THREADS`)
+  contiguous parts of ``range(count)`` (one of them on this thread), or
+  once on all of it when the batch is small (``voxels`` in all)."""
+  workers = min(HOST_THREADS if threads is None else threads, count)
   if workers < 2 or voxels < _THREADED_VOXELS:
     fn(0, count)
     return
@@ -501,7 +509,8 @@ def stitch_into(out: np.ndarray, patches: Array, plan: Plan,
   # one grid row that keep the same W range (all but a row's first and
   # last) go in one copy through a view of ``out``: on 256³ in batches of
   # 32 that took the stitch from 42 to 30 ms (2-core Xeon, one thread).
-  # Patches write disjoint regions, so parts of the batch may go in parallel.
+  # Patches write disjoint regions, so parts of the batch may go in parallel
+  # (`STITCH_THREADS`).
   (vz, vy, vx), (pz, py, px) = _kept_slices_by_axis(plan)
   _, ny, nx = plan.grid
   flat = indices.tolist()
@@ -524,7 +533,7 @@ def stitch_into(out: np.ndarray, patches: Array, plan: Plan,
                   patches[j:j + n, pz[z], py[y], px[x]])
       j += n
 
-  _in_parallel(stitch_part, len(flat), patches.size)
+  _in_parallel(stitch_part, len(flat), patches.size, STITCH_THREADS)
   return out
 
 

@@ -237,6 +237,7 @@ def test_stitch_into_in_grid_order_copies_whole_row_runs(
   may be a strided view. Same result as the whole-volume stitch; the cut
   (threaded too) equals the whole-volume cut, partial patches included."""
   monkeypatch.setattr(tiling, "HOST_THREADS", threads)
+  monkeypatch.setattr(tiling, "STITCH_THREADS", threads)
   monkeypatch.setattr(tiling, "_THREADED_VOXELS", 0)  # thread even tiny ones
   plan = tiling.make_plan((9, 12, 40), 8, 2)
   assert plan.grid[2] >= 8  # runs of several interior patches per row
