@@ -485,3 +485,41 @@ def test_discriminators_validate_inputs():
     _init_shapes(PatchDiscriminator(kind="mid"), S((1, 32, 32, 32, 3), F32))
   with pytest.raises(ValueError, match="norm"):
     _init_shapes(PatchDiscriminator(norm="group"), S((1, 32, 32, 32, 3), F32))
+
+
+def _dot_batch_dims(fn, *args):
+  """Batch dimensions of every dot_general ``fn`` traces to (sub-jaxprs
+  included)."""
+  found = []
+
+  def walk(jaxpr):
+    for e in jaxpr.eqns:
+      if e.primitive.name == "dot_general":
+        found.append(e.params["dimension_numbers"][1])
+      for value in e.params.values():
+        sub = getattr(value, "jaxpr", value)
+        if hasattr(sub, "eqns"):
+          walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_winograd_backward_form_follows_kernel_size(k):
+  # 3³ convs differentiate through the stacked Winograd form (dots batched
+  # over tile positions); 2³ convs run the split Winograd forward and the
+  # dot form's backward (plain dots), which was faster for them.
+  assert layers.WINOGRAD_GRAD_KERNELS == (3,)
+  x = jnp.ones((1, 9, 9, 9, 32))
+  w = jnp.ones((k, k, k, 32, 32))
+  grad = jax.grad(lambda x, w: jnp.sum(layers.conv3d_winograd(x, w, 1) ** 2),
+                  argnums=(0, 1))
+  batch = _dot_batch_dims(grad, x, w)
+  batched = [b for b in batch if b != ((), ())]
+  if k == 3:
+    assert batch and len(batched) == len(batch)
+  else:
+    # the split forward's 27; im2col's dot traced again by its vjp (XLA
+    # drops it: unused) and its two transposes
+    assert not batched and len(batch) == 27 + 3

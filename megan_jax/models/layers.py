@@ -233,6 +233,10 @@ TAPS_OVER_WINOGRAD = 8  # C_in / C_out from which taps go before Winograd
 NARROW_CHANNELS = 4  # up to this many input channels: `conv3d_im2col_narrow`
 TAPS_VOXEL_MAJOR = 16  # C_out from which `conv3d_taps` keeps voxels major
 TAPS_MAX_EXTRA = 1.25  # the most input voxels per output voxel it accepts
+# Kernel sizes whose Winograd convs are also differentiated in the Winograd
+# form; the others (2³) run the Winograd forward and the backward of the
+# dot form (`conv3d_winograd`).
+WINOGRAD_GRAD_KERNELS = (3,)
 
 
 def conv3d_fast(x: Array, kernel: Array, padding: int = 0) -> Array:
@@ -274,6 +278,13 @@ def conv3d_fast(x: Array, kernel: Array, padding: int = 0) -> Array:
       and min(kernel.shape[3:]) >= WINOGRAD_MIN_CHANNELS
       and kernel.shape[3] < TAPS_OVER_WINOGRAD * kernel.shape[4]):
     return conv3d_winograd(x, kernel, padding)
+  return _dots_form(x, kernel, padding)
+
+
+def _dots_form(x: Array, kernel: Array, padding: int) -> Array:
+  """`conv3d_fast`'s choice among its forms 2-4 (no Winograd)."""
+  k = kernel.shape[0]
+  outs = [n + 2 * padding - k + 1 for n in x.shape[1:4]]
   if (kernel.shape[3] >= TAPS_RATIO * kernel.shape[4]
       and math.prod(x.shape[1:4]) <= TAPS_MAX_EXTRA * math.prod(outs)):
     return conv3d_taps(x, kernel, padding).astype(x.dtype)
@@ -436,9 +447,15 @@ def conv3d_winograd(x: Array, kernel: Array, padding: int = 0) -> Array:
   [C_in, C_out]``) and the output transform (``Aᵀ``). The transformed input
   is 8× (k = 3) or 3.4× (k = 2) the input (im2col: k³×). The dots are
   the part XLA's CPU backend runs well, so it pays with enough tiles
-  (`WINOGRAD_MIN_TILES`). The forward runs `_winograd_split`; under
-  differentiation the forward and backward are those of
-  `_winograd_stacked` (same values). Per layer on a 2-core Xeon (HR ResNet
+  (`WINOGRAD_MIN_TILES`). The forward runs `_winograd_split`. Under
+  differentiation, 3³ convs (`WINOGRAD_GRAD_KERNELS`) run the forward and
+  backward of `_winograd_stacked` (same values); 2³ convs keep the split
+  forward and take the backward of the dot form `conv3d_fast` would pick
+  without Winograd: its transforms' transposes cost more than F(2, 2)
+  saves (forward and backward at batch 1, HR generator: first stride-2
+  conv 116 → 107 ms, second transposed conv 154 → 120, discriminator's
+  second conv 82 → 56; batch 4 alike; HR training step 1.8 % faster,
+  LR step unchanged within noise). Per layer on a 2-core Xeon (HR ResNet
   conv, 8³, 256 channels, batch 8): forward 86-102 ms against im2col's
   286 ms; forward and backward 232-311 against 369-487 ms; at batch 1
   forward 19 against 25 ms, forward and backward 72-86 against 42-58 ms
@@ -457,12 +474,18 @@ def conv3d_winograd(x: Array, kernel: Array, padding: int = 0) -> Array:
 
 
 def _winograd_fwd(x, kernel, padding):
-  return jax.vjp(lambda x, kernel: _winograd_stacked(x, kernel, padding),
-                 x, kernel)
+  if kernel.shape[0] in WINOGRAD_GRAD_KERNELS:
+    y, vjp = jax.vjp(lambda x, kernel: _winograd_stacked(x, kernel, padding),
+                     x, kernel)
+    return y, (vjp, None)
+  return _winograd_split(x, kernel, padding), (None, (x, kernel))
 
 
-def _winograd_bwd(padding, vjp, dy):
-  del padding
+def _winograd_bwd(padding, residuals, dy):
+  vjp, inputs = residuals
+  if vjp is None:  # the backward of the dot form `conv3d_fast` would take
+    _, vjp = jax.vjp(lambda x, kernel: _dots_form(x, kernel, padding),
+                     *inputs)
   return vjp(dy)
 
 
