@@ -378,3 +378,20 @@ def test_im2col_variant_traces_the_fast_form_without_taps_or_winograd():
         0].primitive.name != "custom_vjp_call"
   assert (layers.TAPS_RATIO, layers.WINOGRAD_MIN_TILES,
           layers.NARROW_CHANNELS) == (4, 256, 4)
+
+
+def test_time_alternating_takes_turns_and_keeps_a_failing_call_out():
+  order = []
+
+  def bad():
+    order.append("bad")
+    raise RuntimeError("no such window")
+
+  got = throughput.time_alternating(
+      {"a": lambda: order.append("a"), "b": lambda: order.append("b"),
+       "bad": bad}, repeats=3)
+  assert order == ["a", "b", "bad"] + ["a", "b"] * 3
+  assert isinstance(got["bad"], RuntimeError)
+  for name in ("a", "b"):
+    first, times = got[name]
+    assert first >= 0 and len(times) == 3
