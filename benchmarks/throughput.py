@@ -773,16 +773,12 @@ def bench_paired(args, sizes: Sizes, tc: Torch) -> list[dict]:
         def torch_call():
           tstep()
           tc.sync()
-      jax_call()
-      torch_call()
-      tj, tt = [], []
-      for _ in range(args.paired_rounds):
-        t0 = time.perf_counter()
-        jax_call()
-        tj.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        torch_call()
-        tt.append(time.perf_counter() - t0)
+      timed = time_alternating({"jax": jax_call, "torch": torch_call},
+                               args.paired_rounds)
+      for got in timed.values():
+        if isinstance(got, Exception):
+          raise got
+      tj, tt = timed["jax"][1], timed["torch"][1]
       return {"batch": per, "unit": "s/patch" if case == "hr_forward"
               else "s/step", "rounds": args.paired_rounds,
               "jax_times_s": [_r(t) for t in tj],

@@ -241,8 +241,9 @@ def _out_buffer(out, shape, dtype) -> np.ndarray:
   return out
 
 
-def _numpy_only(out, xp) -> None:
-  if out is not None and xp is not np:
+def _numpy_only(out, host_cut: bool) -> None:
+  """``out=`` is only for the per-patch host cut (`_cut_numpy`)."""
+  if out is not None and not host_cut:
     raise ValueError("out= needs a numpy volume and numpy indices (a batch "
                      "cut from a jax array is a new jax array)")
 
@@ -404,7 +405,7 @@ def extract_batch(volume: Array, plan: Plan, indices: Array,
   """
   _check_volume(volume, plan.shape)
   xp = _xp(volume)
-  _numpy_only(out, xp)
+  _numpy_only(out, xp is np)
   p = plan.patch_size
   pos = _patch_indices(plan, indices, xp)
   if xp is np:
@@ -586,8 +587,7 @@ def previous_patches(prev_volume: Array, plan: Plan,
   expected = tuple(-(-n // 2) for n in plan.shape)
   _check_volume(prev_volume, expected, "previous-scale volume")
   xp = _xp(prev_volume)
-  if indices is None or xp is not np:
-    _numpy_only(out, None)
+  _numpy_only(out, indices is not None and xp is np)
   p = plan.patch_size
   q = p // 4
   # Starts in unpadded previous-volume coordinates (may be negative).
