@@ -797,19 +797,16 @@ def bench_paired(args, sizes: Sizes, tc: Torch) -> list[dict]:
 # stitch
 # ---------------------------------------------------------------------------
 def tile_round_trip(volume: np.ndarray, patch: int, border: int,
-                    batch: int, network=lambda x: x) -> np.ndarray:
-  """Ours: plan, cut ``batch`` patches at a time into one reused staging
-  buffer, ``network``, stitch the centres into a new volume (what
-  ``infer.Translator`` does on the host)."""
+                    batch: int, network=lambda x: x,
+                    threads: int | None = None) -> np.ndarray:
+  """Ours: `tiling.map_patches` (plan, cut ``batch`` patches at a time into
+  reused staging buffers, ``network``, stitch the centres into a new
+  volume; batches spread over ``threads`` workers, default
+  `tiling.HOST_THREADS`)."""
   from megan_jax import tiling
   plan = tiling.make_plan(volume.shape, patch, border)
-  out = np.empty_like(volume)
-  stage = np.empty((batch,) + (patch,) * 3 + volume.shape[3:], volume.dtype)
-  for start in range(0, plan.num_patches, batch):
-    idx = np.arange(start, min(start + batch, plan.num_patches))
-    cut = tiling.extract_batch(volume, plan, idx, out=stage[:len(idx)])
-    tiling.stitch_into(out, network(cut), plan, idx)
-  return out
+  return tiling.map_patches(network, volume, plan, batch_size=batch,
+                            threads=threads)
 
 
 def monai_windows(size: int, patch: int, step: int) -> int:
@@ -850,8 +847,8 @@ def bench_stitch(args, sizes: Sizes, tc: Torch) -> list[dict]:
     plan = tiling.make_plan(vol.shape, p, b)
     base = {"section": "stitch", "size": size, "patch": p, "border": b,
             "sw_batch": args.stitch_batch}
-    calls = {"ours": lambda vol=vol: tile_round_trip(vol, p, b,
-                                                     args.stitch_batch)}
+    calls = {"ours": lambda vol=vol: tile_round_trip(
+        vol, p, b, args.stitch_batch, threads=tc.threads)}
     monai_row = dict(base, framework="monai", impl="sliding_window_inference",
                      overlap=2 * b / p)
     if tc.monai_error or tc.monai_swi is None:

@@ -59,9 +59,12 @@ _THREADED_VOXELS = 1 << 18  # batches smaller than this stay on one thread
 
 
 @functools.lru_cache(maxsize=None)
-def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+def _pool(workers: int, kind: str = "cut"
+          ) -> concurrent.futures.ThreadPoolExecutor:
+  """Threads for `_in_parallel` (``kind`` "cut") or `map_patches` ("map"):
+  separate pools, so a worker of one may wait on the other."""
   return concurrent.futures.ThreadPoolExecutor(
-      workers, thread_name_prefix="megan-tiling")
+      workers, thread_name_prefix=f"megan-tiling-{kind}")
 
 
 def _in_parallel(fn, count: int, voxels: int, threads: int | None = None
@@ -288,7 +291,8 @@ def _rows(a: np.ndarray, axis: int, n: int) -> np.ndarray | None:
 
 
 def _cut_numpy(volume: np.ndarray, starts: np.ndarray, p: int,
-               pad_value, out: np.ndarray | None = None) -> np.ndarray:
+               pad_value, out: np.ndarray | None = None,
+               threads: int | None = None) -> np.ndarray:
   """``[B, p, p, p(, C)]`` cubes of a host volume starting at ``starts``
   (``[B, 3]``, may lie partly or wholly outside: those voxels get
   ``pad_value``).
@@ -298,10 +302,14 @@ def _cut_numpy(volume: np.ndarray, starts: np.ndarray, p: int,
   whole cut-and-stitch round trip), and a memmap reads only the patch's
   pages. Which patches lie wholly inside is decided for the batch at once, so
   those (all of them, for an output plan on a volume at least one patch
-  wide) cost one slice assignment each and no per-axis Python. The batch
-  is split over `HOST_THREADS` threads (`_in_parallel`). A vectorised
-  gather (fancy indexing over a strided window view) was 2× slower: numpy
-  copies it element by element.
+  wide) cost no per-axis Python. Consecutive inside patches of one grid row
+  (same z and y, x advancing by a constant step) go in one copy through a
+  strided view: numpy then holds the GIL once per row of patches instead of
+  once per patch, which is what lets two threads cut at once (256³ round
+  trip over 2 threads: 83 → 67 ms). The batch is split over ``threads``
+  threads (default `HOST_THREADS`; `_in_parallel`). A vectorised gather
+  (fancy indexing over a strided window view) was 2× slower: numpy copies it
+  element by element.
   """
   starts = np.asarray(starts).reshape(-1, 3)
   shape = volume.shape[:3]
@@ -314,14 +322,36 @@ def _cut_numpy(volume: np.ndarray, starts: np.ndarray, p: int,
   if rows:
     dst_rows = dst_rows[..., 0]
 
+  def run_length(j: int, stop: int) -> tuple[int, int]:
+    """How many patches from ``j`` on form one row of inside patches, and
+    their x step."""
+    z, y, x = starts[j]
+    if j + 1 >= stop or not inside[j + 1]:
+      return 1, 0
+    z1, y1, x1 = starts[j + 1]
+    d = x1 - x
+    if z1 != z or y1 != y or d <= 0:
+      return 1, 0
+    n = 2
+    while (j + n < stop and inside[j + n]
+           and starts[j + n] == [z, y, x + n * d]):
+      n += 1
+    return n, d
+
   def cut(first: int, stop: int) -> None:
-    for j in range(first, stop):
+    j = first
+    while j < stop:
       z, y, x = starts[j]
       if inside[j]:
-        if rows:
+        n, d = run_length(j, stop) if rows else (1, 0)
+        if n > 1:
+          run = src_rows[z:z + p, y:y + p, x:x + (n - 1) * d + 1:d]
+          np.copyto(dst_rows[j:j + n], np.moveaxis(run, 2, 0))
+        elif rows:
           dst_rows[j] = src_rows[z:z + p, y:y + p, x]
         else:
           out[j] = volume[z:z + p, y:y + p, x:x + p]
+        j += n
         continue
       src, dst, empty = [], [], False
       for a, st in enumerate((z, y, x)):
@@ -334,8 +364,9 @@ def _cut_numpy(volume: np.ndarray, starts: np.ndarray, p: int,
       out[j] = pad_value
       if not empty:
         out[(j, *dst)] = volume[tuple(src)]
+      j += 1
 
-  _in_parallel(cut, len(starts), out.size)
+  _in_parallel(cut, len(starts), out.size, threads)
   return out
 
 
@@ -505,13 +536,18 @@ def stitch_into(out: np.ndarray, patches: Array, plan: Plan,
     raise ValueError(
         f"patch indices must lie in [0, {plan.num_patches}), got "
         f"{indices.min()}..{indices.max()}")
+  return _stitch_numpy(out, patches, plan, indices, STITCH_THREADS)
+
+
+def _stitch_numpy(out: np.ndarray, patches: np.ndarray, plan: Plan,
+                  indices: np.ndarray, threads: int) -> np.ndarray:
+  """`stitch_into` without its checks, on ``threads`` threads."""
   # The per-axis slices are built once per plan (`Plan.kept_slices` per
   # patch cost as much as the copy itself on 256³). Consecutive patches of
   # one grid row that keep the same W range (all but a row's first and
   # last) go in one copy through a view of ``out``: on 256³ in batches of
   # 32 that took the stitch from 42 to 30 ms (2-core Xeon, one thread).
-  # Patches write disjoint regions, so parts of the batch may go in parallel
-  # (`STITCH_THREADS`).
+  # Patches write disjoint regions, so parts of the batch may go in parallel.
   (vz, vy, vx), (pz, py, px) = _kept_slices_by_axis(plan)
   _, ny, nx = plan.grid
   flat = indices.tolist()
@@ -534,7 +570,100 @@ def stitch_into(out: np.ndarray, patches: Array, plan: Plan,
                   patches[j:j + n, pz[z], py[y], px[x]])
       j += n
 
-  _in_parallel(stitch_part, len(flat), patches.size, STITCH_THREADS)
+  _in_parallel(stitch_part, len(flat), patches.size, threads)
+  return out
+
+
+def map_patches(fn, volume: np.ndarray, plan: Plan, *, batch_size: int = 32,
+                pad_value: float = BACKGROUND, threads: int | None = None,
+                out: np.ndarray | None = None) -> np.ndarray:
+  """Applies ``fn`` to every patch of a host volume and stitches the kept
+  centres of what it returns: a sliding-window inference on the host, with
+  no blending (MONAI's ``sliding_window_inference``, on this module's grid).
+
+  Batches of ``batch_size`` patches (C order) go to ``threads`` workers in
+  turn. Each cuts its batch into its own staging buffer (reused from batch
+  to batch), calls ``fn`` and stitches the result into ``out``; batches
+  write disjoint voxels, so nothing is locked. On a 2-core Xeon a 256³
+  round trip with the identity in 32-patch batches took 67 ms over two
+  workers against 95 ms for the same steps in one loop with each step
+  threaded (`extract_batch`, `stitch_into`).
+
+  Args:
+    fn: ``[B, p, p, p(, C)]`` numpy batch → ``[B, p, p, p(, C')]`` array
+      (numpy or jax). With ``threads > 1`` it is called from several threads
+      at once (numpy code and jitted JAX functions are fine; pass
+      ``threads=1`` otherwise). Its input is overwritten by a later batch,
+      so it must not keep it. The last batch may be shorter.
+    volume: ``[D, H, W]`` or ``[D, H, W, C]`` numpy array (memmaps too).
+    plan: the volume's plan.
+    batch_size: patches per call of ``fn``.
+    pad_value: background beyond the volume.
+    threads: workers (default `HOST_THREADS`).
+    out: optional ``[D, H, W(, C')]`` numpy array to stitch into; a new one
+      of ``fn``'s dtype otherwise.
+
+  Returns:
+    ``out``: equal to ``stitch(fn(extract(volume, plan)), plan)`` for a
+    patch-wise ``fn``.
+  """
+  if not isinstance(volume, np.ndarray):
+    raise ValueError(f"map_patches needs a numpy volume, got "
+                     f"{type(volume).__name__}")
+  _check_volume(volume, plan.shape)
+  batch_size = _as_int("batch_size", batch_size)
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+  p, n = plan.patch_size, plan.num_patches
+  pos = np.unravel_index(np.arange(n), plan.grid)
+  starts = np.stack([np.asarray(plan.starts[a])[pos[a]] for a in range(3)],
+                    axis=-1)
+  bounds = [(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+  stage_shape = (batch_size, p, p, p) + tuple(volume.shape[3:])
+
+  def run(stage, lo, hi):
+    got = fn(_cut_numpy(volume, starts[lo:hi], p, pad_value, stage[:hi - lo],
+                        threads=1))
+    got = np.asarray(got)
+    if got.ndim not in (4, 5) or got.shape[:4] != (hi - lo, p, p, p):
+      raise ValueError(f"fn returned shape {got.shape} for a batch of shape "
+                       f"{stage[:hi - lo].shape}; expected "
+                       f"[{hi - lo}, {p}, {p}, {p}(, C)]")
+    return got
+
+  stage = np.empty(stage_shape, volume.dtype)
+  first = run(stage, *bounds[0])  # fixes the output's channels and dtype
+  if out is None:
+    out = np.empty(plan.shape + first.shape[4:], first.dtype)
+  else:
+    _check_volume(out, plan.shape, "out")
+    if out.shape[3:] != first.shape[4:]:
+      raise ValueError(f"out of shape {out.shape} does not take fn's "
+                       f"outputs of shape {first.shape}")
+    if np.may_share_memory(out, volume):
+      raise ValueError("out overlaps the volume: patches would be cut from "
+                       "voxels already stitched over")
+  idx = np.arange(n)
+  _stitch_numpy(out, first, plan, idx[slice(*bounds[0])], 1)
+  workers = max(1, min(HOST_THREADS if threads is None else threads,
+                       len(bounds) - 1))
+
+  def work(t: int) -> None:
+    buf = stage if t == 0 else np.empty(stage_shape, volume.dtype)
+    for lo, hi in bounds[1 + t::workers]:
+      _stitch_numpy(out, run(buf, lo, hi), plan, idx[lo:hi], 1)
+
+  futures = [_pool(workers - 1, "map").submit(work, t)
+             for t in range(1, workers)]
+  try:
+    work(0)
+  except BaseException:
+    for f in futures:
+      f.cancel()
+    concurrent.futures.wait(futures)
+    raise
+  for f in futures:
+    f.result()
   return out
 
 

@@ -7,6 +7,7 @@ timing's size. The PyTorch and MONAI comparisons run where torch is
 installed.
 """
 import glob
+import itertools
 import json
 import os
 import sys
@@ -157,19 +158,26 @@ def test_markdown_tables(no_torch_run):
           f"{throughput.NO_TORCH}") in text.splitlines()
 
 
-def test_tile_round_trip_with_a_network():
+@pytest.mark.parametrize("threads", [1, 3])
+def test_tile_round_trip_with_a_network(threads):
   """The stitch benchmark's loop keeps each patch's centre: a network that
-  marks every voxel with its patch number gives the plan's own layout."""
-  vol = np.zeros((30, 27, 41), np.float32)
+  marks every voxel with its patch number (read off the patch's corner,
+  since batches may run in any order) gives the plan's own layout."""
+  shape = (30, 27, 41)
+  z, y, x = np.meshgrid(*map(np.arange, shape), indexing="ij")
+  vol = (z * 10000 + y * 100 + x).astype(np.float32)  # exact in float32
   plan = tiling.make_plan(vol.shape, 16, 3)
+  number_of = {(s0, s1, s2): i for i, (s0, s1, s2) in enumerate(
+      itertools.product(*plan.starts))}
   calls = []
 
   def number(patches):
     calls.append(len(patches))
-    start = sum(calls[:-1])
-    ids = np.arange(start, start + len(patches), dtype=np.float32)
+    corner = patches[:, 0, 0, 0].astype(int)
+    ids = np.array([number_of[(c // 10000, c // 100 % 100, c % 100)]
+                    for c in corner], np.float32)
     return np.broadcast_to(ids[:, None, None, None], patches.shape)
-  out = throughput.tile_round_trip(vol, 16, 3, 5, number)
+  out = throughput.tile_round_trip(vol, 16, 3, 5, number, threads=threads)
   assert sum(calls) == plan.num_patches and max(calls) == 5
   for i in range(plan.num_patches):
     v, _ = plan.kept_slices(i)

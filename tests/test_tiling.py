@@ -192,6 +192,45 @@ def test_host_cut_row_view_and_fallback_agree(tmp_path, layout):
   np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("channels", [None, 2])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_host_cut_copies_rows_of_patches_at_once(monkeypatch, channels,
+                                                 threads):
+  # Consecutive inside patches with the same z and y and x advancing by a
+  # constant step go in one strided copy; a changed step, a patch partly
+  # outside, another row or a thread's part boundary ends a run. Same
+  # result as the padded reference either way.
+  monkeypatch.setattr(tiling, "HOST_THREADS", threads)
+  monkeypatch.setattr(tiling, "_THREADED_VOXELS", 0)
+  v = _random_volume((10, 12, 40), seed=8, channels=channels)
+  p = 6
+  starts = ([[1, 2, x] for x in range(0, 30, 5)]      # a run of 6, step 5
+            + [[1, 2, 31], [1, 2, 34]]                # step changes
+            + [[1, 2, 38]]                            # partly outside
+            + [[4, 3, x] for x in (3, 5, 7, 9)]       # another row, step 2
+            + [[4, 4, 9], [4, 4, 9], [0, 0, 0]])      # step 0: no run
+  starts = np.array(starts)
+  calls = []
+  copyto = np.copyto
+
+  def counting(dst, src, *args, **kwargs):
+    calls.append(dst.shape[0])
+    return copyto(dst, src, *args, **kwargs)
+
+  monkeypatch.setattr(np, "copyto", counting)
+  pad = 8
+  widths = [(pad, pad)] * 3 + [(0, 0)] * (v.ndim - 3)
+  padded = np.pad(v, widths, constant_values=-1.0)
+  want = np.stack([padded[z + pad:z + pad + p, y + pad:y + pad + p,
+                          x + pad:x + pad + p] for z, y, x in starts])
+  got = tiling._cut_numpy(v, starts, p, -1.0)
+  np.testing.assert_array_equal(got, want)
+  if threads == 1:
+    assert sorted(calls) == [2, 4, 6]  # the step-5 row, 31/34, the step-2 row
+  else:
+    assert sum(calls) <= 12 and len(calls) >= 3
+
+
 def test_rows_view_holds_runs_at_every_position():
   a = np.arange(2 * 3 * 7 * 2, dtype=np.float32).reshape(2, 3, 7, 2)
   r = tiling._rows(a, 2, 4)
@@ -258,6 +297,61 @@ def test_stitch_into_in_grid_order_copies_whole_row_runs(
   np.testing.assert_array_equal(
       tiling.previous_patches(prev, plan, indices=np.arange(30)),
       tiling.previous_patches(prev, plan)[:30])
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("batch_size", [1, 7, 1000])
+def test_map_patches_equals_stitch_of_mapped_patches(tmp_path, threads,
+                                                     batch_size):
+  plan = tiling.make_plan((13, 30, 41), 8, 2)
+  v = _random_volume(plan.shape, seed=9, channels=2)
+  np.save(tmp_path / "v.npy", v)
+  v = np.load(tmp_path / "v.npy", mmap_mode="r")  # read-only memmap
+
+  def fn(x):  # patch-wise, changes channels and dtype
+    return np.concatenate([x.sum(-1, keepdims=True), x[..., :1] * 2], -1
+                          ).astype(np.float64)
+  want = tiling.stitch(fn(tiling.extract(np.asarray(v), plan, -4.0)), plan)
+  got = tiling.map_patches(fn, v, plan, batch_size=batch_size,
+                           pad_value=-4.0, threads=threads)
+  assert got.dtype == np.float64 and got.shape == plan.shape + (2,)
+  np.testing.assert_array_equal(got, want)
+  out = np.full(plan.shape + (2,), np.nan)
+  assert tiling.map_patches(fn, v, plan, batch_size=batch_size,
+                            pad_value=-4.0, threads=threads, out=out) is out
+  np.testing.assert_array_equal(out, want)
+
+
+def test_map_patches_jax_fn_and_short_volume():
+  plan = tiling.make_plan((5, 40, 3), 8, 2)  # axes shorter than a patch
+  v = _random_volume(plan.shape, seed=10)
+  fn = jax.jit(lambda x: jnp.tanh(x) + 1)
+  got = tiling.map_patches(fn, v, plan, batch_size=3, threads=2)
+  np.testing.assert_allclose(got, np.tanh(v) + 1, rtol=1e-6, atol=1e-6)
+
+
+def test_map_patches_errors():
+  plan = tiling.make_plan((10, 12, 14), 8, 2)
+  v = _random_volume(plan.shape, seed=11)
+  with pytest.raises(ValueError, match="numpy volume"):
+    tiling.map_patches(lambda x: x, jnp.asarray(v), plan)
+  with pytest.raises(ValueError, match="batch_size"):
+    tiling.map_patches(lambda x: x, v, plan, batch_size=0)
+  with pytest.raises(ValueError, match="fn returned shape"):
+    tiling.map_patches(lambda x: x[:, :4], v, plan)
+  with pytest.raises(ValueError, match="overlaps the volume"):
+    tiling.map_patches(lambda x: x, v, plan, out=v)
+  with pytest.raises(ValueError, match="does not take"):
+    tiling.map_patches(lambda x: x, v, plan, out=np.empty(v.shape + (2,)))
+
+  def fails_late(x):  # in a worker thread, after the first batch
+    if x[0, 0, 0, 0] == 123.0:
+      raise RuntimeError("boom")
+    return x
+  plan_big = tiling.make_plan((10, 12, 14), 4, 1)
+  v[6, 6, 6] = 123.0  # a patch corner, far from the first batch
+  with pytest.raises(RuntimeError, match="boom"):
+    tiling.map_patches(fails_late, v, plan_big, batch_size=1, threads=3)
 
 
 def test_stitch_into_rejects_indices_outside_the_plan():
