@@ -121,6 +121,13 @@ _CASES = {
     "taps_voxel_major": (lambda x, k: layers.conv3d_taps(x, k, 1),
                          lambda x, k: layers.conv3d(x, k, 1), 2,
                          (2, 5, 4, 6, 3)),
+    # k = 2 (8 taps, `layers.TAPS_OWN_GRAD_TAPS`): `_taps_small`'s backward.
+    "taps_small_p0": (lambda x, k: layers.conv3d_taps(x, k, 0),
+                      lambda x, k: layers.conv3d(x, k, 0), 2,
+                      (2, 6, 5, 7, 3)),
+    "taps_voxel_major_k3": (lambda x, k: layers.conv3d_taps(x, k, 1),
+                            lambda x, k: layers.conv3d(x, k, 1), 3,
+                            (1, 5, 4, 6, 3)),
     "winograd_p1": (lambda x, k: layers.conv3d_winograd(x, k, 1),
                     lambda x, k: layers.conv3d(x, k, 1), 3, (2, 5, 6, 7, 3)),
     "winograd_p0": (lambda x, k: layers.conv3d_winograd(x, k, 0),
@@ -150,7 +157,8 @@ _CASES = {
 def test_fast_equals_plain_values_and_gradients(case):
   fast, plain, k, shape = _CASES[case]
   cout = {"out_1ch": 1, "out_2ch_k5": 2, "fast_many_tiles": 32,
-          "fast_many_tiles_k2": 32, "taps_voxel_major": 16}.get(case, 5)
+          "fast_many_tiles_k2": 32, "taps_voxel_major": 16,
+          "taps_small_p0": 16, "taps_voxel_major_k3": 16}.get(case, 5)
   x = _rand(0, shape)
   kernel = _rand(1, (k, k, k, shape[-1], cout), 1 / np.sqrt(k**3 * shape[-1]))
   y_fast, g_fast = _value_and_grads(fast, x, kernel)
@@ -503,6 +511,16 @@ def _dot_batch_dims(fn, *args):
 
   walk(jax.make_jaxpr(fn)(*args).jaxpr)
   return found
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_voxel_major_taps_take_own_backward_for_few_taps(k):
+  # 2³ kernels (the stride-2 layers' convs): `_taps_small`, a custom vjp;
+  # 3³ ones differentiate the form itself.
+  assert layers.TAPS_OWN_GRAD_TAPS == 8
+  x, w = jnp.ones((1, 5, 5, 5, 4)), jnp.ones((k, k, k, 4, 16))
+  jaxpr = str(jax.make_jaxpr(lambda x, w: layers.conv3d_taps(x, w, 1))(x, w))
+  assert ("custom_vjp_call" in jaxpr) == (k == 2)
 
 
 @pytest.mark.parametrize("k", [2, 3])

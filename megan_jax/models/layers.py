@@ -27,6 +27,7 @@ weight import and tests see one layout. Importing PyTorch weights:
 Padding is zero padding everywhere, as in the PyTorch reference.
 """
 import functools
+import itertools
 import math
 from typing import Any, Callable, Sequence
 
@@ -233,6 +234,7 @@ TAPS_OVER_WINOGRAD = 8  # C_in / C_out from which taps go before Winograd
 NARROW_CHANNELS = 4  # up to this many input channels: `conv3d_im2col_narrow`
 TAPS_VOXEL_MAJOR = 16  # C_out from which `conv3d_taps` keeps voxels major
 TAPS_MAX_EXTRA = 1.25  # the most input voxels per output voxel it accepts
+TAPS_OWN_GRAD_TAPS = 8  # up to this many taps, `_taps_small`'s backward
 # Kernel sizes whose Winograd convs are also differentiated in the Winograd
 # form; the others (2³) run the Winograd forward and the backward of the
 # dot form (`conv3d_winograd`).
@@ -620,7 +622,14 @@ def _taps_voxel_major(x: Array, kernel: Array, padding: int) -> Array:
   """`conv3d_taps` with ``y = x·kernel`` kept voxel-major (``[B, D, H, W,
   k, k, k, C_out]``): no transposed copy of ``x`` for the dot. For the LR
   ResNet's first stride-2 conv (2³ conv 512→64 at 64³) XLA's CPU backend
-  spent 1.2 s of a training step on that copy."""
+  spent 1.2 s of a training step on that copy. Kernels of at most
+  ``TAPS_OWN_GRAD_TAPS`` taps take `_taps_small`'s backward."""
+  if kernel.shape[0] ** 3 <= TAPS_OWN_GRAD_TAPS:
+    return _taps_small(x, kernel, padding)
+  return _taps_voxel_major_form(x, kernel, padding)
+
+
+def _taps_voxel_major_form(x: Array, kernel: Array, padding: int) -> Array:
   k, cin, cout = kernel.shape[0], kernel.shape[3], kernel.shape[4]
   w = kernel.reshape(k**3, cin, cout).transpose(1, 0, 2)
   w = w.reshape(cin, k**3 * cout)
@@ -628,6 +637,48 @@ def _taps_voxel_major(x: Array, kernel: Array, padding: int) -> Array:
                       preferred_element_type=jnp.float32)
   y = y.reshape(x.shape[:4] + (k, k, k, cout))
   return _shift_add(y, padding, ((6, 3), (5, 2), (4, 1)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _taps_small(x: Array, kernel: Array, padding: int) -> Array:
+  """`_taps_voxel_major_form` with its own backward, for few taps (the 2³
+  convs of the stride-2 layers): the output gradient at every tap,
+  ``dY[v, t] = dy[v - t + p]``, is built in one concatenation of k³
+  shifted copies (autodiff of `_shift_add` builds it one axis at a time,
+  through three materialised stages), then ``dx = dY·wᵀ`` and
+  ``dw = xᵀ·dY``."""
+  return _taps_voxel_major_form(x, kernel, padding)
+
+
+def _taps_small_fwd(x, kernel, padding):
+  return _taps_voxel_major_form(x, kernel, padding), (x, kernel)
+
+
+def _taps_small_bwd(padding, residuals, dy):
+  x, kernel = residuals
+  k, cin, cout = kernel.shape[0], kernel.shape[3], kernel.shape[4]
+  n_in, n_out = x.shape[1:4], dy.shape[1:4]
+  zero = jnp.zeros((), x.dtype)
+  dy = dy.astype(x.dtype)
+  parts = []
+  for t in itertools.product(range(k), repeat=3):
+    config = [(0, 0, 0)]
+    for a in range(3):  # dY[v] = dy[v - lo]: pad lo = t - p below
+      lo = t[a] - padding
+      config.append((lo, n_in[a] - n_out[a] - lo, 0))
+    parts.append(lax.pad(dy, zero, config + [(0, 0, 0)]))
+  d_taps = jnp.stack(parts, axis=4)  # [B, D, H, W, k³, C_out]
+  w = kernel.reshape(k**3, cin, cout).astype(x.dtype)
+  dx = lax.dot_general(d_taps, w, (((4, 5), (0, 2)), ((), ())),
+                       preferred_element_type=jnp.float32)
+  dw = lax.dot_general(x.reshape(-1, cin), d_taps.reshape(-1, k**3, cout),
+                       (((0,), (0,)), ((), ())),
+                       preferred_element_type=jnp.float32)  # [C_in, k³, C_out]
+  dw = dw.transpose(1, 0, 2).reshape(kernel.shape)
+  return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+_taps_small.defvjp(_taps_small_fwd, _taps_small_bwd)
 
 
 def _shift_add(y: Array, padding: int, axes) -> Array:
