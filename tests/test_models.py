@@ -111,6 +111,8 @@ _CASES = {
     "down_p0_odd": _DOWN(0) + (4, (1, 9, 7, 8, 2)),
     "down_k3_p1": _DOWN(1) + (3, (1, 8, 7, 6, 1)),
     "up": (layers.up_conv_fast, layers.up_conv_plain, 4, (2, 3, 4, 5, 3)),
+    "up_own_grad": (layers._up_conv_own_grad, layers.up_conv_plain, 4,
+                    (2, 3, 4, 5, 3)),
     "out_1ch": (lambda x, k: layers.out_conv_fast(x, k, 3),
                 lambda x, k: layers.conv3d(x, k, 3), 7, (1, 5, 6, 7, 4)),
     "out_2ch_k5": (lambda x, k: layers.out_conv_fast(x, k, 2),
@@ -511,6 +513,20 @@ def _dot_batch_dims(fn, *args):
 
   walk(jax.make_jaxpr(fn)(*args).jaxpr)
   return found
+
+
+@pytest.mark.parametrize("side,batch,own", [(16, 1, True), (8, 1, False),
+                                            (8, 4, True)])
+def test_up_conv_takes_own_backward_where_its_input_gradient_goes_winograd(
+    side, batch, own):
+  # The input gradient is `down_conv_fast`'s 2³ conv 8·C_out -> C_in over
+  # side³ outputs: Winograd from 256 2³-tiles (HR decoder: 16³ -> 32³ at
+  # batch 1, 8³ -> 16³ from batch 4).
+  assert layers.UP_OWN_GRAD and layers.WINOGRAD_MIN_TILES == 256
+  x = jax.ShapeDtypeStruct((batch, side, side, side, 128), jnp.float32)
+  w = jax.ShapeDtypeStruct((4, 4, 4, 128, 64), jnp.float32)
+  jaxpr = str(jax.make_jaxpr(layers.up_conv_fast)(x, w))
+  assert ("custom_vjp_call" in jaxpr) == own
 
 
 @pytest.mark.parametrize("k", [2, 3])
