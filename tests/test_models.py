@@ -323,8 +323,8 @@ def test_hr_generator_flops_per_patch(monkeypatch):
   dilated convs are under-counted by XLA's cost model) with Winograd off
   (it does fewer multiplies than the network has) includes the
   sub-pixel up convs' extra windows: each of the 8 phases runs at (n+1)³
-  windows for n³ outputs; and the same for the tap-matmul form of the first
-  down conv (`layers.conv3d_fast`).
+  windows for n³ outputs; and the same for the tap-matmul form of the
+  down convs (`layers.conv3d_fast`).
   """
   monkeypatch.setattr(layers, "WINOGRAD_MIN_TILES", math.inf)
   model, x = HRGenerator(impl="fast"), S((1, 32, 32, 32, 2), F32)
@@ -333,9 +333,10 @@ def test_hr_generator_flops_per_patch(monkeypatch):
       params, x).cost_analysis()["flops"]
   extra = sum(2 * ((n + 1)**3 - n**3) * 64 * cin * cout
               for n, cin, cout in ((8, 256, 128), (16, 128, 64)))
-  # The first stride-2 conv's space-to-depth conv (512 -> 128 channels,
-  # 17³ -> 16³) runs as the tap matmul, at every input voxel.
+  # The stride-2 convs' space-to-depth convs (512 -> 128 channels, 17³ ->
+  # 16³; 1024 -> 256, 9³ -> 8³) run as the tap matmul, at every input voxel.
   extra += 2 * (17**3 - 16**3) * 8 * 512 * 128
+  extra += 2 * (9**3 - 8**3) * 8 * 1024 * 256
   assert flops == pytest.approx(36.3e9 + extra, rel=0.02)
 
 

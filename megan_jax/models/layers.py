@@ -233,7 +233,7 @@ TAPS_RATIO = 4  # C_in / C_out from which `conv3d_fast` takes the taps form
 TAPS_OVER_WINOGRAD = 8  # C_in / C_out from which taps go before Winograd
 NARROW_CHANNELS = 4  # up to this many input channels: `conv3d_im2col_narrow`
 TAPS_VOXEL_MAJOR = 16  # C_out from which `conv3d_taps` keeps voxels major
-TAPS_MAX_EXTRA = 1.25  # the most input voxels per output voxel it accepts
+TAPS_MAX_EXTRA = 1.5  # the most input voxels per output voxel it accepts
 TAPS_OWN_GRAD_TAPS = 8  # up to this many taps, `_taps_small`'s backward
 UP_OWN_GRAD = True  # `up_conv_fast` takes `_up_conv_own_grad`'s backward
 # Kernel sizes whose Winograd convs are also differentiated in the Winograd
@@ -261,9 +261,11 @@ def conv3d_fast(x: Array, kernel: Array, padding: int = 0) -> Array:
   2. The tap matmul (`conv3d_taps`: k³·C_out values per input voxel) when
      C_in >= ``TAPS_RATIO``·C_out and the input has at most
      ``TAPS_MAX_EXTRA`` × the output's voxels (it multiplies at every
-     input voxel: on an 8³ output of a valid 2³ conv 42 % more work, and
-     im2col won). That LR conv: 8.4 s against im2col's 18.1 (its columns
-     are 4.3 GB).
+     input voxel). That LR conv: 8.4 s against im2col's 18.1 (its columns
+     are 4.3 GB). On an 8³ output of a valid 2³ conv (the HR generator's
+     second stride-2 conv, 42 % more multiplies) im2col won until the 2³
+     taps form had its own backward (`_taps_small`); since, taps 0.88× its
+     time, so the bound went from 1.25 to 1.5.
   3. `conv3d_im2col_narrow` for at most ``NARROW_CHANNELS`` input channels
      (the edge sketch): the LR generator's first conv, forward and kernel
      gradient 1.1 s against 2.9.
