@@ -558,3 +558,28 @@ def test_winograd_backward_form_follows_kernel_size(k):
     # the split forward's 27; im2col's dot traced again by its vjp (XLA
     # drops it: unused) and its two transposes
     assert not batched and len(batch) == 27 + 3
+
+
+@pytest.mark.parametrize("name", ["narrow", "taps_small", "up_own_grad"])
+def test_own_backwards_run_in_bfloat16(name):
+  # XLA's CPU dot thunk has no bf16 x bf16 -> f32 (only its YNNPACK fusions
+  # do): the custom backwards accumulate in the input dtype, as autodiff
+  # does. Gradients near the float32 ones.
+  rng = np.random.default_rng(0)
+  fn, xs, ks = {
+      "narrow": (lambda x, k: layers.conv3d_im2col_narrow(x, k, 0),
+                 (1, 15, 15, 15, 3), (4, 4, 4, 3, 8)),
+      "taps_small": (lambda x, k: layers.conv3d_taps(x, k, 0),
+                     (1, 14, 14, 14, 64), (2, 2, 2, 64, 16)),
+      "up_own_grad": (layers._up_conv_own_grad, (1, 6, 6, 6, 16),
+                      (4, 4, 4, 16, 8)),
+  }[name]
+  x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
+  k = jnp.asarray(rng.standard_normal(ks) / np.sqrt(np.prod(ks[:4])), jnp.float32)
+  grads = {}
+  for dt in (jnp.float32, jnp.bfloat16):
+    loss = lambda x, k: jnp.sum(fn(x.astype(dt), k.astype(dt)).astype(jnp.float32) ** 2)
+    grads[dt] = jax.jit(jax.grad(loss, (0, 1)))(x, k)
+  for a, b in zip(grads[jnp.bfloat16], grads[jnp.float32]):
+    assert a.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, rtol=0.1, atol=0.05 * float(jnp.abs(b).max()))

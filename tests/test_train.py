@@ -130,3 +130,16 @@ def test_paper_configs_fit_their_data():
   copd = configs.get_config("copd_ct")
   assert resample.scale_shapes((512,) * 3, copd.num_hr_scales)[0] == (64,) * 3
   assert state_lib.scale_names(copd) == ["lr", "hr1", "hr2", "hr3"]
+
+
+@pytest.mark.parametrize("kind,scale", [("hr", 2), ("lr", 0)])
+def test_bfloat16_step_runs(subjects, kind, scale):
+  """bf16 compute (float32 params) trains on the CPU too: every custom
+  backward of the fast convs runs in bf16."""
+  config = tiny_config(**{"model.dtype": "bfloat16"})
+  state = state_lib.create_state(jax.random.key(0), config, kind)
+  step = train.make_train_step(config, kind, donate=False)
+  state, metrics = step(state, _fixed_batch(subjects, config, scale),
+                        jax.random.key(1))
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert jax.tree.leaves(state.g_params)[0].dtype == np.float32
