@@ -86,8 +86,9 @@ rewritten after every section, so a run killed late keeps what it measured.
 ``--quick`` shrinks everything for tests (seconds, not hours): ngf/ndf 8,
 2 blocks, 2 D layers, 16³ patches (border 3), LR 16³, batches 1 2, stitch
 48³, the cascade at 64³ on the demo config (LR 32³, demo widths), 1 repeat.
-The GPU defaults add 512³ and 1024³ cascades and run the plain impl at every
-batch and dtype.
+The GPU defaults add 512³ and 1024³ cascades, run the cascade in bf16
+(``--cascade-dtype``; fp32 elsewhere) and the plain impl at every batch and
+dtype.
 """
 from __future__ import annotations
 
@@ -952,7 +953,9 @@ def bench_cascade(args) -> list[dict]:
   for size in args.cascade_sizes:
     def measure(size=size):
       c = cascade_config(args, size)
-      t = infer.Translator(c, random_generators(c, args.seed))
+      t = infer.Translator(c, random_generators(c, args.seed),
+                           dtype={"fp32": "float32",
+                                  "bf16": "bfloat16"}[args.cascade_dtype])
       t0 = time.perf_counter()
       reports = t.plan((size,) * 3)  # compiles every scale, reused below
       compile_s = time.perf_counter() - t0
@@ -986,7 +989,8 @@ def bench_cascade(args) -> list[dict]:
               "times_s": [_r(w) for w in walls],
               "compile_s": _r(compile_s)}
     rows.append(_run_case({"section": "cascade", "framework": "jax",
-                           "size": size, "widths": args.cascade_widths},
+                           "size": size, "widths": args.cascade_widths,
+                           "dtype": args.cascade_dtype},
                           measure))
   return rows
 
@@ -1155,14 +1159,15 @@ def markdown(data: dict) -> str:
     for r in casc:
       names += [n for n in r["stages_s"] if n not in names]
     parts += ["", "**Whole cascade** (seconds per stage):", "",
-              "| output | widths | patches | " + " | ".join(names)
+              "| output | widths | dtype | patches | " + " | ".join(names)
               + " | total | compile |",
-              "|---|---|---|" + "---|" * len(names) + "---|---|"]
+              "|---|---|---|---|" + "---|" * len(names) + "---|---|"]
     for r in casc:
       pats = ", ".join(f"{k} {v}" for k, v in r["patches"].items()
                        if k != "lr")
       parts.append(
-          f"| {r['size']}³ | {r['widths']} | {pats or '–'} | "
+          f"| {r['size']}³ | {r['widths']} | {r.get('dtype', 'fp32')} | "
+          f"{pats or '–'} | "
           + " | ".join(_fmt(r["stages_s"].get(n)) for n in names)
           + f" | {_fmt(r['total_s'])} | {_fmt(r['compile_s'])} |")
   flops = [r for r in res.get("flops") or [] if not r.get("error")]
@@ -1344,6 +1349,9 @@ def parse_args(argv, backend: str | None = None):
                  help="patches per cascade batch (default: the config's)")
   p.add_argument("--cascade-repeats", type=int, default=None,
                  help="timed cascade runs (default: --repeats)")
+  p.add_argument("--cascade-dtype", choices=DTYPES, default=None,
+                 help="cascade compute dtype (default: bf16 on a GPU, as "
+                 "the 512³ goal, fp32 elsewhere)")
   p.add_argument("--torch-threads", type=int, default=None,
                  help="PyTorch threads (default: XLA's thread count)")
   p.add_argument("--seed", type=int, default=0)
@@ -1366,7 +1374,7 @@ def parse_args(argv, backend: str | None = None):
   a.cascade_widths = a.cascade_widths or ("demo" if q else "paper")
   needs_backend = (a.plain_batches is None or a.plain_dtypes is None
                    or a.cascade_sizes is None or a.im2col_batches is None
-                   or a.im2col_train_kinds is None)
+                   or a.im2col_train_kinds is None or a.cascade_dtype is None)
   if needs_backend and backend is None:
     import jax
     backend = jax.default_backend()
@@ -1381,6 +1389,8 @@ def parse_args(argv, backend: str | None = None):
     a.im2col_train_kinds = [] if gpu or q else ["hr", "lr"]
   a.im2col_train_kinds = [k for k in a.im2col_train_kinds
                           if k in a.train_kinds]
+  if a.cascade_dtype is None:
+    a.cascade_dtype = "bf16" if gpu else "fp32"
   if a.cascade_sizes is None:
     a.cascade_sizes = [64] if q else (
         list(DEFAULT_CASCADE_SIZES) + (list(GPU_CASCADE_SIZES) if gpu else []))

@@ -138,6 +138,7 @@ def test_cascade_row(no_torch_run):
   (row,) = data["results"]["cascade"]
   assert row["error"] is None, row
   assert row["size"] == 64 and row["widths"] == "demo"
+  assert row["dtype"] == "fp32"  # the CPU default
   assert row["num_hr_scales"] == 1  # 64³ from the demo's 32³ LR volume
   assert list(row["stages_s"]) == ["edges", "lr", "hr1"]
   assert all(t > 0 for t in row["stages_s"].values())
@@ -260,8 +261,12 @@ def test_defaults_follow_quick_and_the_backend():
   assert cpu.cascade_sizes == [128, 256] and cpu.repeats == 3
   assert cpu.batches == [1, 4, 8, 16, 32] and cpu.plain_batches == [1]
   assert cpu.train_batches == [1, 4] and cpu.cascade_widths == "paper"
+  assert cpu.cascade_dtype == "fp32"
   gpu = throughput.parse_args([], backend="gpu")
   assert gpu.cascade_sizes == [128, 256, 512, 1024]
+  assert gpu.cascade_dtype == "bf16"  # the 512³ goal's dtype
+  assert throughput.parse_args(["--cascade-dtype", "fp32"],
+                               backend="gpu").cascade_dtype == "fp32"
   assert gpu.plain_batches == gpu.batches
   assert gpu.plain_dtypes == ["fp32", "bf16"]
   none = throughput.parse_args(["--plain-batches", "--plain-train-batches"],
