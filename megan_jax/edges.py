@@ -202,11 +202,14 @@ def canny_3d(volume,
     voxels, 0 elsewhere, divided by its maximum. All zeros when there are no
     edges (e.g. a constant volume).
   """
-  vol = _as_volume(volume, "volume")
+  # C order: the slabs below are planes of axis 0, and the non-maximum
+  # suppression's flat indices assume C order.
+  vol = np.ascontiguousarray(_as_volume(volume, "volume"))
   if min(vol.shape) < 2:
     raise InputError(
         f"volume: needs at least 2 voxels along each axis, got {vol.shape}")
-  roi = None if mask is None else _as_mask(mask, vol.shape, "mask")
+  roi = (None if mask is None
+         else np.ascontiguousarray(_as_mask(mask, vol.shape, "mask")))
   sigma = float(sigma)
   low, high = float(low_threshold), float(high_threshold)
   if not sigma >= 0:

@@ -388,3 +388,17 @@ def test_canny_on_slabs_in_threads_is_bitwise_the_one_thread_result(
   got = edges.canny_3d(v, **kwargs)
   np.testing.assert_array_equal(got, want)
   assert want.any()
+
+
+@pytest.mark.parametrize("layout", ["flipped", "transposed", "fortran"])
+def test_canny_does_not_depend_on_the_memory_layout(layout):
+  v = np.random.default_rng(1).random((40, 37, 39)).astype(np.float32)
+  view = {"flipped": v[::-1], "transposed": v.transpose(2, 1, 0),
+          "fortran": np.asfortranarray(v)}[layout]
+  mask = view > 0.2
+  for kwargs in ({}, {"mask": mask}, {"mask": np.asfortranarray(mask)}):
+    np.testing.assert_array_equal(
+        edges.canny_3d(view, **kwargs),
+        edges.canny_3d(np.ascontiguousarray(view),
+                       **{k: np.ascontiguousarray(m)
+                          for k, m in kwargs.items()}))
