@@ -390,8 +390,11 @@ def test_canny_on_slabs_in_threads_is_bitwise_the_one_thread_result(
   assert want.any()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("layout", ["flipped", "transposed", "fortran"])
-def test_canny_does_not_depend_on_the_memory_layout(layout):
+def test_canny_does_not_depend_on_the_memory_layout(monkeypatch, layout,
+                                                    threads):
+  monkeypatch.setattr(edges, "EDGE_THREADS", threads)
   v = np.random.default_rng(1).random((40, 37, 39)).astype(np.float32)
   view = {"flipped": v[::-1], "transposed": v.transpose(2, 1, 0),
           "fortran": np.asfortranarray(v)}[layout]
