@@ -26,14 +26,13 @@ An optional label (e.g. a tumour) can be written onto the sketch
 (:func:`add_label`), and augmented by random scaling and mirroring
 (:func:`augment_label`), as in the paper.
 """
-import concurrent.futures
-import functools
 import os
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
 
+from megan_jax import host_threads
 from megan_jax.errors import InputError
 
 _FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
@@ -45,24 +44,11 @@ _SLAB_PLANES = 16  # at least this many planes per slab
 _TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default: radius 4 sigma
 
 
-@functools.lru_cache(maxsize=None)
-def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
-  return concurrent.futures.ThreadPoolExecutor(
-      workers, thread_name_prefix="megan-edges")
-
-
 def _by_slabs(fn, depth: int) -> None:
   """Calls ``fn(lo, hi)`` over slabs of ``range(depth)`` planes, on up to
   `EDGE_THREADS` threads (one of them this one)."""
-  parts = max(1, min(EDGE_THREADS, depth // _SLAB_PLANES))
-  bounds = np.linspace(0, depth, parts + 1).astype(int).tolist()
-  futures = [_pool(parts - 1).submit(fn, lo, hi)
-             for lo, hi in zip(bounds[1:-1], bounds[2:])]
-  try:
-    fn(bounds[0], bounds[1])
-  finally:
-    for f in futures:
-      f.result()
+  host_threads.in_parts(fn, depth, min(EDGE_THREADS, depth // _SLAB_PLANES),
+                        "edges")
 
 
 def _as_volume(volume, name: str) -> np.ndarray:

@@ -39,6 +39,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
+from megan_jax import host_threads
 from megan_jax.errors import InputError
 from megan_jax.types import BACKGROUND, Array, Shape3, as_shape3
 
@@ -58,30 +59,15 @@ STITCH_THREADS = 1
 _THREADED_VOXELS = 1 << 18  # batches smaller than this stay on one thread
 
 
-@functools.lru_cache(maxsize=None)
-def _pool(workers: int, kind: str = "cut"
-          ) -> concurrent.futures.ThreadPoolExecutor:
-  """Threads for `_in_parallel` (``kind`` "cut") or `map_patches` ("map"):
-  separate pools, so a worker of one may wait on the other."""
-  return concurrent.futures.ThreadPoolExecutor(
-      workers, thread_name_prefix=f"megan-tiling-{kind}")
-
-
 def _in_parallel(fn, count: int, voxels: int, threads: int | None = None
                  ) -> None:
   """Calls ``fn(lo, hi)`` on ``threads`` (default `HOST_THREADS`)
   contiguous parts of ``range(count)`` (one of them on this thread), or
   once on all of it when the batch is small (``voxels`` in all)."""
-  workers = min(HOST_THREADS if threads is None else threads, count)
-  if workers < 2 or voxels < _THREADED_VOXELS:
-    fn(0, count)
-    return
-  bounds = np.linspace(0, count, workers + 1).astype(int).tolist()
-  futures = [_pool(workers - 1).submit(fn, lo, hi)
-             for lo, hi in zip(bounds[1:-1], bounds[2:])]
-  fn(bounds[0], bounds[1])
-  for f in futures:
-    f.result()
+  workers = HOST_THREADS if threads is None else threads
+  if voxels < _THREADED_VOXELS:
+    workers = 1
+  host_threads.in_parts(fn, count, workers, "cut")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -653,7 +639,7 @@ def map_patches(fn, volume: np.ndarray, plan: Plan, *, batch_size: int = 32,
     for lo, hi in bounds[1 + t::workers]:
       _stitch_numpy(out, run(buf, lo, hi), plan, idx[lo:hi], 1)
 
-  futures = [_pool(workers - 1, "map").submit(work, t)
+  futures = [host_threads.pool(workers - 1, "map").submit(work, t)
              for t in range(1, workers)]
   try:
     work(0)
