@@ -586,15 +586,26 @@ def _channels(args, options: Options) -> dict:
   return out
 
 
-def _merge(path: str, results: list[dict], meta: dict) -> list[dict]:
-  """The rows of ``path`` that ``results`` does not replace, plus
-  ``results``; notes the earlier run's command in ``meta``."""
+def _load_earlier(path: str) -> dict | None:
+  """The results file a ``--merge`` run adds to, read once before the run
+  writes its own (partial) results there; None if there is none."""
   try:
     with open(path) as f:
       old = json.load(f)
-    old_rows, old_meta = old["results"], old["meta"]
-  except (OSError, ValueError, KeyError):
+  except (OSError, ValueError):
+    return None
+  if (not isinstance(old, dict) or not isinstance(old.get("results"), list)
+      or not isinstance(old.get("meta"), dict)):
+    return None
+  return old
+
+
+def _merge(old: dict | None, results: list[dict], meta: dict) -> list[dict]:
+  """The rows of the earlier results ``old`` that ``results`` does not
+  replace, plus ``results``; notes the earlier run's command in ``meta``."""
+  if old is None:
     return results
+  old_rows, old_meta = old["results"], old["meta"]
   new = {(r["model"], r["size"], r["measure"]) for r in results}
   keep = [r for r in old_rows
           if (r["model"], r["size"], r["measure"]) not in new]
@@ -658,11 +669,57 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (f"  ({row['error']})" if row["error"] else "") + extra,
           flush=True)
 
+  backend = info["backend"]
+  stem = os.path.join(args.out, f"memory-{backend}")
+  earlier = _load_earlier(stem + ".json") if args.merge else None
+
+  def write_results(final: bool) -> str:
+    """Writes what is measured so far (a run cut short by an outer time
+    limit keeps its finished cases); the plot only at the end."""
+    meta = {
+        "jax_version": info["jax_version"],
+        "jaxlib_version": info["jaxlib_version"],
+        "backend": backend,
+        "device_kind": info["device_kind"],
+        "device_count": info["device_count"],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"),
+        "command": "python -m benchmarks.memory " + " ".join(
+            sys.argv[1:] if argv is None else argv),
+        "total_s": round(time.perf_counter() - start, 1),
+        "complete": final,
+        "options": opts,
+        "timeout_s": None if args.in_process else args.timeout_s,
+        "batch": {"megan_lr_step": 1, "megan_hr_step": args.hr_batch,
+                  "megan_cascade": args.cascade_batch, "baselines": 1},
+        "compiled_bytes": "argument + output + temp - alias (XLA memory "
+                          "analysis; the state is donated)",
+        "peak_bytes": ("device peak_bytes_in_use" if info["has_memory_stats"]
+                       else "process peak RSS (ru_maxrss)"),
+        "cpu_idle_rss_bytes": (None if info["has_memory_stats"]
+                               else info["idle_rss_bytes"]),
+        "units": "bytes",
+        "channels": _channels(args, options),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    rows = [r for r in results if r is not None]
+    if args.merge:
+      rows = _merge(earlier, rows, meta)
+    rows.sort(key=lambda r: (MEASURES.index(r["measure"]),
+                             MODELS.index(r["model"]), r["size"]))
+    write_json(stem + ".json", meta, rows)
+    text = write_markdown(stem + ".md", rows, meta)
+    if final:
+      write_plot(stem + ".png", rows, plot_title(meta))
+    return text
+
   compiled = [i for i, c in enumerate(cases) if c["measure"] == "compiled"]
   peak = [i for i, c in enumerate(cases) if c["measure"] == "peak"]
   jobs = 1 if args.in_process else max(1, args.jobs)
   with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
     list(pool.map(one, compiled))
+  if peak:
+    write_results(final=False)
   limit = args.cpu_peak_limit_gib * GIB
   known = {(r["model"], r["size"]): r["bytes"] for r in results
            if r is not None and r["bytes"] is not None}
@@ -676,45 +733,13 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"GiB > {args.cpu_peak_limit_gib:g} GiB)")}
       continue
     one(i)
+    write_results(final=False)
 
-  backend = info["backend"]
-  meta = {
-      "jax_version": info["jax_version"],
-      "jaxlib_version": info["jaxlib_version"],
-      "backend": backend,
-      "device_kind": info["device_kind"],
-      "device_count": info["device_count"],
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"),
-      "command": "python -m benchmarks.memory " + " ".join(
-          sys.argv[1:] if argv is None else argv),
-      "total_s": round(time.perf_counter() - start, 1),
-      "options": opts,
-      "timeout_s": None if args.in_process else args.timeout_s,
-      "batch": {"megan_lr_step": 1, "megan_hr_step": args.hr_batch,
-                "megan_cascade": args.cascade_batch, "baselines": 1},
-      "compiled_bytes": "argument + output + temp - alias (XLA memory "
-                        "analysis; the state is donated)",
-      "peak_bytes": ("device peak_bytes_in_use" if info["has_memory_stats"]
-                     else "process peak RSS (ru_maxrss)"),
-      "cpu_idle_rss_bytes": (None if info["has_memory_stats"]
-                             else info["idle_rss_bytes"]),
-      "units": "bytes",
-      "channels": _channels(args, options),
-  }
-  os.makedirs(args.out, exist_ok=True)
-  stem = os.path.join(args.out, f"memory-{backend}")
-  rows = [r for r in results if r is not None]
-  if args.merge:
-    rows = _merge(stem + ".json", rows, meta)
-  rows.sort(key=lambda r: (MEASURES.index(r["measure"]),
-                           MODELS.index(r["model"]), r["size"]))
-  write_json(stem + ".json", meta, rows)
-  write_plot(stem + ".png", rows, plot_title(meta))
-  text = write_markdown(stem + ".md", rows, meta)
+  text = write_results(final=True)
   print()
   print(text, end="")
-  print(f"\nwrote {stem}.json, .png, .md in {meta['total_s']:.0f} s")
+  print(f"\nwrote {stem}.json, .png, .md in "
+        f"{time.perf_counter() - start:.0f} s")
   return 0
 
 

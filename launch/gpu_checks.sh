@@ -7,8 +7,9 @@
 #
 # Writes memory-gpu.{json,png,md}, throughput-gpu.{json,md} and
 # gpu-checks.log (at most 6 files, as the device machine returns). Each step
-# has its own time limit, so one that overruns does not cost the others;
-# the benchmarks record a case that timed out or failed in their JSON.
+# (memory compiled, memory peak, throughput) has its own time limit, so one
+# that overruns does not cost the others; the benchmarks record a case that
+# timed out or failed in their JSON.
 # Smoke-test on a CPU with GPU_CHECKS_QUICK=1 (tiny sizes, same commands).
 set -uo pipefail
 out=${OUT:-benchmarks/results}
@@ -23,14 +24,14 @@ print("jax", jax.__version__, jax.default_backend(), jax.devices())
 EOF
 
 if [ "$quick" = 1 ]; then
-  mem=(--sizes 16 32 --cascade-sizes 64 --width-scale 0.0625 --hr-batch 2
-       --measure compiled --timeout-s 120)
+  sizes=(--sizes 16 32 --cascade-sizes 64 --width-scale 0.0625 --hr-batch 2)
+  peak_models=(--models megan_hr_step pix2pix)
   thr=(--quick --only hr_forward cascade)
 else
   # Every model to 512³, MEGAN's cascade to 1024³ (the figure to beat:
-  # the same peak from 64³ to 1024³ within 1 %), both measures.
-  mem=(--sizes 32 64 128 256 512 --cascade-sizes 64 128 256 512 1024
-       --measure both --jobs 8 --timeout-s 90 --fast-compile)
+  # the same peak from 64³ to 1024³ within 1 %).
+  sizes=(--sizes 32 64 128 256 512 --cascade-sizes 64 128 256 512 1024)
+  peak_models=()
   # HR forward fp32/bf16 with achieved FLOP/s (fraction of the device's
   # peak), the cascade at 512³ and 1024³ in bf16 (goal: 512³ under 10 s).
   thr=(--only hr_forward cascade --batches 8 32 --plain-batches 8
@@ -38,13 +39,18 @@ else
        --cascade-repeats 1)
 fi
 
-echo "== memory: ${mem[*]}" | tee -a "$log"
-timeout 330 python -m benchmarks.memory "${mem[@]}" --out "$out" 2>&1 \
-  | tee -a "$log"
-echo "== memory rc=$?" | tee -a "$log"
-
-echo "== throughput: ${thr[*]}" | tee -a "$log"
-timeout 230 python -m benchmarks.throughput "${thr[@]}" --out "$out" 2>&1 \
-  | tee -a "$log"
-echo "== throughput rc=$?" | tee -a "$log"
+# The memory suite writes its JSON after every finished case, so a step cut
+# short by its limit keeps what it measured (meta.complete says so).
+step() {  # step SECONDS NAME COMMAND...
+  local limit=$1 name=$2
+  shift 2
+  echo "== $name: $*" | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  echo "== $name rc=$?" | tee -a "$log"
+}
+step 150 "memory compiled" python -m benchmarks.memory "${sizes[@]}" \
+  --measure compiled --fast-compile --jobs 8 --timeout-s 120 --out "$out"
+step 200 "memory peak" python -m benchmarks.memory "${sizes[@]}" \
+  "${peak_models[@]}" --measure peak --timeout-s 60 --merge --out "$out"
+step 220 "throughput" python -m benchmarks.throughput "${thr[@]}" --out "$out"
 ls -l "$out" | tee -a "$log"

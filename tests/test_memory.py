@@ -120,3 +120,37 @@ def test_markdown_ratios_to_the_cascade():
   table = memory.markdown_table(rows)
   assert "× cascade at 256³" in table
   assert "| pggan | 90.00 | 45× |" in table
+
+
+def test_merge_keeps_earlier_rows_and_a_cut_run_keeps_its_finished_cases(
+    tmp_path, monkeypatch):
+  out = tmp_path / "results"
+  common = ["--sizes", "16", "--out", str(out), "--config", "demo:smoke",
+            "--width-scale", "0.015625"]
+  assert memory.main(common + ["--models", "pix2pix", "--in-process",
+                               "--fast-compile"]) == 0
+  (json_path,) = out.glob("memory-*.json")
+
+  # A second run adds DCGAN; its peak case is "killed" (an outer time limit)
+  # after the compiled cases: those are on disk already, with the first
+  # run's rows, and the meta says the run did not complete.
+  run_case = memory.run_case
+
+  def fake_isolated(case, timeout_s):
+    if case["model"] == "probe":
+      return run_case(case)
+    if case["measure"] == "peak":
+      raise KeyboardInterrupt
+    return {"bytes": 1234, "compile_s": 0.5, "error": None}
+
+  monkeypatch.setattr(memory, "run_isolated", fake_isolated)
+  with pytest.raises(KeyboardInterrupt):
+    memory.main(common + ["--models", "dcgan", "--measure", "both",
+                          "--merge"])
+  data = json.loads(json_path.read_text())
+  rows = {(r["model"], r["measure"]): r["bytes"] for r in data["results"]}
+  assert rows[("dcgan", "compiled")] == 1234
+  assert rows[("pix2pix", "compiled")] > 0
+  assert ("dcgan", "peak") not in rows
+  assert data["meta"]["complete"] is False
+  assert len(data["meta"]["merged_with"]) == 1  # the first run, once
