@@ -30,7 +30,6 @@ side, starting at ``floor(s / 2)`` in that padded volume. That patch covers
 twice the output patch's field of view, centred on it: its centre half
 ``[p/4, 3p/4)`` per axis lies under the output patch.
 """
-import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -639,17 +638,8 @@ def map_patches(fn, volume: np.ndarray, plan: Plan, *, batch_size: int = 32,
     for lo, hi in bounds[1 + t::workers]:
       _stitch_numpy(out, run(buf, lo, hi), plan, idx[lo:hi], 1)
 
-  futures = [host_threads.pool(workers - 1, "map").submit(work, t)
-             for t in range(1, workers)]
-  try:
-    work(0)
-  except BaseException:
-    for f in futures:
-      f.cancel()
-    concurrent.futures.wait(futures)
-    raise
-  for f in futures:
-    f.result()
+  # One part per worker: worker t takes batches t, t + workers, ...
+  host_threads.in_parts(lambda t, _: work(t), workers, workers, "map")
   return out
 
 
