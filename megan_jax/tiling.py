@@ -638,8 +638,10 @@ def map_patches(fn, volume: np.ndarray, plan: Plan, *, batch_size: int = 32,
     for lo, hi in bounds[1 + t::workers]:
       _stitch_numpy(out, run(buf, lo, hi), plan, idx[lo:hi], 1)
 
-  # One part per worker: worker t takes batches t, t + workers, ...
-  host_threads.in_parts(lambda t, _: work(t), workers, workers, "map")
+  # One part per worker: worker t takes batches t, t + workers, ... (a
+  # part may hold several t where in_parts runs inline, see there).
+  host_threads.in_parts(lambda lo, hi: [work(t) for t in range(lo, hi)],
+                        workers, workers, "map")
   return out
 
 

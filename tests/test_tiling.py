@@ -330,6 +330,21 @@ def test_map_patches_jax_fn_and_short_volume():
   np.testing.assert_allclose(got, np.tanh(v) + 1, rtol=1e-6, atol=1e-6)
 
 
+def test_map_patches_inside_map_patches():
+  # fn itself runs a threaded map_patches (a per-patch sliding window): its
+  # workers must not wait on the pool they run in (host_threads.in_parts).
+  plan = tiling.make_plan((12, 20, 20), 8, 2)
+  inner = tiling.make_plan((8, 8, 8), 4, 1)
+  v = _random_volume(plan.shape, seed=12)
+
+  def fn(x):
+    return np.stack([tiling.map_patches(lambda q: q * 3, x[i], inner,
+                                        batch_size=2, threads=2)
+                     for i in range(len(x))])
+  got = tiling.map_patches(fn, v, plan, batch_size=1, threads=2)
+  np.testing.assert_array_equal(got, v * 3)
+
+
 def test_map_patches_errors():
   plan = tiling.make_plan((10, 12, 14), 8, 2)
   v = _random_volume(plan.shape, seed=11)
