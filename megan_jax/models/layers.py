@@ -145,8 +145,8 @@ def conv3d_im2col(x: Array, kernel: Array, padding: int = 0) -> Array:
   of the k³ shifted slices: for the HR generator's ResNet convs (3³, 256
   channels at 8³) forward and backward 41 ms against 52 when built one axis
   at a time (3 concatenations of k slices each; batch 4: 196 against 232),
-  the HR training step 0.92×, the LR step 0.97× (same process,
-  alternating; compile 5-10 % longer). Larger kernels keep the per-axis
+  the HR training step 0.975× (median of 16 alternating rounds; 0.92× in a
+  5-round run), the LR step 0.97× (same process; compile 5-10 % longer). Larger kernels keep the per-axis
   build (3·k slices instead of k³, much faster to compile).
 
   Args:
