@@ -405,3 +405,63 @@ def test_canny_does_not_depend_on_the_memory_layout(monkeypatch, layout,
         edges.canny_3d(np.ascontiguousarray(view),
                        **{k: np.ascontiguousarray(m)
                           for k, m in kwargs.items()}))
+
+
+def _hysteresis_reference(weak, magnitude, high):
+  labels, count = ndimage.label(weak, structure=np.ones((3, 3, 3), bool))
+  strong = np.zeros(count + 1, bool)
+  strong[labels[weak & (magnitude > high)]] = True
+  strong[0] = False
+  return strong[labels]
+
+
+@pytest.mark.parametrize("threads,planes", [(1, 16), (4, 2), (7, 1)])
+def test_hysteresis_joins_components_across_slabs(monkeypatch, threads,
+                                                  planes):
+  # Labels come from slabs of planes labelled in threads and joined across
+  # the slab cuts: a U whose arms meet only in the last slab, a line that
+  # crosses every cut diagonally only, and random sparse masks must keep
+  # exactly what whole-volume labelling keeps.
+  monkeypatch.setattr(edges, "EDGE_THREADS", threads)
+  monkeypatch.setattr(edges, "_SLAB_PLANES", planes)
+  shape = (12, 9, 10)
+  u = np.zeros(shape, bool)
+  u[:, 2, 2] = u[:, 2, 7] = True  # two arms through every slab
+  u[-1, 2, 2:8] = True  # joined at the far end only
+  diag = np.zeros(shape, bool)
+  for z in range(shape[0]):
+    diag[z, min(z, 8), min(z, 9)] = True  # touches the next plane diagonally
+  rng = np.random.default_rng(3)
+  cases = [u, diag] + [rng.random(shape) > q for q in (0.7, 0.85, 0.95)]
+  for weak in cases:
+    magnitude = np.zeros(shape, np.float32)
+    magnitude[weak] = 0.5
+    # One strong voxel per case, far from most of its component.
+    z, y, x = np.argwhere(weak)[0]
+    magnitude[z, y, x] = 1.0
+    idx, keep = edges._hysteresis_sparse(weak, magnitude, 0.8)
+    got = np.zeros(shape, bool)
+    got.reshape(-1)[idx[keep]] = True
+    want = _hysteresis_reference(weak, magnitude, 0.8)
+    np.testing.assert_array_equal(got, want)
+  # The U and the line are single components: kept whole from one voxel.
+  for weak in (u, diag):
+    magnitude = np.where(weak, 0.5, 0).astype(np.float32)
+    magnitude[0, 2, 2] = magnitude[0, 0, 0] = 1.0
+    idx, keep = edges._hysteresis_sparse(weak, magnitude, 0.8)
+    assert keep.all()
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (7, 3, 5), (12, 2, 9)])
+def test_gradient_into_is_bitwise_np_gradient(shape):
+  v = np.random.default_rng(4).normal(size=shape).astype(np.float32)
+  want = np.gradient(v)
+  n = shape[0]
+  for lo, hi in [(0, n), (0, 1), (n - 1, n), (1, n - 1), (n // 2, n)]:
+    if hi <= lo:
+      continue
+    outs = [np.full((hi - lo,) + shape[1:], np.nan, np.float32)
+            for _ in range(3)]
+    edges._gradient_into(v, lo, hi, outs)
+    for got, w in zip(outs, want):
+      np.testing.assert_array_equal(got, w[lo:hi])
