@@ -24,7 +24,7 @@ suppression goes in slabs of `SUPPRESS_CHUNK` planes (its gathers' index
 arrays then stay small), the gradients are written straight into place,
 and hysteresis labels slabs in threads and joins their labels across the
 cuts, then works on the candidates' indices only: 512³ (smooth blobs) took
-14-15 s on two threads before these four changes and 8.3-8.5 s after,
+14-15 s on two threads before these changes and 8.3-8.5 s after,
 bit for bit the same sketch.
 
 An optional label (e.g. a tumour) can be written onto the sketch
