@@ -141,12 +141,18 @@ def conv3d_im2col(x: Array, kernel: Array, padding: int = 0) -> Array:
   Its autodiff is two dots plus slices and pads, which XLA's CPU backend runs
   far faster than a convolution's weight gradient (measured 5-50× on the
   layers here; ``shared/XLA-CPU.md``). It materialises k³ × the input.
-  Up to ``IM2COL_ONE_CONCAT_TAPS`` taps the columns are one concatenation
-  of the k³ shifted slices: for the HR generator's ResNet convs (3³, 256
-  channels at 8³) forward and backward 41 ms against 52 when built one axis
-  at a time (3 concatenations of k slices each; batch 4: 196 against 232),
-  the HR training step 0.975× (median of 16 alternating rounds; 0.92× in a
-  5-round run), the LR step 0.97× (same process; compile 5-10 % longer). Larger kernels keep the per-axis
+  Up to ``IM2COL_ONE_CONCAT_TAPS`` taps and from
+  ``IM2COL_ONE_CONCAT_CHANNELS`` input channels the columns are one
+  concatenation of the k³ shifted slices: for the HR generator's ResNet
+  convs (3³, 256 channels at 8³) forward and backward 41 ms against 52
+  when built one axis at a time (3 concatenations of k slices each; batch
+  4: 196 against 232), the HR training step 0.975× (median of 16
+  alternating rounds; 0.92× in a 5-round run), the LR step 0.97× (same
+  process; compile 5-10 % longer); 2³ convs over 1024 channels 0.91×.
+  Narrower inputs copy short rows and mostly lost: the HR generator's
+  first conv (2 channels, 32³, batch 8) forward 109 against 70 ms, a 3³
+  conv over 64 channels at 16³ 1.2-1.4×; 32 channels won (0.68×
+  forward and backward), 16 were even. Larger kernels keep the per-axis
   build (3·k slices instead of k³, much faster to compile).
 
   Args:
@@ -161,7 +167,8 @@ def conv3d_im2col(x: Array, kernel: Array, padding: int = 0) -> Array:
   dtype = x.dtype
   if padding:
     x = jnp.pad(x, [(0, 0)] + [(padding, padding)] * 3 + [(0, 0)])
-  if k**3 <= IM2COL_ONE_CONCAT_TAPS:
+  if (k**3 <= IM2COL_ONE_CONCAT_TAPS
+      and x.shape[-1] >= IM2COL_ONE_CONCAT_CHANNELS):
     n = [s - k + 1 for s in x.shape[1:4]]
     x = jnp.concatenate([x[:, a:a + n[0], b:b + n[1], c:c + n[2]]
                          for a in range(k) for b in range(k)
@@ -258,6 +265,7 @@ TAPS_VOXEL_MAJOR = 16  # C_out from which `conv3d_taps` keeps voxels major
 TAPS_MAX_EXTRA = 1.5  # the most input voxels per output voxel it accepts
 TAPS_OWN_GRAD_TAPS = 8  # up to this many taps, `_taps_small`'s backward
 IM2COL_ONE_CONCAT_TAPS = 64  # up to this many taps, im2col's columns in one go
+IM2COL_ONE_CONCAT_CHANNELS = 128  # from this many input channels
 UP_OWN_GRAD = True  # `up_conv_fast` takes `_up_conv_own_grad`'s backward
 # Kernel sizes whose Winograd convs are also differentiated in the Winograd
 # form; the others (2³) run the Winograd forward and the backward of the
