@@ -922,7 +922,7 @@ def cascade_config(args, size: int):
   if args.cascade_widths == "demo":
     c.model.ngf, c.model.n_blocks = DEMO_WIDTHS["ngf"], DEMO_WIDTHS["n_blocks"]
   c.num_hr_scales = num_hr_scales_for(size, c.lr_size)
-  if args.cascade_batch:
+  if isinstance(args.cascade_batch, int):
     c.infer.batch_size = args.cascade_batch
   c.lock()
   return c
@@ -954,6 +954,8 @@ def bench_cascade(args) -> list[dict]:
     def measure(size=size):
       c = cascade_config(args, size)
       t = infer.Translator(c, random_generators(c, args.seed),
+                           batch_size=("auto" if args.cascade_batch == "auto"
+                                       else None),
                            dtype={"fp32": "float32",
                                   "bf16": "bfloat16"}[args.cascade_dtype])
       t0 = time.perf_counter()
@@ -977,6 +979,7 @@ def bench_cascade(args) -> list[dict]:
               "patch": c.patch_size, "border": c.border,
               "ngf": c.model.ngf, "n_blocks": c.model.n_blocks,
               "lr_generator": c.model.lr_generator, "batch": t.batch_size,
+              "batch_source": t.batch_info["source"],
               "devices": int(t.mesh.devices.size),
               "patches": patches,
               "scale_shapes": {r.scale: list(r.shape) for r in reports},
@@ -1286,6 +1289,17 @@ def make_meta(args, argv, tc: Torch, threads: int) -> dict:
 # ---------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------
+def _cascade_batch(text: str):
+  """``--cascade-batch``: a positive int or ``auto``."""
+  if text == "auto":
+    return text
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: a number of patches or 'auto'") from None
+
+
 def parse_args(argv, backend: str | None = None):
   """Parses ``argv``; defaults that depend on ``--quick`` or the backend are
   filled in (``backend`` None: found from JAX when needed)."""
@@ -1345,8 +1359,11 @@ def parse_args(argv, backend: str | None = None):
   p.add_argument("--cascade-widths", choices=("paper", "demo"), default=None,
                  help="paper: ngf 64, 6 blocks; demo: ngf 8, 2 blocks "
                  "(default paper; --quick demo)")
-  p.add_argument("--cascade-batch", type=int, default=None,
-                 help="patches per cascade batch (default: the config's)")
+  p.add_argument("--cascade-batch", type=_cascade_batch, default=None,
+                 help="patches per cascade batch, or 'auto' (the largest "
+                 "that fits the device's memory, as `megan translate "
+                 "--batch-size auto`; default: auto on a GPU, the "
+                 "config's, 8, elsewhere)")
   p.add_argument("--cascade-repeats", type=int, default=None,
                  help="timed cascade runs (default: --repeats)")
   p.add_argument("--cascade-dtype", choices=DTYPES, default=None,
@@ -1374,7 +1391,8 @@ def parse_args(argv, backend: str | None = None):
   a.cascade_widths = a.cascade_widths or ("demo" if q else "paper")
   needs_backend = (a.plain_batches is None or a.plain_dtypes is None
                    or a.cascade_sizes is None or a.im2col_batches is None
-                   or a.im2col_train_kinds is None or a.cascade_dtype is None)
+                   or a.im2col_train_kinds is None or a.cascade_dtype is None
+                   or a.cascade_batch is None)
   if needs_backend and backend is None:
     import jax
     backend = jax.default_backend()
@@ -1391,6 +1409,8 @@ def parse_args(argv, backend: str | None = None):
                           if k in a.train_kinds]
   if a.cascade_dtype is None:
     a.cascade_dtype = "bf16" if gpu else "fp32"
+  if a.cascade_batch is None and gpu:  # batch 8 would leave a GPU idle
+    a.cascade_batch = "auto"
   if a.cascade_sizes is None:
     a.cascade_sizes = [64] if q else (
         list(DEFAULT_CASCADE_SIZES) + (list(GPU_CASCADE_SIZES) if gpu else []))
@@ -1403,7 +1423,8 @@ def parse_args(argv, backend: str | None = None):
             "--paired-rounds": [a.paired_rounds],
             "--stitch-sizes": a.stitch_sizes, "--stitch-batch":
             [a.stitch_batch], "--cascade-sizes": a.cascade_sizes,
-            "--cascade-batch": [a.cascade_batch or 1],
+            "--cascade-batch": [a.cascade_batch
+                                if isinstance(a.cascade_batch, int) else 1],
             "--cascade-repeats": [a.cascade_repeats or 1],
             "--torch-threads": [a.torch_threads or 1]}
   for flag, values in counts.items():

@@ -33,7 +33,9 @@ else
   sizes=(--sizes 32 64 128 256 512 --cascade-sizes 64 128 256 512 1024)
   peak_models=()
   # HR forward fp32/bf16 with achieved FLOP/s (fraction of the device's
-  # peak), the cascade at 512³ and 1024³ in bf16 (goal: 512³ under 10 s).
+  # peak), the cascade at 512³ and 1024³ in bf16 (goal: 512³ under 10 s)
+  # with the patch batch picked from the device memory (the GPU default,
+  # --cascade-batch auto; at most infer.AUTO_MAX_BATCH["gpu"]).
   thr=(--only hr_forward cascade --batches 8 32 --plain-batches 8
        --cascade-sizes 512 1024 --cascade-dtype bf16 --repeats 2
        --cascade-repeats 1)

@@ -21,7 +21,7 @@ if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
 from benchmarks import throughput  # noqa: E402
-from megan_jax import tiling  # noqa: E402
+from megan_jax import infer, tiling  # noqa: E402
 
 META_KEYS = {"jax_version", "jaxlib_version", "backend", "device_kind",
              "device_count", "threads", "torch_threads", "torch_version",
@@ -148,6 +148,19 @@ def test_cascade_row(no_torch_run):
                                        row["border"]).num_patches}
 
 
+@pytest.mark.slow
+def test_cascade_auto_batch_uses_the_translators_pick():
+  args = throughput.parse_args(["--quick", "--cascade-batch", "auto"],
+                               backend="cpu")
+  (row,) = throughput.bench_cascade(args)
+  assert row["error"] is None, row
+  assert row["batch_source"] == "auto"
+  assert 1 <= row["batch"] <= infer.AUTO_MAX_BATCH["cpu"]
+  given = throughput.parse_args(["--quick", "--cascade-batch", "3"],
+                                backend="cpu")
+  assert throughput.cascade_config(given, 64).infer.batch_size == 3
+
+
 def test_markdown_tables(no_torch_run):
   out, data = no_torch_run
   with open(os.path.join(out, "throughput-cpu.md")) as f:
@@ -267,6 +280,16 @@ def test_defaults_follow_quick_and_the_backend():
   assert gpu.cascade_dtype == "bf16"  # the 512³ goal's dtype
   assert throughput.parse_args(["--cascade-dtype", "fp32"],
                                backend="gpu").cascade_dtype == "fp32"
+  # A GPU picks the cascade's patch batch from its memory; elsewhere the
+  # config's (as the committed CPU results).
+  assert gpu.cascade_batch == "auto" and cpu.cascade_batch is None
+  assert throughput.parse_args(["--cascade-batch", "16"],
+                               backend="gpu").cascade_batch == 16
+  assert throughput.parse_args(["--cascade-batch", "auto"],
+                               backend="cpu").cascade_batch == "auto"
+  for bad in ("0", "x"):
+    with pytest.raises(SystemExit):
+      throughput.parse_args(["--cascade-batch", bad], backend="cpu")
   assert gpu.plain_batches == gpu.batches
   assert gpu.plain_dtypes == ["fp32", "bf16"]
   none = throughput.parse_args(["--plain-batches", "--plain-train-batches"],
