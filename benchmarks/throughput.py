@@ -1,7 +1,7 @@
 r"""Speed of MEGAN in JAX, side by side with PyTorch and MONAI.
 
     python -m benchmarks.throughput
-        [--only hr_forward train_step stitch cascade paired]
+        [--only hr_forward train_step stitch cascade paired edges]
         [--batches 1 4 8 16 32] [--repeats 3] [--quick]
         [--out benchmarks/results]
 
@@ -50,6 +50,13 @@ Sections (``--only`` picks some):
   uses the demo config's generator widths (ngf 8, 2 ResNet blocks) on the
   paper's geometry, so a CPU finishes.
 
+- ``edges``: ``edges.canny_3d`` (the sketch every scale is conditioned on,
+  the cascade's host-side stage) on the cascade's blob volume at each of
+  ``--edge-sizes``, its two engines called alternately (``--repeats``
+  rounds): ``"numpy"`` (scipy.ndimage on ``edges.EDGE_THREADS`` host
+  threads) and ``"jax"`` (jitted slabs on JAX's default device; its compile
+  apart, ``compile_s``). ``differ_voxels``: edge voxels where the engines
+  disagree (float rounding near ties). Ratio ``edges_jax_over_numpy``.
 - ``paired``: JAX and PyTorch called alternately, one call each per round
   (``--paired-rounds``), for the HR forward at ``--paired-batch`` and the HR
   and LR training steps at batch 1; the ratio is the median of the rounds'
@@ -108,13 +115,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-SECTIONS = ("hr_forward", "train_step", "stitch", "cascade", "paired")
+SECTIONS = ("hr_forward", "train_step", "stitch", "cascade", "paired", "edges")
 PAIRED_CASES = ("hr_forward", "train_step_hr", "train_step_lr")
 DTYPES = ("fp32", "bf16")
 DEFAULT_BATCHES = (1, 4, 8, 16, 32)
 DEFAULT_TRAIN_BATCHES = (1, 4)
 DEFAULT_STITCH_SIZES = (128, 256)
 DEFAULT_CASCADE_SIZES = (128, 256)
+DEFAULT_EDGE_SIZES = (128, 256, 512)
 GPU_CASCADE_SIZES = (512, 1024)
 AGREE_TOL = 1e-4  # torch fp32 vs our fp32 forward, max abs difference
 NO_TORCH = "torch not installed"
@@ -128,7 +136,8 @@ RATIO_KEYS = ("jax_over_torch_per_patch", "jax_over_torch_per_patch_bf16",
               "fast_over_im2col_train_step_lr",
               "paired_jax_over_torch_per_patch",
               "paired_jax_over_torch_train_step_hr",
-              "paired_jax_over_torch_train_step_lr")
+              "paired_jax_over_torch_train_step_lr",
+              "edges_jax_over_numpy")
 
 # Dense peak FLOP/s by device kind (vendor datasheets), first match wins:
 # (substring, bf16 tensor core, fp32 non-tensor core, tf32 tensor core).
@@ -999,6 +1008,59 @@ def bench_cascade(args) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------
+# edges
+# ---------------------------------------------------------------------------
+def bench_edges(args) -> list[dict]:
+  from megan_jax import edges
+  rows = []
+  for size in args.edge_sizes:
+    vol = blobs(size, args.seed)
+    base = {"section": "edges", "size": size, "sigma": 1.0}
+    t0 = time.perf_counter()
+    compile_error = None
+    try:
+      edges.compile_canny(vol.shape, sigma=1.0)
+    except Exception as e:  # the jax row reports it
+      compile_error = e
+    compile_s = time.perf_counter() - t0
+    outs = {}
+
+    def call(engine, vol=vol):
+      outs[engine] = edges.canny_3d(vol, sigma=1.0, engine=engine)
+
+    calls = {e: (lambda e=e: call(e)) for e in ("numpy", "jax")}
+    if compile_error is not None:
+      calls["jax"] = lambda: (_ for _ in ()).throw(compile_error)
+    timed = time_alternating(calls, args.repeats)
+
+    def measure(engine):
+      got = timed[engine]
+      if isinstance(got, Exception):
+        raise got
+      row = dict(_timed_row(*got), alternated=True,
+                 edge_voxels=int((outs[engine] > 0).sum()))
+      if engine == "jax":
+        row["compile_s"] = _r(compile_s)
+        row["device"] = str(_first_device())
+        if "numpy" in outs:
+          row["differ_voxels"] = int(((outs["jax"] > 0)
+                                      != (outs["numpy"] > 0)).sum())
+      else:
+        row["threads"] = edges.EDGE_THREADS
+      return row
+
+    for engine in ("numpy", "jax"):
+      rows.append(_run_case(dict(base, impl=engine),
+                            lambda engine=engine: measure(engine)))
+  return rows
+
+
+def _first_device():
+  import jax
+  return jax.local_devices()[0]
+
+
+# ---------------------------------------------------------------------------
 # Ratios and output
 # ---------------------------------------------------------------------------
 def _ok(rows, **match):
@@ -1071,6 +1133,13 @@ def compute_ratios(results: dict) -> tuple[dict, dict]:
                impl="fast", kind=kind, batch=1),
           best(step, "train_step", "s_per_step", framework="jax",
                impl="fast-im2col", kind=kind, batch=1))
+  edge_rows = _ok(results.get("edges"), impl="jax")
+  size = max((r["size"] for r in edge_rows), default=None)
+  ratio("edges_jax_over_numpy",
+        best(results.get("edges"), "edges", "median_s", impl="jax",
+             **({"size": size} if size else {})),
+        best(results.get("edges"), "edges", "median_s", impl="numpy",
+             **({"size": size} if size else {})))
   paired = results.get("paired")
   for case, name in (("hr_forward", "paired_jax_over_torch_per_patch"),
                      ("train_step_hr", "paired_jax_over_torch_train_step_hr"),
@@ -1173,6 +1242,16 @@ def markdown(data: dict) -> str:
           f"{pats or '–'} | "
           + " | ".join(_fmt(r["stages_s"].get(n)) for n in names)
           + f" | {_fmt(r['total_s'])} | {_fmt(r['compile_s'])} |")
+  edge_rows = [r for r in res.get("edges") or [] if not r.get("error")]
+  if edge_rows:
+    parts += ["", "**Edge sketch** (`edges.canny_3d`, its engines called "
+              "alternately):", "",
+              "| volume | engine | s | compile | edge voxels | differ |",
+              "|---|---|---|---|---|---|"]
+    parts += [f"| {r['size']}³ | {r['impl']} | {_fmt(r['median_s'])} | "
+              f"{_fmt(r['compile_s']) if r['impl'] == 'jax' else '–'} | "
+              f"{r['edge_voxels']} | {r.get('differ_voxels', '–')} |"
+              for r in edge_rows]
   flops = [r for r in res.get("flops") or [] if not r.get("error")]
   if flops:
     parts += ["", "**Achieved FLOP/s** (HR forward, fast):", "",
@@ -1277,6 +1356,9 @@ def make_meta(args, argv, tc: Torch, threads: int) -> dict:
           "cascade": "Translator.plan compiles every scale first "
                      "(compile_s); no warm-up run; stages from "
                      "Translator.timings (edges includes the pyramid).",
+          "edges": "canny_3d's engines called alternately on the same "
+                   "volume; the jax engine's kernel compiled first "
+                   "(edges.compile_canny, compile_s).",
           "ratios": "x_over_y = x seconds / y seconds (< 1: x faster), "
                     "per patch at each side's best batch for the forward, "
                     "batch 1 for the training steps and fast/plain; "
@@ -1369,6 +1451,9 @@ def parse_args(argv, backend: str | None = None):
   p.add_argument("--cascade-dtype", choices=DTYPES, default=None,
                  help="cascade compute dtype (default: bf16 on a GPU, as "
                  "the 512³ goal, fp32 elsewhere)")
+  p.add_argument("--edge-sizes", type=int, nargs="+", default=None,
+                 help="edges section volume sides (default 128 256 512; "
+                 "--quick 48)")
   p.add_argument("--torch-threads", type=int, default=None,
                  help="PyTorch threads (default: XLA's thread count)")
   p.add_argument("--seed", type=int, default=0)
@@ -1389,6 +1474,7 @@ def parse_args(argv, backend: str | None = None):
   a.stitch_sizes = a.stitch_sizes or ([48] if q else
                                       list(DEFAULT_STITCH_SIZES))
   a.cascade_widths = a.cascade_widths or ("demo" if q else "paper")
+  a.edge_sizes = a.edge_sizes or ([48] if q else list(DEFAULT_EDGE_SIZES))
   needs_backend = (a.plain_batches is None or a.plain_dtypes is None
                    or a.cascade_sizes is None or a.im2col_batches is None
                    or a.im2col_train_kinds is None or a.cascade_dtype is None
@@ -1426,6 +1512,7 @@ def parse_args(argv, backend: str | None = None):
             "--cascade-batch": [a.cascade_batch
                                 if isinstance(a.cascade_batch, int) else 1],
             "--cascade-repeats": [a.cascade_repeats or 1],
+            "--edge-sizes": [v - 1 for v in a.edge_sizes],
             "--torch-threads": [a.torch_threads or 1]}
   for flag, values in counts.items():
     if any(v < 1 for v in values):
@@ -1493,6 +1580,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       results["stitch"] = bench_stitch(args, sizes, tc)
     elif section == "paired":
       results["paired"] = bench_paired(args, sizes, tc)
+    elif section == "edges":
+      results["edges"] = bench_edges(args)
     else:
       results["cascade"] = bench_cascade(args)
     data = save()

@@ -79,6 +79,10 @@ def _add_edges(sub):
                  help="low hysteresis threshold, fraction of the max gradient")
   p.add_argument("--high", type=float, default=0.2,
                  help="high hysteresis threshold, fraction of the max gradient")
+  p.add_argument("--engine", choices=("jax", "numpy"), default=None,
+                 help="what computes smoothing, gradients and suppression: "
+                 "jitted JAX slabs on the default device, or scipy on host "
+                 "threads (default: jax)")
   p.add_argument("--no-png", action="store_true", help="skip the PNG montage")
   p.set_defaults(func=cmd_edges)
 
@@ -93,7 +97,8 @@ def cmd_edges(args) -> int:
   vol = load_input(args.input)
   label = load_label(args.mask, vol.data.shape)
   sketch = edges.canny_3d(vol.data, sigma=args.sigma,
-                          low_threshold=args.low, high_threshold=args.high)
+                          low_threshold=args.low, high_threshold=args.high,
+                          engine=args.engine)
   if label is not None:
     sketch = edges.add_label(sketch, label)
   io.save_nifti(args.output, sketch, vol.affine, vol.header,

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from megan_jax import dataset, io, resample, sharding, tiling
+from megan_jax import edges as edges_lib
 from megan_jax import state as state_lib
 from megan_jax.errors import InputError
 from megan_jax.normalise import Normaliser, fit_normaliser
@@ -257,7 +258,9 @@ class Translator:
 
   def plan(self, shape) -> list[ScaleReport]:
     """Per scale: shape, patches, batch shape, compiled device memory (XLA's
-    memory analysis; nothing is allocated) and the output's host memory."""
+    memory analysis; nothing is allocated) and the output's host memory.
+    Compiles every scale's generator step and edge kernel for a run on a
+    volume of ``shape`` (the run reuses them)."""
     c = self.config
     shapes = resample.scale_shapes(shape, c.num_hr_scales)
     resample.check_lr_size(shapes[0], c.lr_size)
@@ -266,6 +269,9 @@ class Translator:
     out = [ScaleReport("lr", shapes[0], 1, (1, 2 * n, 2 * n, 2 * n, 1),
                        compiled_bytes(self._compiled["lr"]),
                        4 * int(np.prod(shapes[0])))]
+    if edges_lib.ENGINE == "jax":  # the sketches' kernels, one per scale
+      for s in shapes:
+        edges_lib.compile_canny(s, c.edges.sigma)
     p = c.patch_size
     for k in range(1, c.num_hr_scales + 1):
       even = tuple(2 * s for s in shapes[k - 1])

@@ -47,6 +47,24 @@ def test_edges_writes_sketch_with_input_geometry(tmp_path, capsys):
   assert sorted(os.listdir(tmp_path)) == ["ball.nii.gz", "edges.nii.gz", "edges.png"]
 
 
+@pytest.mark.parametrize("flag,engine", [([], None), (["--engine", "numpy"],
+                                                      "numpy"),
+                                         (["--engine", "jax"], "jax")])
+def test_edges_engine_flag(tmp_path, capsys, monkeypatch, flag, engine):
+  from megan_jax import edges
+  seen, real = [], edges.canny_3d
+  monkeypatch.setattr(edges, "canny_3d", lambda *a, **k: seen.append(
+      k.get("engine")) or real(*a, **k))
+  src = _ball(tmp_path / "ball.nii.gz")
+  out = tmp_path / "edges.nii.gz"
+  code, _, _ = _run(["edges", "-i", src, "-o", str(out), "--no-png"] + flag,
+                    capsys)
+  assert code == 0 and seen == [engine]
+  np.testing.assert_array_equal(
+      np.asarray(nib.load(out).dataobj),
+      real(np.asarray(nib.load(src).dataobj), engine=engine))
+
+
 def test_edges_with_label_mask(tmp_path, capsys):
   src = _ball(tmp_path / "ball.nii.gz")
   lab = np.zeros((24, 28, 20), np.float32)

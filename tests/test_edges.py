@@ -30,12 +30,19 @@ def _blobs(seed, n=32):
   return ((smooth > 0.3) + 0.3 * smooth).astype(np.float32)
 
 
+@pytest.fixture(params=edges.ENGINES)
+def engine(request, monkeypatch):
+  """Runs a test with each engine of steps 1-3 as the default."""
+  monkeypatch.setattr(edges, "ENGINE", request.param)
+  return request.param
+
+
 # ----------------------------------------------------------------- geometry
 
 
 @pytest.mark.parametrize("centre", [(19.7, 19.2, 19.9), (20.0, 20.0, 20.0),
                                     (18.3, 21.1, 19.6)])
-def test_ball_edges_lie_on_a_thin_sphere(centre):
+def test_ball_edges_lie_on_a_thin_sphere(centre, engine):
   radius = 12.0
   ball, dist = _ball(centre, radius)
   sketch = edges.canny_3d(ball)
@@ -59,7 +66,7 @@ def test_ball_edges_lie_on_a_thin_sphere(centre):
       assert counts.min() >= 1 and counts.max() <= 2
 
 
-def test_cube_edges_on_faces_only():
+def test_cube_edges_on_faces_only(engine):
   vol = np.zeros((N, N, N), np.float32)
   lo, hi = 12, 28  # the cube is [lo, hi)^3; its faces lie at lo - 0.5, hi - 0.5
   vol[lo:hi, lo:hi, lo:hi] = 1
@@ -76,7 +83,7 @@ def test_cube_edges_on_faces_only():
       assert edge[tuple(line)].any(), (axis, face)
 
 
-def test_slab_edges_on_its_two_faces_only():
+def test_slab_edges_on_its_two_faces_only(engine):
   vol = np.zeros((N, N, N), np.float32)
   vol[:, 15:25, :] = 2.0  # a thick plane across the whole volume
   edge = edges.canny_3d(vol) > 0
@@ -87,7 +94,7 @@ def test_slab_edges_on_its_two_faces_only():
   assert edge[:, 23:27, :].any(axis=1).all()
 
 
-def test_is_truly_3d_step_across_slices():
+def test_is_truly_3d_step_across_slices(engine):
   vol = np.zeros((N, N, N), np.float32)
   vol[N // 2:] = 1.0  # constant within every axis-0 slice
   slicewise = np.stack([feature.canny(s, sigma=1.0) for s in vol])
@@ -103,7 +110,7 @@ def test_is_truly_3d_step_across_slices():
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("axes", [(0, 2), (1, 2), (0, 1)])
-def test_rotation_equivariance(seed, axes):
+def test_rotation_equivariance(seed, axes, engine):
   vol = _blobs(seed)
   sketch = edges.canny_3d(vol)
   assert (sketch > 0).any()
@@ -116,7 +123,7 @@ def test_rotation_equivariance(seed, axes):
     np.testing.assert_allclose(rotated, expected, atol=1e-5)
 
 
-def test_flip_equivariance():
+def test_flip_equivariance(engine):
   vol = _blobs(2)
   sketch = edges.canny_3d(vol)
   for axis in range(3):
@@ -148,7 +155,7 @@ def test_direction_quantisation_is_the_closest_neighbour(seed):
 # ----------------------------------------------------------- output, options
 
 
-def test_output_range_dtype_and_shape():
+def test_output_range_dtype_and_shape(engine):
   vol = _blobs(3, n=24)[:, :20, :18] * 100 - 7
   sketch = edges.canny_3d(vol, sigma=0.8)
   assert sketch.shape == vol.shape and sketch.dtype == np.float32
@@ -156,13 +163,13 @@ def test_output_range_dtype_and_shape():
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, 123.5])
-def test_constant_volume_gives_zeros(value):
+def test_constant_volume_gives_zeros(value, engine):
   sketch = edges.canny_3d(np.full((16, 16, 16), value, np.float32))
   assert sketch.dtype == np.float32
   np.testing.assert_array_equal(sketch, 0)
 
 
-def test_integer_and_bool_volumes_accepted():
+def test_integer_and_bool_volumes_accepted(engine):
   ball, _ = _ball((10, 10, 10), 6, n=20)
   np.testing.assert_allclose(edges.canny_3d(ball.astype(np.int16)),
                              edges.canny_3d(ball))
@@ -170,7 +177,7 @@ def test_integer_and_bool_volumes_accepted():
                              edges.canny_3d(ball))
 
 
-def test_invariant_to_affine_intensity_change():
+def test_invariant_to_affine_intensity_change(engine):
   vol = _blobs(4)
   base = edges.canny_3d(vol) > 0
   scaled = edges.canny_3d(vol * 250.0 - 40.0) > 0
@@ -178,7 +185,7 @@ def test_invariant_to_affine_intensity_change():
   assert dice > 0.99
 
 
-def test_mask_zeroes_edges_outside():
+def test_mask_zeroes_edges_outside(engine):
   vol = _blobs(5)
   mask = np.zeros(vol.shape, bool)
   mask[:, :, :16] = True
@@ -192,19 +199,21 @@ def test_mask_zeroes_edges_outside():
       edges.canny_3d(vol, mask=mask.astype(np.uint8)), sketch)
 
 
+@pytest.mark.parametrize("engine", edges.ENGINES)
 @settings(deadline=None, max_examples=10)
 @given(low=st.floats(0.0, 0.5), high_gap=st.floats(0.0, 0.4),
        raise_by=st.floats(0.0, 0.3))
-def test_higher_thresholds_give_a_subset(low, high_gap, raise_by):
+def test_higher_thresholds_give_a_subset(engine, low, high_gap, raise_by):
   vol = _blobs(6, n=24)
   high = low + high_gap
-  loose = edges.canny_3d(vol, low_threshold=low, high_threshold=high) > 0
+  loose = edges.canny_3d(vol, low_threshold=low, high_threshold=high,
+                         engine=engine) > 0
   strict = edges.canny_3d(vol, low_threshold=low + raise_by,
-                          high_threshold=high + raise_by) > 0
+                          high_threshold=high + raise_by, engine=engine) > 0
   assert not (strict & ~loose).any()
 
 
-def test_quantile_thresholds():
+def test_quantile_thresholds(engine):
   vol = _blobs(7)
   sketch = edges.canny_3d(vol, low_threshold=0.8, high_threshold=0.95,
                           use_quantiles=True)
@@ -217,7 +226,7 @@ def test_quantile_thresholds():
   assert fewer.sum() < edge.sum() and not (fewer & ~edge).any()
 
 
-def test_edge_pyramid_matches_per_scale_canny():
+def test_edge_pyramid_matches_per_scale_canny(engine):
   fine = _blobs(8, n=32)
   coarse = fine[::2, ::2, ::2]
   masks = [None, fine > 0]
@@ -251,6 +260,7 @@ def test_bad_volume_raises_input_error(volume):
     dict(low_threshold=-0.1),
     dict(low_threshold=0.5, high_threshold=1.5, use_quantiles=True),
     dict(sigma=-1.0),
+    dict(engine="torch"),
 ])
 def test_bad_options_raise_input_error(kwargs):
   with pytest.raises(InputError):
@@ -382,19 +392,81 @@ def test_canny_on_slabs_in_threads_is_bitwise_the_one_thread_result(
   if kwargs.get("mask") == "half":
     kwargs = dict(kwargs, mask=v > 0.3)
   monkeypatch.setattr(edges, "EDGE_THREADS", 1)
-  want = edges.canny_3d(v, **kwargs)
+  want = edges.canny_3d(v, engine="numpy", **kwargs)
   monkeypatch.setattr(edges, "EDGE_THREADS", 4)
   monkeypatch.setattr(edges, "_SLAB_PLANES", 2)
-  got = edges.canny_3d(v, **kwargs)
+  got = edges.canny_3d(v, engine="numpy", **kwargs)
   np.testing.assert_array_equal(got, want)
   assert want.any()
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kwargs", [{}, {"sigma": 0}, {"sigma": 1.7},
+                                    {"use_quantiles": True,
+                                     "low_threshold": 0.5,
+                                     "high_threshold": 0.9},
+                                    {"mask": "half"}])
+@pytest.mark.parametrize("shape", [(70, 33, 41), (2, 5, 7), (9, 12, 10),
+                                   (33, 2, 17)])
+def test_jax_engine_agrees_with_the_numpy_engine(kwargs, shape):
+  # The engines share the arithmetic but for the smoothing's precision
+  # (float32 in JAX, float64 in scipy): the same edges but for voxels within
+  # rounding of a tie, the same values to rounding. Shapes: deeper
+  # than a slab (the last slab overlaps the one before), 2-voxel sides,
+  # sides that are not multiples of the slab bucket. (Gradients are
+  # differences of nearby smoothed values, so the smoothing's float32
+  # rounding reaches them amplified: ~1e-5 of the sketch's maximum.)
+  rng = np.random.default_rng(sum(shape))
+  v = ndimage.gaussian_filter(rng.random(shape), 1.0).astype(np.float32)
+  v += 0.05 * rng.random(shape).astype(np.float32)
+  if kwargs.get("mask") == "half":
+    kwargs = dict(kwargs, mask=v > np.median(v))
+  want = edges.canny_3d(v, engine="numpy", **kwargs)
+  got = edges.canny_3d(v, engine="jax", **kwargs)
+  assert (want > 0).sum() > 3
+  differ = ((got > 0) != (want > 0)).sum()
+  assert differ <= max(1, 1e-3 * (want > 0).sum()), differ
+  both = (got > 0) & (want > 0)
+  np.testing.assert_allclose(got[both], want[both], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("shape", [(70, 33, 41), (5, 19, 2)])
+def test_jax_engine_slabs_are_bitwise_one_slab(monkeypatch, sigma, shape):
+  # Slabs of 3 planes (a halo bigger than the slab, overlapping last slab)
+  # and rows/columns padded to the bucket or not: the same bits as one slab.
+  v = np.random.default_rng(9).random(shape).astype(np.float32)
+  monkeypatch.setattr(edges, "JAX_SLAB_PLANES", {"cpu": 128, "gpu": 128})
+  monkeypatch.setattr(edges, "_JAX_BUCKET", 1)
+  want = edges.canny_3d(v, sigma=sigma, engine="jax")
+  assert want.any()
+  for planes, bucket in [(3, 1), (3, 16), (16, 32)]:
+    monkeypatch.setattr(edges, "JAX_SLAB_PLANES", {"cpu": planes,
+                                                   "gpu": planes})
+    monkeypatch.setattr(edges, "_JAX_BUCKET", bucket)
+    np.testing.assert_array_equal(
+        edges.canny_3d(v, sigma=sigma, engine="jax"), want)
+
+
+def test_jax_engine_compiles_once_per_bucket(monkeypatch):
+  monkeypatch.setattr(edges, "_EXECUTABLES", {})
+  rng = np.random.default_rng(10)
+  edges.compile_canny((30, 33, 47), sigma=1.0)
+  assert len(edges._EXECUTABLES) == 1
+  for shape in [(30, 33, 47), (31, 40, 44), (20, 48, 33)]:  # one bucket
+    edges.canny_3d(rng.random(shape), engine="jax")
+  assert len(edges._EXECUTABLES) == 1
+  edges.canny_3d(rng.random((30, 50, 47)), engine="jax")  # rows: next bucket
+  edges.canny_3d(rng.random((30, 33, 47)), sigma=2.0, engine="jax")
+  assert len(edges._EXECUTABLES) == 3
+
+
+@pytest.mark.parametrize("engine,threads", [("numpy", 1), ("numpy", 2),
+                                            ("jax", 1)])
 @pytest.mark.parametrize("layout", ["flipped", "transposed", "fortran"])
 def test_canny_does_not_depend_on_the_memory_layout(monkeypatch, layout,
-                                                    threads):
+                                                    engine, threads):
   monkeypatch.setattr(edges, "EDGE_THREADS", threads)
+  monkeypatch.setattr(edges, "ENGINE", engine)
   v = np.random.default_rng(1).random((40, 37, 39)).astype(np.float32)
   view = {"flipped": v[::-1], "transposed": v.transpose(2, 1, 0),
           "fortran": np.asfortranarray(v)}[layout]

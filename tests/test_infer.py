@@ -248,3 +248,15 @@ def test_auto_batch_size_fits_the_device_budget(params, monkeypatch):
   assert t.plan(SHAPE)[-1].batch_shape[0] == 4
   with pytest.raises(InputError, match="integer or 'auto'"):
     infer.Translator(_config(), params, batch_size="many")
+
+
+def test_plan_compiles_the_edge_kernels_a_run_uses(params, monkeypatch):
+  from megan_jax import edges
+  monkeypatch.setattr(edges, "_EXECUTABLES", {})
+  monkeypatch.setattr(edges, "_JAX_BUCKET", 1)  # one kernel per scale shape
+  t = infer.Translator(_config(), params, batch_size=4)
+  t.plan(SHAPE)
+  planned = dict(edges._EXECUTABLES)
+  assert len(planned) == _config().num_hr_scales + 1
+  t.translate_normalised(t._normalise_source(_volume()), progress=False)
+  assert edges._EXECUTABLES == planned  # nothing compiled during the run

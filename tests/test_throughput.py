@@ -50,7 +50,8 @@ def no_torch_run(tmp_path_factory):
   with pytest.MonkeyPatch.context() as mp:
     _without_torch(mp)
     rc = throughput.main(["--quick", "--out", out, "--only", "hr_forward",
-                          "stitch", "cascade", "paired", "--batches", "1",
+                          "stitch", "cascade", "paired", "edges",
+                          "--batches", "1",
                           "--flops"])
   assert rc == 0
   return out, _load(out)
@@ -133,6 +134,22 @@ def test_stitch_round_trip_is_exact(no_torch_run):
   assert monai["error"] == throughput.NO_TORCH
 
 
+def test_edges_rows_compare_the_two_engines(no_torch_run):
+  _, data = no_torch_run
+  rows = {r["impl"]: r for r in data["results"]["edges"]}
+  assert set(rows) == {"numpy", "jax"}
+  for r in rows.values():
+    assert r["error"] is None, r
+    assert r["size"] == 48 and r["alternated"] is True
+    assert r["median_s"] > 0 and len(r["times_s"]) == data["meta"]["repeats"]
+    assert r["edge_voxels"] > 100  # the blobs have edges
+  # The engines agree but for rounding near ties.
+  assert rows["jax"]["differ_voxels"] <= 1e-3 * rows["numpy"]["edge_voxels"]
+  assert rows["jax"]["compile_s"] > 0
+  assert data["ratios"]["edges_jax_over_numpy"] == pytest.approx(
+      rows["jax"]["median_s"] / rows["numpy"]["median_s"], rel=1e-3)
+
+
 def test_cascade_row(no_torch_run):
   _, data = no_torch_run
   (row,) = data["results"]["cascade"]
@@ -176,6 +193,7 @@ def test_markdown_tables(no_torch_run):
   assert text == throughput.markdown(data)
   assert "**HR generator forward**" in text and "| 48³ | ours |" in text
   assert "**Whole cascade**" in text
+  assert "**Edge sketch**" in text and "| 48³ | jax |" in text
   assert (f"- stitch monai sliding_window_inference 48³: "
           f"{throughput.NO_TORCH}") in text.splitlines()
 
