@@ -26,7 +26,7 @@ EOF
 if [ "$quick" = 1 ]; then
   sizes=(--sizes 16 32 --cascade-sizes 64 --width-scale 0.0625 --hr-batch 2)
   peak_models=(--models megan_hr_step pix2pix)
-  thr=(--quick --only hr_forward cascade)
+  thr=(--quick --only hr_forward cascade edges)
 else
   # Every model to 512³, MEGAN's cascade to 1024³ (the figure to beat:
   # the same peak from 64³ to 1024³ within 1 %).
@@ -35,10 +35,12 @@ else
   # HR forward fp32/bf16 with achieved FLOP/s (fraction of the device's
   # peak), the cascade at 512³ and 1024³ in bf16 (goal: 512³ under 10 s)
   # with the patch batch picked from the device memory (the GPU default,
-  # --cascade-batch auto; at most infer.AUTO_MAX_BATCH["gpu"]).
-  thr=(--only hr_forward cascade --batches 8 32 --plain-batches 8
+  # --cascade-batch auto; at most infer.AUTO_MAX_BATCH["gpu"]), and the
+  # edge sketch's engines (jax on the GPU, numpy on the host's threads) at
+  # 256³ and 512³, last (the JSON is written after each section).
+  thr=(--only hr_forward cascade edges --batches 8 32 --plain-batches 8
        --cascade-sizes 512 1024 --cascade-dtype bf16 --repeats 2
-       --cascade-repeats 1)
+       --cascade-repeats 1 --edge-sizes 256 512)
 fi
 
 # The memory suite writes its JSON after every finished case, so a step cut
