@@ -162,6 +162,7 @@ def _cache_key(path: str, config) -> str:
       "v": CACHE_VERSION, "file": ident,
       "data": config.data.to_dict(), "edges": config.edges.to_dict(),
       "n": config.num_hr_scales, "lr": config.lr_size,
+      "engine": edges_lib.ENGINE,  # the engines differ by rounding
   }
   blob = json.dumps(fields, sort_keys=True, default=str).encode()
   return hashlib.sha1(blob).hexdigest()[:16]

@@ -143,3 +143,14 @@ def test_bfloat16_step_runs(subjects, kind, scale):
                         jax.random.key(1))
   assert all(np.isfinite(float(v)) for v in metrics.values())
   assert jax.tree.leaves(state.g_params)[0].dtype == np.float32
+
+
+def test_sketch_cache_key_follows_the_edge_engine_and_config(monkeypatch):
+  # Cached sketches are reused only for the same file, edge settings and
+  # engine (the engines differ by rounding near ties).
+  c = tiny_config()
+  key = dataset._cache_key("mni152", c)
+  assert dataset._cache_key("mni152", tiny_config()) == key
+  assert dataset._cache_key("mni152", tiny_config(**{"edges.sigma": 2.0})) != key
+  monkeypatch.setattr(dataset.edges_lib, "ENGINE", "numpy")
+  assert dataset._cache_key("mni152", c) != key
