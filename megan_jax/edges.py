@@ -130,6 +130,23 @@ def _gradient_into(sub: np.ndarray, lo: int, hi: int,
     _diff_into(sub[lo:hi], axis, outs[axis])
 
 
+def _direction_floor(comps, xp):
+  """The smallest absolute gradient component the quantised direction uses
+  (`_neighbour_steps`): ``a1`` (a face), ``a2`` (an edge) or 0 (a corner),
+  per voxel; ``xp`` is numpy or jax.numpy."""
+  # Sorted without a sort; summing a1 + a2 + a3 in this fixed order keeps the
+  # scores (hence the choice) invariant to permuting the axes, bit for bit.
+  low01, high01 = xp.minimum(comps[0], comps[1]), xp.maximum(comps[0], comps[1])
+  a1 = xp.maximum(high01, comps[2])
+  a2 = xp.maximum(low01, xp.minimum(high01, comps[2]))
+  a3 = xp.minimum(low01, comps[2])
+  face = a1
+  edge = (a1 + a2) * np.float32(1 / np.sqrt(2))
+  corner = (a1 + a2 + a3) * np.float32(1 / np.sqrt(3))
+  floor = xp.where(edge >= corner, a2, np.float32(0))
+  return xp.where((face >= edge) & (face >= corner), a1, floor)
+
+
 def _neighbour_steps(grads: Sequence[np.ndarray],
                      strides: Sequence[int]) -> np.ndarray:
   """Flat-index step to the neighbour along each gradient (1D arrays in).
@@ -146,21 +163,10 @@ def _neighbour_steps(grads: Sequence[np.ndarray],
     ``sum_i sign(g_i) * strides[i]`` over the components used, int64.
   """
   comps = [np.abs(g) for g in grads]
-  # Sorted without a sort; summing a1 + a2 + a3 in this fixed order keeps the
-  # scores (hence the choice) invariant to permuting the axes, bit for bit.
-  low01, high01 = np.minimum(comps[0], comps[1]), np.maximum(comps[0], comps[1])
-  a1 = np.maximum(high01, comps[2])
-  a2 = np.maximum(low01, np.minimum(high01, comps[2]))
-  a3 = np.minimum(low01, comps[2])
-  face = a1
-  edge = (a1 + a2) * np.float32(1 / np.sqrt(2))
-  corner = (a1 + a2 + a3) * np.float32(1 / np.sqrt(3))
-  # The components used are those >= floor: a1 (face), a2 (edge), 0 (corner).
-  floor = np.where(edge >= corner, a2, np.float32(0))
-  floor = np.where((face >= edge) & (face >= corner), a1, floor)
+  floor = _direction_floor(comps, np)
   # Strides < 2**24 are exact in float32; summing there avoids int temporaries.
   dtype = np.float32 if sum(strides) < 2**24 else np.float64
-  step = np.zeros(a1.shape, dtype=dtype)
+  step = np.zeros(floor.shape, dtype=dtype)
   for g, a, stride in zip(grads, comps, strides):
     step += (a >= floor) * np.copysign(dtype(stride), g)
   return step.astype(np.int64)
@@ -221,7 +227,7 @@ def _slab_kernel(sigma: float):
   gradient direction (`_neighbour_steps`), on the slab's ``S`` planes.
   Positions past ``dims`` are padding: computed, and to be discarded.
   Same arithmetic as the numpy engine but for the smoothing, which runs in
-  float32 here (scipy's in float64): magnitudes agree to ~1e-6 of the
+  float32 here (scipy's in float64): magnitudes agree to ~1e-5 of the
   maximum, so a voxel whose test is that close to a tie can go either way.
   """
   import jax
@@ -238,6 +244,9 @@ def _slab_kernel(sigma: float):
       out = out + taps[r - k] * (trim(v, axis, r - k, r + k)
                                  + trim(v, axis, r + k, r - k))
     return out
+
+  def neighbours(v, axis):  # (next, this, previous) of the inner planes
+    return trim(v, axis, 2, 0), trim(v, axis, 1, 1), trim(v, axis, 0, 2)
 
   def coords(n, axis, first):  # coordinates of ``n`` planes along ``axis``
     shape = [1, 1, 1]
@@ -256,7 +265,7 @@ def _slab_kernel(sigma: float):
       for other in range(3):
         if other != axis:
           t = trim(t, other, 1, 1)
-      nxt, cur, prv = trim(t, axis, 2, 0), trim(t, axis, 1, 1), trim(t, axis, 0, 2)
+      nxt, cur, prv = neighbours(t, axis)
       c = coords(t.shape[axis] - 2, axis, -2 + (z0 if axis == 0 else 0))
       central = (nxt - prv) * np.float32(0.5)  # as np.gradient: -2 .. n + 2
       grads.append(jnp.where(c == 0, nxt - cur,
@@ -269,7 +278,7 @@ def _slab_kernel(sigma: float):
     m = magnitude
     for axis in range(3):
       c = coords(m.shape[axis] - 2, axis, -1 + (z0 if axis == 0 else 0))
-      nxt, cur, prv = trim(m, axis, 2, 0), trim(m, axis, 1, 1), trim(m, axis, 0, 2)
+      nxt, cur, prv = neighbours(m, axis)
       m = jnp.where(c == -1, nxt, jnp.where(c == dims[axis], prv, cur))
     centre = m[1:-1, 1:-1, 1:-1]
     size = centre.shape
@@ -277,15 +286,7 @@ def _slab_kernel(sigma: float):
     signs = [jnp.signbit(g[2:-2, 2:-2, 2:-2]) for g in grads]
     # `_neighbour_steps`, per voxel, as an offset code 9 dz + 3 dy + dx;
     # a direction and its opposite test the same two neighbours.
-    low01 = jnp.minimum(comps[0], comps[1])
-    high01 = jnp.maximum(comps[0], comps[1])
-    a1 = jnp.maximum(high01, comps[2])
-    a2 = jnp.maximum(low01, jnp.minimum(high01, comps[2]))
-    a3 = jnp.minimum(low01, comps[2])
-    edge = (a1 + a2) * np.float32(1 / np.sqrt(2))
-    corner = (a1 + a2 + a3) * np.float32(1 / np.sqrt(3))
-    floor = jnp.where(edge >= corner, a2, np.float32(0))
-    floor = jnp.where((a1 >= edge) & (a1 >= corner), a1, floor)
+    floor = _direction_floor(comps, jnp)
     code = 0
     for weight, a, neg in zip((9, 3, 1), comps, signs):
       code = code + jnp.where(a >= floor, jnp.where(neg, -weight, weight), 0)
