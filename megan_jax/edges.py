@@ -77,15 +77,16 @@ def _by_slabs(fn, depth: int, chunk: int | None = None) -> None:
                         "edges")
 
 
-def _as_volume(volume, name: str) -> np.ndarray:
-  """Returns ``volume`` as a finite float32 3D array, or raises InputError."""
+def _as_volume(volume, name: str, copy: bool = True) -> np.ndarray:
+  """Returns ``volume`` as a finite float32 3D array, or raises InputError;
+  ``copy=False``: the input itself where it is float32 already."""
   arr = np.asarray(volume)
   if arr.ndim != 3:
     raise InputError(f"{name}: expected a 3D volume, got shape {arr.shape}")
   if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or (
       np.iscomplexobj(arr)):
     raise InputError(f"{name}: expected real numbers, got dtype {arr.dtype}")
-  arr = arr.astype(np.float32)
+  arr = arr.astype(np.float32, copy=copy)
   if not np.all(np.isfinite(arr)):
     raise InputError(f"{name}: contains NaN or infinite values")
   return arr
@@ -570,7 +571,8 @@ def canny_3d(volume,
   """
   # C order: the slabs below are planes of axis 0, and the non-maximum
   # suppression's flat indices assume C order.
-  vol = np.ascontiguousarray(_as_volume(volume, "volume"))
+  # Read only: no copy of a float32 C-ordered input (512³: 0.2 s).
+  vol = np.ascontiguousarray(_as_volume(volume, "volume", copy=False))
   if min(vol.shape) < 2:
     raise InputError(
         f"volume: needs at least 2 voxels along each axis, got {vol.shape}")

@@ -537,3 +537,14 @@ def test_gradient_into_is_bitwise_np_gradient(shape):
     edges._gradient_into(v, lo, hi, outs)
     for got, w in zip(outs, want):
       np.testing.assert_array_equal(got, w[lo:hi])
+
+
+@pytest.mark.parametrize("engine", edges.ENGINES)
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
+def test_canny_leaves_its_input_unchanged(engine, sigma):
+  # A float32 C-ordered input is used in place (not copied): it must only
+  # be read.
+  v = _blobs(11, n=20)
+  before = v.copy()
+  edges.canny_3d(v, sigma=sigma, engine=engine, mask=v > 0)
+  np.testing.assert_array_equal(v, before)
