@@ -487,15 +487,19 @@ def _hysteresis_reference(weak, magnitude, high):
   return strong[labels]
 
 
-@pytest.mark.parametrize("threads,planes", [(1, 16), (4, 2), (7, 1)])
+@pytest.mark.parametrize("threads,planes,density", [
+    (1, 16, 0), (4, 2, 0), (7, 1, 0), (1, 16, 1.0), (2, 2, 1 / 256)])
 def test_hysteresis_joins_components_across_slabs(monkeypatch, threads,
-                                                  planes):
+                                                  planes, density):
   # Labels come from slabs of planes labelled in threads and joined across
-  # the slab cuts: a U whose arms meet only in the last slab, a line that
-  # crosses every cut diagonally only, and random sparse masks must keep
-  # exactly what whole-volume labelling keeps.
+  # the slab cuts (density 0), or from the weak voxels' neighbours among
+  # their indices (density 1; 1/256: the default switch, here per case):
+  # a U whose arms meet only in the last slab, a line that crosses every
+  # cut diagonally only, and random sparse masks must keep exactly what
+  # whole-volume labelling keeps.
   monkeypatch.setattr(edges, "EDGE_THREADS", threads)
   monkeypatch.setattr(edges, "_SLAB_PLANES", planes)
+  monkeypatch.setattr(edges, "SPARSE_HYSTERESIS_DENSITY", density)
   shape = (12, 9, 10)
   u = np.zeros(shape, bool)
   u[:, 2, 2] = u[:, 2, 7] = True  # two arms through every slab
