@@ -22,8 +22,8 @@ Steps 1-3 have two engines (``canny_3d(..., engine=)``, default `ENGINE`):
   default device, the accelerator where there is one; the host cuts the
   next slab while the device works. Device memory is one slab's; nearby
   shapes share a compiled kernel (`compile_canny` compiles it ahead). On a
-  2-core Xeon, same process, engines alternating: 512³ 5.0 s against the
-  numpy engine's 9.2 s, 256³ 0.61 against 0.97 s (compile ~0.5 s apart).
+  2-core Xeon, same process, engines alternating: 512³ 4.5 s against the
+  numpy engine's 9.4 s, 256³ 0.56 against 1.03 s (compile ~0.5 s apart).
 - ``"numpy"``: scipy.ndimage and numpy on slabs of planes in `EDGE_THREADS`
   threads, each slab with the halo its stencils need, so the result is bit
   for bit the one-thread one. The suppression goes in slabs of
