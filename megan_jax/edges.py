@@ -50,6 +50,10 @@ from megan_jax import host_threads
 from megan_jax.errors import InputError
 
 _FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+# The 13 neighbour offsets (dz, dy, dx) that come later in C order; with
+# their opposites, the 26 neighbours.
+_FORWARD_OFFSETS = tuple((dz, dy, dx) for dz in (0, 1) for dy in (-1, 0, 1)
+                         for dx in (-1, 0, 1) if 9 * dz + 3 * dy + dx > 0)
 # Threads for `canny_3d`'s smoothing, gradients and non-maximum suppression,
 # each on its own slab of planes (scipy.ndimage and numpy release the GIL);
 # the result is bit for bit the one-thread result. 1: no threads.
@@ -149,6 +153,7 @@ def _direction_floor(comps, xp):
   face = a1
   edge = (a1 + a2) * np.float32(1 / np.sqrt(2))
   corner = (a1 + a2 + a3) * np.float32(1 / np.sqrt(3))
+  # The components used are those >= floor: a1 (face), a2 (edge), 0 (corner).
   floor = xp.where(edge >= corner, a2, np.float32(0))
   return xp.where((face >= edge) & (face >= corner), a1, floor)
 
@@ -207,9 +212,14 @@ def _round_up(n: int, step: int) -> int:
   return -(-n // step) * step
 
 
+def _radius(sigma: float) -> int:
+  """Half-width of scipy.ndimage's Gaussian kernel (0: no smoothing)."""
+  return int(_TRUNCATE * sigma + 0.5) if sigma > 0 else 0
+
+
 def _gaussian_taps(sigma: float) -> tuple[int, np.ndarray]:
   """Radius and float32 taps of scipy.ndimage's Gaussian kernel."""
-  radius = int(_TRUNCATE * sigma + 0.5)
+  radius = _radius(sigma)
   x = np.arange(-radius, radius + 1, dtype=np.float64)
   taps = np.exp(-0.5 / (sigma * sigma) * x ** 2)
   return radius, (taps / taps.sum()).astype(np.float32)
@@ -219,7 +229,7 @@ def _halo(sigma: float) -> int:
   """Planes a slab of the JAX engine needs beyond its own on each side: the
   smoothing's radius, one for the gradient, one for the magnitude's
   neighbours in the suppression, one to replicate it beyond the volume."""
-  return (int(_TRUNCATE * sigma + 0.5) if sigma > 0 else 0) + 3
+  return _radius(sigma) + 3
 
 
 def _slab_kernel(sigma: float):
@@ -298,18 +308,13 @@ def _slab_kernel(sigma: float):
       code = code + jnp.where(a >= floor, jnp.where(neg, -weight, weight), 0)
     code = jnp.abs(code)
     local_max = jnp.zeros(size, bool)
-    for dz in (0, 1):
-      for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-          if 9 * dz + 3 * dy + dx <= 0:
-            continue
-          ahead = m[1 + dz:1 + dz + size[0], 1 + dy:1 + dy + size[1],
-                    1 + dx:1 + dx + size[2]]
-          behind = m[1 - dz:1 - dz + size[0], 1 - dy:1 - dy + size[1],
-                     1 - dx:1 - dx + size[2]]
-          local_max = jnp.where(code == 9 * dz + 3 * dy + dx,
-                                (centre >= ahead) & (centre >= behind),
-                                local_max)
+    for dz, dy, dx in _FORWARD_OFFSETS:
+      ahead = m[1 + dz:1 + dz + size[0], 1 + dy:1 + dy + size[1],
+                1 + dx:1 + dx + size[2]]
+      behind = m[1 - dz:1 - dz + size[0], 1 - dy:1 - dy + size[1],
+                 1 - dx:1 - dx + size[2]]
+      local_max = jnp.where(code == 9 * dz + 3 * dy + dx,
+                            (centre >= ahead) & (centre >= behind), local_max)
     return centre, local_max
 
   return kernel
@@ -474,8 +479,7 @@ def _components_of(idx: np.ndarray, shape) -> np.ndarray:
   z, rest = np.divmod(idx, h * w)
   y, x = np.divmod(rest, w)
   rows, cols = [], []
-  for dz, dy, dx in [(0, 0, 1)] + [(0, 1, d) for d in (-1, 0, 1)] + [
-      (1, a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)]:
+  for dz, dy, dx in _FORWARD_OFFSETS:
     inside = (z + dz < shape[0]) & (y + dy >= 0) & (y + dy < h)
     inside &= (x + dx >= 0) & (x + dx < w)
     src = np.flatnonzero(inside)
@@ -528,7 +532,7 @@ def _smooth_and_differentiate(vol: np.ndarray, sigma: float
   # A slab's planes need the smoothing's radius and one more (the central
   # difference) beyond them; at the volume's ends the slab ends there too,
   # so the boundary handling is the whole volume's.
-  halo = (int(_TRUNCATE * sigma + 0.5) if sigma > 0 else 0) + 1
+  halo = _radius(sigma) + 1
 
   def run(lo: int, hi: int) -> None:
     a, b = max(lo - halo, 0), min(hi + halo, depth)
