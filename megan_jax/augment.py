@@ -5,7 +5,8 @@ that generator's blur and artefacts, while it trains on the real volume
 downsampled. MEGAN hardens each HR GAN against those errors by degrading its
 previous-scale input during training (METHOD.md): Gaussian noise on every
 patch, a Gaussian blur on 30 % of patches and halved resolution on 20 %. The
-edge sketch gets Gaussian noise of sigma 0.01 (the public code).
+edge sketch gets Gaussian noise of sigma 0.01 (the public code) and, as an
+option of ours, a random weight per edge voxel (`augment_edges`'s ``gain``).
 
 Everything is pure jax with static shapes, so it runs inside the jitted train
 step. Every random choice comes from the explicit key, and each patch gets
@@ -268,8 +269,18 @@ def _augment_previous(key, x, noise_std, blur_prob, sigma_lo, sigma_hi,
 
 
 def augment_edges(key: PRNGKey, e: Array,
-                  std: float = DEFAULT_EDGE_NOISE_STD) -> Array:
-  """Adds Gaussian noise to edge-sketch patches (sigma 0.01 in the code).
+                  std: float = DEFAULT_EDGE_NOISE_STD,
+                  gain: float = 0.0) -> Array:
+  """Re-weights and noises edge-sketch patches.
+
+  Each value is first multiplied by its own factor drawn uniformly from
+  ``[1 - gain, 1 + gain]`` (``gain`` 0, the paper: none), then Gaussian noise
+  of ``std`` (0.01 in the public code) is added. The gain is our addition:
+  the sketch of a volume from another domain has its edges where the
+  target's would be but weighted by *that* domain's gradients, and a
+  network trained on one volume's exact weights reads them poorly; jittered
+  weights make it read where the edges are and roughly how strong (measured
+  on the demo: `configs.demo`'s note).
 
   The result is not clipped: the noise stays zero-mean on the empty
   background (where a clip would turn it into a positive bias), and the
@@ -279,24 +290,35 @@ def augment_edges(key: PRNGKey, e: Array,
     key: a PRNG key, or one key per patch (see `patch_keys`).
     e: ``[B, D, H, W]`` or ``[B, D, H, W, C]`` edge patches.
     std: standard deviation of the noise.
+    gain: half-width of the per-voxel weight factor, in [0, 1].
 
   Returns:
-    ``e`` plus noise, same shape and dtype.
+    The augmented patches, same shape and dtype. With ``gain`` 0 the noise is
+    the same as without the argument (same keys).
   """
   e = jnp.asarray(e)
   _check_batch(e, "e")
   if std < 0:
     raise InputError(f"edge noise std must be >= 0, got {std}")
-  if std == 0:
+  if not 0.0 <= gain <= 1.0:
+    raise InputError(f"edge gain must be in [0, 1], got {gain}")
+  if std == 0 and gain == 0:
     return e
-  return _augment_edges(key, e, float(std))
+  return _augment_edges(key, e, float(std), float(gain))
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _augment_edges(key, e, std):
-  noise = jax.vmap(lambda k: _normal(k, e.shape[1:], e.dtype))(
-      patch_keys(key, e.shape[0]))
-  return e + jnp.asarray(std, e.dtype) * noise
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _augment_edges(key, e, std, gain):
+  def one(k, v):
+    if gain:
+      u = jax.random.uniform(jax.random.fold_in(k, 1), (v.size,), v.dtype,
+                             1.0 - gain, 1.0 + gain).reshape(v.shape)
+      v = v * u
+    if std:
+      v = v + jnp.asarray(std, v.dtype) * _normal(k, v.shape, v.dtype)
+    return v
+
+  return jax.vmap(one)(patch_keys(key, e.shape[0]), e)
 
 
 def augment_batch(
@@ -306,6 +328,7 @@ def augment_batch(
     previous: str | None = "previous",
     edges: str | None = "edges",
     edge_noise_std: float = DEFAULT_EDGE_NOISE_STD,
+    edge_gain: float = 0.0,
     **previous_kwargs: Any,
 ) -> dict[str, Array]:
   """Augments the previous-scale and edge entries of a batch dict.
@@ -316,6 +339,7 @@ def augment_batch(
     previous: the entry to degrade with `augment_previous` (None: none).
     edges: the entry to noise with `augment_edges` (None: none).
     edge_noise_std: the edge noise sigma.
+    edge_gain: the edge weight jitter (`augment_edges`).
     **previous_kwargs: keyword arguments of `augment_previous`.
 
   Returns:
@@ -329,5 +353,6 @@ def augment_batch(
   if previous is not None:
     out[previous] = augment_previous(k_prev, batch[previous], **previous_kwargs)
   if edges is not None:
-    out[edges] = augment_edges(k_edges, batch[edges], edge_noise_std)
+    out[edges] = augment_edges(k_edges, batch[edges], edge_noise_std,
+                               edge_gain)
   return out

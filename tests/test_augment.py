@@ -214,6 +214,34 @@ def test_edge_noise():
   np.testing.assert_array_equal(augment.augment_edges(key, e, std=0.0), e)
 
 
+def test_edge_gain():
+  e = jnp.concatenate([jnp.zeros((3, 8, 8, 8, 1)), jnp.ones((3, 8, 8, 8, 1))])
+  key = jax.random.key(29)
+  g = np.asarray(augment.augment_edges(key, e, std=0.0, gain=0.5))
+  np.testing.assert_array_equal(g[:3], 0.0)  # no edge, nothing to weight
+  ones = g[3:]
+  assert ones.min() >= 0.5 and ones.max() <= 1.5
+  # 1536 uniform draws on [0.5, 1.5]: mean 1 (sd 0.007), std 0.289.
+  np.testing.assert_allclose(ones.mean(), 1.0, atol=0.03)
+  np.testing.assert_allclose(ones.std(), 0.5 / np.sqrt(3), rtol=0.05)
+  assert len(np.unique(ones)) > 1000  # a factor per voxel, not per patch
+  # Per patch: patch i's draw does not depend on the others in the batch.
+  np.testing.assert_array_equal(
+      augment.augment_edges(augment.patch_keys(key, 6)[3:], e[3:], std=0.0,
+                            gain=0.5), ones)
+  # Without a gain the noise is what it was before the option existed.
+  noise = jax.vmap(lambda k: augment._normal(k, e.shape[1:], e.dtype))(
+      augment.patch_keys(key, 6))
+  np.testing.assert_allclose(augment.augment_edges(key, e),
+                             e + jnp.float32(0.01) * noise, rtol=1e-6,
+                             atol=1e-9)
+  # With both: weighted first, then noised.
+  both = np.asarray(augment.augment_edges(key, e, std=0.01, gain=0.5))
+  np.testing.assert_allclose(both, g + 0.01 * np.asarray(noise), atol=1e-6)
+  with pytest.raises(InputError, match="edge gain"):
+    augment.augment_edges(key, e, gain=1.5)
+
+
 def test_augment_batch():
   batch = {"previous": _patches(24), "edges": jnp.zeros((4, 8, 8, 8)),
            "target": _patches(25)}
