@@ -33,6 +33,8 @@ def patch_gan_config(config):
   the edges only."""
   c = copy.deepcopy(config)
   c.hr_condition = "none"
+  if "hr_residual" in c.model:  # nothing to add the output to
+    c.model.hr_residual = False
   c.name = f"{config.get('name', 'run')}-patch-gan"
   return c
 

@@ -199,7 +199,9 @@ class Translator:
     def hr_fn(params, prev, edges):
       batch = {"prev": prev.astype(self.dtype), "edges": edges.astype(self.dtype)}
       x = state_lib.generator_input(batch, config, "hr")
-      return hr_g.apply(params, x, train=False).astype(jnp.float32)
+      out = hr_g.apply(params, x, train=False)
+      return state_lib.generator_output(out, batch, config,
+                                        "hr").astype(jnp.float32)
 
     rep = sharding.replicated(self.mesh)
     bat = sharding.batch_sharded(self.mesh)

@@ -102,6 +102,51 @@ def generator_input(batch, config, kind: str):
   return jnp.concatenate([prev, batch["edges"]], axis=-1)
 
 
+def linear_upsampled_centre(prev, patch_size: int):
+  """The centre half of previous-scale patches, trilinearly upsampled ×2.
+
+  Output voxel ``i`` of a patch lies at ``q + i/2 - 1/4`` in the previous
+  patch's voxel coordinates (``q = p/4``, the margin around the centre; one
+  previous voxel is 2³ output voxels), so each output voxel mixes its
+  previous voxel (3/4) with the neighbour on its side (1/4), along each
+  axis: `resample.upsample2`'s weights, the margin supplying the
+  neighbours. ``[B, p, p, p, C] -> [B, p, p, p, C]``.
+  """
+  p = patch_size
+  q = p // 4
+  x = prev
+  for axis in (1, 2, 3):
+    def part(lo, hi, x=x, axis=axis):
+      idx = [slice(None)] * x.ndim
+      idx[axis] = slice(lo, hi)
+      return x[tuple(idx)]
+    centre = part(q, p - q)
+    even = 0.75 * centre + 0.25 * part(q - 1, p - q - 1)
+    odd = 0.75 * centre + 0.25 * part(q + 1, p - q + 1)
+    x = jnp.stack([even, odd], axis=axis + 1)
+    shape = list(x.shape)
+    shape[axis:axis + 2] = [shape[axis] * 2]
+    x = x.reshape(shape)
+  return x
+
+
+def generator_output(out, batch, config, kind: str):
+  """The scale's image from the generator's output: the output itself, or
+  with ``model.hr_residual`` (HR scales; our option, not the paper's) the
+  previous patch's centre trilinearly upsampled plus the output, clipped to
+  [-1, 1]. The generator then predicts what the previous scale lacks
+  instead of the whole intensity again, which its instance norms make
+  hard: they take each patch's mean away (measured on the demo: its note
+  in `configs.demo`)."""
+  if kind != "hr" or not config.model.get("hr_residual", False):
+    return out
+  if config.hr_condition == "none":
+    raise InputError("config model.hr_residual needs the previous scale; "
+                     "hr_condition='none' has none")
+  base = linear_upsampled_centre(batch["prev"], config.patch_size)
+  return jnp.clip(base.astype(out.dtype) + out, -1, 1)
+
+
 def discriminator_input(batch, image, kind: str, config=None):
   """D sees the condition with the image: HR (edges, prev, image) channels
   ((edges, image) when the generator sees no previous scale); LR the pair

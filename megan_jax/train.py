@@ -34,7 +34,8 @@ def augment_inputs(batch, key, config, kind: str):
   k_prev, k_edges = jax.random.split(key)
   out = dict(batch)
   out["edges"] = augment.augment_edges(k_edges, batch["edges"],
-                                       a.edge_noise_std)
+                                       a.edge_noise_std,
+                                       a.get("edge_gain", 0.0))
   if kind == "hr":
     out["prev"] = augment.augment_previous(
         k_prev, batch["prev"], noise_std=a.prev_noise_std,
@@ -64,7 +65,8 @@ def train_step(state: GanState, batch, rng, *, config, kind: str,
 
   # G forward once; its VJP serves G's update after D's.
   def g_fwd(g_params):
-    return g_model.apply(g_params, x, train=True, rngs={"dropout": k_drop})
+    out = g_model.apply(g_params, x, train=True, rngs={"dropout": k_drop})
+    return state_lib.generator_output(out, batch, config, kind)
   fake, g_vjp = jax.vjp(g_fwd, state.g_params)
   fake_f32 = fake.astype(jnp.float32)
 
@@ -148,7 +150,9 @@ def _eval_fn_cached(config_json: str, kind: str):
 
   def generate(g_params, batch):
     x = state_lib.generator_input(batch, config, kind)
-    return g.apply(g_params, x, train=False).astype(jnp.float32)
+    out = g.apply(g_params, x, train=False)
+    return state_lib.generator_output(out, batch, config,
+                                      kind).astype(jnp.float32)
   return jax.jit(generate)
 
 

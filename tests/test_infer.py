@@ -57,6 +57,32 @@ def test_batch_size_does_not_change_the_output(params):
     np.testing.assert_allclose(o, outs[0], rtol=0, atol=1e-6)
 
 
+def test_hr_residual_cascade_upsamples_where_the_generator_adds_nothing(
+    params):
+  # HR generators whose last conv outputs 0: with model.hr_residual every HR
+  # scale is the scale below trilinearly upsampled (inside the volume; at
+  # its faces the patches see background padding, upsample2 replicates).
+  import jax
+  from megan_jax import resample
+  config = _config()
+  config.model.hr_residual = True
+  zero = {n: jax.tree_util.tree_map_with_path(
+      lambda path, x: x * 0 if "conv_out" in jax.tree_util.keystr(path)
+      else x, p) if n != "lr" else p for n, p in params.items()}
+  t = infer.Translator(config, zero, batch_size=4)
+  t.keep_scales = True
+  t.translate_normalised(t._normalise_source(_volume()), progress=False)
+  scales = t.scale_outputs["scales"]
+  for k in range(1, config.num_hr_scales + 1):
+    below = scales["lr" if k == 1 else f"hr{k - 1}"]
+    got = scales[f"hr{k}"]
+    want = resample.upsample2(below)[tuple(slice(0, n) for n in got.shape)]
+    inner = tuple(slice(1, n - 2) for n in got.shape)
+    np.testing.assert_allclose(got[inner], np.clip(want[inner], -1, 1),
+                               atol=1e-5)
+    assert not np.allclose(got[inner], 0.0)
+
+
 def test_api_returns_the_kind_it_was_given(run_dir, tmp_path):
   t = megan_jax.load(run_dir, batch_size=4)
   vol = _volume()

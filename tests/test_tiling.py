@@ -435,6 +435,23 @@ def test_previous_patch_centre_lies_under_output_patch():
   assert (prev[0, :, 5:] == -1.0).all()  # beyond the 3 voxels of axis 1
 
 
+def test_linear_upsampled_centre_is_upsample2_of_the_previous_scale():
+  # `state.linear_upsampled_centre` (model.hr_residual's base) on the
+  # previous patches, stitched, is the previous volume trilinearly
+  # upsampled: the margin of each previous patch supplies the neighbours.
+  from megan_jax import resample
+  from megan_jax import state as state_lib
+  coarse_shape = (9, 6, 13)
+  coarse = np.full(coarse_shape, -1.0, np.float32)  # background all round,
+  coarse[1:-1, 1:-1, 1:-1] = _random_volume(  # as the patches' padding
+      tuple(n - 2 for n in coarse_shape), seed=5)
+  plan = tiling.make_plan(tuple(2 * n for n in coarse_shape), 8, 2)
+  prev = tiling.previous_patches(coarse, plan)[..., None]
+  up = np.asarray(state_lib.linear_upsampled_centre(jnp.asarray(prev), 8))
+  got = tiling.stitch(up[..., 0], plan)
+  np.testing.assert_allclose(got, resample.upsample2(coarse), atol=1e-6)
+
+
 def test_previous_patches_channels():
   plan = tiling.make_plan((12, 12, 12), 8, 2)
   prev = _random_volume((6, 6, 6), channels=2)
