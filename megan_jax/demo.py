@@ -23,10 +23,20 @@ from megan_jax.normalise import fit_normaliser, normalise, to_unit
 def _finished(workdir: str, config) -> bool:
   try:
     _, states = train.restore(workdir)
-  except Exception:  # no run, or another config: train afresh
+  except Exception:  # no run: train afresh
     return False
   return all(int(states.get(n).step) >= config.steps if n in states else False
              for n in state_lib.scale_names(config))
+
+
+def _other_config(workdir: str, config) -> bool:
+  """Whether ``workdir`` holds a run of another config (e.g. the demo's
+  before an upgrade changed it): the demo then trains its own afresh."""
+  try:
+    saved = state_lib.load_config(workdir)
+  except Exception:
+    return False
+  return not state_lib.same_run(saved, config)
 
 
 def run(out: str, *, steps: int | None = None, retrain: bool = False,
@@ -37,7 +47,7 @@ def run(out: str, *, steps: int | None = None, retrain: bool = False,
   if steps is not None:
     config.steps = int(steps)
   workdir = os.path.join(out, "run")
-  if retrain and os.path.isdir(workdir):
+  if os.path.isdir(workdir) and (retrain or _other_config(workdir, config)):
     shutil.rmtree(workdir)
   if not _finished(workdir, config):
     train.train(config, workdir, "all", progress=progress)

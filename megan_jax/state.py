@@ -227,9 +227,18 @@ IDENTITY_FIELDS = ("seed", "data", "num_hr_scales", "lr_size", "patch_size",
                    "augment")
 
 
+# Fields added after runs were first saved, with the value their absence
+# means (what those runs trained with), so such runs still resume.
+ADDED_FIELDS = {("augment", "edge_gain"): 0.0, ("model", "hr_residual"): False}
+
+
 def _identity(config_dict: dict) -> dict:
-  out = {k: config_dict.get(k) for k in IDENTITY_FIELDS}
-  return json.loads(json.dumps(out, default=list))  # tuples == lists
+  out = json.loads(json.dumps({k: config_dict.get(k) for k in IDENTITY_FIELDS},
+                              default=list))  # tuples == lists
+  for (group, key), value in ADDED_FIELDS.items():
+    if isinstance(out.get(group), dict):
+      out[group].setdefault(key, value)
+  return out
 
 
 def _diff(a, b, prefix=""):
@@ -240,6 +249,12 @@ def _diff(a, b, prefix=""):
         return d
     return None
   return None if a == b else (prefix.rstrip("."), a, b)
+
+
+def same_run(a, b) -> bool:
+  """Whether two configs describe the same run (all but steps and logging)."""
+  return _diff(_identity(json.loads(a.to_json())),
+               _identity(json.loads(b.to_json()))) is None
 
 
 def save_config(workdir: str, config) -> None:

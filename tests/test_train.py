@@ -165,6 +165,22 @@ def test_workdir_of_another_config_is_refused(tmp_path):
   state_lib.save_config(str(tmp_path), longer)
 
 
+def test_run_saved_before_added_fields_still_resumes(tmp_path):
+  import json
+  config = tiny_config(**{"augment.edge_gain": 0.0, "model.hr_residual": False})
+  saved = json.loads(config.to_json())
+  for (group, key) in state_lib.ADDED_FIELDS:
+    del saved[group][key]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  state_lib.save_config(str(tmp_path), config)  # their absence means off
+  with pytest.raises(InputError, match="augment.edge_gain"):
+    state_lib.save_config(str(tmp_path), tiny_config(**{
+        "augment.edge_gain": 1.0, "model.hr_residual": False}))
+  with pytest.raises(InputError, match="model.hr_residual"):
+    state_lib.save_config(str(tmp_path), tiny_config(**{
+        "augment.edge_gain": 0.0, "model.hr_residual": True}))
+
+
 def test_cli_train_errors(tmp_path, capsys):
   empty = tmp_path / "empty"
   empty.mkdir()
