@@ -138,6 +138,15 @@ def _files(folder: str) -> list[str]:
   return dataset.list_volumes(folder)
 
 
+def training_settings(c) -> dict:
+  """The config fields besides the widths that set what a run learns."""
+  return {"lr": c.optim.lr, "dropout": c.model.dropout,
+          "l1_weight": c.loss.l1_weight, "gan": c.loss.gan,
+          "hr_condition": c.hr_condition,
+          "hr_residual": bool(c.model.get("hr_residual", False)),
+          "edge_gain": float(c.augment.get("edge_gain", 0.0))}
+
+
 def _seam_boundaries(config, shape):
   """The finest scale's patch borders of MEGAN's cascade inside ``shape``
   (the scale is tiled on the even grid twice the previous scale, then
@@ -283,6 +292,7 @@ def main(argv=None) -> int:
                        "patch_size": c.patch_size, "border": c.border,
                        "lr_size": c.lr_size, "num_hr_scales": c.num_hr_scales,
                        "hr_batch_size": c.train.hr_batch_size},
+            "training": training_settings(c),
             "spacing": c.data.spacing,
             "shape": list(io.load_nifti(sources[0]).data.shape),
             "n_train": len(_files(c.data.path)), "n_test": len(sources),

@@ -41,12 +41,15 @@ def test_table1_writes_every_method(tmp_path):
     assert -1.0 <= r["ssim"] <= 1.0 and 0.0 <= r["mae"] <= 1.0
     assert len(r["per_subject"]) == 1
   assert out["meta"]["widths"]["ngf"] == 4  # demo:smoke's
+  assert out["meta"]["training"]["hr_residual"] is True  # the demo's
+  assert out["meta"]["training"]["edge_gain"] == 1.0
   run = tmp_path / "run"
   config = json.loads((run / "megan" / "config.json").read_text())
   assert config["infer"]["batch_size"] == 4  # the --config.X=Y override
   # The patch GAN trains only the finest scale, from edges alone.
   pg = json.loads((run / "patch_gan" / "config.json").read_text())
   assert pg["hr_condition"] == "none"
+  assert pg["model"]["hr_residual"] is False  # nothing to add its output to
   n = config["num_hr_scales"]
   from megan_jax import train
   assert list(train.restore(str(run / "patch_gan"))[1]) == [f"hr{n}"]
