@@ -50,7 +50,8 @@ def test_step_lowers_loss_and_compiles_once(subjects, kind, scale):
 
 def test_augment_inputs_follows_the_config(subjects):
   quiet = {"augment.edge_noise_std": 0.0, "augment.prev_noise_std": 0.0,
-           "augment.blur_prob": 0.0, "augment.halfres_prob": 0.0}
+           "augment.blur_prob": 0.0, "augment.halfres_prob": 0.0,
+           "augment.edge_gain": 0.0}  # the demo's configs have it on
   batch = _fixed_batch(subjects, tiny_config(), 2)
   e = np.asarray(batch["edges"])
   assert (e > 0).sum() > 100
@@ -59,7 +60,7 @@ def test_augment_inputs_follows_the_config(subjects):
   np.testing.assert_array_equal(off["edges"], e)
   np.testing.assert_array_equal(off["prev"], batch["prev"])
   on = train.augment_inputs(
-      batch, key, tiny_config(**quiet, **{"augment.edge_gain": 0.5}), "hr")
+      batch, key, tiny_config(**{**quiet, "augment.edge_gain": 0.5}), "hr")
   got = np.asarray(on["edges"])
   np.testing.assert_array_equal(got[e == 0], 0.0)
   ratio = got[e > 0] / e[e > 0]
@@ -93,7 +94,8 @@ def test_hr_residual_adds_the_upsampled_previous_patch(subjects):
   # Inference form: a generator that outputs 0 returns the base.
   gen = train.make_eval_fn(config, "hr")(zero, batch)
   np.testing.assert_allclose(gen, base, atol=1e-6)
-  plain = train.make_eval_fn(tiny_config(**quiet), "hr")(zero, batch)
+  plain = train.make_eval_fn(
+      tiny_config(**quiet, **{"model.hr_residual": False}), "hr")(zero, batch)
   np.testing.assert_allclose(plain, 0.0, atol=1e-6)
   # Training form: the step's L1 is that of the base against the target.
   step = train.make_train_step(config, "hr", donate=False)
@@ -112,6 +114,10 @@ def test_l1_only_overfits_a_single_patch(subjects):
                           "model.dropout": 0.0, "augment.prev_noise_std": 0.0,
                           "augment.blur_prob": 0.0, "augment.halfres_prob": 0.0,
                           "augment.edge_noise_std": 0.0,
+                          "augment.edge_gain": 0.0,
+                          # the whole patch from the generator, not a
+                          # correction of the upsampled scale below
+                          "model.hr_residual": False,
                           "train.hr_batch_size": 1})
   state = state_lib.create_state(jax.random.key(0), config, "hr")
   step = train.make_train_step(config, "hr", donate=False)
