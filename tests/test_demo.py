@@ -36,3 +36,39 @@ def test_demo_writes_everything_and_reuses_its_run(tmp_path):
     json.dump(saved, f)
   demo.run(out, config_spec="demo:smoke", progress=False)
   assert state_lib.load_config(run).model.ngf == saved["model"]["ngf"] - 2
+
+
+@pytest.mark.slow
+def test_demo_ablation_scores_every_scale_of_every_variant(tmp_path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "demo_ablation", os.path.join(os.path.dirname(__file__), "..",
+                                    "launch", "demo_ablation.py"))
+  ablation = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ablation)
+  results = tmp_path / "results"
+  rc = ablation.main(["--config", "demo:smoke", "--steps", "2", "--variants",
+                      "paper", "demo", "--out", str(tmp_path / "runs"),
+                      "--results", str(results), "--no-progress"])
+  assert rc == 0
+  out = json.loads((results / "demo-ablation.json").read_text())
+  scales = ["lr", "hr1", "hr2"]  # demo:smoke has two HR scales
+  for variant in ("paper", "demo"):
+    for scale in scales:
+      for sketch in ("t2_like", "t1"):
+        (row,) = [r for r in out["rows"] if (r["variant"], r["scale"],
+                                             r["sketch"]) == (variant, scale,
+                                                              sketch)]
+        assert -1.0 <= row["ssim"] <= 1.0 and 0.0 <= row["mae"] <= 1.0
+  ref = [r for r in out["rows"] if r["variant"] == "upsampled"]
+  assert sorted(r["scale"] for r in ref) == ["hr1", "hr2"]
+  settings = out["meta"]["variants"]
+  assert settings["paper"]["settings"]["hr_residual"] is False
+  assert settings["paper"]["settings"]["dropout"] == 0.5
+  assert settings["demo"]["settings"]["hr_residual"] is True
+  # The paper variant's run really trained without the residual.
+  saved = state_lib.load_config(str(tmp_path / "runs" / "paper"))
+  assert saved.model.hr_residual is False and saved.optim.lr == 2e-4
+  md = (results / "demo-ablation.md").read_text()
+  assert "| paper |" in md and "| upsampled | – |" in md
+  assert (results / "demo-ablation.png").stat().st_size > 0
