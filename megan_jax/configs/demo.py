@@ -25,8 +25,8 @@ def get_config(arg=None):
   # contrast's sketch. Measured (session 9; SSIM of each scale on the
   # T2-like sketch, the HR scales fed the real scale below, 400 steps): the
   # paper's settings left the LR output a blob (0.77) and the HR scales
-  # blocky with seams (0.67, 0.63; trilinear upsampling of the real scale
-  # below scores 0.80, 0.85): dropout 0.5 and Adam 2e-4 learn too slowly
+  # blocky with seams (0.65, 0.61; trilinear upsampling of the real scale
+  # below scores 0.80, 0.85; `launch/demo_ablation.py`): dropout 0.5 and Adam 2e-4 learn too slowly
   # here, the sketch's exact weights do not carry over to another contrast,
   # and tiny HR generators with instance norm lose each patch's mean. These
   # four fields (the last two our options) took them to 0.96, 0.84, 0.87,
