@@ -1158,13 +1158,6 @@ def compute_ratios(results: dict) -> tuple[dict, dict]:
   return ratios, missing
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-  from megan_jax import io
-  with io.atomic_path(path) as tmp:
-    with open(tmp, "w") as f:
-      f.write(text)
-
-
 def _fmt(x, spec=".3g"):
   return "–" if x is None else format(x, spec)
 
@@ -1279,8 +1272,9 @@ def write_results(out: str, meta: dict, results: dict) -> dict:
           "ratios": ratios}
   os.makedirs(out, exist_ok=True)
   stem = os.path.join(out, f"throughput-{meta['backend']}")
-  _atomic_write_text(stem + ".json", json.dumps(data, indent=1) + "\n")
-  _atomic_write_text(stem + ".md", markdown(data))
+  from megan_jax import io
+  io.write_text(stem + ".json", json.dumps(data, indent=1) + "\n")
+  io.write_text(stem + ".md", markdown(data))
   return data
 
 

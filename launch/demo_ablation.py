@@ -220,12 +220,8 @@ def main(argv=None) -> int:
   }
   os.makedirs(args.results, exist_ok=True)
   stem = os.path.join(args.results, "demo-ablation")
-  with io.atomic_path(stem + ".json") as tmp:
-    with open(tmp, "w") as f:
-      json.dump(result, f, indent=2)
-  with io.atomic_path(stem + ".md") as tmp:
-    with open(tmp, "w") as f:
-      f.write(markdown(result))
+  io.write_text(stem + ".json", json.dumps(result, indent=2))
+  io.write_text(stem + ".md", markdown(result))
   writers.montage(panels, stem + ".png")
   print(markdown(result))
   print(f"[demo_ablation] wrote {stem}.json, .md, .png in "

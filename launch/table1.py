@@ -306,12 +306,8 @@ def main(argv=None) -> int:
     }
     os.makedirs(args.results, exist_ok=True)
     stem = os.path.join(args.results, f"table1-{args.task}")
-    with io.atomic_path(stem + ".json") as tmp:
-      with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    with io.atomic_path(stem + ".md") as tmp:
-      with open(tmp, "w") as f:
-        f.write(markdown(result))
+    io.write_text(stem + ".json", json.dumps(result, indent=2))
+    io.write_text(stem + ".md", markdown(result))
     figure(montage, stem + ".png", title=f"{args.task}: "
            f"{os.path.basename(sources[0]).split('.')[0]} (test)")
   except InputError as e:

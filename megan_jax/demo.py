@@ -73,10 +73,9 @@ def run(out: str, *, steps: int | None = None, retrain: bool = False,
       config.data.percentiles)).normalise(y))
   scores = _scores(pred, tgt, mask)
   paths["metrics"] = os.path.join(out, "metrics.json")
-  with io.atomic_path(paths["metrics"]) as tmp:
-    with open(tmp, "w") as f:
-      json.dump({"scores": scores, "mask": "brain", "steps": config.steps,
-                 "timings_s": translator.timings}, f, indent=2)
+  io.write_text(paths["metrics"], json.dumps(
+      {"scores": scores, "mask": "brain", "steps": config.steps,
+       "timings_s": translator.timings}, indent=2))
 
   panels = {"source (T2-like)": normalise(source.data)[0],
             "edges": translator.scale_outputs["edges"] * 2.0 - 1.0}

@@ -216,6 +216,14 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray,
   return path
 
 
+def write_text(path: str | os.PathLike, text: str) -> str:
+  """Writes ``text`` to ``path`` atomically (`atomic_path`); returns the path."""
+  with atomic_path(path) as tmp:
+    with open(tmp, "w") as f:
+      f.write(text)
+  return os.fspath(path)
+
+
 def _one_line(e: BaseException) -> str:
   text = " ".join(str(e).split()) or type(e).__name__
   return text[:200]

@@ -117,3 +117,10 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError):
     io.save_nifti(tmp_path / "out.nii.gz", np.zeros((2, 2, 2)))
   assert os.listdir(tmp_path) == []
+
+
+def test_write_text_is_atomic(tmp_path):
+  path = tmp_path / "out.json"
+  assert io.write_text(path, '{"a": 1}') == str(path)
+  assert path.read_text() == '{"a": 1}'
+  assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp left
