@@ -53,8 +53,14 @@ class Subject:
   intensity: np.ndarray
 
 
-def list_volumes(path: str) -> list[str]:
-  """The NIfTI files named by a folder, a list file, or "mni152"."""
+def list_volumes(path: str, label_suffix: str = "") -> list[str]:
+  """The NIfTI files named by a folder, a list file, or "mni152".
+
+  With ``label_suffix`` (e.g. "_seg"), files whose name ends in it before
+  the extension are labels of the others (``x_seg.nii.gz`` of ``x.nii.gz``),
+  not volumes, and are left out. In a list file, lines starting with ``#``
+  are comments.
+  """
   from megan_jax.data import MNI152_NAME
   if path == MNI152_NAME:
     return [MNI152_NAME]
@@ -66,34 +72,60 @@ def list_volumes(path: str) -> list[str]:
   elif os.path.isfile(path) and not io.is_nifti_path(path):
     base = os.path.dirname(os.path.abspath(path))
     with open(path) as f:
-      files = [os.path.join(base, line.strip()) for line in f
-               if line.strip() and not line.startswith("#")]
+      lines = [line.strip() for line in f]
+    files = [os.path.join(base, line) for line in lines
+             if line and not line.startswith("#")]
   elif os.path.isfile(path):
     files = [path]
   else:
     raise InputError(f"dataset {path}: no such folder or file")
+  if label_suffix:
+    files = [f for f in files
+             if not _split_nifti(f)[0].endswith(label_suffix)]
   if not files:
-    raise InputError(f"dataset {path}: holds no .nii or .nii.gz volumes")
+    raise InputError(f"dataset {path}: holds no .nii or .nii.gz volumes"
+                     + (f" (besides {label_suffix} labels)"
+                        if label_suffix else ""))
   return files
+
+
+def _split_nifti(path: str) -> tuple[str, str]:
+  """``"a/x.nii.gz"`` → ``("a/x", ".nii.gz")`` (any letter case)."""
+  for ext in (".nii.gz", ".nii"):
+    if path.lower().endswith(ext):
+      return path[:-len(ext)], path[-len(ext):]
+  return os.path.splitext(path)
 
 
 def label_path(path: str, suffix: str) -> str | None:
   """``x.nii.gz`` → ``x{suffix}.nii.gz`` when ``suffix`` is set."""
   if not suffix or path == "mni152":
     return None
-  base, ext = (path[:-7], ".nii.gz") if path.endswith(".nii.gz") else (
-      os.path.splitext(path))
+  base, ext = _split_nifti(path)
   return base + suffix + ext
 
 
-def _load_volume(path: str, config) -> io.Volume:
-  from megan_jax import data
-  if path == data.MNI152_NAME:
-    return data.mni152("t1", config.data.spacing or None)
-  vol = io.load_nifti(path, allow_constant=False)
-  if config.data.spacing:
-    vol = data.resample_spacing(vol, config.data.spacing)
-  return vol
+def _load_volume(path: str, config, label_file: str | None = None
+                 ) -> tuple[io.Volume, np.ndarray | None]:
+  """The volume at ``path`` and its label (when ``label_file`` is given) on
+  the run's working grid (``grid.to_working``: orientation, spacing)."""
+  from megan_jax import data, grid
+  if path == data.MNI152_NAME:  # its resampling is cached (demo, tests)
+    vol = data.mni152("t1", config.data.spacing or None)
+  else:
+    vol = io.load_nifti(path, allow_constant=False)
+  label = None
+  if label_file is not None:
+    lab = io.load_nifti(label_file, what="label", allow_constant=True)
+    if lab.data.shape != vol.data.shape:
+      raise InputError(f"label {label_file}: shape {lab.data.shape} differs "
+                       f"from its volume's {vol.data.shape}")
+    label = lab.data > 0.5
+  try:
+    work = grid.to_working(vol, config, label)
+  except InputError as e:
+    raise InputError(f"dataset volume {path}: {e}") from None
+  return work.volume, work.label
 
 
 def preprocess(image: np.ndarray, config, label: np.ndarray | None = None,
@@ -156,6 +188,10 @@ def _cache_key(path: str, config) -> str:
   if os.path.exists(path):
     st = os.stat(path)
     ident = [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+    lpath = label_path(path, config.data.label_suffix)
+    if config.edges.use_label and lpath and os.path.exists(lpath):
+      lst = os.stat(lpath)  # a changed label file is a new sketch too
+      ident += [os.path.abspath(lpath), lst.st_size, lst.st_mtime_ns]
   else:
     ident = [path]
   fields = {
@@ -181,18 +217,12 @@ def load_subject(path: str, config, cache_dir: str | None = None) -> Subject:
       arrays = {f: np.load(os.path.join(folder, f + ".npy"), mmap_mode="r")
                 for f in names}
       return _subject(path, arrays, n)
-  vol = _load_volume(path, config)
+  lpath = label_path(path, config.data.label_suffix)
+  use_label = config.edges.use_label and lpath is not None
+  vol, label = _load_volume(path, config, lpath if use_label else None)
   window = tuple(config.data.window) or None
   norm = fit_normaliser(vol.data, percentiles=tuple(config.data.percentiles),
                         window=window, path=path)
-  label = None
-  lpath = label_path(path, config.data.label_suffix)
-  if config.edges.use_label and lpath is not None:
-    lab = io.load_nifti(lpath, what="label", allow_constant=True)
-    if lab.data.shape != vol.data.shape:
-      raise InputError(f"label {lpath}: shape {lab.data.shape} differs from "
-                       f"its volume's {vol.data.shape}")
-    label = lab.data > 0.5
   try:
     arrays = preprocess(norm.normalise(vol.data), config, label)
   except InputError as e:  # e.g. the config's LR grid is too small for it
@@ -221,7 +251,7 @@ def _subject(path: str, arrays: dict, n: int) -> Subject:
 def load_dataset(path: str, config, cache_dir: str | None = None,
                  progress: bool = False) -> list[Subject]:
   """All volumes of a dataset (see ``list_volumes``), preprocessed."""
-  files = list_volumes(path)
+  files = list_volumes(path, config.data.label_suffix)
   if progress:
     from tqdm import tqdm
     files = tqdm(files, desc="preprocess", unit="vol", leave=False)

@@ -458,18 +458,12 @@ class Translator:
                        ) -> np.ndarray:
     """A ``Volume`` (scanner intensities) → the translated array, on the
     volume's grid, in the target domain's intensities."""
-    c = self.config
-    data, shape = vol.data, vol.data.shape
-    if c.data.spacing:
-      from megan_jax import data as data_lib
-      work = data_lib.resample_spacing(vol, c.data.spacing)
-      data = work.data
-      if label is not None:
-        label = resample.resize(label.astype(np.float32), data.shape) > 0.5
-    y = self.translate_normalised(self._normalise_source(data, vol.path),
-                                  label, **kwargs)
-    if y.shape != shape:
-      y = np.asarray(resample.resize(y, shape, "linear"))
+    from megan_jax import grid
+    work = grid.to_working(vol, self.config, label)
+    y = self.translate_normalised(
+        self._normalise_source(work.volume.data, vol.path), work.label,
+        **kwargs)
+    y = work.restore(y)
     return self.intensity.denormalise(np.clip(y, -1.0, 1.0))
 
   def translate(self, x, mask=None, *, out: str | None = None,
@@ -612,12 +606,11 @@ def load_source(path: str) -> io.Volume:
 
 
 def working_shape(config, vol: io.Volume) -> tuple[int, int, int]:
-  """The shape the cascade runs at: the volume's, or after resampling to
-  ``config.data.spacing``."""
-  from megan_jax import data
-  if not config.data.spacing:
-    return vol.data.shape
-  return data.spacing_shape(vol.data.shape, vol.affine, config.data.spacing)
+  """The shape the cascade runs at (``grid.working_shape``: the volume's,
+  reoriented to ``config.data.orientation`` and resampled to
+  ``config.data.spacing``)."""
+  from megan_jax import grid
+  return grid.working_shape(config, vol)
 
 
 def translate_file(translator: Translator, in_path: str, out_path: str,

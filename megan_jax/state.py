@@ -229,7 +229,8 @@ IDENTITY_FIELDS = ("seed", "data", "num_hr_scales", "lr_size", "patch_size",
 
 # Fields added after runs were first saved, with the value their absence
 # means (what those runs trained with), so such runs still resume.
-ADDED_FIELDS = {("augment", "edge_gain"): 0.0, ("model", "hr_residual"): False}
+ADDED_FIELDS = {("augment", "edge_gain"): 0.0, ("model", "hr_residual"): False,
+                ("data", "orientation"): ""}
 
 
 def _identity(config_dict: dict) -> dict:
@@ -269,7 +270,8 @@ def save_config(workdir: str, config) -> None:
     if d:
       raise InputError(
           f"workdir {workdir}: holds a run of another config ({d[0]} is "
-          f"{d[1]!r} there, {d[2]!r} here); use another --workdir")
+          f"{d[1]!r} there, {d[2]!r} here); use another --workdir, or "
+          f"--config.{d[0]}={'' if d[1] is None else d[1]} to go on with it")
     if old.get("steps") == new.get("steps"):
       return
   os.makedirs(workdir, exist_ok=True)
@@ -291,6 +293,9 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
   d = json.loads(text)
   for key in ("percentiles", "window"):  # JSON turned these tuples into lists
     d["data"][key] = tuple(d["data"][key])
+  for (group, key), value in ADDED_FIELDS.items():  # an older run's config
+    if isinstance(d.get(group), dict):
+      d[group].setdefault(key, value)
   return ml_collections.ConfigDict(d)
 
 

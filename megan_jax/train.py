@@ -287,7 +287,13 @@ def train(config, workdir: str, scales: str = "all", *, progress: bool = True,
       raise InputError(f"--scale {scales}: this config has scales "
                        f"{', '.join(['lr'] + [n[2:] for n in names[1:]])}")
     chosen = [want]
-  dataset.list_volumes(config.data.path)  # a bad dataset fails before any write
+  # A bad dataset or config fails before anything is written.
+  if config.edges.use_label and not config.data.label_suffix:
+    raise InputError("config edges.use_label needs data.label_suffix (the "
+                     "label of x.nii.gz is x{suffix}.nii.gz, e.g. '_seg')")
+  dataset.list_volumes(config.data.path, config.data.label_suffix)
+  if config.data.val_path:
+    dataset.list_volumes(config.data.val_path, config.data.label_suffix)
   state_lib.save_config(workdir, config)
   cache = os.path.join(workdir, "cache")
   subjects = dataset.load_dataset(config.data.path, config, cache, progress)

@@ -173,7 +173,8 @@ def test_workdir_of_another_config_is_refused(tmp_path):
 
 def test_run_saved_before_added_fields_still_resumes(tmp_path):
   import json
-  config = tiny_config(**{"augment.edge_gain": 0.0, "model.hr_residual": False})
+  config = tiny_config(**{"augment.edge_gain": 0.0, "model.hr_residual": False,
+                          "data.orientation": ""})
   saved = json.loads(config.to_json())
   for (group, key) in state_lib.ADDED_FIELDS:
     del saved[group][key]
@@ -184,7 +185,13 @@ def test_run_saved_before_added_fields_still_resumes(tmp_path):
         "augment.edge_gain": 1.0, "model.hr_residual": False}))
   with pytest.raises(InputError, match="model.hr_residual"):
     state_lib.save_config(str(tmp_path), tiny_config(**{
-        "augment.edge_gain": 0.0, "model.hr_residual": True}))
+        "augment.edge_gain": 0.0, "model.hr_residual": True,
+        "data.orientation": ""}))
+  # today's default orientation is not what such a run trained with; the
+  # message says how to go on with it
+  with pytest.raises(InputError, match="--config.data.orientation= to go on"):
+    state_lib.save_config(str(tmp_path), tiny_config(**{
+        "augment.edge_gain": 0.0, "model.hr_residual": False}))
 
 
 def test_cli_train_errors(tmp_path, capsys):

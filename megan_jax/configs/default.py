@@ -23,6 +23,10 @@ def get_config(arg=None):
   c.data.path = "mni152"
   c.data.val_path = ""  # "" = validate on the training volumes
   c.data.label_suffix = ""  # e.g. "_seg": x.nii.gz -> x_seg.nii.gz as label
+  # Voxel axes turned to this orientation first (permute and flip, no
+  # interpolation: megan_jax.grid), so anatomy lies the same way in every
+  # volume; "" = keep each file's own voxel order.
+  c.data.orientation = "RAS"
   c.data.spacing = 0.0  # resample to this isotropic mm first; 0 = keep
   c.data.percentiles = (0.0, 99.5)  # intensity clipping to [-1, 1]
   c.data.window = ()  # (lo, hi), e.g. HU for CT; overrides percentiles

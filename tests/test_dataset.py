@@ -1,0 +1,98 @@
+"""Which files a dataset is made of, where their labels are, and when the
+sketch cache is stale."""
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from megan_jax import configs, dataset, train
+from megan_jax.errors import InputError
+
+
+def _blob(shape=(30, 37, 26), seed=0):
+  rng = np.random.default_rng(seed)
+  z, y, x = np.indices(shape)
+  c = np.array(shape) / 2
+  r = np.sqrt(((z - c[0]) / c[0]) ** 2 + ((y - c[1]) / c[1]) ** 2
+              + ((x - c[2]) / c[2]) ** 2)
+  vol = 200.0 * (r < 0.8) + 80.0 * (r < 0.4) + rng.normal(0, 3, shape)
+  return np.clip(vol, 0, None).astype(np.float32)
+
+
+def _save(path, data, zoom=4.0):
+  nib.save(nib.Nifti1Image(data, np.diag([zoom, zoom, zoom, 1.0])), str(path))
+  return str(path)
+
+
+def _lesion(shape=(30, 37, 26), r=5):
+  z, y, x = np.indices(shape)
+  return ((z - 15) ** 2 + (y - 18) ** 2 + (x - 13) ** 2 < r ** 2).astype(
+      np.float32)
+
+
+@pytest.fixture
+def folder(tmp_path):
+  for i in range(2):
+    _save(tmp_path / f"s{i}.nii.gz", _blob(seed=i))
+    _save(tmp_path / f"s{i}_seg.nii.gz", _lesion())
+  (tmp_path / "notes.txt").write_text("not a volume")
+  return tmp_path
+
+
+def test_labels_beside_the_volumes_are_not_volumes(folder):
+  every = dataset.list_volumes(str(folder))
+  assert len(every) == 4  # no suffix: nothing tells a label apart
+  files = dataset.list_volumes(str(folder), "_seg")
+  assert [os.path.basename(f) for f in files] == ["s0.nii.gz", "s1.nii.gz"]
+  config = configs.get_config("demo:smoke")
+  config.data.label_suffix = "_seg"
+  config.edges.use_label = True
+  subjects = dataset.load_dataset(str(folder), config)
+  assert [s.name for s in subjects] == ["s0.nii.gz", "s1.nii.gz"]
+  only_labels = folder / "labels"
+  only_labels.mkdir()
+  _save(only_labels / "a_seg.nii", _lesion())
+  with pytest.raises(InputError, match="besides _seg labels"):
+    dataset.list_volumes(str(only_labels), "_seg")
+
+
+def test_list_file_comments_and_label_paths(folder):
+  listing = folder / "train.txt"
+  listing.write_text("# training set\n  # indented comment\ns1.nii.gz\n\n"
+                     "  s0.nii.gz  \ns0_seg.nii.gz\n")
+  files = dataset.list_volumes(str(listing), "_seg")
+  assert files == [str(folder / "s1.nii.gz"), str(folder / "s0.nii.gz")]
+  assert dataset.label_path("a/X.NII.GZ", "_seg") == "a/X_seg.NII.GZ"
+  assert dataset.label_path("a/x.nii", "_seg") == "a/x_seg.nii"
+  assert dataset.label_path("a/x.nii.gz", "") is None
+  assert dataset.label_path("mni152", "_seg") is None
+
+
+def test_changing_a_label_file_invalidates_the_cached_sketch(folder, tmp_path):
+  config = configs.get_config("demo:smoke")
+  config.data.label_suffix = "_seg"
+  config.edges.use_label = True
+  cache = str(tmp_path / "cache")
+  path = str(folder / "s0.nii.gz")
+  before = np.array(dataset.load_subject(path, config, cache).edges[-1])
+  _save(folder / "s0_seg.nii.gz", _lesion(r=9))
+  after = np.array(dataset.load_subject(path, config, cache).edges[-1])
+  fresh = dataset.load_subject(path, config).edges[-1]
+  np.testing.assert_array_equal(after, fresh)
+  assert not np.array_equal(after, before)
+
+
+def test_train_refuses_a_bad_label_or_validation_setup_before_writing(
+    folder, tmp_path):
+  config = configs.get_config("demo:smoke")
+  config.data.path = str(folder)
+  config.edges.use_label = True
+  run = tmp_path / "run"
+  with pytest.raises(InputError, match="needs data.label_suffix"):
+    train.train(config, str(run), progress=False)
+  config.data.label_suffix = "_seg"
+  config.data.val_path = str(tmp_path / "missing")
+  with pytest.raises(InputError, match="missing: no such folder"):
+    train.train(config, str(run), progress=False)
+  assert not run.exists()
