@@ -243,6 +243,13 @@ class Translator:
                        "max_batch": cap,
                        "compiled_bytes": {str(k): v for k, v in
                                           sorted(measured.items())}}
+    if self.multiprocess:
+      # Each process sees its own free memory; one global batch for all (the
+      # smallest pick), or their programs and collectives would not match.
+      picks = sharding.process_values(np.int64(self.batch_size))
+      self.batch_size = int(picks.min())
+      self.batch_info.update(batch_size=self.batch_size,
+                             per_process=[int(b) for b in picks])
 
   # -- planning ---------------------------------------------------------------
   def _hr_abstract(self, name, batch: int | None = None):
@@ -293,15 +300,21 @@ class Translator:
       stats = dev.memory_stats() or {}
     except Exception:
       stats = {}
-    limit = stats.get("bytes_limit")
-    if not limit:
-      return  # the CPU reports no limit
-    for r in reports:
-      if r.device_bytes is not None and r.device_bytes > limit:
-        raise InputError(
-            f"scale {r.scale}: needs {r.device_bytes / 2**30:.2f} GiB per "
-            f"device, {dev.device_kind} has {limit / 2**30:.2f} GiB; use a "
-            "smaller --batch-size")
+    limit = stats.get("bytes_limit")  # the CPU reports none
+    problem = next((
+        f"scale {r.scale}: needs {r.device_bytes / 2**30:.2f} GiB per "
+        f"device, {dev.device_kind} has {limit / 2**30:.2f} GiB; use a "
+        "smaller --batch-size" for r in reports
+        if limit and r.device_bytes is not None and r.device_bytes > limit),
+        None)
+    if self.multiprocess:  # all stop, or the others would wait for it
+      failed = np.flatnonzero(sharding.process_values(np.int32(
+          problem is not None)))
+      if failed.size and problem is None:
+        problem = (f"device memory: a step does not fit the devices of "
+                   f"process {', '.join(map(str, failed))} (see its message)")
+    if problem is not None:
+      raise InputError(problem)
 
   # -- running ----------------------------------------------------------------
   def translate_normalised(self, image: np.ndarray, label=None, *,
@@ -470,17 +483,27 @@ class Translator:
                 progress: bool = False):
     """Translates a path, a nibabel image or a numpy array.
 
-    Returns the same kind: an array for an array (scanner intensities in, the
-    target domain's out; an array is taken to be at the run's voxel spacing), a nibabel image with the input's affine and header
-    for an image or a path; with ``out`` the result is also written there
-    (atomically) and its path returned.
+    Returns the same kind: an array for an array (scanner intensities in,
+    the target domain's out; an array is taken to be in RAS voxel order at
+    the run's voxel spacing), a nibabel image with the input's affine and
+    header for an image or a path. With ``out`` the result is written there
+    instead (atomically; for a path, resumably) and ``out`` returned.
+    ``mask`` (a path, nibabel image or array on the input's grid) is written
+    onto the sketches.
     """
     import nibabel as nib
-    label = None
-    if mask is not None:
-      label = np.asarray(io.load_nifti(mask, what="mask").data
-                         if isinstance(mask, (str, os.PathLike)) else
-                         np.asanyarray(getattr(mask, "dataobj", mask))) > 0.5
+    if isinstance(mask, (str, os.PathLike)):
+      mask_path, label = os.fspath(mask), io.load_nifti(mask, what="mask").data
+    elif isinstance(mask, nib.spatialimages.SpatialImage):
+      mask_path, label = None, io.from_image(mask, what="mask").data
+    else:
+      mask_path, label = None, None if mask is None else np.asarray(mask)
+    if label is not None:
+      label = label > 0.5
+    if isinstance(x, (str, os.PathLike)) and out is not None:
+      return translate_file(self, os.fspath(x), out, mask_path,
+                            label=None if mask_path else label,
+                            progress=progress)
     if isinstance(x, np.ndarray):
       if x.ndim != 3:
         raise InputError(f"array: expected 3D, got shape {x.shape}")
@@ -488,22 +511,28 @@ class Translator:
       spacing = self.config.data.spacing or 1.0
       vol = io.Volume(np.asarray(x, np.float32),
                       np.diag([spacing, spacing, spacing, 1.0]))
-      io.check_finite(vol.data, "array")
-      return self.translate_volume(vol, label, progress=progress)
-    if isinstance(x, (str, os.PathLike)):
-      if out is not None:
-        return translate_file(self, x, out, mask if isinstance(
-            mask, (str, os.PathLike)) else None, progress=progress)
+      io.check_finite(vol.data, None, what="array")
+    elif isinstance(x, (str, os.PathLike)):
       vol = io.load_nifti(x, allow_constant=False)
     elif isinstance(x, nib.spatialimages.SpatialImage):
-      vol = io.Volume(np.asarray(x.dataobj, np.float32), x.affine, x.header)
+      vol = io.from_image(x, allow_constant=False)
     else:
       raise InputError(f"translate: expected a path, a nibabel image or a "
                        f"numpy array, got {type(x).__name__}")
+    if out is not None and self.is_writer:
+      io.check_output_path(out, [vol.path, mask_path])
     y = self.translate_volume(vol, label, progress=progress)
+    if out is not None:
+      if self.is_writer:
+        io.save_nifti(out, y, like=vol, inputs=[mask_path])
+      return out
+    if isinstance(x, np.ndarray):
+      return y
     header = vol.header.copy() if vol.header is not None else None
     if header is not None:
       header.set_data_dtype(np.float32)
+      if len(header.get_data_shape()) != 3:  # a squeezed 4D image
+        header.set_data_shape(y.shape)
     return nib.Nifti1Image(y, vol.affine, header)
 
 
@@ -571,6 +600,13 @@ class _Workspace:
         json.dump(self.progress, f)
 
 
+def _file_id(path: str) -> list:
+  """What identifies a file's contents for resuming: absolute path, size,
+  modification time."""
+  st = os.stat(path)
+  return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
 def _fingerprint(*parts) -> str:
   blob = json.dumps(parts, sort_keys=True, default=str).encode()
   return hashlib.sha1(blob).hexdigest()
@@ -616,7 +652,8 @@ def working_shape(config, vol: io.Volume) -> tuple[int, int, int]:
 def translate_file(translator: Translator, in_path: str, out_path: str,
                    mask_path: str | None = None, *, progress: bool = True,
                    on_batch: Callable | None = None,
-                   mask_augment_seed: int | None = None) -> str:
+                   mask_augment_seed: int | None = None,
+                   label: np.ndarray | None = None) -> str:
   """Translates a NIfTI file into ``out_path`` (input's shape, affine and
   header), resumably; the file appears only at the end, atomically.
 
@@ -627,29 +664,41 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
 
   With several processes every one calls this with the same arguments; only
   process 0 writes (the output and the resume workspace), and all return once
-  the file is there.
+  the file is there. ``label`` (an array on the input's grid) may stand in
+  for ``mask_path``.
+
+  The resume folder is kept only for the same input and mask files (path,
+  size, modification time; an array mask by its contents), seed, config,
+  dtype and checkpoints; anything else starts afresh.
   """
   writer = translator.is_writer
+  if mask_path is not None and label is not None:
+    raise ValueError("translate_file: give mask_path or label, not both")
   if writer:
     io.check_output_path(out_path, [in_path, mask_path])
   vol = load_source(in_path)
-  label = None
+  mask_id = None
   if mask_path is not None:
-    m = io.load_nifti(mask_path, what="mask")
-    if m.data.shape != vol.data.shape:
-      raise InputError(f"mask {mask_path}: shape {'x'.join(map(str, m.data.shape))} "
-                       f"differs from the input's {'x'.join(map(str, vol.data.shape))}")
-    label = m.data > 0.5
+    label = io.load_nifti(mask_path, what="mask").data
+    mask_id = _file_id(mask_path)
+  if label is not None:
+    if label.shape != vol.data.shape:
+      raise InputError(
+          f"mask{' ' + mask_path if mask_path else ''}: shape "
+          f"{'x'.join(map(str, label.shape))} differs from the input's "
+          f"{'x'.join(map(str, vol.data.shape))}")
+    label = np.asarray(label) > 0.5
+    if mask_id is None:
+      mask_id = hashlib.sha1(np.packbits(label).tobytes()).hexdigest()
     if mask_augment_seed is not None:
       from megan_jax import edges
       a = translator.config.augment
       label = edges.augment_label(
           label, np.random.default_rng(mask_augment_seed),
           scale_range=a.label_scale, mirror=a.label_mirror) > 0
-  st = os.stat(vol.path)
-  fp = _fingerprint(os.path.abspath(vol.path), st.st_size, st.st_mtime_ns,
-                    mask_path, mask_augment_seed, translator.config.to_dict(),
-                    str(translator.dtype), translator.fingerprint)
+  fp = _fingerprint(_file_id(vol.path), mask_id, mask_augment_seed,
+                    translator.config.to_dict(), str(translator.dtype),
+                    translator.fingerprint)
   folder = workspace_for(out_path, fp) if writer else None
   y = translator.translate_volume(vol, label, progress=progress,
                                   workspace=folder, on_batch=on_batch)

@@ -74,19 +74,28 @@ def load_nifti(path: str | os.PathLike, *, allow_constant: bool = True,
   if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
     raise InputError(f"{what} {path}: not a NIfTI image "
                      f"(nibabel read it as {type(img).__name__})")
+  return from_image(img, what=what, allow_constant=allow_constant, path=path)
+
+
+def from_image(img, *, what: str = "image", allow_constant: bool = True,
+               path: str | None = None) -> Volume:
+  """A nibabel image (in memory or from a file) as a ``Volume``, with the
+  checks ``load_nifti`` makes: 3D (a 4D image of one volume is squeezed),
+  finite, and (unless allowed) not constant."""
+  name = f"{what} {path}" if path else what
   shape = img.shape
   if len(shape) == 4 and shape[3] == 1:
     squeeze = True
   elif len(shape) == 3:
     squeeze = False
   else:
-    raise InputError(f"{what} {path}: expected a 3D image, got shape "
+    raise InputError(f"{name}: expected a 3D image, got shape "
                      f"{'x'.join(map(str, shape))}")
   try:
     data = np.asarray(img.dataobj, dtype=np.float32)
   except (OSError, EOFError, ValueError, zlib.error) as e:
     raise InputError(
-        f"{what} {path}: truncated or corrupt data ({_one_line(e)})") from None
+        f"{name}: truncated or corrupt data ({_one_line(e)})") from None
   if squeeze:
     data = data[..., 0]
   check_finite(data, path, what=what)
@@ -100,14 +109,16 @@ def load_nifti(path: str | os.PathLike, *, allow_constant: bool = True,
 def check_finite(data: np.ndarray, path: str | None, *, what: str = "image"):
   bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
   if bad:
-    raise InputError(f"{what} {path}: {bad} non-finite voxel(s) (NaN or inf)")
+    name = f"{what} {path}" if path else what
+    raise InputError(f"{name}: {bad} non-finite voxel(s) (NaN or inf)")
 
 
 def check_not_constant(data: np.ndarray, path: str | None, *,
                        what: str = "image"):
   if data.size == 0 or float(data.min()) == float(data.max()):
     value = float(data.flat[0]) if data.size else float("nan")
-    raise InputError(f"{what} {path}: constant image (every voxel is "
+    name = f"{what} {path}" if path else what
+    raise InputError(f"{name}: constant image (every voxel is "
                      f"{value:g}); nothing to translate")
 
 
@@ -158,14 +169,27 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None
   try:
     yield tmp
     # mkstemp makes the file private (0600); give it the usual permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
+
+
+def _umask() -> int:
+  """The process's umask, read without changing it where Linux allows
+  (``os.umask`` sets it for every thread, e.g. orbax's writers, meanwhile)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  umask = os.umask(0o022)
+  os.umask(umask)
+  return umask
 
 
 def save_nifti(path: str | os.PathLike, data: np.ndarray,

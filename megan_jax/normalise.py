@@ -67,7 +67,8 @@ def fit_normaliser(volume: np.ndarray, *,
     if hi <= lo:  # a mostly-constant volume: fall back to the full range
       lo, hi = float(np.min(volume)), float(np.max(volume))
   if not hi > lo:
-    raise InputError(f"image {path}: intensity range [{lo:g}, {hi:g}] is empty "
+    name = f"image {path}" if path else "image"
+    raise InputError(f"{name}: intensity range [{lo:g}, {hi:g}] is empty "
                      "(constant image)")
   return Normaliser(lo, hi)
 

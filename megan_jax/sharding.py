@@ -215,3 +215,14 @@ def assert_same_on_all(x, what: str) -> None:
   if not (every == x[None]).all():
     raise InputError(f"{what}: differs between the processes of this job "
                      "(each must read the same files)")
+
+
+def process_values(x) -> np.ndarray:
+  """Every process's ``x`` (same shape and dtype on each), stacked:
+  ``[process_count, *x.shape]``; ``x[None]`` in a single-process job."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x[None]
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x)).reshape(
+      (jax.process_count(),) + x.shape)

@@ -286,3 +286,80 @@ def test_plan_compiles_the_edge_kernels_a_run_uses(params, monkeypatch):
   assert len(planned) == _config().num_hr_scales + 1
   t.translate_normalised(t._normalise_source(_volume()), progress=False)
   assert edges._EXECUTABLES == planned  # nothing compiled during the run
+
+
+def test_api_out_and_masks_of_every_kind(run_dir, tmp_path):
+  # out= writes for every kind of input, and a mask given as an array or an
+  # image reaches the generators whatever the input is.
+  t = megan_jax.load(run_dir, batch_size=8)
+  vol = _volume()
+  src = _nifti(tmp_path / "src.nii.gz", vol)
+  mask = np.zeros(SHAPE, np.float32)
+  mask[4:12, 5:14, 4:10] = 1
+  m = _nifti(tmp_path / "m.nii.gz", mask)
+  want = np.asarray(t.translate(src, m).dataobj)
+  plain = t.translate(vol)
+  assert np.abs(want - plain).max() > 1e-3
+  for i, (x, mk) in enumerate([(src, mask), (src, nib.load(m)),
+                               (nib.load(src), m), (vol, mask)]):
+    out = str(tmp_path / f"out{i}.nii.gz")
+    assert t.translate(x, mk, out=out) == out
+    img = nib.load(out)
+    assert img.shape == SHAPE
+    np.testing.assert_allclose(np.asarray(img.dataobj), want, atol=1e-4)
+    if not isinstance(x, np.ndarray):
+      np.testing.assert_allclose(img.affine, nib.load(src).affine)
+  with pytest.raises(InputError, match="mask: shape 30x37x25 differs"):
+    t.translate(src, mask[..., :-1], out=str(tmp_path / "bad.nii.gz"))
+  assert not os.path.exists(tmp_path / "bad.nii.gz")
+
+
+def test_api_checks_in_memory_images_as_files(run_dir, tmp_path):
+  t = megan_jax.load(run_dir, batch_size=8)
+  vol = _volume()
+  img4 = nib.Nifti1Image(vol[..., None], np.diag([4.0, 4.0, 4.0, 1.0]))
+  y = t.translate(img4)  # one volume in a 4D image, as load_nifti squeezes
+  assert y.shape == SHAPE
+  np.testing.assert_allclose(np.asarray(y.dataobj), t.translate(vol),
+                             atol=1e-4)
+  bad = vol.copy()
+  bad[3, 4, 5] = np.nan
+  with pytest.raises(InputError, match="^image: 1 non-finite voxel"):
+    t.translate(nib.Nifti1Image(bad, np.eye(4)))
+  with pytest.raises(InputError, match="^array: 1 non-finite voxel"):
+    t.translate(bad)
+  with pytest.raises(InputError, match="expected a 3D image, got shape"):
+    t.translate(nib.Nifti1Image(np.stack([vol, vol], -1), np.eye(4)))
+
+
+def test_resume_is_refused_when_the_mask_file_changed(run_dir, tmp_path,
+                                                      monkeypatch):
+  monkeypatch.setattr(infer, "RECORD_EVERY_S", 0.0)
+  src = _nifti(tmp_path / "src.nii.gz", _volume())
+  a = np.zeros(SHAPE, np.float32)
+  a[4:12, 5:14, 4:10] = 1
+  b = np.zeros(SHAPE, np.float32)
+  b[16:26, 20:30, 12:20] = 1
+  t = megan_jax.load(run_dir, batch_size=4)
+  m = str(tmp_path / "m.nii.gz")
+  fresh_b = nib.load(infer.translate_file(
+      t, src, str(tmp_path / "fresh.nii.gz"), _nifti(m, b),
+      progress=False)).get_fdata()
+
+  class Killed(Exception):
+    pass
+
+  def kill(scale, done):
+    if scale == 2 and done >= 8:
+      raise Killed()
+  out = str(tmp_path / "out.nii.gz")
+  _nifti(m, a)
+  with pytest.raises(Killed):
+    infer.translate_file(t, src, out, m, progress=False, on_batch=kill)
+  _nifti(m, b)  # the same path, another mask: the partial scales are stale
+  seen = []
+  got = nib.load(infer.translate_file(
+      t, src, out, m, progress=False,
+      on_batch=lambda s, d: seen.append((s, d)))).get_fdata()
+  assert seen[0][0] == 1  # started over at scale 1
+  np.testing.assert_array_equal(got, fresh_b)

@@ -120,6 +120,52 @@ def test_a_failing_job_stops_with_the_error(source, tmp_path):
   assert not os.path.exists(out)
 
 
+AGREE_SCRIPT = """
+import sys
+pid, port, run_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+from megan_jax import infer, sharding
+sharding.initialize_distributed(f"127.0.0.1:{port}", 2, pid, timeout_s=60)
+import numpy as np
+# the hosts differ in the memory they have free: process 1 has almost none
+infer.memory_budget = lambda dev: ((2 ** 40 if pid == 0 else 1), "test")
+t = infer.load(run_dir, batch_size="auto")
+print("batch", t.batch_size, t.batch_info["per_process"], flush=True)
+vol = (np.random.default_rng(0).random((30, 37, 26)) * 200).astype(np.float32)
+print("shape", t.translate(vol).shape, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_auto_batch_size_is_one_for_all_processes(run_dir, tmp_path):
+  # Each process picks from its own free memory; the job must run one batch
+  # size (the smallest pick), or the processes' programs would not match.
+  script = tmp_path / "agree.py"
+  script.write_text(AGREE_SCRIPT)
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port),
+                             run_dir], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=ROOT) for i in range(2)]
+  outs = []
+  for p in procs:
+    try:
+      outs.append(p.communicate(timeout=240))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+    assert "batch 2 [" in out and "shape (30, 37, 26)" in out, out
+  picks = [json.loads(o.split("batch 2 ")[1].splitlines()[0]) for o, _ in outs]
+  assert picks[0] == picks[1] and picks[0][1] == 2 and picks[0][0] > 2
+
+
 def test_single_process_helpers():
   mesh = sharding.make_mesh()
   assert sharding.is_local(mesh)
