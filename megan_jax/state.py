@@ -274,6 +274,12 @@ def save_config(workdir: str, config) -> None:
           f"--config.{d[0]}={'' if d[1] is None else d[1]} to go on with it")
     if old.get("steps") == new.get("steps"):
       return
+    if new["optim"].get("decay") == "linear":
+      raise InputError(
+          f"workdir {workdir}: trained for steps={old.get('steps')} with "
+          "optim.decay=linear, whose learning rate follows the number of "
+          f"steps; steps={new.get('steps')} would change the schedule of the "
+          "steps already taken (use another --workdir)")
   os.makedirs(workdir, exist_ok=True)
   with io.atomic_path(path, ".json") as tmp:
     with open(tmp, "w") as f:

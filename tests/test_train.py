@@ -1,4 +1,5 @@
 """Training: the step learns, compiles once, and resumes exactly."""
+import json
 import os
 
 import jax
@@ -242,3 +243,14 @@ def test_sketch_cache_key_follows_the_edge_engine_and_config(monkeypatch):
   assert dataset._cache_key("mni152", tiny_config(**{"edges.sigma": 2.0})) != key
   monkeypatch.setattr(dataset.edges_lib, "ENGINE", "numpy")
   assert dataset._cache_key("mni152", c) != key
+
+
+def test_steps_may_change_on_resume_unless_the_schedule_follows_them(
+    tmp_path):
+  state_lib.save_config(str(tmp_path / "a"), tiny_config(steps=4))
+  state_lib.save_config(str(tmp_path / "a"), tiny_config(steps=8))  # more
+  assert json.load(open(tmp_path / "a" / "config.json"))["steps"] == 8
+  linear = {"optim.decay": "linear"}
+  state_lib.save_config(str(tmp_path / "b"), tiny_config(steps=4, **linear))
+  with pytest.raises(InputError, match="optim.decay=linear"):
+    state_lib.save_config(str(tmp_path / "b"), tiny_config(steps=8, **linear))
