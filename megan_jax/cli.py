@@ -151,21 +151,29 @@ def cmd_demo(args) -> int:
 # ---------------------------------------------------------------------------
 def _add_translate(sub):
   p = sub.add_parser(
-      "translate", help="translate a volume with a trained run",
+      "translate", help="translate volumes with a trained run",
       description="Translates IN with the generators of a trained run "
-      "(--workdir) into OUT, with IN's shape, affine and header. Patches "
-      "are spread over every device; a killed run continues where it "
-      "stopped when started again with the same arguments.")
-  p.add_argument("-i", "--input", required=True, metavar="IN",
-                 help="source volume (.nii/.nii.gz), or 'mni152'")
+      "(--workdir) into OUT, with IN's shape, affine and header. Several "
+      "inputs go into the folder OUT under their own file names, through "
+      "networks compiled once. Patches are spread over every device; a "
+      "killed run continues where it stopped when started again with the "
+      "same arguments.")
+  p.add_argument("-i", "--input", required=True, nargs="+", metavar="IN",
+                 help="source volume(s) (.nii/.nii.gz), or 'mni152'")
   p.add_argument("-o", "--output", required=True, metavar="OUT",
-                 help="output .nii/.nii.gz")
+                 help="output .nii/.nii.gz; a folder for several inputs "
+                 "(created if missing; also for one input when OUT is a "
+                 "folder or ends in '/')")
   p.add_argument("--workdir", required=True, help="a trained run's folder")
-  p.add_argument("--mask", metavar="MASK",
-                 help="label mask written onto the sketches (e.g. a tumour)")
+  p.add_argument("--mask", nargs="+", metavar="MASK",
+                 help="label mask written onto the sketches (e.g. a "
+                 "tumour); one per input")
   p.add_argument("--mask-augment", type=int, default=None, metavar="SEED",
                  help="scale (±15 %%) and mirror the mask at random first: "
                  "a new lesion placement per seed (the paper's augmentation)")
+  p.add_argument("--skip-existing", action="store_true",
+                 help="leave outputs that already exist alone (rerunning a "
+                 "batch)")
   p.add_argument("--batch-size", type=_batch_size, default=None,
                  help="patches per batch, or 'auto': the largest that fits "
                  "the device memory (default: the run's config)")
@@ -179,28 +187,112 @@ def _add_translate(sub):
   p.set_defaults(func=cmd_translate)
 
 
+def _output_name(path: str) -> str:
+  """The output file name for an input in a batch: its own name."""
+  from megan_jax import data
+  return "mni152.nii.gz" if path == data.MNI152_NAME else os.path.basename(
+      os.path.normpath(path))
+
+
+def translate_jobs(inputs: Sequence[str], output: str,
+                   masks: Sequence[str] | None = None
+                   ) -> list[tuple[str, str, str | None]]:
+  """``(input, output, mask)`` per input of ``megan translate``, checked
+  before any work: one mask per input, outputs that neither collide nor
+  overwrite an input. Several inputs (or an ``output`` that is a folder or
+  ends in a separator) write into the folder ``output``."""
+  masks = list(masks or [])
+  if masks and len(masks) != len(inputs):
+    raise InputError(f"--mask: {len(masks)} mask(s) for {len(inputs)} "
+                     "inputs; give one per input")
+  masks = masks or [None] * len(inputs)
+  to_folder = (len(inputs) > 1 or os.path.isdir(output)
+               or output.endswith(("/", os.sep)))
+  if not to_folder:
+    return [(inputs[0], output, masks[0])]
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise InputError(f"output {output}: exists and is not a folder (several "
+                     "inputs are written into a folder)")
+  outs, seen = [], {}
+  for inp in inputs:
+    name = _output_name(inp)
+    if name in seen:
+      raise InputError(f"inputs {seen[name]} and {inp}: the same file name, "
+                       f"so the same output in {output}")
+    seen[name] = inp
+    outs.append(os.path.join(output, name))
+  return list(zip(inputs, outs, masks))
+
+
 def cmd_translate(args) -> int:
-  from megan_jax import infer, io
-  if not args.plan:
-    io.check_output_path(args.output, [args.input, args.mask])
+  from megan_jax import data, infer, io
+  jobs = translate_jobs(args.input, args.output, args.mask)
+  if args.mask_augment is not None and not args.mask:
+    raise InputError("--mask-augment: needs --mask")
   if not os.path.isdir(args.workdir):
     raise InputError(f"workdir {args.workdir}: no such folder")
+  geometry = {}  # every input's header (no voxels), read before any work
+  for inp, _, mask in jobs:
+    if inp == data.MNI152_NAME:
+      t1 = data.mni152("t1")
+      geometry[inp] = (t1.data.shape, t1.affine)
+    else:
+      geometry[inp] = io.nifti_geometry(inp, what="input")
+    shape = geometry[inp][0]
+    if mask is not None and io.nifti_geometry(mask, what="mask")[0] != shape:
+      raise InputError(
+          f"mask {mask}: shape "
+          f"{'x'.join(map(str, io.nifti_geometry(mask, what='mask')[0]))} "
+          f"differs from the input's {'x'.join(map(str, shape))}")
+  if not args.plan:
+    if jobs[0][1] != args.output:  # into the folder OUT
+      try:
+        os.makedirs(args.output, exist_ok=True)
+      except OSError as e:
+        raise InputError(f"output {args.output}: cannot make the folder "
+                         f"({e.strerror})") from None
+    every_input = [p for job in jobs for p in (job[0], job[2])]
+    for _, out, _ in jobs:
+      io.check_output_path(out, every_input)
   translator = infer.load(args.workdir, batch_size=args.batch_size,
                           dtype=args.dtype)
-  vol = infer.load_source(args.input)
-  reports = translator.plan(infer.working_shape(translator.config, vol))
+  plans = {}
+  for inp, _, _ in jobs:
+    shape = infer.working_shape(translator.config, geometry[inp])
+    if shape not in plans:
+      plans[shape] = translator.plan(shape)
+    if args.plan:
+      if len(jobs) > 1:
+        print(f"{inp}:")
+      for r in plans[shape]:
+        print(r.line())
   if args.plan:
-    for r in reports:
-      print(r.line())
     return 0
-  translator.check_device_memory(reports)
-  if args.mask_augment is not None and args.mask is None:
-    raise InputError("--mask-augment: needs --mask")
-  infer.translate_file(translator, args.input, args.output, args.mask,
-                       progress=not args.quiet,
-                       mask_augment_seed=args.mask_augment)
-  if translator.is_writer:  # in a multi-process job only process 0 writes
-    print(f"wrote {args.output}")
+  for reports in plans.values():
+    translator.check_device_memory(reports)
+  failed = []
+  for i, (inp, out, mask) in enumerate(jobs):
+    tag = f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else ""
+    if args.skip_existing and os.path.exists(out):
+      if translator.is_writer:
+        print(f"{tag}skipped {out} (exists)")
+      continue
+    try:
+      infer.translate_file(translator, inp, out, mask,
+                           progress=not args.quiet,
+                           mask_augment_seed=args.mask_augment)
+    except InputError as e:
+      if len(jobs) == 1:
+        raise
+      failed.append(inp)  # the others go on; the exit status says so
+      print(f"{PROG}: error: {e}", file=sys.stderr)
+      continue
+    if translator.is_writer:  # in a multi-process job only process 0 writes
+      print(f"{tag}wrote {out}")
+  if failed:
+    print(f"{PROG}: error: {len(failed)} of {len(jobs)} inputs failed: "
+          f"{', '.join(failed)}", file=sys.stderr)
+    return 2
   return 0
 
 

@@ -103,10 +103,13 @@ def invert_transform(t: np.ndarray) -> np.ndarray:
   return inv
 
 
-def working_shape(config, vol: Volume) -> tuple[int, int, int]:
-  """The shape the cascade runs at for ``vol`` (nothing resampled)."""
+def working_shape(config, vol: Volume | tuple) -> tuple[int, int, int]:
+  """The shape the cascade runs at for ``vol`` (nothing resampled), a
+  ``Volume`` or its ``(shape, affine)`` (``io.nifti_geometry``)."""
   from megan_jax import data
-  shape, affine = vol.data.shape, vol.affine
+  shape, affine = ((vol.data.shape, vol.affine) if isinstance(vol, Volume)
+                   else vol)
+  shape = tuple(int(n) for n in shape)
   t = orientation_transform(affine, config.data.orientation)
   if t is not None:
     affine = affine @ nio.inv_ornt_aff(t, shape)

@@ -274,7 +274,8 @@ class Translator:
     shapes = resample.scale_shapes(shape, c.num_hr_scales)
     resample.check_lr_size(shapes[0], c.lr_size)
     n = c.lr_size
-    self._compiled["lr"] = self._lr_abstract().compile()
+    if "lr" not in self._compiled:  # the steps do not depend on the shape
+      self._compiled["lr"] = self._lr_abstract().compile()
     out = [ScaleReport("lr", shapes[0], 1, (1, 2 * n, 2 * n, 2 * n, 1),
                        compiled_bytes(self._compiled["lr"]),
                        4 * int(np.prod(shapes[0])))]
@@ -285,7 +286,8 @@ class Translator:
     for k in range(1, c.num_hr_scales + 1):
       even = tuple(2 * s for s in shapes[k - 1])
       pl = tiling.make_plan(even, p, c.border)
-      self._compiled[f"hr{k}"] = self._hr_abstract(f"hr{k}").compile()
+      if f"hr{k}" not in self._compiled:
+        self._compiled[f"hr{k}"] = self._hr_abstract(f"hr{k}").compile()
       out.append(ScaleReport(
           f"hr{k}", shapes[k], pl.num_patches, (self.batch_size, p, p, p, 2),
           compiled_bytes(self._compiled[f"hr{k}"]),
@@ -641,7 +643,7 @@ def load_source(path: str) -> io.Volume:
   return io.load_nifti(path, allow_constant=False)
 
 
-def working_shape(config, vol: io.Volume) -> tuple[int, int, int]:
+def working_shape(config, vol: io.Volume | tuple) -> tuple[int, int, int]:
   """The shape the cascade runs at (``grid.working_shape``: the volume's,
   reoriented to ``config.data.orientation`` and resampled to
   ``config.data.spacing``)."""

@@ -59,6 +59,27 @@ def load_nifti(path: str | os.PathLike, *, allow_constant: bool = True,
       non-finite or (unless allowed) constant.
   """
   path = os.fspath(path)
+  img = _open_nifti(path, what)
+  return from_image(img, what=what, allow_constant=allow_constant, path=path)
+
+
+def nifti_geometry(path: str | os.PathLike, *, what: str = "image"
+                   ) -> tuple[tuple[int, int, int], np.ndarray]:
+  """A NIfTI file's 3D shape and affine from its header alone (no voxels
+  read), with ``load_nifti``'s checks on the file and its shape."""
+  path = os.fspath(path)
+  img = _open_nifti(path, what)
+  shape = tuple(int(n) for n in img.shape)
+  if len(shape) == 4 and shape[3] == 1:
+    shape = shape[:3]
+  if len(shape) != 3:
+    raise InputError(f"{what} {path}: expected a 3D image, got shape "
+                     f"{'x'.join(map(str, img.shape))}")
+  return shape, np.asarray(img.affine, np.float64)
+
+
+def _open_nifti(path: str, what: str):
+  """``nib.load`` with every problem one ``InputError`` line."""
   if not os.path.exists(path):
     raise InputError(f"{what} {path}: no such file")
   if os.path.isdir(path):
@@ -74,7 +95,7 @@ def load_nifti(path: str | os.PathLike, *, allow_constant: bool = True,
   if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
     raise InputError(f"{what} {path}: not a NIfTI image "
                      f"(nibabel read it as {type(img).__name__})")
-  return from_image(img, what=what, allow_constant=allow_constant, path=path)
+  return img
 
 
 def from_image(img, *, what: str = "image", allow_constant: bool = True,

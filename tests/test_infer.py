@@ -363,3 +363,72 @@ def test_resume_is_refused_when_the_mask_file_changed(run_dir, tmp_path,
       on_batch=lambda s, d: seen.append((s, d)))).get_fdata()
   assert seen[0][0] == 1  # started over at scale 1
   np.testing.assert_array_equal(got, fresh_b)
+
+
+def test_cli_translates_many_inputs_into_a_folder(run_dir, tmp_path, capsys):
+  ins = tmp_path / "in"
+  ins.mkdir()
+  srcs = [_nifti(ins / f"s{i}.nii.gz", _volume(seed=i)) for i in range(2)]
+  odd = _nifti(ins / "odd.nii", _volume((24, 30, 22), seed=5))
+  bad_data = _volume()
+  bad_data[1, 2, 3] = np.nan
+  bad = _nifti(ins / "bad.nii.gz", bad_data)
+  out = tmp_path / "out"  # made by the command
+  base = ["translate", "--workdir", run_dir, "--quiet", "--batch-size", "4"]
+  assert cli.main(base + ["-i", *srcs, odd, "-o", str(out), "--plan"]) == 0
+  text = capsys.readouterr().out
+  assert f"{odd}:" in text and "24x30x22" in text and not out.exists()
+  assert cli.main(base + ["-i", *srcs, bad, odd, "-o", str(out)]) == 2
+  captured = capsys.readouterr()
+  err = captured.err.strip().splitlines()
+  assert len(err) == 2 and bad in err[0] and "non-finite" in err[0]
+  assert "1 of 4 inputs failed" in err[1]
+  assert sorted(os.listdir(out)) == ["odd.nii", "s0.nii.gz", "s1.nii.gz"]
+  assert "[4/4] wrote" in captured.out
+  t = megan_jax.load(run_dir, batch_size=4)
+  for src in srcs + [odd]:  # what one input at a time writes
+    got = nib.load(str(out / os.path.basename(src)))
+    np.testing.assert_allclose(np.asarray(got.dataobj),
+                               np.asarray(t.translate(src).dataobj),
+                               atol=1e-4)
+    np.testing.assert_allclose(got.affine, nib.load(src).affine)
+  mtime = os.stat(out / "s0.nii.gz").st_mtime_ns
+  assert cli.main(base + ["-i", *srcs, "-o", str(out), "--skip-existing"]) == 0
+  assert capsys.readouterr().out.count("skipped") == 2
+  assert os.stat(out / "s0.nii.gz").st_mtime_ns == mtime
+  one = tmp_path / "one"  # one input into an existing folder
+  one.mkdir()
+  assert cli.main(base + ["-i", srcs[0], "-o", f"{one}/"]) == 0
+  assert os.listdir(one) == ["s0.nii.gz"]
+
+
+@pytest.mark.parametrize("case", ["mask_count", "same_name", "not_a_folder",
+                                  "into_the_inputs", "missing_input"])
+def test_cli_many_inputs_are_checked_before_any_work(case, run_dir, tmp_path,
+                                                     capsys):
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  srcs = [_nifti(tmp_path / d / "s.nii.gz", _volume()) for d in "ab"]
+  other = _nifti(tmp_path / "a" / "t.nii.gz", _volume(seed=1))
+  out = str(tmp_path / "out")
+  argv = ["translate", "--workdir", run_dir, "-o", out, "-i", srcs[0], other]
+  if case == "mask_count":
+    argv += ["--mask", srcs[0]]
+    name = "--mask"
+  elif case == "same_name":
+    argv[-1] = srcs[1]
+    name = srcs[1]
+  elif case == "not_a_folder":
+    out = argv[4] = str(tmp_path / "file.nii.gz")
+    open(out, "w").close()
+    name = out
+  elif case == "into_the_inputs":
+    argv[4] = str(tmp_path / "a")
+    name = srcs[0]
+  else:
+    argv[-1] = name = str(tmp_path / "a" / "nope.nii.gz")
+  before = sorted(os.walk(tmp_path))
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and name in err[0], err
+  assert sorted(os.walk(tmp_path)) == before
