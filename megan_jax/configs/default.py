@@ -90,7 +90,9 @@ def get_config(arg=None):
 
   c.train = ml_collections.ConfigDict()
   c.train.lr_batch_size = 1
-  c.train.hr_batch_size = 20  # patches per volume per step, as in the code
+  # Patches per HR step (the code takes all from one volume; here each
+  # patch draws its volume).
+  c.train.hr_batch_size = 20
   c.train.log_every = 50
   c.train.checkpoint_every = 1000
   c.train.eval_every = 1000
