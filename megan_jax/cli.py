@@ -337,34 +337,97 @@ def _add_evaluate(sub):
       "evaluate", help="SSIM, PSNR, MAE, MSE of a prediction against a target",
       description="Scores PRED against TARGET on intensities in [0, 1] (both "
       "mapped with the target's range, or --range LO HI, e.g. a CT window in "
-      "HU, and clipped), over the whole volume or inside --mask; prints JSON.")
-  p.add_argument("--pred", required=True, help="predicted volume (.nii/.nii.gz)")
-  p.add_argument("--target", required=True, help="ground truth (.nii/.nii.gz)")
-  p.add_argument("--mask", help="evaluate inside this mask only")
+      "HU, and clipped), over the whole volume or inside --mask; prints JSON. "
+      "PRED and TARGET may be folders: files are matched by name, each is "
+      "scored, and the mean and standard deviation over them are added.")
+  p.add_argument("--pred", required=True,
+                 help="predicted volume (.nii/.nii.gz), or a folder of them")
+  p.add_argument("--target", required=True,
+                 help="ground truth (.nii/.nii.gz), or a folder of them")
+  p.add_argument("--mask", help="evaluate inside this mask only (with "
+                 "folders: one mask for all, or a folder matched by name)")
   p.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"),
-                 help="intensities mapped to 0 and 1 (default: the target's "
+                 help="intensities mapped to 0 and 1 (default: each target's "
                  "min and max)")
+  p.add_argument("--out", metavar="JSON", help="also write the JSON here")
   p.set_defaults(func=cmd_evaluate)
+
+
+def score_pair(pred_path: str, target_path: str, mask_path: str | None = None,
+               value_range=None) -> dict:
+  """``megan evaluate`` of one prediction: SSIM, PSNR, MAE, MSE in [0, 1]."""
+  from megan_jax import io, metrics
+  from megan_jax.normalise import Normaliser, to_unit
+  pred = io.load_nifti(pred_path, what="prediction")
+  target = io.load_nifti(target_path, what="target", allow_constant=False)
+  if pred.data.shape != target.data.shape:
+    raise InputError(
+        f"prediction {pred_path}: shape {'x'.join(map(str, pred.data.shape))}"
+        f" differs from the target's {'x'.join(map(str, target.data.shape))}")
+  mask = load_label(mask_path, target.data.shape)
+  lo, hi = value_range or (float(target.data.min()), float(target.data.max()))
+  norm = Normaliser(lo, hi)
+  scores = metrics.evaluate(to_unit(norm.normalise(pred.data)),
+                            to_unit(norm.normalise(target.data)), mask)
+  return {"pred": pred_path, "target": target_path, "mask": mask_path,
+          "range": [lo, hi], **scores}
+
+
+def _evaluate_pairs(args) -> list[tuple[str, str, str | None]]:
+  """(prediction, target, mask) for files, or for folders matched by name."""
+  from megan_jax import io
+  if not os.path.isdir(args.pred):
+    if os.path.isdir(args.target):
+      raise InputError(f"target {args.target}: a folder, but --pred is not")
+    return [(args.pred, args.target, args.mask)]
+  if not os.path.isdir(args.target):
+    raise InputError(f"target {args.target}: not a folder, but --pred is")
+  names = sorted(f for f in os.listdir(args.pred) if io.is_nifti_path(f))
+  if not names:
+    raise InputError(f"prediction {args.pred}: holds no .nii or .nii.gz files")
+  pairs = []
+  for name in names:
+    target = os.path.join(args.target, name)
+    if not os.path.exists(target):
+      raise InputError(f"target {target}: no such file (for the prediction "
+                       f"{os.path.join(args.pred, name)})")
+    mask = args.mask
+    if mask is not None and os.path.isdir(mask):
+      mask = os.path.join(args.mask, name)
+    pairs.append((os.path.join(args.pred, name), target, mask))
+  return pairs
 
 
 def cmd_evaluate(args) -> int:
   import json
-  from megan_jax import io, metrics
-  from megan_jax.normalise import Normaliser, to_unit
-  pred = io.load_nifti(args.pred, what="prediction")
-  target = io.load_nifti(args.target, what="target", allow_constant=False)
-  for vol, path, what in ((pred, args.pred, "prediction"),):
-    if vol.data.shape != target.data.shape:
-      raise InputError(f"{what} {path}: shape {'x'.join(map(str, vol.data.shape))}"
-                       f" differs from the target's "
-                       f"{'x'.join(map(str, target.data.shape))}")
-  mask = load_label(args.mask, target.data.shape)
-  lo, hi = args.range or (float(target.data.min()), float(target.data.max()))
-  norm = Normaliser(lo, hi)
-  scores = metrics.evaluate(to_unit(norm.normalise(pred.data)),
-                            to_unit(norm.normalise(target.data)), mask)
-  print(json.dumps({"pred": args.pred, "target": args.target,
-                    "mask": args.mask, "range": [lo, hi], **scores}, indent=2))
+  import numpy as np
+  from megan_jax import io
+  if args.out is not None and not args.out.endswith(".json"):
+    raise InputError(f"--out {args.out}: name must end in .json")
+  pairs = _evaluate_pairs(args)
+  if args.out is not None:
+    if any(os.path.abspath(args.out) == os.path.abspath(p)
+           for pair in pairs for p in pair if p):
+      raise InputError(f"--out {args.out}: is an input; refusing to "
+                       "overwrite it")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.access(folder, os.W_OK | os.X_OK):
+      raise InputError(f"--out {args.out}: folder {folder} is not writable")
+  rows = [score_pair(*pair, args.range) for pair in pairs]
+  if os.path.isdir(args.pred):
+    keys = [k for k in rows[0] if isinstance(rows[0][k], float)]
+    result = {"pred": args.pred, "target": args.target, "mask": args.mask,
+              "range": args.range or "each target's min and max",
+              "count": len(rows),
+              "mean": {k: float(np.mean([r[k] for r in rows])) for k in keys},
+              "std": {k: float(np.std([r[k] for r in rows])) for k in keys},
+              "subjects": rows}
+  else:
+    result = rows[0]
+  text = json.dumps(result, indent=2)
+  if args.out is not None:
+    io.write_text(args.out, text + "\n")
+  print(text)
   return 0
 
 

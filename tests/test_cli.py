@@ -176,3 +176,53 @@ def test_batch_size_takes_an_integer_or_auto(capsys):
       parser.parse_args(base + ["--batch-size", bad])
     assert e.value.code == 2
     assert "--batch-size" in capsys.readouterr().err
+
+
+def test_evaluate_folders_matched_by_name(tmp_path, capsys):
+  import json
+  rng = np.random.default_rng(0)
+  for d in ("pred", "target", "masks"):
+    (tmp_path / d).mkdir()
+  want = {}
+  for i, name in enumerate(["a.nii.gz", "b.nii"]):
+    target = rng.uniform(0, 100, (16, 16, 16)).astype(np.float32)
+    pred = target + rng.normal(0, 5 * (i + 1), target.shape).astype(np.float32)
+    mask = np.zeros(target.shape, np.float32)
+    mask[2:12, 3:13, 4:14] = 1
+    for d, v in (("pred", pred), ("target", target), ("masks", mask)):
+      nib.save(nib.Nifti1Image(v, np.eye(4)), str(tmp_path / d / name))
+    code, out, _ = _run(["evaluate", "--pred", str(tmp_path / "pred" / name),
+                         "--target", str(tmp_path / "target" / name),
+                         "--mask", str(tmp_path / "masks" / name)], capsys)
+    want[name] = json.loads(out)
+  (tmp_path / "target" / "extra.nii.gz").write_bytes(
+      (tmp_path / "target" / "a.nii.gz").read_bytes())  # unmatched: ignored
+  out_json = tmp_path / "scores.json"
+  code, out, _ = _run(["evaluate", "--pred", str(tmp_path / "pred"),
+                       "--target", str(tmp_path / "target"), "--mask",
+                       str(tmp_path / "masks"), "--out", str(out_json)],
+                      capsys)
+  assert code == 0
+  got = json.loads(out)
+  assert got == json.loads(out_json.read_text())
+  assert got["count"] == 2
+  rows = {os.path.basename(r["pred"]): r for r in got["subjects"]}
+  for name, one in want.items():
+    for k in ("ssim", "psnr", "mae", "mse"):
+      assert rows[name][k] == pytest.approx(one[k])
+  for k in ("ssim", "mae"):
+    vals = [want[n][k] for n in want]
+    assert got["mean"][k] == pytest.approx(np.mean(vals))
+    assert got["std"][k] == pytest.approx(np.std(vals))
+  assert want["b.nii"]["mae"] > want["a.nii.gz"]["mae"]  # noisier
+  # a prediction without its target is one line naming the missing file
+  nib.save(nib.Nifti1Image(np.ones((16, 16, 16), np.float32), np.eye(4)),
+           str(tmp_path / "pred" / "c.nii.gz"))
+  code, _, err = _run(["evaluate", "--pred", str(tmp_path / "pred"),
+                       "--target", str(tmp_path / "target")], capsys)
+  assert code == 2 and len(err.strip().splitlines()) == 1
+  assert str(tmp_path / "target" / "c.nii.gz") in err
+  code, _, err = _run(["evaluate", "--pred", str(tmp_path / "pred"),
+                       "--target", str(tmp_path / "target" / "a.nii.gz")],
+                      capsys)
+  assert code == 2 and "not a folder" in err
