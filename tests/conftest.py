@@ -20,6 +20,8 @@ _cache = tempfile.mkdtemp(prefix="megan-jax-xla-cache-")
 jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# Commands run in subprocesses share it (and leave ~/.cache alone).
+os.environ.setdefault("MEGAN_COMPILE_CACHE", _cache)
 
 
 import pytest  # noqa: E402

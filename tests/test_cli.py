@@ -226,3 +226,32 @@ def test_evaluate_folders_matched_by_name(tmp_path, capsys):
                        "--target", str(tmp_path / "target" / "a.nii.gz")],
                       capsys)
   assert code == 2 and "not a folder" in err
+
+
+def test_compile_cache_location():
+  home = {"XDG_CACHE_HOME": "/c"}
+  assert cli.compile_cache_dir(home) == "/c/megan_jax/xla"
+  assert cli.compile_cache_dir({**home, "MEGAN_COMPILE_CACHE": "/x"}) == "/x"
+  assert cli.compile_cache_dir({**home, "MEGAN_COMPILE_CACHE": "off"}) is None
+  assert cli.compile_cache_dir({**home, "JAX_COMPILATION_CACHE_DIR": "/j"}) is None
+
+
+def test_command_line_keeps_compiled_programs_between_runs(run_dir, tmp_path):
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("JAX_COMPILATION", "MEGAN_COMPILE"))}
+  env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), JAX_PLATFORMS="cpu",
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # smoke sizes
+  argv = [sys.executable, "-m", "megan_jax.cli", "translate", "-i", "mni152",
+          "-o", str(tmp_path / "o.nii.gz"), "--workdir", run_dir, "--plan"]
+  r = subprocess.run(argv, env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  cached = os.listdir(tmp_path / "cache" / "megan_jax" / "xla")
+  assert len(cached) >= 3  # LR, HR steps and edge kernels
+  off = dict(env, XDG_CACHE_HOME=str(tmp_path / "off"),
+             MEGAN_COMPILE_CACHE="0")
+  r = subprocess.run(argv, env=off, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0 and not (tmp_path / "off").exists()
