@@ -355,6 +355,16 @@ class Checkpoints:
       return None
     return mngr.restore(step, args=self._ocp.args.StandardRestore(abstract))
 
+  def forget_after(self, step: int) -> list[int]:
+    """Deletes the ``best`` checkpoints saved after ``step`` (by a run killed
+    after its latest checkpoint): a resumed run evaluates those steps again,
+    and orbax would refuse a save at a step below one it already holds.
+    Returns the steps deleted."""
+    gone = [s for s in self.best.all_steps() if s > step]
+    for s in gone:
+      self.best.delete(s)
+    return gone
+
   def wait(self) -> None:
     self.latest.wait_until_finished()
     self.best.wait_until_finished()

@@ -220,6 +220,7 @@ def train_scale(config, workdir: str, scale: str, subjects, val_subjects, *,
     state = state_lib.create_state(jax.random.fold_in(base, -1 % 2**31),
                                    config, kind)
   start = int(state.step)
+  ckpt.forget_after(start)  # the steps after it run (and are judged) again
   mesh = sharding.make_mesh()
   state = sharding.replicate(state, mesh)
   step_fn = make_train_step(config, kind)

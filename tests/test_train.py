@@ -254,3 +254,23 @@ def test_steps_may_change_on_resume_unless_the_schedule_follows_them(
   state_lib.save_config(str(tmp_path / "b"), tiny_config(steps=4, **linear))
   with pytest.raises(InputError, match="optim.decay=linear"):
     state_lib.save_config(str(tmp_path / "b"), tiny_config(steps=8, **linear))
+
+
+def test_best_checkpoints_after_the_resumed_step_are_forgotten(tmp_path):
+  # A run killed after its latest checkpoint left a "best" of a later step;
+  # orbax refuses to save below it, so the resumed run's evaluations of
+  # those steps were silently dropped (on a GPU they need not be equal).
+  config = tiny_config()
+  st = state_lib.create_state(jax.random.key(0), config, "hr")
+  ck = state_lib.Checkpoints(str(tmp_path), "hr1")
+  ck.save_best(6, st, 0.5)
+  ck.wait()
+  ck.save_best(5, st, 0.1)  # what a resumed run at step 4 does: refused
+  ck.wait()
+  assert ck.best.best_step() == 6
+  assert ck.forget_after(4) == [6]
+  ck.save_best(5, st, 0.1)
+  ck.wait()
+  assert ck.best.best_step() == 5
+  assert ck.forget_after(5) == []
+  ck.close()
