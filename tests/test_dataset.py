@@ -5,19 +5,10 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+import synthetic
 
 from megan_jax import configs, dataset, train
 from megan_jax.errors import InputError
-
-
-def _blob(shape=(30, 37, 26), seed=0):
-  rng = np.random.default_rng(seed)
-  z, y, x = np.indices(shape)
-  c = np.array(shape) / 2
-  r = np.sqrt(((z - c[0]) / c[0]) ** 2 + ((y - c[1]) / c[1]) ** 2
-              + ((x - c[2]) / c[2]) ** 2)
-  vol = 200.0 * (r < 0.8) + 80.0 * (r < 0.4) + rng.normal(0, 3, shape)
-  return np.clip(vol, 0, None).astype(np.float32)
 
 
 def _save(path, data, zoom=4.0):
@@ -34,7 +25,7 @@ def _lesion(shape=(30, 37, 26), r=5):
 @pytest.fixture
 def folder(tmp_path):
   for i in range(2):
-    _save(tmp_path / f"s{i}.nii.gz", _blob(seed=i))
+    _save(tmp_path / f"s{i}.nii.gz", synthetic.blob(seed=i))
     _save(tmp_path / f"s{i}_seg.nii.gz", _lesion())
   (tmp_path / "notes.txt").write_text("not a volume")
   return tmp_path

@@ -9,6 +9,7 @@ import nibabel as nib
 import nibabel.orientations as nio
 import numpy as np
 import pytest
+import synthetic
 
 from megan_jax import configs, dataset, grid, infer, io, state
 from megan_jax.errors import InputError
@@ -113,13 +114,8 @@ def _save(path, vol):
 
 
 def _blob(shape=(30, 37, 26), seed=0):
-  rng = np.random.default_rng(seed)
-  z, y, x = np.indices(shape)
-  c = np.array(shape) / 2
-  r = np.sqrt(((z - c[0]) / c[0]) ** 2 + ((y - 0.7 * c[1]) / c[1]) ** 2
-              + ((x - c[2]) / c[2]) ** 2)
-  vol = 200.0 * (r < 0.8) + 80.0 * (r < 0.4) + rng.normal(0, 3, shape)
-  return np.clip(vol, 0, None).astype(np.float32)
+  # off-centre along y: a flip of the storage order changes the array
+  return synthetic.blob(shape, seed, centre_shift=(0.0, -0.3, 0.0))
 
 
 LPI_PERMUTED = np.array([[1, -1], [2, -1], [0, 1]], float)

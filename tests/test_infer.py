@@ -9,6 +9,7 @@ import textwrap
 import nibabel as nib
 import numpy as np
 import pytest
+import synthetic
 
 import megan_jax
 from megan_jax import cli, configs, infer
@@ -22,12 +23,7 @@ def _config():
 
 
 def _volume(shape=SHAPE, seed=0):
-  rng = np.random.default_rng(seed)
-  z, y, x = np.indices(shape)
-  c = np.array(shape) / 2
-  r = np.sqrt(((z - c[0]) / c[0]) ** 2 + ((y - c[1]) / c[1]) ** 2 + ((x - c[2]) / c[2]) ** 2)
-  vol = 200.0 * (r < 0.8) + 80.0 * (r < 0.4) + rng.normal(0, 3, shape)
-  return np.clip(vol, 0, None).astype(np.float32)
+  return synthetic.blob(shape, seed)
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +175,9 @@ def test_eight_devices_equal_one(run_dir, tmp_path):
   script = textwrap.dedent(f"""
     import numpy as np, jax, megan_jax
     from megan_jax import infer
-    from tests.test_infer import _volume
+    from tests.synthetic import blob
     assert len(jax.devices()) == 8
-    vol = _volume((30, 37, 36))  # 36 patches at the last scale
+    vol = blob((30, 37, 36))  # 36 patches at the last scale
     one = megan_jax.load({run_dir!r}, devices=jax.devices()[:1], batch_size=8)
     eight = megan_jax.load({run_dir!r}, batch_size=8)
     plan = eight.plan(vol.shape)

@@ -10,6 +10,7 @@ import jax
 import nibabel as nib
 import numpy as np
 import pytest
+import synthetic
 
 import megan_jax
 from megan_jax import infer, sharding
@@ -26,13 +27,7 @@ BATCH = PROCESSES * DEVICES
 
 
 def _volume(shape=SHAPE, seed=0):
-  rng = np.random.default_rng(seed)
-  z, y, x = np.indices(shape)
-  c = np.array(shape) / 2
-  r = np.sqrt(((z - c[0]) / c[0]) ** 2 + ((y - c[1]) / c[1]) ** 2
-              + ((x - c[2]) / c[2]) ** 2)
-  vol = 200.0 * (r < 0.8) + 80.0 * (r < 0.4) + rng.normal(0, 3, shape)
-  return np.clip(vol, 0, None).astype(np.float32)
+  return synthetic.blob(shape, seed)
 
 
 @pytest.fixture(scope="module")
