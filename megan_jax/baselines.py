@@ -117,12 +117,19 @@ class PatchGan:
     self.plan = plan
     return out
 
-  def translate(self, x: np.ndarray) -> np.ndarray:
-    """Scanner intensities (at the run's spacing) -> target intensities."""
+  def translate(self, x) -> np.ndarray:
+    """Scanner intensities -> target intensities: a ``Volume`` (brought to
+    the run's working grid, ``grid.to_working``, and the result put back on
+    its own), or an array taken to be on the working grid already."""
+    from megan_jax import grid, io
     c = self.config
-    norm = fit_normaliser(x, percentiles=tuple(c.data.percentiles),
+    work = grid.to_working(x, c) if isinstance(x, io.Volume) else None
+    data = np.asarray(work.volume.data if work else x, np.float32)
+    norm = fit_normaliser(data, percentiles=tuple(c.data.percentiles),
                           window=tuple(c.data.window) or None)
-    y = self.translate_normalised(norm.normalise(np.asarray(x, np.float32)))
+    y = self.translate_normalised(norm.normalise(data))
+    if work is not None:
+      y = work.restore(y)
     return self.intensity.denormalise(np.clip(y, -1.0, 1.0))
 
 
@@ -147,11 +154,25 @@ def upsample_lr(lr_output: np.ndarray, shape) -> np.ndarray:
 def noise_sigma(image: np.ndarray) -> float:
   """A robust estimate of white-noise std: the median absolute first
   difference along every axis (×1.4826 for a Gaussian, ÷√2 for the
-  difference). Edges are rare, so the median ignores them. (scikit-image's
-  ``estimate_sigma`` would need PyWavelets.)"""
+  difference), over pairs of voxels strictly inside the image's range:
+  a skull-stripped or windowed image is mostly exactly its minimum (or
+  maximum), and those noiseless pairs would make the median 0. Edges are
+  rare, so the median ignores them. (scikit-image's ``estimate_sigma`` would
+  need PyWavelets.)"""
   image = np.asarray(image, np.float32)
-  diffs = np.concatenate([np.abs(np.diff(image, axis=a)).ravel()
-                          for a in range(image.ndim)])
+  lo, hi = float(image.min()), float(image.max())
+  inside = (image > lo) & (image < hi)
+  diffs, every = [], []
+  for a in range(image.ndim):
+    d = np.abs(np.diff(image, axis=a))
+    head = [slice(None)] * image.ndim
+    tail = [slice(None)] * image.ndim
+    head[a], tail[a] = slice(1, None), slice(None, -1)
+    diffs.append(d[inside[tuple(head)] & inside[tuple(tail)]])
+    every.append(d.ravel())
+  diffs = np.concatenate(diffs)
+  if diffs.size == 0:  # nothing strictly inside: a binary image
+    diffs = np.concatenate(every)
   return float(1.4826 * np.median(diffs) / np.sqrt(2.0))
 
 

@@ -92,3 +92,18 @@ def test_noise_sigma_recovers_white_noise():
     noisy = smooth + rng.normal(0, sigma, smooth.shape)
     assert baselines.noise_sigma(noisy) == pytest.approx(sigma, rel=0.1)
 
+
+
+def test_noise_sigma_ignores_the_clipped_background():
+  # A skull-stripped image: two thirds exactly 0, noise inside. The median
+  # over every pair was 0 there, and NLM then returned its input unchanged.
+  rng = np.random.default_rng(3)
+  image = np.zeros((30, 30, 30), np.float32)
+  inside = np.zeros(image.shape, bool)
+  inside[5:22, 4:25, 6:20] = True
+  image[inside] = 0.5 + rng.normal(0, 0.01, inside.sum())
+  image = np.clip(image, 0, 1)
+  assert baselines.noise_sigma(image) == pytest.approx(0.01, rel=0.15)
+  den, _ = baselines.nlm(image)
+  assert np.abs(den - image)[inside].mean() > 1e-3  # it did something
+  assert baselines.noise_sigma(inside.astype(np.float32)) == 0.0  # binary
