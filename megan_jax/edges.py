@@ -101,6 +101,27 @@ def _as_volume(volume, name: str, copy: bool = True) -> np.ndarray:
   return arr
 
 
+# Intensity spreads (max - min) float32's squared gradients handle: a
+# volume outside, or far off zero for its spread, is rescaled first.
+SAFE_SPREAD = (1e-8, 1e8)
+SAFE_OFFSET = 1e4  # |min| or |max| up to this many spreads
+
+
+def _well_scaled(vol: np.ndarray) -> np.ndarray:
+  """``vol`` itself, or ``(vol - centre) / spread`` where float32 squared
+  gradients would overflow, underflow or drown in an offset. The sketch is
+  the same either way (its thresholds and values are relative to the
+  largest gradient), so ordinary volumes are untouched, bit for bit."""
+  lo, hi = float(vol.min()), float(vol.max())
+  spread = hi - lo
+  if spread == 0 or (SAFE_SPREAD[0] <= spread <= SAFE_SPREAD[1]
+                     and max(abs(lo), abs(hi)) <= SAFE_OFFSET * spread):
+    return vol
+  centre = 0.5 * (lo + hi)
+  out = (vol.astype(np.float64) - centre) / spread
+  return out.astype(np.float32)
+
+
 def _as_mask(mask, shape, name: str) -> np.ndarray:
   """Returns ``mask`` as a bool array of ``shape`` (nonzero = inside)."""
   arr = np.asarray(mask)
@@ -615,7 +636,8 @@ def canny_3d(volume,
   # C order: the slabs below are planes of axis 0, and the non-maximum
   # suppression's flat indices assume C order.
   # Read only: no copy of a float32 C-ordered input (512³: 0.2 s).
-  vol = np.ascontiguousarray(_as_volume(volume, "volume", copy=False))
+  vol = _well_scaled(np.ascontiguousarray(
+      _as_volume(volume, "volume", copy=False)))
   if min(vol.shape) < 2:
     raise InputError(
         f"volume: needs at least 2 voxels along each axis, got {vol.shape}")

@@ -552,3 +552,20 @@ def test_canny_leaves_its_input_unchanged(engine, sigma):
   before = v.copy()
   edges.canny_3d(v, sigma=sigma, engine=engine, mask=v > 0)
   np.testing.assert_array_equal(v, before)
+
+
+@pytest.mark.parametrize("engine", ["jax", "numpy"])
+def test_canny_does_not_depend_on_the_intensity_scale(engine):
+  # float32 squared gradients overflow (or underflow) at extreme scales: the
+  # sketch used to be all zeros there.
+  rng = np.random.default_rng(0)
+  x = ndimage.gaussian_filter(rng.normal(size=(20, 20, 20)), 2).astype(
+      np.float32)
+  ref = edges.canny_3d(x, engine=engine)
+  assert (ref > 0).sum() > 1000
+  for scale in (1e-25, 1e-12, 1e12, 1e30):
+    got = edges.canny_3d(x.astype(np.float64) * scale, engine=engine)
+    np.testing.assert_array_equal(got > 0, ref > 0)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+  np.testing.assert_array_equal(edges._well_scaled(x), x)
+  assert edges._well_scaled(x) is x
