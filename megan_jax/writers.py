@@ -138,7 +138,12 @@ def _double_field(field: int, value: float) -> bytes:
   return _key(field, _FIXED64) + struct.pack("<d", value)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _float_field(field: int, value: float) -> bytes:
+  if abs(value) > _FLOAT32_MAX and value == value:  # beyond float32: ±inf,
+    value = float("inf") if value > 0 else float("-inf")  # as a cast would
   return _key(field, _FIXED32) + struct.pack("<f", value)
 
 

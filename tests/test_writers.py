@@ -139,9 +139,11 @@ def test_summary_writer_round_trip(tmp_path):
     w.write_scalars(2**40, {"big_step": 7})
     w.write_scalars(-1, {"negative_step": 0.0})
     w.write_images(4, {"rgb": rgb, "gray": gray})
+    # finite, but beyond float32 (struct.pack raised OverflowError)
+    w.write_scalars(5, {"huge": 1e39, "tiny": -2.0 ** 200, "nan": math.nan})
 
   events = _events(logdir)
-  assert len(events) == 5
+  assert len(events) == 6
   first = events[0]
   assert first[3] == [b"brain.Event:2"]
   for e in events:
@@ -173,6 +175,9 @@ def test_summary_writer_round_trip(tmp_path):
   assert images["gray"][:3] == (3, 4, 1)
   np.testing.assert_array_equal(
       images["gray"][3], np.round(gray * 255).astype(np.uint8))
+  last = scalars(events[5])
+  assert last["huge"] == math.inf and last["tiny"] == -math.inf
+  assert math.isnan(last["nan"])
 
 
 def test_summary_writer_image_batch_and_bad_images(tmp_path):
