@@ -600,6 +600,22 @@ def _load_earlier(path: str) -> dict | None:
   return old
 
 
+# Options that change what a case measures; the others (how fast it
+# compiles, which peak cases a CPU skips) leave its bytes alone.
+MERGE_KEYS = ("config", "width_scale", "impl", "hr_batch", "cascade_batch")
+
+
+def _options_clash(old: dict | None, opts: dict) -> str | None:
+  """How the earlier results' options differ from ``opts`` in a way that
+  changes the bytes (``MERGE_KEYS``), or None."""
+  if old is None:
+    return None
+  before = old["meta"].get("options") or {}
+  diffs = [f"{k}={before.get(k)!r} (now {opts[k]!r})" for k in MERGE_KEYS
+           if k in before and before[k] != opts[k]]
+  return ", ".join(diffs) or None
+
+
 def _merge(old: dict | None, results: list[dict], meta: dict) -> list[dict]:
   """The rows of the earlier results ``old`` that ``results`` does not
   replace, plus ``results``; notes the earlier run's command in ``meta``."""
@@ -672,6 +688,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   backend = info["backend"]
   stem = os.path.join(args.out, f"memory-{backend}")
   earlier = _load_earlier(stem + ".json") if args.merge else None
+  clash = _options_clash(earlier, opts)
+  if clash:
+    print(f"memory: --merge: {stem}.json was measured with {clash}; its "
+          "rows would be mixed with this run's under one meta (use another "
+          "--out, or the same options)", file=sys.stderr)
+    return 2
 
   def write_results(final: bool) -> str:
     """Writes what is measured so far (a run cut short by an outer time

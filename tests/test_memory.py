@@ -154,3 +154,9 @@ def test_merge_keeps_earlier_rows_and_a_cut_run_keeps_its_finished_cases(
   assert ("dcgan", "peak") not in rows
   assert data["meta"]["complete"] is False
   assert len(data["meta"]["merged_with"]) == 1  # the first run, once
+  # Other widths would put rows of two networks under one meta: refused,
+  # and the file is left as it was.
+  before = json_path.read_text()
+  assert memory.main(common[:-1] + ["0.03125", "--models", "dcgan",
+                                    "--merge"]) == 2
+  assert json_path.read_text() == before
