@@ -395,14 +395,25 @@ def _series(results, model, measure):
 
 
 LABELS = {"megan_cascade": "MEGAN cascade (inference)",
-          "megan_lr_step": "MEGAN LR 64³ step",
-          "megan_hr_step": "MEGAN HR 32³ step",
+          "megan_lr_step": "MEGAN LR {lr}³ step",
+          "megan_hr_step": "MEGAN HR {patch}³ step",
           "dcgan": "3D DCGAN", "pix2pix": "3D Pix2Pix", "pggan": "3D PGGAN"}
 
 
-def write_plot(path: str, results: Sequence[dict], title: str) -> None:
+def geometry(config_name: str) -> dict:
+  """The LR grid and patch side of a MEGAN config (for labels)."""
+  from megan_jax import configs
+  c = configs.get_config(config_name)
+  return {"lr": int(c.lr_size), "patch": int(c.patch_size)}
+
+
+def write_plot(path: str, results: Sequence[dict], title: str,
+               geom: dict | None = None) -> None:
   """Log-log bytes against side length, one line per model (solid:
-  compiled, dashed: measured peak), with the 12 and 80 GiB marks."""
+  compiled, dashed: measured peak), with the 12 and 80 GiB marks.
+  ``geom``: MEGAN's LR and patch sides for the labels (``geometry``;
+  default the paper's 64 and 32)."""
+  geom = geom or {"lr": 64, "patch": 32}
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -413,8 +424,8 @@ def write_plot(path: str, results: Sequence[dict], title: str) -> None:
     for measure, style in (("compiled", "-o"), ("peak", "--s")):
       xs, ys = _series(results, model, measure)
       if xs:
-        label = LABELS[model] + ("" if measure == "compiled" else
-                                 " (peak)")
+        label = LABELS[model].format(**geom) + (
+            "" if measure == "compiled" else " (peak)")
         ax.plot(xs, ys, style, color=colours[model], label=label,
                 linewidth=2.5 if model.startswith("megan") else 1.5,
                 markerfacecolor="none" if measure == "peak" else None)
@@ -482,7 +493,8 @@ def write_markdown(path: str, results: Sequence[dict], meta: dict) -> str:
            f"megan_cascade: inference of the whole cascade, its largest "
            f"per-scale program ({batch.get('megan_cascade', '?')} patch(es) "
            f"per batch); megan_hr_step: {batch.get('megan_hr_step', '?')} "
-           f"patch(es) of 32³ per step."]
+           f"patch(es) of {meta.get('geometry', {}).get('patch', 32)}³ per "
+           "step."]
   for measure, what in (("compiled", "XLA's compiled memory analysis"),
                         ("peak", f"measured: {meta.get('peak_bytes')}")):
     table = markdown_table(results, measure)
@@ -642,7 +654,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       with open(path) as f:
         data = json.load(f)
       stem = path[:-len(".json")]
-      write_plot(stem + ".png", data["results"], plot_title(data["meta"]))
+      write_plot(stem + ".png", data["results"], plot_title(data["meta"]),
+                 data["meta"].get("geometry"))
       print(write_markdown(stem + ".md", data["results"], data["meta"]),
             end="")
     if not paths:
@@ -722,6 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                else info["idle_rss_bytes"]),
         "units": "bytes",
         "channels": _channels(args, options),
+        "geometry": geometry(args.config),
     }
     os.makedirs(args.out, exist_ok=True)
     rows = [r for r in results if r is not None]
@@ -732,7 +746,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(stem + ".json", meta, rows)
     text = write_markdown(stem + ".md", rows, meta)
     if final:
-      write_plot(stem + ".png", rows, plot_title(meta))
+      write_plot(stem + ".png", rows, plot_title(meta), meta["geometry"])
     return text
 
   compiled = [i for i, c in enumerate(cases) if c["measure"] == "compiled"]

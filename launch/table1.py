@@ -115,6 +115,10 @@ def parse_args(argv=None):
     args.max_side = 128 if args.spacing >= 1.5 else None
   if args.steps < 1:
     p.error(f"--steps {args.steps}: must be >= 1")
+  for name in ("n_train", "n_test"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be "
+              ">= 1")
   return args
 
 

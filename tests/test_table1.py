@@ -21,6 +21,9 @@ def test_bad_task_is_a_usage_error(capsys):
     _table1().main(["--task", "flair"])
   assert e.value.code == 2
   assert "--task flair" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    _table1().main(["--task", "kernel", "--n-test", "0"])
+  assert e.value.code == 2 and "--n-test 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
