@@ -138,6 +138,9 @@ _CASES = {
                   lambda x, k: layers.conv3d(x, k, 1), 3, (2, 6, 5, 7, 1)),
     "narrow_p0_k4": (lambda x, k: layers.conv3d_im2col_narrow(x, k, 0),
                      lambda x, k: layers.conv3d(x, k, 0), 4, (1, 7, 6, 5, 2)),
+    # padding beyond k - 1: the backward crops (it padded by a negative).
+    "narrow_p2_k2": (lambda x, k: layers.conv3d_im2col_narrow(x, k, 2),
+                     lambda x, k: layers.conv3d(x, k, 2), 2, (1, 3, 4, 5, 2)),
     "winograd_k2_p0": (lambda x, k: layers.conv3d_winograd(x, k, 0),
                        lambda x, k: layers.conv3d(x, k, 0), 2, (2, 7, 6, 5, 3)),
     "winograd_k2_p1": (lambda x, k: layers.conv3d_winograd(x, k, 1),

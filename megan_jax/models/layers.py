@@ -41,6 +41,9 @@ from megan_jax.types import Array
 Dtype = Any
 Initializer = Callable[..., Array]
 
+# "fast": the forms below (several with their own backward through
+# jax.custom_vjp, so reverse mode only: jax.jvp / jacfwd / hessian need
+# "plain"); "plain": lax convs, every autodiff mode.
 IMPLS = ("fast", "plain")
 INITS = ("reference", "default")
 NORMS = ("instance", "batch")
@@ -238,7 +241,13 @@ def _im2col_narrow_bwd(padding, residuals, dy):
                        (((1,), (0,)), ((), ())),
                        preferred_element_type=jnp.float32)
   flipped = jnp.flip(kernel, (0, 1, 2)).swapaxes(3, 4)
-  dx = conv3d_fast(dy, flipped, k - 1 - padding)
+  # The full correlation of dy with the flipped kernel, less the padding:
+  # a conv padded by k - 1 - padding, or (padding > k - 1) unpadded and
+  # cropped by the rest.
+  crop = max(padding - (k - 1), 0)
+  dx = conv3d_fast(dy, flipped, max(k - 1 - padding, 0))
+  if crop:
+    dx = dx[:, crop:-crop, crop:-crop, crop:-crop]
   return dx.astype(cols.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
