@@ -41,11 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
       description="Translate IN with a trained run on several local "
       "processes (one JAX job over processes x devices CPU devices).")
   p.add_argument("--workdir", required=True, help="a trained run's folder")
-  p.add_argument("-i", "--input", required=True, metavar="IN",
-                 help="source volume (.nii/.nii.gz), or 'mni152'")
+  p.add_argument("-i", "--input", required=True, nargs="+", metavar="IN",
+                 help="source volume(s) (.nii/.nii.gz), or 'mni152'")
   p.add_argument("-o", "--output", required=True, metavar="OUT",
-                 help="output .nii/.nii.gz (written by process 0)")
-  p.add_argument("--mask", metavar="MASK", help="label mask")
+                 help="output .nii/.nii.gz, a folder for several inputs "
+                 "(written by process 0)")
+  p.add_argument("--mask", nargs="+", metavar="MASK",
+                 help="label mask(s), one per input")
   p.add_argument("--processes", type=int, default=2,
                  help="processes to start (default 2)")
   p.add_argument("--devices-per-process", type=int, default=4,
@@ -65,10 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def translate_argv(args) -> list[str]:
   """The ``megan translate`` arguments of every process."""
-  argv = ["translate", "-i", args.input, "-o", args.output,
+  argv = ["translate", "-i", *args.input, "-o", args.output,
           "--workdir", args.workdir, "--dtype", args.dtype]
   if args.mask:
-    argv += ["--mask", args.mask]
+    argv += ["--mask", *args.mask]
   if args.batch_size is not None:
     argv += ["--batch-size", str(args.batch_size)]
   if args.quiet or args.process_id:  # one set of progress bars is enough
@@ -131,12 +133,13 @@ def launch(args) -> int:
     return 2
   coordinator = f"127.0.0.1:{free_port()}"
   base = [sys.executable, os.path.abspath(__file__),
-          "--workdir", args.workdir, "-i", args.input, "-o", args.output,
+          "--workdir", args.workdir, "-i", *args.input, "-o", args.output,
           "--processes", str(args.processes), "--dtype", args.dtype,
           "--timeout", str(args.timeout)]
-  for flag, value in (("--mask", args.mask), ("--batch-size", args.batch_size)):
-    if value is not None:
-      base += [flag, str(value)]
+  if args.mask:
+    base += ["--mask", *args.mask]
+  if args.batch_size is not None:
+    base += ["--batch-size", str(args.batch_size)]
   if args.quiet:
     base.append("--quiet")
   env = child_env(args.devices_per_process)

@@ -1,7 +1,11 @@
 #!/bin/bash
-# Translates one volume with a trained megan_jax run on several GPU nodes.
+# Translates a volume with a trained megan_jax run on several GPU nodes.
 #
 #   sbatch launch/translate_slurm.sh RUN IN.nii.gz OUT.nii.gz [megan translate options]
+#   sbatch launch/translate_slurm.sh RUN @inputs.txt OUTDIR/ [--skip-existing ...]
+#
+# The second form translates every volume listed in inputs.txt (one path per
+# line) into OUTDIR under its own name, compiling once.
 #
 # One process (SLURM task) per GPU. jax.distributed reads everything from
 # SLURM's environment: the coordinator (the first node, on a port derived from

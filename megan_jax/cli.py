@@ -159,7 +159,8 @@ def _add_translate(sub):
       "killed run continues where it stopped when started again with the "
       "same arguments.")
   p.add_argument("-i", "--input", required=True, nargs="+", metavar="IN",
-                 help="source volume(s) (.nii/.nii.gz), or 'mni152'")
+                 help="source volume(s) (.nii/.nii.gz), or 'mni152'; "
+                 "@LIST reads them from a text file, one per line")
   p.add_argument("-o", "--output", required=True, metavar="OUT",
                  help="output .nii/.nii.gz; a folder for several inputs "
                  "(created if missing; also for one input when OUT is a "
@@ -438,9 +439,10 @@ _COMMANDS: Sequence[Callable] = (_add_demo, _add_edges, _add_evaluate,
 def build_parser() -> argparse.ArgumentParser:
   from megan_jax import __version__
   parser = argparse.ArgumentParser(
-      prog=PROG,
+      prog=PROG, fromfile_prefix_chars="@",
       description="megan_jax: memory-efficient multi-scale GAN translation of "
-      "full-resolution 3D medical images.")
+      "full-resolution 3D medical images. An argument @FILE stands for the "
+      "lines of FILE, one argument per line (e.g. -i @inputs.txt).")
   parser.add_argument("--version", action="version",
                       version=f"%(prog)s {__version__}")
   parser.add_argument("--distributed", action="store_true",

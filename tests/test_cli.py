@@ -255,3 +255,28 @@ def test_command_line_keeps_compiled_programs_between_runs(run_dir, tmp_path):
   r = subprocess.run(argv, env=off, capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 0 and not (tmp_path / "off").exists()
+
+
+def test_inputs_from_a_list_file(tmp_path):
+  listing = tmp_path / "inputs.txt"
+  listing.write_text("a.nii.gz\nsub dir/b.nii\n")
+  args = cli.build_parser().parse_args(
+      ["translate", "-i", f"@{listing}", "-o", "out/", "--workdir", "w"])
+  assert args.input == ["a.nii.gz", "sub dir/b.nii"]
+
+
+def test_local_launcher_passes_every_input_on():
+  import importlib.util
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(
+      "launcher", os.path.join(root, "launch", "translate_local_multiprocess.py"))
+  launcher = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(launcher)
+  args = launcher.build_parser().parse_args(
+      ["--workdir", "w", "-i", "a.nii", "b.nii", "-o", "out", "--mask",
+       "ma.nii", "mb.nii"])
+  argv = launcher.translate_argv(args)
+  assert argv[:4] == ["translate", "-i", "a.nii", "b.nii"]
+  assert argv[argv.index("--mask") + 1:argv.index("--mask") + 3] == [
+      "ma.nii", "mb.nii"]
+  assert cli.build_parser().parse_args(argv).input == ["a.nii", "b.nii"]
