@@ -494,18 +494,18 @@ class Translator:
     onto the sketches.
     """
     import nibabel as nib
-    if isinstance(mask, (str, os.PathLike)):
-      mask_path, label = os.fspath(mask), io.load_nifti(mask, what="mask").data
-    elif isinstance(mask, nib.spatialimages.SpatialImage):
-      mask_path, label = None, io.from_image(mask, what="mask").data
-    else:
-      mask_path, label = None, None if mask is None else np.asarray(mask)
-    if label is not None:
-      label = label > 0.5
+    mask_path = (os.fspath(mask) if isinstance(mask, (str, os.PathLike))
+                 else None)
+    label = None
+    if isinstance(mask, nib.spatialimages.SpatialImage):
+      label = io.from_image(mask, what="mask").data > 0.5
+    elif mask is not None and mask_path is None:
+      label = np.asarray(mask) > 0.5
     if isinstance(x, (str, os.PathLike)) and out is not None:
-      return translate_file(self, os.fspath(x), out, mask_path,
-                            label=None if mask_path else label,
-                            progress=progress)
+      return translate_file(self, os.fspath(x), out, mask_path, label=label,
+                            progress=progress)  # it reads a mask path itself
+    if mask_path is not None:
+      label = io.load_nifti(mask_path, what="mask").data > 0.5
     if isinstance(x, np.ndarray):
       if x.ndim != 3:
         raise InputError(f"array: expected 3D, got shape {x.shape}")
