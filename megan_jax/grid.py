@@ -123,7 +123,8 @@ def to_working(vol: Volume, config, label: np.ndarray | None = None
                ) -> Working:
   """``vol`` (and ``label``, a mask on ``vol``'s grid) on the working grid
   of ``config``: reoriented to ``data.orientation``, then resampled to
-  ``data.spacing``. The label follows (nearest axes, then trilinear > 0.5)."""
+  ``data.spacing``. The label follows (the same axis moves, then trilinear
+  resizing > 0.5)."""
   from megan_jax import data
   if label is not None and label.shape != vol.data.shape:
     raise InputError(
