@@ -240,11 +240,12 @@ def cmd_translate(args) -> int:
     else:
       geometry[inp] = io.nifti_geometry(inp, what="input")
     shape = geometry[inp][0]
-    if mask is not None and io.nifti_geometry(mask, what="mask")[0] != shape:
+    mask_shape = None if mask is None else io.nifti_geometry(
+        mask, what="mask")[0]
+    if mask_shape is not None and mask_shape != shape:
       raise InputError(
-          f"mask {mask}: shape "
-          f"{'x'.join(map(str, io.nifti_geometry(mask, what='mask')[0]))} "
-          f"differs from the input's {'x'.join(map(str, shape))}")
+          f"mask {mask}: shape {'x'.join(map(str, mask_shape))} differs "
+          f"from the input's {'x'.join(map(str, shape))}")
   if not args.plan:
     if jobs[0][1] != args.output:  # into the folder OUT
       try:

@@ -79,7 +79,6 @@ class Working:
   back to the input's grid."""
   volume: Volume
   label: np.ndarray | None
-  input_shape: tuple[int, int, int]
   oriented_shape: tuple[int, int, int]
   transform: np.ndarray | None  # ornt from the input's axes, None = same
 
@@ -139,4 +138,4 @@ def to_working(vol: Volume, config, label: np.ndarray | None = None
     if label is not None and label.shape != work.data.shape:
       label = np.asarray(resample.resize(
           label.astype(np.float32), work.data.shape)) > 0.5
-  return Working(work, label, tuple(vol.data.shape), oriented, t)
+  return Working(work, label, oriented, t)
