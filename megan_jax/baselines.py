@@ -81,17 +81,14 @@ class PatchGan:
   @classmethod
   def load(cls, workdir: str, which: str = "best", **kwargs) -> "PatchGan":
     """The patch GAN trained in ``workdir`` (``train_patch_gan``)."""
-    from megan_jax import train
-    config, states = train.restore(workdir, "latest")
-    if which == "best":
-      try:
-        states.update(train.restore(workdir, "best")[1])
-      except InputError:
-        pass
+    config = state_lib.load_config(workdir)
     name = f"hr{config.num_hr_scales}"
-    if name not in states:
-      raise InputError(f"workdir {workdir}: no checkpoint of scale {name}")
-    return cls(config, states[name].g_params,
+    try:
+      gens = state_lib.restore_generators(workdir, which, scales=[name])[1]
+    except InputError:
+      raise InputError(
+          f"workdir {workdir}: no checkpoint of scale {name}") from None
+    return cls(config, gens[name][1],
                intensity=state_lib.load_intensity(workdir), **kwargs)
 
   def translate_normalised(self, image: np.ndarray) -> np.ndarray:

@@ -716,44 +716,15 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
 def load(workdir: str, *, devices=None, batch_size: int | str | None = None,
          dtype: str = "float32", which: str = "best") -> Translator:
   """A ``Translator`` of a trained run (its ``best`` generators by default,
-  the checkpoints with the lowest validation L1)."""
-  if jax.process_count() > 1:
-    restore = _restore_local
-  else:
-    from megan_jax import train
-    restore = train.restore
-  config, states = restore(workdir, "latest")
-  if which == "best":  # per scale the best checkpoint where there is one
-    try:
-      states.update(restore(workdir, "best")[1])
-    except InputError:
-      pass
-  t = Translator(config, {n: s.g_params for n, s in states.items()},
+  the checkpoints with the lowest validation L1). Only the generators are
+  read; in a multi-process job each process reads them onto its own first
+  device (orbax would otherwise place them as saved, on device 0, which only
+  process 0 has)."""
+  config, gens = state_lib.restore_generators(workdir, which)
+  t = Translator(config, {n: g for n, (_, g) in gens.items()},
                  intensity=state_lib.load_intensity(workdir), devices=devices,
                  batch_size=batch_size, dtype=dtype)
   t.fingerprint = _fingerprint(
-      os.path.abspath(workdir), {n: int(s.step) for n, s in states.items()},
+      os.path.abspath(workdir), {n: step for n, (step, _) in gens.items()},
       which)
   return t
-
-
-def _restore_local(workdir: str, which: str):
-  """``train.restore`` for a multi-process job: each process reads the
-  checkpoints onto its own first device. (Orbax would otherwise place them as
-  saved, on device 0, which only process 0 has.)"""
-  config = state_lib.load_config(workdir)
-  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  states = {}
-  for name in state_lib.scale_names(config):
-    kind = "lr" if name == "lr" else "hr"
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here),
-        state_lib.abstract_state(config, kind))
-    ckpt = state_lib.Checkpoints(workdir, name)
-    st = ckpt.restore(abstract, which)
-    ckpt.close()
-    if st is not None:
-      states[name] = st
-  if not states:
-    raise InputError(f"workdir {workdir}: no checkpoint found")
-  return config, states

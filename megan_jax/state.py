@@ -355,6 +355,32 @@ class Checkpoints:
       return None
     return mngr.restore(step, args=self._ocp.args.StandardRestore(abstract))
 
+  def restore_generator(self, abstract_g, which: str = "latest",
+                        sharding=None) -> tuple[int, Any] | None:
+    """``(step, g_params)`` of the ``latest`` or ``best`` checkpoint, or None
+    if there is none. Reads only the generator's parameters (orbax's partial
+    restore): what inference needs, in half the time of the whole state and
+    without the optimiser moments in memory. ``sharding`` places every array
+    (default: as saved)."""
+    ocp = self._ocp
+    mngr = self.latest if which == "latest" else self.best
+    step = mngr.latest_step() if which == "latest" else mngr.best_step()
+    if step is None:
+      return None
+    item = {"step": jax.ShapeDtypeStruct((), jnp.int32), "g_params": abstract_g}
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=sharding, dtype=x.dtype), item)
+    # A manager of its own: orbax binds a manager to the first kind of
+    # restore it serves, and this one is a PyTree restore.
+    reader = ocp.CheckpointManager(
+        mngr.directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+      got = reader.restore(step, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=True))
+    finally:
+      reader.close()
+    return int(got["step"]), got["g_params"]
+
   def forget_after(self, step: int) -> list[int]:
     """Deletes the ``best`` checkpoints saved after ``step`` (by a run killed
     after its latest checkpoint): a resumed run evaluates those steps again,
@@ -372,3 +398,34 @@ class Checkpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def restore_generators(workdir: str, which: str = "best", scales=None,
+                       sharding=None):
+  """``(config, {scale: (step, g_params)})``: the generators of a run, what
+  inference needs (``Checkpoints.restore_generator``). ``which="best"`` takes
+  per scale its best checkpoint (lowest validation L1) where there is one and
+  its latest otherwise; ``"latest"`` the latest. Scales without a checkpoint
+  are left out; ``scales`` limits the scales read. Arrays go to ``sharding``
+  (default: this process's first device)."""
+  config = load_config(workdir)
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  got = {}
+  for name in scales or scale_names(config):
+    kind = "lr" if name == "lr" else "hr"
+    abstract_g = abstract_state(config, kind).g_params
+    ckpt = Checkpoints(workdir, name)
+    try:
+      found = None
+      if which == "best":
+        found = ckpt.restore_generator(abstract_g, "best", sharding)
+      if found is None:
+        found = ckpt.restore_generator(abstract_g, "latest", sharding)
+    finally:
+      ckpt.close()
+    if found is not None:
+      got[name] = found
+  if not got:
+    raise InputError(f"workdir {workdir}: no checkpoint found")
+  return config, got

@@ -428,3 +428,38 @@ def test_cli_many_inputs_are_checked_before_any_work(case, run_dir, tmp_path,
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and name in err[0], err
   assert sorted(os.walk(tmp_path)) == before
+
+
+def test_load_reads_each_scales_best_generator_else_its_latest(tmp_path):
+  # Per scale the best checkpoint where there is one, else the latest; only
+  # the generator's parameters are read, equal to the whole state's.
+  import jax
+  from conftest import make_random_run
+  from megan_jax import state as state_lib
+  from megan_jax import train
+  run = make_random_run(str(tmp_path / "run"))
+  config = state_lib.load_config(run)
+  best = state_lib.create_state(jax.random.key(99), config, "hr")
+  best = best.replace(step=jax.numpy.asarray(7, jax.numpy.int32))
+  ck = state_lib.Checkpoints(run, "hr1")
+  ck.save_best(7, best, 0.25)
+  ck.wait()
+  ck.close()
+  _, latest = train.restore(run, "latest")
+  _, gens = state_lib.restore_generators(run, "best")
+  assert sorted(gens) == sorted(latest)
+  assert gens["hr1"][0] == 7 and gens["lr"][0] == 0
+
+  def same(a, b):
+    return jax.tree.all(jax.tree.map(
+        lambda x, y: bool(np.array_equal(x, y)), a, b))
+  assert same(gens["hr1"][1], best.g_params)
+  assert not same(gens["hr1"][1], latest["hr1"].g_params)
+  for name in set(gens) - {"hr1"}:
+    assert same(gens[name][1], latest[name].g_params)
+  _, only_latest = state_lib.restore_generators(run, "latest")
+  assert same(only_latest["hr1"][1], latest["hr1"].g_params)
+  # The translator of each: best by default, and the fingerprints differ.
+  t_best, t_latest = infer.load(run), infer.load(run, which="latest")
+  assert same(t_best.params["hr1"], best.g_params)
+  assert t_best.fingerprint != t_latest.fingerprint
