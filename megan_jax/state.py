@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from typing import Any
 
@@ -372,8 +373,16 @@ class Checkpoints:
         lambda x: ocp.ArrayRestoreArgs(sharding=sharding, dtype=x.dtype), item)
     # A manager of its own: orbax binds a manager to the first kind of
     # restore it serves, and this one is a PyTree restore.
-    reader = ocp.CheckpointManager(
-        mngr.directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    # Read-only (a run folder may be someone else's); orbax logs a warning
+    # for each such manager, which says nothing to our users.
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+      reader = ocp.CheckpointManager(
+          mngr.directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    finally:
+      absl_log.setLevel(level)
     try:
       got = reader.restore(step, args=ocp.args.PyTreeRestore(
           item=item, restore_args=restore_args, partial_restore=True))

@@ -248,6 +248,7 @@ def test_command_line_keeps_compiled_programs_between_runs(run_dir, tmp_path):
   r = subprocess.run(argv, env=env, capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
+  assert "WARNING" not in r.stderr, r.stderr[-2000:]  # orbax's, say
   cached = os.listdir(tmp_path / "cache" / "megan_jax" / "xla")
   assert len(cached) >= 3  # LR, HR steps and edge kernels
   off = dict(env, XDG_CACHE_HOME=str(tmp_path / "off"),
