@@ -328,8 +328,8 @@ def test_defaults_follow_quick_and_the_backend():
 def test_torch_comparisons(tmp_path):
   """Where torch and MONAI are installed: the port computes our forward
   (fp32, the same weights) and MONAI runs the same tiling."""
-  pytest.importorskip("torch")
-  pytest.importorskip("monai")
+  pytest.importorskip("torch", exc_type=ImportError)
+  pytest.importorskip("monai", exc_type=ImportError)
   rc = throughput.main(["--quick", "--out", str(tmp_path), "--only",
                         "hr_forward", "stitch", "--dtypes", "fp32",
                         "--batches", "1", "--plain-batches"])
@@ -352,7 +352,7 @@ def test_torch_comparisons(tmp_path):
 
 
 def test_paired_alternates_jax_and_torch(tmp_path):
-  pytest.importorskip("torch")
+  pytest.importorskip("torch", exc_type=ImportError)
   rc = throughput.main(["--quick", "--out", str(tmp_path), "--only",
                         "paired", "--paired-cases", "hr_forward",
                         "train_step_hr", "--paired-rounds", "2"])
@@ -374,7 +374,7 @@ def test_paired_alternates_jax_and_torch(tmp_path):
 def test_torch_train_step_takes_our_batches(kind):
   """The PyTorch step runs on the benchmark's batches, with weights of our
   state's shapes copied in (no JAX compile: zeros of the abstract state)."""
-  pytest.importorskip("torch")
+  pytest.importorskip("torch", exc_type=ImportError)
   import jax
   from megan_jax import state as state_lib
   tc = throughput.load_torch(throughput.xla_threads(), "cpu")

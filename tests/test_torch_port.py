@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", exc_type=ImportError)
 
 from benchmarks import torch_port  # noqa: E402
 from megan_jax.models import (HRGenerator, LRResNetGenerator,  # noqa: E402
