@@ -496,6 +496,13 @@ def _use_compile_cache() -> None:
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def os_error_line(e: OSError) -> str:
+  """One line for an ``OSError``: the file(s) it names and the reason."""
+  names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+  reason = e.strerror or str(e)
+  return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   # --config.FIELD=VALUE overrides are free-form; argparse sees the rest.
@@ -513,6 +520,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(args.func(args) or 0)
   except InputError as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # a folder that cannot be made, a full disk, ...
+    print(f"{PROG}: error: {os_error_line(e)}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print(f"{PROG}: interrupted", file=sys.stderr)

@@ -281,3 +281,28 @@ def test_local_launcher_passes_every_input_on():
   assert argv[argv.index("--mask") + 1:argv.index("--mask") + 3] == [
       "ma.nii", "mb.nii"]
   assert cli.build_parser().parse_args(argv).input == ["a.nii", "b.nii"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--config", "demo:smoke", "--workdir", "{f}/run"],
+    ["demo", "--out", "{f}/demo"],
+    ["edges", "-i", "mni152", "-o", "{f}/e.nii.gz"],
+])
+def test_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys, argv):
+  # Under a file: the folder cannot be made (NotADirectoryError), whichever
+  # command finds out first.
+  f = tmp_path / "plain.txt"
+  f.write_text("x")
+  code, _, err = _run([a.format(f=f) for a in argv], capsys)
+  assert code == 2, err
+  assert err.count("\n") == 1 and "Traceback" not in err
+  assert "plain.txt" in err
+  assert sorted(os.listdir(tmp_path)) == ["plain.txt"]
+
+
+def test_os_error_line_names_the_files():
+  e = OSError(28, "No space left on device", "/d/out.nii.gz")
+  assert cli.os_error_line(e) == "/d/out.nii.gz: No space left on device"
+  e = OSError(18, "Invalid cross-device link", "/a", None, "/b")
+  assert cli.os_error_line(e) == "/a -> /b: Invalid cross-device link"
+  assert cli.os_error_line(OSError("odd")) == "odd"
