@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 
-# Paper numbers (shared/METHOD.md, Table 1: COPD thorax CT, B80f -> B20f;
+# Paper numbers (Uzunova, Ehrhardt & Handels, Table 1: COPD thorax CT, B80f -> B20f;
 # BRATS T1 -> T2 SSIM), for the README next to ours.
 PAPER = {
     "kernel": {
@@ -89,7 +89,8 @@ def parse_args(argv=None):
                  "test/target[, test/mask]) instead of the embedded benchmark")
   p.add_argument("--spacing", type=float, default=1.5,
                  help="voxel size of the embedded benchmark in mm (default "
-                 "1.5, ~110×130×110, for CPUs; 1.0 is the full GPU size)")
+                 "1.5, ~110×130×110, for CPUs; 1.0 is the full size, for a GPU "
+                 "with --config default)")
   p.add_argument("--max-side", type=int, default=None,
                  help="crop of the embedded benchmark, voxels per side "
                  "(default 128 at >= 1.5 mm, no cap below; with the demo "
