@@ -45,16 +45,15 @@ def load_input(path: str, *, what: str = "input", spacing: float | None = None,
   return io.load_nifti(path, what=what, allow_constant=allow_constant)
 
 
-def load_label(path: str | None, shape, *, what: str = "mask"):
-  """Loads an optional label mask and checks it matches ``shape``."""
+def load_label(path: str | None, image, *, what: str = "mask"):
+  """Loads an optional label mask and checks it lies on ``image``'s voxel
+  grid (``io.Volume``: same shape and affine)."""
   if path is None:
     return None
   from megan_jax import io
   vol = io.load_nifti(path, what=what, allow_constant=True)
-  if vol.data.shape != tuple(shape):
-    raise InputError(
-        f"{what} {path}: shape {'x'.join(map(str, vol.data.shape))} differs "
-        f"from the image's {'x'.join(map(str, shape))}")
+  io.check_same_grid(f"{what} {path}", vol.data.shape, vol.affine,
+                     image.data.shape, image.affine)
   return vol.data > 0.5
 
 
@@ -95,7 +94,7 @@ def cmd_edges(args) -> int:
     raise InputError(f"--low {args.low:g} / --high {args.high:g}: need "
                      "0 <= low <= high")
   vol = load_input(args.input)
-  label = load_label(args.mask, vol.data.shape)
+  label = load_label(args.mask, vol)
   sketch = edges.canny_3d(vol.data, sigma=args.sigma,
                           low_threshold=args.low, high_threshold=args.high,
                           engine=args.engine)
@@ -240,12 +239,9 @@ def cmd_translate(args) -> int:
     else:
       geometry[inp] = io.nifti_geometry(inp, what="input")
     shape = geometry[inp][0]
-    mask_shape = None if mask is None else io.nifti_geometry(
-        mask, what="mask")[0]
-    if mask_shape is not None and mask_shape != shape:
-      raise InputError(
-          f"mask {mask}: shape {'x'.join(map(str, mask_shape))} differs "
-          f"from the input's {'x'.join(map(str, shape))}")
+    if mask is not None:
+      io.check_same_grid(f"mask {mask}", *io.nifti_geometry(mask, what="mask"),
+                         *geometry[inp], ref="input")
   if not args.plan:
     if jobs[0][1] != args.output:  # into the folder OUT
       try:
@@ -362,11 +358,9 @@ def score_pair(pred_path: str, target_path: str, mask_path: str | None = None,
   from megan_jax.normalise import Normaliser, to_unit
   pred = io.load_nifti(pred_path, what="prediction")
   target = io.load_nifti(target_path, what="target", allow_constant=False)
-  if pred.data.shape != target.data.shape:
-    raise InputError(
-        f"prediction {pred_path}: shape {'x'.join(map(str, pred.data.shape))}"
-        f" differs from the target's {'x'.join(map(str, target.data.shape))}")
-  mask = load_label(mask_path, target.data.shape)
+  io.check_same_grid(f"prediction {pred_path}", pred.data.shape, pred.affine,
+                     target.data.shape, target.affine, ref="target")
+  mask = load_label(mask_path, target)
   lo, hi = value_range or (float(target.data.min()), float(target.data.max()))
   norm = Normaliser(lo, hi)
   scores = metrics.evaluate(to_unit(norm.normalise(pred.data)),

@@ -117,9 +117,8 @@ def _load_volume(path: str, config, label_file: str | None = None
   label = None
   if label_file is not None:
     lab = io.load_nifti(label_file, what="label", allow_constant=True)
-    if lab.data.shape != vol.data.shape:
-      raise InputError(f"label {label_file}: shape {lab.data.shape} differs "
-                       f"from its volume's {vol.data.shape}")
+    io.check_same_grid(f"label {label_file}", lab.data.shape, lab.affine,
+                       vol.data.shape, vol.affine, ref=f"volume {path}")
     label = lab.data > 0.5
   try:
     work = grid.to_working(vol, config, label)

@@ -496,16 +496,16 @@ class Translator:
     import nibabel as nib
     mask_path = (os.fspath(mask) if isinstance(mask, (str, os.PathLike))
                  else None)
-    label = None
+    label = None  # an array, or a Volume whose grid is checked
     if isinstance(mask, nib.spatialimages.SpatialImage):
-      label = io.from_image(mask, what="mask").data > 0.5
+      label = io.from_image(mask, what="mask")
     elif mask is not None and mask_path is None:
-      label = np.asarray(mask) > 0.5
+      label = np.asarray(mask)
     if isinstance(x, (str, os.PathLike)) and out is not None:
       return translate_file(self, os.fspath(x), out, mask_path, label=label,
                             progress=progress)  # it reads a mask path itself
     if mask_path is not None:
-      label = io.load_nifti(mask_path, what="mask").data > 0.5
+      label = io.load_nifti(mask_path, what="mask")
     if isinstance(x, np.ndarray):
       if x.ndim != 3:
         raise InputError(f"array: expected 3D, got shape {x.shape}")
@@ -521,6 +521,16 @@ class Translator:
     else:
       raise InputError(f"translate: expected a path, a nibabel image or a "
                        f"numpy array, got {type(x).__name__}")
+    if isinstance(label, io.Volume):
+      if not isinstance(x, np.ndarray):  # an array has no grid to compare
+        io.check_same_grid(f"mask {label.path or ''}".rstrip(),
+                           label.data.shape, label.affine, vol.data.shape,
+                           vol.affine, ref="input")
+      label = label.data
+    if label is not None:
+      io.check_same_grid("mask", np.shape(label), None, vol.data.shape, None,
+                         ref="input")
+      label = np.asarray(label) > 0.5
     if out is not None and self.is_writer:
       io.check_output_path(out, [vol.path, mask_path])
     y = self.translate_volume(vol, label, progress=progress)
@@ -533,6 +543,9 @@ class Translator:
     header = vol.header.copy() if vol.header is not None else None
     if header is not None:
       header.set_data_dtype(np.float32)
+      header.set_slope_inter(1.0, 0.0)
+      header["cal_min"], header["cal_max"] = 0.0, 0.0  # as io.save_nifti
+      header.set_intent("none")
       if len(header.get_data_shape()) != 3:  # a squeezed 4D image
         header.set_data_shape(y.shape)
     return nib.Nifti1Image(y, vol.affine, header)
@@ -681,14 +694,16 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
   vol = load_source(in_path)
   mask_id = None
   if mask_path is not None:
-    label = io.load_nifti(mask_path, what="mask").data
+    label = io.load_nifti(mask_path, what="mask")
     mask_id = _file_id(mask_path)
   if label is not None:
-    if label.shape != vol.data.shape:
-      raise InputError(
-          f"mask{' ' + mask_path if mask_path else ''}: shape "
-          f"{'x'.join(map(str, label.shape))} differs from the input's "
-          f"{'x'.join(map(str, vol.data.shape))}")
+    if isinstance(label, io.Volume):  # a mask with a geometry: check it
+      io.check_same_grid(f"mask {label.path or ''}".rstrip(),
+                         label.data.shape, label.affine, vol.data.shape,
+                         vol.affine, ref="input")
+      label = label.data
+    io.check_same_grid("mask", np.shape(label), None, vol.data.shape, None,
+                       ref="input")
     label = np.asarray(label) > 0.5
     if mask_id is None:
       mask_id = hashlib.sha1(np.packbits(label).tobytes()).hexdigest()

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import tempfile
-import zlib
 from typing import Iterable, Iterator
 
 import nibabel as nib
@@ -69,13 +69,41 @@ def nifti_geometry(path: str | os.PathLike, *, what: str = "image"
   read), with ``load_nifti``'s checks on the file and its shape."""
   path = os.fspath(path)
   img = _open_nifti(path, what)
+  name = f"{what} {path}"
+  shape = _shape_3d(img, name)[0]
+  return shape, _checked_affine(img, name)
+
+
+def _shape_3d(img, name: str) -> tuple[tuple[int, int, int], bool]:
+  """The image's 3D shape, and whether it is 4D with one volume (squeezed)."""
   shape = tuple(int(n) for n in img.shape)
-  if len(shape) == 4 and shape[3] == 1:
+  squeeze = len(shape) == 4 and shape[3] == 1
+  if squeeze:
     shape = shape[:3]
   if len(shape) != 3:
-    raise InputError(f"{what} {path}: expected a 3D image, got shape "
+    raise InputError(f"{name}: expected a 3D image, got shape "
                      f"{'x'.join(map(str, img.shape))}")
-  return shape, np.asarray(img.affine, np.float64)
+  if min(shape) < 1:
+    raise InputError(f"{name}: invalid shape {'x'.join(map(str, shape))} "
+                     "in its header")
+  return shape, squeeze
+
+
+def _checked_affine(img, name: str) -> np.ndarray:
+  """The image's affine, refused when non-finite or singular (no voxel
+  grid in space: orientation and voxel sizes are undefined)."""
+  try:
+    affine = np.asarray(img.affine, np.float64)
+  except Exception as e:  # nibabel computing it from a broken header
+    raise InputError(f"{name}: invalid affine ({_one_line(e)})") from None
+  m = affine[:3, :3]
+  if not np.isfinite(affine).all():
+    raise InputError(f"{name}: its affine has non-finite entries")
+  sv = np.linalg.svd(m, compute_uv=False)
+  if not sv.min() > 1e-9 * max(sv.max(), 1e-300):
+    raise InputError(f"{name}: its affine is singular (a zero voxel size "
+                     "or parallel axes): no voxel grid in space")
+  return affine
 
 
 def _open_nifti(path: str, what: str):
@@ -87,15 +115,29 @@ def _open_nifti(path: str, what: str):
   if not os.access(path, os.R_OK):
     raise InputError(f"{what} {path}: not readable (permission denied)")
   try:
-    img = nib.load(path)
+    with _quiet_nibabel():
+      img = nib.load(path)
   except nib.filebasedimages.ImageFileError:
     raise InputError(f"{what} {path}: not a NIfTI image") from None
-  except (OSError, EOFError, ValueError, zlib.error) as e:
+  except Exception as e:  # nibabel's many ways of refusing a header
     raise InputError(f"{what} {path}: unreadable ({_one_line(e)})") from None
   if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
     raise InputError(f"{what} {path}: not a NIfTI image "
                      f"(nibabel read it as {type(img).__name__})")
   return img
+
+
+@contextlib.contextmanager
+def _quiet_nibabel():
+  """nibabel logs what it finds wrong in a header on stderr; our one-line
+  error says it instead."""
+  log = logging.getLogger("nibabel.global")
+  level = log.level
+  log.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    log.setLevel(level)
 
 
 def from_image(img, *, what: str = "image", allow_constant: bool = True,
@@ -104,17 +146,23 @@ def from_image(img, *, what: str = "image", allow_constant: bool = True,
   checks ``load_nifti`` makes: 3D (a 4D image of one volume is squeezed),
   finite, and (unless allowed) not constant."""
   name = f"{what} {path}" if path else what
-  shape = img.shape
-  if len(shape) == 4 and shape[3] == 1:
-    squeeze = True
-  elif len(shape) == 3:
-    squeeze = False
-  else:
-    raise InputError(f"{name}: expected a 3D image, got shape "
-                     f"{'x'.join(map(str, shape))}")
+  shape, squeeze = _shape_3d(img, name)
+  affine = _checked_affine(img, name)
+  dtype = np.dtype(img.get_data_dtype())
+  if dtype.fields is not None:
+    raise InputError(f"{name}: RGB or other multi-value voxels "
+                     f"({dtype}); expected one value per voxel")
+  if dtype.kind == "c":
+    raise InputError(f"{name}: complex voxels ({dtype}); expected real "
+                     "values (e.g. the magnitude image)")
   try:
     data = np.asarray(img.dataobj, dtype=np.float32)
-  except (OSError, EOFError, ValueError, zlib.error) as e:
+  except MemoryError:
+    raise InputError(
+        f"{name}: too large to read ({'x'.join(map(str, shape))} voxels, "
+        f"{np.prod(shape, dtype=np.float64) * 4 / 2**30:.1f} GiB as "
+        "float32)") from None
+  except Exception as e:  # truncated, corrupt, or a broken scaling
     raise InputError(
         f"{name}: truncated or corrupt data ({_one_line(e)})") from None
   if squeeze:
@@ -123,8 +171,32 @@ def from_image(img, *, what: str = "image", allow_constant: bool = True,
   if not allow_constant:
     check_not_constant(data, path, what=what)
   header = img.header.copy()
-  return Volume(data=data, affine=np.asarray(img.affine, np.float64),
-                header=header, path=path)
+  return Volume(data=data, affine=affine, header=header, path=path)
+
+
+def check_same_grid(name: str, shape, affine, ref_shape, ref_affine,
+                    ref: str = "image") -> None:
+  """Raises ``InputError`` unless ``(shape, affine)`` is the voxel grid of
+  ``(ref_shape, ref_affine)``: the same shape, and affines equal to 1 % of a
+  voxel (a mask in another space, e.g. flipped or at another resolution,
+  would otherwise be applied silently in the wrong place). ``affine`` None
+  (an array) checks the shape alone."""
+  shape, ref_shape = tuple(int(n) for n in shape), tuple(
+      int(n) for n in ref_shape)
+  if shape != ref_shape:
+    raise InputError(f"{name}: shape {'x'.join(map(str, shape))} differs "
+                     f"from the {ref}'s {'x'.join(map(str, ref_shape))}")
+  if affine is None or ref_affine is None:
+    return
+  a = np.asarray(affine, np.float64)[:3]
+  b = np.asarray(ref_affine, np.float64)[:3]
+  voxel = float(np.linalg.norm(b[:, :3], axis=0).min())
+  diff = float(np.abs(a - b).max())
+  if not diff <= 0.01 * voxel:
+    raise InputError(
+        f"{name}: affine differs from the {ref}'s (by up to {diff:.3g} mm; "
+        f"it must be on the {ref}'s voxel grid: same orientation, voxel "
+        "size and origin)")
 
 
 def check_finite(data: np.ndarray, path: str | None, *, what: str = "image"):
@@ -256,6 +328,10 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray,
   img = cls(data.astype(dtype, copy=False), affine, header)
   img.header.set_data_dtype(dtype)
   img.header.set_slope_inter(1.0, 0.0)
+  # The input's display window and meaning (e.g. a label intent) are not the
+  # output's: unset them (0 = use the data's range; no intent).
+  img.header["cal_min"], img.header["cal_max"] = 0.0, 0.0
+  img.header.set_intent("none")
   with atomic_path(path) as tmp:
     nib.save(img, tmp)
   return path

@@ -69,13 +69,23 @@ def test_edges_with_label_mask(tmp_path, capsys):
   src = _ball(tmp_path / "ball.nii.gz")
   lab = np.zeros((24, 28, 20), np.float32)
   lab[2:6, 2:6, 2:6] = 1
-  nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / "lab.nii.gz"))
+  affine = nib.load(src).affine
+  nib.save(nib.Nifti1Image(lab, affine), str(tmp_path / "lab.nii.gz"))
   out = tmp_path / "e.nii.gz"
   code, _, _ = _run(["edges", "-i", src, "-o", str(out), "--mask",
                      str(tmp_path / "lab.nii.gz"), "--no-png"], capsys)
   assert code == 0
   sketch = np.asarray(nib.load(out).dataobj)
   assert sketch[2, 2, 2] == 1.0 and sketch[3:5, 3:5, 3:5].min() > 0
+  # The same mask in another space (mirrored; half the voxel size) would
+  # land in the wrong place: refused, one line naming it.
+  for name, other in (("flip.nii.gz", np.diag([-1, 1, 1, 1]) @ affine),
+                      ("half.nii.gz", np.diag([.5, .5, .5, 1]) @ affine)):
+    nib.save(nib.Nifti1Image(lab, other), str(tmp_path / name))
+    code, _, err = _run(["edges", "-i", src, "-o", str(tmp_path / "f.nii"),
+                         "--mask", str(tmp_path / name), "--no-png"], capsys)
+    assert code == 2 and name in err and "affine differs" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "f.nii").exists()
 
 
 @pytest.mark.parametrize("case", ["missing", "not_nifti", "constant", "same_as_input",

@@ -308,6 +308,16 @@ def test_api_out_and_masks_of_every_kind(run_dir, tmp_path):
   with pytest.raises(InputError, match="mask: shape 30x37x25 differs"):
     t.translate(src, mask[..., :-1], out=str(tmp_path / "bad.nii.gz"))
   assert not os.path.exists(tmp_path / "bad.nii.gz")
+  # A mask of another space (here 2 mm voxels against the input's 4 mm) is
+  # refused whichever way it comes, not applied in the wrong place.
+  other = _nifti(tmp_path / "m2.nii.gz", mask, zoom=2.0)
+  for x, mk in [(src, other), (src, nib.load(other)),
+                (nib.load(src), other)]:
+    for out in (None, str(tmp_path / "bad.nii.gz")):
+      with pytest.raises(InputError, match="affine differs from the input"):
+        t.translate(x, mk, out=out)
+  assert not os.path.exists(tmp_path / "bad.nii.gz")
+  assert t.translate(vol, nib.load(other)).shape == SHAPE  # arrays: no grid
 
 
 def test_api_checks_in_memory_images_as_files(run_dir, tmp_path):

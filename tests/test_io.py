@@ -124,3 +124,70 @@ def test_write_text_is_atomic(tmp_path):
   assert io.write_text(path, '{"a": 1}') == str(path)
   assert path.read_text() == '{"a": 1}'
   assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp left
+
+
+def _patched_header(src, dst, **fields):
+  """``src`` rewritten with raw header fields changed (what other tools or
+  broken writers leave), bypassing nibabel's checks on saving."""
+  raw = bytearray(open(src, "rb").read())
+  hdr = nib.Nifti1Header.from_fileobj(open(src, "rb"), check=False)
+  for k, v in fields.items():
+    hdr[k] = v
+  raw[:348] = hdr.binaryblock
+  open(dst, "wb").write(bytes(raw))
+  return str(dst)
+
+
+def test_odd_voxels_and_broken_headers_give_one_line_errors(tmp_path):
+  rgb = np.zeros((4, 5, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+  p = tmp_path / "rgb.nii"
+  nib.save(nib.Nifti1Image(rgb, _affine()), str(p))
+  assert "RGB" in _err(p)
+  p = tmp_path / "complex.nii"
+  nib.save(nib.Nifti1Image(np.ones((4, 5, 6), np.complex64), _affine()),
+           str(p))
+  assert "complex" in _err(p)
+  good = _write(tmp_path / "good.nii", np.ones((4, 5, 6)), dtype=np.float32)
+  for name, fields in (("inter.nii", {"scl_slope": 1.0, "scl_inter": np.inf}),
+                       ("negdim.nii", {"dim": [3, 4, -5, 6, 1, 1, 1, 1]}),
+                       ("dim0.nii", {"dim": [9, 4, 5, 6, 1, 1, 1, 1]})):
+    msg = _err(_patched_header(good, tmp_path / name, **fields))
+    assert name in msg
+  # Affines (sforms) that place no voxel grid in space.
+  def sform(name, rows):
+    return _patched_header(good, tmp_path / name, qform_code=0, sform_code=1,
+                           srow_x=rows[0], srow_y=rows[1], srow_z=rows[2])
+  assert "singular" in _err(sform("z.nii", np.zeros((3, 4))))
+  flat = _affine()[:3].copy()
+  flat[:, 1] = flat[:, 0]  # two axes along one direction
+  assert "singular" in _err(sform("f.nii", flat))
+  nan = _affine()[:3].copy()
+  nan[0, 3] = np.nan
+  assert "non-finite" in _err(sform("n.nii", nan))
+  with pytest.raises(InputError, match="singular"):
+    io.nifti_geometry(str(tmp_path / "z.nii"))
+
+
+def test_output_header_drops_the_inputs_display_window_and_intent(tmp_path):
+  img = nib.Nifti1Image(np.ones((4, 5, 6), np.int16), _affine())
+  img.header["cal_min"], img.header["cal_max"] = 0.0, 1.0
+  img.header.set_intent("label")
+  nib.save(img, str(tmp_path / "lab.nii.gz"))
+  vol = io.load_nifti(str(tmp_path / "lab.nii.gz"))
+  out = io.save_nifti(str(tmp_path / "o.nii.gz"), vol.data * 200.0, like=vol)
+  hdr = nib.load(out).header
+  assert float(hdr["cal_min"]) == 0.0 and float(hdr["cal_max"]) == 0.0
+  assert hdr.get_intent()[0] == "none"
+  assert hdr["descrip"] == vol.header["descrip"]  # the rest is kept
+
+
+def test_check_same_grid():
+  a = _affine()
+  io.check_same_grid("m", (4, 5, 6), a + 1e-4, (4, 5, 6), a)  # float noise
+  io.check_same_grid("m", (4, 5, 6), None, (4, 5, 6), a)  # array: shape only
+  with pytest.raises(InputError, match="m: shape 4x5x7 differs"):
+    io.check_same_grid("m", (4, 5, 7), a, (4, 5, 6), a)
+  shifted = a.copy()
+  shifted[0, 3] += 0.5  # a third of a voxel
+  with pytest.raises(InputError, match="m: affine differs from the input's"):
+    io.check_same_grid("m", (4, 5, 6), shifted, (4, 5, 6), a, ref="input")
