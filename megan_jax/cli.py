@@ -256,7 +256,10 @@ def cmd_translate(args) -> int:
                           dtype=args.dtype)
   plans = {}
   for inp, _, _ in jobs:
-    shape = infer.working_shape(translator.config, geometry[inp])
+    try:
+      shape = infer.working_shape(translator.config, geometry[inp])
+    except InputError as e:
+      raise InputError(f"input {inp}: {e}") from None
     if shape not in plans:
       plans[shape] = translator.plan(shape)
     if args.plan:

@@ -113,9 +113,22 @@ def working_shape(config, vol: Volume | tuple) -> tuple[int, int, int]:
   if t is not None:
     affine = affine @ nio.inv_ornt_aff(t, shape)
     shape = tuple(shape[int(i)] for i in np.argsort(t[:, 0]))
-  if not config.data.spacing:
-    return tuple(int(n) for n in shape)
-  return data.spacing_shape(shape, affine, config.data.spacing)
+  if config.data.spacing:
+    shape = data.spacing_shape(shape, affine, config.data.spacing)
+  return check_size(tuple(int(n) for n in shape), config)
+
+
+def check_size(shape, config) -> tuple[int, int, int]:
+  """``shape`` (the working grid's) if the cascade can run on it: every
+  scale at least 2 voxels per axis (scale 0 is ``ceil(shape / 2**n)``)."""
+  n = int(config.get("num_hr_scales", 0))  # a data-only config: 0
+  need = 2 ** n + 1
+  if min(shape) < need:
+    at = f" at {config.data.spacing:g} mm" if config.data.spacing else ""
+    raise InputError(
+        f"its working grid{at} is {'x'.join(map(str, shape))} voxels; "
+        f"{n} HR scale(s) need at least {need} per axis")
+  return tuple(shape)
 
 
 def to_working(vol: Volume, config, label: np.ndarray | None = None
@@ -134,8 +147,11 @@ def to_working(vol: Volume, config, label: np.ndarray | None = None
     label = np.ascontiguousarray(nio.apply_orientation(label, t))
   oriented = tuple(int(n) for n in work.data.shape)
   if config.data.spacing:
+    check_size(data.spacing_shape(oriented, work.affine, config.data.spacing),
+               config)  # before resampling to it
     work = data.resample_spacing(work, config.data.spacing)
     if label is not None and label.shape != work.data.shape:
       label = np.asarray(resample.resize(
           label.astype(np.float32), work.data.shape)) > 0.5
+  check_size(work.data.shape, config)
   return Working(work, label, oriented, t)

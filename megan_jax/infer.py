@@ -717,8 +717,16 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
                     translator.config.to_dict(), str(translator.dtype),
                     translator.fingerprint)
   folder = workspace_for(out_path, fp) if writer else None
-  y = translator.translate_volume(vol, label, progress=progress,
-                                  workspace=folder, on_batch=on_batch)
+  try:
+    y = translator.translate_volume(vol, label, progress=progress,
+                                    workspace=folder, on_batch=on_batch)
+  except InputError as e:
+    # This input cannot be translated: no resume state to keep.
+    if folder:
+      shutil.rmtree(folder, ignore_errors=True)
+    if in_path not in str(e):
+      raise InputError(f"input {in_path}: {e}") from None
+    raise
   if writer:
     io.save_nifti(out_path, y, like=vol, inputs=[mask_path])
     shutil.rmtree(folder, ignore_errors=True)

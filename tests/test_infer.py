@@ -473,3 +473,18 @@ def test_load_reads_each_scales_best_generator_else_its_latest(tmp_path):
   t_best, t_latest = infer.load(run), infer.load(run, which="latest")
   assert same(t_best.params["hr1"], best.g_params)
   assert t_best.fingerprint != t_latest.fingerprint
+
+
+def test_an_input_too_small_for_the_cascade_leaves_nothing(run_dir, tmp_path):
+  # demo:smoke has 2 HR scales: 5 voxels per axis at the least. The error
+  # names the input and the working grid; no resume folder is left.
+  t = infer.load(run_dir)
+  thin = _nifti(tmp_path / "thin.nii.gz", _volume((30, 37, 4)))
+  out = tmp_path / "o" / "thin.nii.gz"
+  out.parent.mkdir()
+  with pytest.raises(InputError, match=r"input .*thin.nii.gz: its working "
+                     r"grid at 4 mm is 30x37x4 voxels; 2 HR scale\(s\) need "
+                     r"at least 5"):
+    infer.translate_file(t, thin, str(out), progress=False)
+  assert os.listdir(out.parent) == []
+  assert t.translate(_volume((30, 37, 5))).shape == (30, 37, 5)  # enough
