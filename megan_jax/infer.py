@@ -744,8 +744,12 @@ def load(workdir: str, *, devices=None, batch_size: int | str | None = None,
   device (orbax would otherwise place them as saved, on device 0, which only
   process 0 has)."""
   config, gens = state_lib.restore_generators(workdir, which)
+  intensity = state_lib.load_intensity(workdir)
+  if intensity is None:  # megan train writes it before any checkpoint
+    raise InputError(f"workdir {workdir}: no intensity.json (the target "
+                     "domain's intensity range); copy it with the run")
   t = Translator(config, {n: g for n, (_, g) in gens.items()},
-                 intensity=state_lib.load_intensity(workdir), devices=devices,
+                 intensity=intensity, devices=devices,
                  batch_size=batch_size, dtype=dtype)
   t.fingerprint = _fingerprint(
       os.path.abspath(workdir), {n: step for n, (step, _) in gens.items()},

@@ -138,7 +138,8 @@ def test_cli_plan_and_translate(run_dir, tmp_path, capsys):
   assert nib.load(out).shape == SHAPE
 
 
-@pytest.mark.parametrize("case", ["no_checkpoint", "mask_shape", "same_file"])
+@pytest.mark.parametrize("case", ["no_checkpoint", "no_intensity",
+                                  "mask_shape", "same_file"])
 def test_cli_translate_errors(case, run_dir, tmp_path, capsys):
   src = _nifti(tmp_path / "src.nii.gz", _volume())
   argv = ["translate", "-i", src, "-o", str(tmp_path / "o.nii.gz"), "--workdir", run_dir]
@@ -147,6 +148,12 @@ def test_cli_translate_errors(case, run_dir, tmp_path, capsys):
     empty.mkdir()
     argv[-1] = str(empty)
     name = str(empty)
+  elif case == "no_intensity":  # else outputs would come out in [0, 1]
+    import shutil
+    copy = tmp_path / "copied_run"
+    shutil.copytree(run_dir, copy)
+    os.remove(copy / "intensity.json")
+    argv[-1] = name = str(copy)
   elif case == "mask_shape":
     name = _nifti(tmp_path / "m.nii.gz", np.ones((5, 5, 5), np.float32))
     argv += ["--mask", name]
