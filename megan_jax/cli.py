@@ -7,6 +7,7 @@ fix is one line on stderr (``megan: error: <file>: <problem>``), exit status
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Callable, Sequence
@@ -340,7 +341,9 @@ def _add_evaluate(sub):
       "mapped with the target's range, or --range LO HI, e.g. a CT window in "
       "HU, and clipped), over the whole volume or inside --mask; prints JSON. "
       "PRED and TARGET may be folders: files are matched by name, each is "
-      "scored, and the mean and standard deviation over them are added.")
+      "scored, and the mean and standard deviation over them are added. "
+      "A non-finite value (the PSNR of identical volumes is infinite) is "
+      "written as null.")
   p.add_argument("--pred", required=True,
                  help="predicted volume (.nii/.nii.gz), or a folder of them")
   p.add_argument("--target", required=True,
@@ -397,6 +400,16 @@ def _evaluate_pairs(args) -> list[tuple[str, str, str | None]]:
   return pairs
 
 
+def _finite_or_null(x):
+  if isinstance(x, float):
+    return x if math.isfinite(x) else None
+  if isinstance(x, dict):
+    return {k: _finite_or_null(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_finite_or_null(v) for v in x]
+  return x
+
+
 def cmd_evaluate(args) -> int:
   import json
   import numpy as np
@@ -410,20 +423,26 @@ def cmd_evaluate(args) -> int:
       raise InputError(f"--out {args.out}: is an input; refusing to "
                        "overwrite it")
     folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+      raise InputError(f"--out {args.out}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
       raise InputError(f"--out {args.out}: folder {folder} is not writable")
   rows = [score_pair(*pair, args.range) for pair in pairs]
   if os.path.isdir(args.pred):
     keys = [k for k in rows[0] if isinstance(rows[0][k], float)]
-    result = {"pred": args.pred, "target": args.target, "mask": args.mask,
-              "range": args.range or "each target's min and max",
-              "count": len(rows),
-              "mean": {k: float(np.mean([r[k] for r in rows])) for k in keys},
-              "std": {k: float(np.std([r[k] for r in rows])) for k in keys},
-              "subjects": rows}
+    with np.errstate(invalid="ignore"):  # inf - inf: an identical pair
+      result = {"pred": args.pred, "target": args.target, "mask": args.mask,
+                "range": args.range or "each target's min and max",
+                "count": len(rows),
+                "mean": {k: float(np.mean([r[k] for r in rows]))
+                         for k in keys},
+                "std": {k: float(np.std([r[k] for r in rows])) for k in keys},
+                "subjects": rows}
   else:
     result = rows[0]
-  text = json.dumps(result, indent=2)
+  # Strict JSON: a non-finite number (the PSNR of identical images is
+  # infinite) is written as null.
+  text = json.dumps(_finite_or_null(result), indent=2, allow_nan=False)
   if args.out is not None:
     io.write_text(args.out, text + "\n")
   print(text)

@@ -168,12 +168,18 @@ def test_evaluate_prints_json(tmp_path, capsys):
   assert 0 < scores["mae"] <= 10 / span + 1e-6
   assert scores["ssim"] < 1 and np.isfinite(scores["psnr"])
   code, out, _ = _run(["evaluate", "--pred", str(t), "--target", str(t)], capsys)
-  same = json.loads(out)
-  assert same["mae"] == 0 and same["ssim"] == pytest.approx(1.0) and same["psnr"] == float("inf")
+  def strict(c):
+    raise AssertionError(f"{c} is not JSON")
+  same = json.loads(out, parse_constant=strict)  # no Infinity / NaN
+  assert same["mae"] == 0 and same["ssim"] == pytest.approx(1.0)
+  assert same["psnr"] is None  # infinite
   bad = tmp_path / "small.nii.gz"
   nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), str(bad))
   code, _, err = _run(["evaluate", "--pred", str(bad), "--target", str(t)], capsys)
   assert code == 2 and str(bad) in err and len(err.strip().splitlines()) == 1
+  code, _, err = _run(["evaluate", "--pred", str(p), "--target", str(t),
+                       "--out", str(tmp_path / "no" / "s.json")], capsys)
+  assert code == 2 and "does not exist" in err
 
 
 def test_batch_size_takes_an_integer_or_auto(capsys):
