@@ -32,7 +32,9 @@ others. A single-process run takes the original path unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -449,8 +451,10 @@ class Translator:
     import tempfile
     fd, path = tempfile.mkstemp(prefix="megan-scale-", suffix=".npy")
     os.close(fd)
-    arr = np.lib.format.open_memmap(path, "w+", np.float32, tuple(shape))
-    os.remove(path)  # the mapping keeps the data; nothing is left behind
+    try:
+      arr = open_memmap(path, shape)
+    finally:
+      os.remove(path)  # the mapping keeps the data; nothing is left behind
     return arr
 
   def _finish(self, out, plan, gen, idx, state, k, bar, on_batch):
@@ -588,7 +592,7 @@ class _Workspace:
       arr = np.load(path, mmap_mode="r+")
       if arr.shape == tuple(shape):
         return arr
-    return np.lib.format.open_memmap(path, "w+", np.float32, tuple(shape))
+    return open_memmap(path, shape)
 
   def record(self, k, out, done):
     """Flushes the output, then records the patches done (in that order, so
@@ -613,6 +617,27 @@ class _Workspace:
     with io.atomic_path(self._progress_path, ".json") as tmp:
       with open(tmp, "w") as f:
         json.dump(self.progress, f)
+
+
+def open_memmap(path: str, shape) -> np.ndarray:
+  """A new float32 ``.npy`` file at ``path`` mapped into memory, its disk
+  space reserved first: a full disk is then an ``OSError`` naming the file
+  here, not a SIGBUS when a page of the sparse file is first written."""
+  arr = np.lib.format.open_memmap(path, "w+", np.float32, tuple(shape))
+  try:
+    with open(path, "r+b") as f:
+      os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+  except OSError as e:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+      del arr
+      with contextlib.suppress(OSError):
+        os.remove(path)
+      raise OSError(e.errno, f"{e.strerror} (reserving "
+                    f"{4 * int(np.prod(shape)) / 2**20:.1f} MiB)", path) from None
+    # Filesystems without fallocate: the sparse file as before.
+  except AttributeError:  # no posix_fallocate on this platform
+    pass
+  return arr
 
 
 def _file_id(path: str) -> list:

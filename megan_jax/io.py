@@ -333,7 +333,13 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray,
   img.header["cal_min"], img.header["cal_max"] = 0.0, 0.0
   img.header.set_intent("none")
   with atomic_path(path) as tmp:
-    nib.save(img, tmp)
+    try:
+      nib.save(img, tmp)
+    except OSError as e:  # a full disk, say: name the output
+      if e.filename is None:
+        raise OSError(e.errno, f"could not be written ({_one_line(e)})",
+                      path) from None
+      raise
   return path
 
 

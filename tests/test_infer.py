@@ -495,3 +495,24 @@ def test_an_input_too_small_for_the_cascade_leaves_nothing(run_dir, tmp_path):
     infer.translate_file(t, thin, str(out), progress=False)
   assert os.listdir(out.parent) == []
   assert t.translate(_volume((30, 37, 5))).shape == (30, 37, 5)  # enough
+
+
+def test_a_full_disk_is_an_error_naming_the_file_not_a_crash(tmp_path,
+                                                             monkeypatch):
+  # The resume files are reserved on disk when made: no room is an OSError
+  # naming the file (megan translate prints it in one line), not a SIGBUS
+  # when the memory map is first written; the file is not left.
+  import errno
+
+  def full(fd, offset, length):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(os, "posix_fallocate", full)
+  path = str(tmp_path / "scale_2.npy")
+  with pytest.raises(OSError, match="No space left") as e:
+    infer.open_memmap(path, (40, 50, 60))
+  assert e.value.filename == path and not os.path.exists(path)
+  monkeypatch.undo()
+  arr = infer.open_memmap(path, (40, 50, 60))
+  arr[:] = 1.0
+  arr.flush()
+  assert os.stat(path).st_blocks * 512 >= arr.nbytes  # reserved, not sparse

@@ -118,6 +118,15 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     io.save_nifti(tmp_path / "out.nii.gz", np.zeros((2, 2, 2)))
   assert os.listdir(tmp_path) == []
 
+  def short(img, path):  # what a full disk looks like from gzip
+    open(path, "wb").write(b"half")
+    raise OSError("4096 requested and 4064 written")
+  monkeypatch.setattr(io.nib, "save", short)
+  with pytest.raises(OSError, match="could not be written") as e:
+    io.save_nifti(tmp_path / "out.nii.gz", np.zeros((2, 2, 2)))
+  assert e.value.filename == str(tmp_path / "out.nii.gz")
+  assert os.listdir(tmp_path) == []
+
 
 def test_write_text_is_atomic(tmp_path):
   path = tmp_path / "out.json"
