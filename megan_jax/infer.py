@@ -304,13 +304,20 @@ class Translator:
       stats = dev.memory_stats() or {}
     except Exception:
       stats = {}
-    limit = stats.get("bytes_limit")  # the CPU reports none
+    limit = stats.get("bytes_limit")
+    per, has = 1, f"{dev.device_kind} has"
+    if not limit and dev.platform == "cpu":  # it reports none: the host's RAM
+      try:
+        limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+      except (AttributeError, ValueError, OSError):
+        limit = None
+      per = sum(d.process_index == me for d in self.mesh.devices.flat)
+      has = f"for {per} CPU device(s), the host has in all"
     problem = next((
         f"scale {r.scale}: needs {r.device_bytes / 2**30:.2f} GiB per "
-        f"device, {dev.device_kind} has {limit / 2**30:.2f} GiB; use a "
-        "smaller --batch-size" for r in reports
-        if limit and r.device_bytes is not None and r.device_bytes > limit),
-        None)
+        f"device, {has} {limit / 2**30:.2f} GiB; use a smaller --batch-size"
+        for r in reports if limit and r.device_bytes is not None
+        and r.device_bytes * per > limit), None)
     if self.multiprocess:  # all stop, or the others would wait for it
       failed = np.flatnonzero(sharding.process_values(np.int32(
           problem is not None)))

@@ -516,3 +516,14 @@ def test_a_full_disk_is_an_error_naming_the_file_not_a_crash(tmp_path,
   arr[:] = 1.0
   arr.flush()
   assert os.stat(path).st_blocks * 512 >= arr.nbytes  # reserved, not sparse
+
+
+def test_a_batch_beyond_the_hosts_ram_stops_before_any_work(run_dir):
+  # The CPU reports no memory limit: its devices share the host's RAM.
+  t = infer.load(run_dir, batch_size=10**6)
+  with pytest.raises(InputError, match=r"scale hr1: needs .* GiB per device,"
+                     r" for 1 CPU device\(s\), the host has in all .* GiB; "
+                     r"use a smaller --batch-size"):
+    t.check_device_memory(t.plan(SHAPE))
+  small = infer.load(run_dir, batch_size=4)
+  small.check_device_memory(small.plan(SHAPE))  # fits
