@@ -31,6 +31,34 @@ def _batch_size(text: str):
   return value
 
 
+def _seed(text: str) -> int:
+  """``--mask-augment``: a non-negative integer (numpy's seeds)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+  return value
+
+
+def _sigma(text: str) -> float:
+  """``--sigma``: a finite, non-negative number of voxels."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not 0 <= value <= MAX_SIGMA:
+    raise argparse.ArgumentTypeError(
+        f"{text!r} must be between 0 and {MAX_SIGMA:g} voxels")
+  return value
+
+
+# Beyond this the smoothing has flattened any volume's edges away (and its
+# kernel, 8 sigma wide, costs minutes).
+MAX_SIGMA = 32.0
+
+
 def _png_path(out: str) -> str:
   """``x.nii.gz`` → ``x.png``: the montage written next to a NIfTI output."""
   base = out[:-7] if out.lower().endswith(".nii.gz") else os.path.splitext(out)[0]
@@ -73,8 +101,9 @@ def _add_edges(sub):
                  help="output .nii/.nii.gz (must not exist as an input)")
   p.add_argument("--mask", metavar="MASK",
                  help="label mask (e.g. a tumour) written onto the sketch")
-  p.add_argument("--sigma", type=float, default=1.0,
-                 help="Gaussian smoothing in voxels (default 1.0)")
+  p.add_argument("--sigma", type=_sigma, default=1.0,
+                 help="Gaussian smoothing in voxels (default 1.0, at most "
+                 f"{MAX_SIGMA:g})")
   p.add_argument("--low", type=float, default=0.1,
                  help="low hysteresis threshold, fraction of the max gradient")
   p.add_argument("--high", type=float, default=0.2,
@@ -91,6 +120,9 @@ def cmd_edges(args) -> int:
   from megan_jax import edges, io, writers
   from megan_jax.normalise import normalise
   io.check_output_path(args.output, [args.input, args.mask])
+  if not args.no_png and os.path.isdir(_png_path(args.output)):
+    raise InputError(f"montage {_png_path(args.output)}: is a folder "
+                     "(or use --no-png)")
   if not 0 <= args.low <= args.high:
     raise InputError(f"--low {args.low:g} / --high {args.high:g}: need "
                      "0 <= low <= high")
@@ -169,7 +201,7 @@ def _add_translate(sub):
   p.add_argument("--mask", nargs="+", metavar="MASK",
                  help="label mask written onto the sketches (e.g. a "
                  "tumour); one per input")
-  p.add_argument("--mask-augment", type=int, default=None, metavar="SEED",
+  p.add_argument("--mask-augment", type=_seed, default=None, metavar="SEED",
                  help="scale (±15 %%) and mirror the mask at random first: "
                  "a new lesion placement per seed (the paper's augmentation)")
   p.add_argument("--skip-existing", action="store_true",
@@ -453,13 +485,23 @@ _COMMANDS: Sequence[Callable] = (_add_demo, _add_edges, _add_evaluate,
                                   _add_train, _add_translate)
 
 
+class _Parser(argparse.ArgumentParser):
+  """@FILE lines: one argument each, surrounding blanks stripped; empty
+  lines and ``#`` comments skipped (as in training list files)."""
+
+  def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
+    line = arg_line.strip()
+    return [] if not line or line.startswith("#") else [line]
+
+
 def build_parser() -> argparse.ArgumentParser:
   from megan_jax import __version__
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog=PROG, fromfile_prefix_chars="@",
       description="megan_jax: memory-efficient multi-scale GAN translation of "
       "full-resolution 3D medical images. An argument @FILE stands for the "
-      "lines of FILE, one argument per line (e.g. -i @inputs.txt).")
+      "lines of FILE, one argument per line (blank and # lines skipped; "
+      "e.g. -i @inputs.txt).")
   parser.add_argument("--version", action="version",
                       version=f"%(prog)s {__version__}")
   parser.add_argument("--distributed", action="store_true",

@@ -118,10 +118,18 @@ def initialize_distributed(coordinator_address: str | None = None,
     return jax.process_index(), jax.process_count()
   env = os.environ
   coordinator_address = coordinator_address or env.get(ENV_COORDINATOR)
+  def env_int(name, low):
+    try:
+      value = int(env[name])
+    except ValueError:
+      value = None
+    if value is None or value < low:
+      raise InputError(f"{name}={env[name]!r}: expected an integer >= {low}")
+    return value
   if num_processes is None and env.get(ENV_NUM_PROCESSES):
-    num_processes = int(env[ENV_NUM_PROCESSES])
+    num_processes = env_int(ENV_NUM_PROCESSES, 1)
   if process_id is None and env.get(ENV_PROCESS_ID):
-    process_id = int(env[ENV_PROCESS_ID])
+    process_id = env_int(ENV_PROCESS_ID, 0)
   # Collectives between CPU devices of different processes need a transport;
   # gloo is jax 0.10's default, set explicitly because older releases
   # defaulted to none (the first cross-process step then fails). GPUs use

@@ -276,10 +276,39 @@ def test_command_line_keeps_compiled_programs_between_runs(run_dir, tmp_path):
 
 def test_inputs_from_a_list_file(tmp_path):
   listing = tmp_path / "inputs.txt"
-  listing.write_text("a.nii.gz\nsub dir/b.nii\n")
+  listing.write_text("# test subjects\na.nii.gz\n\nsub dir/b.nii  \r\n\n")
   args = cli.build_parser().parse_args(
       ["translate", "-i", f"@{listing}", "-o", "out/", "--workdir", "w"])
   assert args.input == ["a.nii.gz", "sub dir/b.nii"]
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["translate", "-i", "a.nii", "-o", "b.nii", "--workdir", "w", "--mask",
+      "m.nii", "--mask-augment", "-1"], "--mask-augment"),
+    (["edges", "-i", "a.nii", "-o", "b.nii", "--sigma", "inf"], "--sigma"),
+    (["edges", "-i", "a.nii", "-o", "b.nii", "--sigma", "1e6"], "--sigma"),
+    (["edges", "-i", "a.nii", "-o", "b.nii", "--sigma", "-1"], "--sigma"),
+])
+def test_out_of_range_options_are_usage_errors(argv, flag, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.build_parser().parse_args(argv)
+  assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_edges_refuses_a_montage_path_that_is_a_folder(tmp_path, capsys):
+  (tmp_path / "x.png").mkdir()
+  code, _, err = _run(["edges", "-i", "mni152", "-o", str(tmp_path / "x.nii.gz")],
+                      capsys)
+  assert code == 2 and "x.png" in err and "folder" in err
+  assert sorted(os.listdir(tmp_path)) == ["x.png"]  # no NIfTI either
+
+
+def test_bad_process_count_in_the_environment(monkeypatch, capsys):
+  monkeypatch.setenv("MEGAN_DISTRIBUTED", "1")
+  monkeypatch.setenv("MEGAN_NUM_PROCESSES", "abc")
+  code, _, err = _run(["edges", "-i", "a.nii", "-o", "b.nii"], capsys)
+  assert code == 2 and "MEGAN_NUM_PROCESSES='abc'" in err
+  assert err.count("\n") == 1
 
 
 def test_local_launcher_passes_every_input_on():
