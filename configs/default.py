@@ -1,3 +1,3 @@
 """See megan_jax/configs/default.py (configs live in the package so an installed
 `megan` finds them)."""
-from megan_jax.configs.default import get_config  # noqa: F401
+from megan_jax.configs.default import VARIANTS, get_config  # noqa: F401

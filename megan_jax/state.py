@@ -7,9 +7,11 @@ L1, the checkpoint inference uses, as in the public code).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -20,7 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from megan_jax import models
+from megan_jax import losses, models
 from megan_jax.errors import InputError
 
 
@@ -219,6 +221,234 @@ def count_params(tree) -> int:
 
 
 # ---------------------------------------------------------------------------
+# The config's own checks
+# ---------------------------------------------------------------------------
+HR_CONDITIONS = ("concat", "upsampled", "none")
+LR_GENERATORS = ("unet", "resnet")
+DTYPES = ("float32", "bfloat16", "bf16")  # `_dtype`
+DECAYS = ("none", "linear")  # `make_optimizer`
+# jax.random.key keeps 32 bits of the seed (key(2**32) is key(0)), and the
+# batch samplers' numpy generators refuse negative seeds.
+MAX_SEED = 2**32 - 1
+
+_MISSING = object()
+
+
+def lr_size_multiple(config) -> int:
+  """What ``lr_size`` must be a multiple of: the LR generator halves its
+  ``2 * lr_size`` input ``model.unet_levels`` times (the ResNet: 3 times) and
+  the LR discriminator halves ``lr_size`` ``model.d_layers`` times."""
+  m = config.model
+  halvings = (m.unet_levels if m.lr_generator == "unet"
+              else 2 + models.LRResNetGenerator.N_PRE_DOWN)
+  return max(2**(halvings - 1), 2**m.d_layers)
+
+
+def hr_logit_size(patch_size: int, d_layers: int) -> int:
+  """Side of the HR discriminator's logits for a patch; below 1 the patch is
+  too small (`models.PatchDiscriminator`: a 4³ valid conv, then ``d_layers``
+  4³ stride-2 valid convs)."""
+  n = patch_size - 3
+  for _ in range(d_layers):
+    n = (n - 4) // 2 + 1
+  return n
+
+
+def min_patch_size(d_layers: int) -> int:
+  """The smallest ``patch_size`` (a multiple of 4) the HR networks take."""
+  p = 4
+  while hr_logit_size(p, d_layers) < 1:
+    p += 4
+  return p
+
+
+def _field(config, name: str, default=_MISSING):
+  node = config
+  for part in name.split("."):
+    try:
+      has = part in node
+    except TypeError:
+      has = False
+    if not has:
+      if default is _MISSING:
+        raise InputError(f"config {name}: missing")
+      return default
+    node = node[part]
+  return node
+
+
+def _fail(name: str, what: str, value):
+  raise InputError(f"config {name}: must be {what}, got {value!r}")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v) -> bool:
+  return ((_is_int(v) or isinstance(v, (float, np.floating)))
+          and math.isfinite(v))
+
+
+def _int(config, name: str, lo: int, hi: int | None = None,
+         default=_MISSING) -> int:
+  v = _field(config, name, default)
+  if not _is_int(v) or v < lo or (hi is not None and v > hi):
+    _fail(name, f"an integer >= {lo}" if hi is None
+          else f"an integer in [{lo}, {hi}]", v)
+  return int(v)
+
+
+def _number(config, name: str, lo: float, hi: float | None = None, *,
+            lo_open: bool = False, hi_open: bool = False, why: str = "",
+            default=_MISSING) -> float:
+  v = _field(config, name, default)
+  ok = _is_number(v) and (v > lo if lo_open else v >= lo)
+  if ok and hi is not None:
+    ok = v < hi if hi_open else v <= hi
+  if not ok:
+    if hi is None:
+      what = f"a number {'>' if lo_open else '>='} {lo:g}"
+    else:
+      what = (f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}"
+              f"{')' if hi_open else ']'}")
+    _fail(name, what + (f" ({why})" if why else ""), v)
+  return float(v)
+
+
+def _choice(config, name: str, choices, default=_MISSING) -> str:
+  v = _field(config, name, default)
+  if not isinstance(v, str) or v not in choices:
+    _fail(name, "one of " + ", ".join(repr(c) for c in choices), v)
+  return v
+
+
+def _bool(config, name: str, default=_MISSING) -> bool:
+  v = _field(config, name, default)
+  if not isinstance(v, (bool, np.bool_)):
+    _fail(name, "true or false", v)
+  return bool(v)
+
+
+def _str(config, name: str, default=_MISSING) -> str:
+  v = _field(config, name, default)
+  if not isinstance(v, str):
+    _fail(name, "a string", v)
+  return v
+
+
+def _pair(v) -> bool:
+  return (isinstance(v, (tuple, list)) and len(v) == 2
+          and all(_is_number(x) for x in v) and v[0] < v[1])
+
+
+def check_config(config) -> None:
+  """Raises an ``InputError`` naming the first field no run can use.
+
+  What each field must be comes from the code that reads it: the networks'
+  size constraints (`lr_size_multiple`, `min_patch_size`), the patch grid's
+  (``tiling.make_plan``: ``0 <= border``, ``2 * border < patch_size``), the
+  samplers' (``seed`` a non-negative 32-bit integer), and each option's
+  values. Writes nothing; cheap (no arrays).
+  """
+  _str(config, "name", default="")
+  _int(config, "seed", 0, MAX_SEED)
+  _int(config, "steps", 1)
+  _int(config, "num_hr_scales", 0)
+
+  # The networks first: the sizes below depend on them.
+  gen = _choice(config, "model.lr_generator", LR_GENERATORS)
+  if gen == "unet":
+    _int(config, "model.unet_levels", 2)
+  _int(config, "model.ngf", 1)
+  _int(config, "model.n_blocks", 0)
+  _int(config, "model.ndf", 1)
+  d_layers = _int(config, "model.d_layers", 1)
+  _choice(config, "model.d_norm", models.layers.NORMS)
+  _number(config, "model.dropout", 0.0, 1.0, hi_open=True)
+  _choice(config, "model.dtype", DTYPES)
+  _choice(config, "model.impl", models.layers.IMPLS)
+  residual = _bool(config, "model.hr_residual", default=False)
+
+  # Geometry of the cascade.
+  lr_size = _field(config, "lr_size")
+  m = lr_size_multiple(config)
+  if not _is_int(lr_size) or lr_size < 1 or lr_size % m:
+    why = (f"model.unet_levels={config.model.unet_levels}" if gen == "unet"
+           else "model.lr_generator='resnet'")
+    _fail("lr_size", f"a positive multiple of {m} (for {why} and "
+          f"model.d_layers={d_layers})", lr_size)
+  p = _field(config, "patch_size")
+  p_min = min_patch_size(d_layers)
+  if not _is_int(p) or p < p_min or p % 4:
+    _fail("patch_size", f"a multiple of 4 (the HR generator halves it twice) "
+          f"and >= {p_min} (the HR discriminator, model.d_layers={d_layers})",
+          p)
+  _int(config, "border", 0, (p - 1) // 2)  # a centre p - 2 * border >= 1
+  cond = _choice(config, "hr_condition", HR_CONDITIONS)
+  if residual and cond == "none":
+    raise InputError("config model.hr_residual needs the previous scale; "
+                     "hr_condition='none' has none")
+
+  # Data.
+  _str(config, "data.path")
+  _str(config, "data.val_path", default="")
+  suffix = _str(config, "data.label_suffix", default="")
+  from megan_jax import grid
+  grid.check_orientation(_str(config, "data.orientation", default=""))
+  _number(config, "data.spacing", 0.0, why="isotropic mm; 0 keeps each "
+          "file's voxel size")
+  pct = _field(config, "data.percentiles")
+  if not _pair(pct) or pct[0] < 0 or pct[1] > 100:
+    _fail("data.percentiles", "a pair (lo, hi) with 0 <= lo < hi <= 100", pct)
+  window = _field(config, "data.window", default=())
+  if not (isinstance(window, (tuple, list)) and not window) and not _pair(
+      window):
+    _fail("data.window", "() or a pair (lo, hi) with lo < hi", window)
+  _number(config, "data.foreground", -1.0, 1.0, hi_open=True,
+          why="images are in [-1, 1]")
+  _number(config, "data.uniform_patch_fraction", 0.0, 1.0)
+
+  # Edges: thresholds are fractions of the largest gradient magnitude.
+  _number(config, "edges.sigma", 0.0)
+  low = _number(config, "edges.low", 0.0, 1.0)
+  high = _number(config, "edges.high", 0.0, 1.0)
+  if low > high:
+    _fail("edges.low", f"<= edges.high ({high:g})", low)
+  if _bool(config, "edges.use_label") and not suffix:
+    raise InputError("config edges.use_label needs data.label_suffix (the "
+                     "label of x.nii.gz is x{suffix}.nii.gz, e.g. '_seg')")
+
+  _choice(config, "loss.gan", losses.GAN_KINDS)
+  l1 = _number(config, "loss.l1_weight", 0.0)
+  gan = _number(config, "loss.gan_weight", 0.0)
+  if l1 == 0 and gan == 0:
+    _fail("loss.gan_weight", "> 0 where loss.l1_weight is 0 (the generator "
+          "would learn nothing)", gan)
+  _number(config, "loss.d_skip_accuracy", 0.0, 1.0)
+
+  _number(config, "optim.lr", 0.0, lo_open=True)
+  _number(config, "optim.b1", 0.0, 1.0, hi_open=True)
+  _number(config, "optim.b2", 0.0, 1.0, hi_open=True)
+  _choice(config, "optim.decay", DECAYS)
+
+  _number(config, "augment.prev_noise_std", 0.0)
+  _number(config, "augment.blur_prob", 0.0, 1.0)
+  _number(config, "augment.halfres_prob", 0.0, 1.0)
+  _number(config, "augment.edge_noise_std", 0.0)
+  _number(config, "augment.edge_gain", 0.0, 1.0, default=0.0)
+  _number(config, "augment.label_scale", 0.0, 1.0, hi_open=True)
+  _bool(config, "augment.label_mirror")
+
+  for name in ("lr_batch_size", "hr_batch_size", "log_every",
+               "checkpoint_every", "eval_every", "montage_every",
+               "val_patches"):
+    _int(config, f"train.{name}", 1)
+  _int(config, "infer.batch_size", 1)
+  _int(config, "infer.memmap_bytes", 0)
+
+
+# ---------------------------------------------------------------------------
 # Checkpoints and the run's config
 # ---------------------------------------------------------------------------
 # Fields that make a run what it is: a workdir refuses a config that differs
@@ -259,40 +489,69 @@ def same_run(a, b) -> bool:
                _identity(json.loads(b.to_json()))) is None
 
 
-def save_config(workdir: str, config) -> None:
-  """Writes ``config.json``, or checks the workdir's run has the same config."""
-  from megan_jax import io
+def check_workdir(workdir: str, config) -> bool:
+  """Raises an ``InputError`` if ``workdir`` holds a run that ``config`` may
+  not go on with; returns whether ``config.json`` is to be (re)written
+  (``False``: the same run with the same steps is there). Writes nothing."""
   path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return True
   new = json.loads(config.to_json())
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    d = _diff(_identity(old), _identity(new))
-    if d:
-      raise InputError(
-          f"workdir {workdir}: holds a run of another config ({d[0]} is "
-          f"{d[1]!r} there, {d[2]!r} here); use another --workdir, or "
-          f"--config.{d[0]}={'' if d[1] is None else d[1]} to go on with it")
-    if old.get("steps") == new.get("steps"):
-      return
-    if new["optim"].get("decay") == "linear":
-      raise InputError(
-          f"workdir {workdir}: trained for steps={old.get('steps')} with "
-          "optim.decay=linear, whose learning rate follows the number of "
-          f"steps; steps={new.get('steps')} would change the schedule of the "
-          "steps already taken (use another --workdir)")
+  old = _read_json(path)
+  d = _diff(_identity(old), _identity(new))
+  if d:
+    raise InputError(
+        f"workdir {workdir}: holds a run of another config ({d[0]} is "
+        f"{d[1]!r} there, {d[2]!r} here); use another --workdir, or "
+        f"--config.{d[0]}={'' if d[1] is None else d[1]} to go on with it")
+  if old.get("steps") == new.get("steps"):
+    return False
+  if new["optim"].get("decay") == "linear":
+    raise InputError(
+        f"workdir {workdir}: trained for steps={old.get('steps')} with "
+        "optim.decay=linear, whose learning rate follows the number of "
+        f"steps; steps={new.get('steps')} would change the schedule of the "
+        "steps already taken (use another --workdir)")
+  return True
+
+
+def save_config(workdir: str, config) -> None:
+  """Writes ``config.json``, or checks the workdir's run has the same config.
+
+  The config is checked first (`check_config`): a run folder never holds one
+  that cannot train.
+  """
+  from megan_jax import io
+  check_config(config)
+  if not check_workdir(workdir, config):
+    return
   os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
   with io.atomic_path(path, ".json") as tmp:
     with open(tmp, "w") as f:
-      json.dump(new, f, indent=2)
+      json.dump(json.loads(config.to_json()), f, indent=2)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise InputError(f"workdir {workdir}: no config.json (not a megan run)")
-  with open(path) as f:
-    return config_from_json(f.read())
+  try:
+    return config_from_json(json.dumps(_read_json(path)))
+  except (KeyError, TypeError) as e:
+    raise InputError(f"{path}: not a megan config (no field {e})") from None
+
+
+def _read_json(path: str) -> dict:
+  """A JSON object from ``path``; a damaged file is one ``InputError``."""
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise InputError(f"{path}: damaged, not valid JSON ({e})") from None
+  if not isinstance(d, dict):
+    raise InputError(f"{path}: damaged, expected a JSON object")
+  return d
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
@@ -319,9 +578,12 @@ def load_intensity(workdir: str) -> tuple[float, float] | None:
   path = os.path.join(workdir, "intensity.json")
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    d = json.load(f)
-  return d["lo"], d["hi"]
+  d = _read_json(path)
+  try:
+    lo, hi = float(d["lo"]), float(d["hi"])
+  except (KeyError, TypeError, ValueError):
+    raise InputError(f"{path}: damaged, expected numbers lo and hi") from None
+  return lo, hi
 
 
 class Checkpoints:
@@ -373,21 +635,22 @@ class Checkpoints:
         lambda x: ocp.ArrayRestoreArgs(sharding=sharding, dtype=x.dtype), item)
     # A manager of its own: orbax binds a manager to the first kind of
     # restore it serves, and this one is a PyTree restore.
-    # Read-only (a run folder may be someone else's); orbax logs a warning
-    # for each such manager, which says nothing to our users.
-    absl_log = logging.getLogger("absl")
-    level = absl_log.level
-    absl_log.setLevel(logging.ERROR)
-    try:
+    # Read-only (a run folder may be someone else's). Orbax logs a warning
+    # for each such manager, and what it finds damaged, on stderr: our
+    # one-line error says it instead.
+    with quiet_orbax():
       reader = ocp.CheckpointManager(
           mngr.directory, options=ocp.CheckpointManagerOptions(read_only=True))
-    finally:
-      absl_log.setLevel(level)
-    try:
-      got = reader.restore(step, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args, partial_restore=True))
-    finally:
-      reader.close()
+      try:
+        got = reader.restore(step, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+      except Exception as e:  # damaged files, or another network's shapes
+        text = " ".join(str(e).split())[:300]
+        raise InputError(
+            f"checkpoint {os.path.join(mngr.directory, str(step))}: "
+            f"unreadable ({type(e).__name__}: {text})") from None
+      finally:
+        reader.close()
     return int(got["step"]), got["g_params"]
 
   def forget_after(self, step: int) -> list[int]:
@@ -409,6 +672,18 @@ class Checkpoints:
     self.best.close()
 
 
+@contextlib.contextmanager
+def quiet_orbax():
+  """Orbax's log (absl) off stderr meanwhile."""
+  log = logging.getLogger("absl")
+  level = log.level
+  log.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    log.setLevel(level)
+
+
 def restore_generators(workdir: str, which: str = "best", scales=None,
                        sharding=None):
   """``(config, {scale: (step, g_params)})``: the generators of a run, what
@@ -424,7 +699,8 @@ def restore_generators(workdir: str, which: str = "best", scales=None,
   for name in scales or scale_names(config):
     kind = "lr" if name == "lr" else "hr"
     abstract_g = abstract_state(config, kind).g_params
-    ckpt = Checkpoints(workdir, name)
+    with quiet_orbax():
+      ckpt = Checkpoints(workdir, name)
     try:
       found = None
       if which == "best":

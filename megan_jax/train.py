@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import time
 from typing import Callable
 
@@ -276,9 +277,13 @@ def train(config, workdir: str, scales: str = "all", *, progress: bool = True,
           stop_after: int | None = None) -> dict[str, GanState]:
   """Trains the scales ``scales`` ("all", "lr", "1", "2", ...) of a run.
 
-  Writes/validates ``workdir/config.json`` first: a workdir holding another
-  config's run is refused.
+  Checks the config (`state.check_config`) and the workdir (one holding
+  another config's run is refused), then loads the datasets, and only then
+  writes ``workdir/config.json``: a run that fails before training leaves
+  the workdir as it was (a folder it made, or a sketch cache it started, is
+  removed again), so the corrected command can run there.
   """
+  state_lib.check_config(config)
   names = state_lib.scale_names(config)
   if scales == "all":
     chosen = names
@@ -288,22 +293,37 @@ def train(config, workdir: str, scales: str = "all", *, progress: bool = True,
       raise InputError(f"--scale {scales}: this config has scales "
                        f"{', '.join(['lr'] + [n[2:] for n in names[1:]])}")
     chosen = [want]
-  # A bad dataset or config fails before anything is written.
-  if config.edges.use_label and not config.data.label_suffix:
-    raise InputError("config edges.use_label needs data.label_suffix (the "
-                     "label of x.nii.gz is x{suffix}.nii.gz, e.g. '_seg')")
+  state_lib.check_workdir(workdir, config)
   dataset.list_volumes(config.data.path, config.data.label_suffix)
   if config.data.val_path:
     dataset.list_volumes(config.data.val_path, config.data.label_suffix)
+  subjects, val_subjects = _load_datasets(config, workdir, progress)
   state_lib.save_config(workdir, config)
-  cache = os.path.join(workdir, "cache")
-  subjects = dataset.load_dataset(config.data.path, config, cache, progress)
-  val_subjects = (dataset.load_dataset(config.data.val_path, config, cache)
-                  if config.data.val_path else subjects)
   state_lib.save_intensity(workdir, np.mean([s.intensity for s in subjects], 0))
   return {name: train_scale(config, workdir, name, subjects, val_subjects,
                             progress=progress, stop_after=stop_after)
           for name in chosen}
+
+
+def _load_datasets(config, workdir: str, progress: bool):
+  """The training and validation subjects, their sketches cached in
+  ``workdir/cache``. If either fails to load, the folders this call made are
+  removed: the workdir (and its missing parents) if it was not there, else
+  the cache it started."""
+  cache = os.path.join(workdir, "cache")
+  made = None  # the outermost folder that loading the datasets may create
+  d = os.path.abspath(cache)
+  while not os.path.exists(d):
+    made, d = d, os.path.dirname(d)
+  try:
+    subjects = dataset.load_dataset(config.data.path, config, cache, progress)
+    val_subjects = (dataset.load_dataset(config.data.val_path, config, cache)
+                    if config.data.val_path else subjects)
+  except BaseException:  # a bad volume, or the user stopping the run
+    if made is not None:
+      shutil.rmtree(made, ignore_errors=True)
+    raise
+  return subjects, val_subjects
 
 
 def restore(workdir: str, which: str = "latest"):

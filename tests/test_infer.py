@@ -139,6 +139,7 @@ def test_cli_plan_and_translate(run_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["no_checkpoint", "no_intensity",
+                                  "bad_json", "damaged_checkpoint",
                                   "mask_shape", "same_file"])
 def test_cli_translate_errors(case, run_dir, tmp_path, capsys):
   src = _nifti(tmp_path / "src.nii.gz", _volume())
@@ -148,12 +149,22 @@ def test_cli_translate_errors(case, run_dir, tmp_path, capsys):
     empty.mkdir()
     argv[-1] = str(empty)
     name = str(empty)
-  elif case == "no_intensity":  # else outputs would come out in [0, 1]
+  elif case in ("no_intensity", "bad_json", "damaged_checkpoint"):
     import shutil
     copy = tmp_path / "copied_run"
     shutil.copytree(run_dir, copy)
-    os.remove(copy / "intensity.json")
     argv[-1] = name = str(copy)
+    if case == "no_intensity":  # else outputs would come out in [0, 1]
+      os.remove(copy / "intensity.json")
+    elif case == "bad_json":  # an editor's crash, say
+      text = (copy / "config.json").read_text()
+      (copy / "config.json").write_text(text[: len(text) // 2])
+    else:  # every file of one scale's checkpoint cut in half
+      for root, _, files in os.walk(copy / "checkpoints" / "hr1"):
+        for f in files:
+          path = os.path.join(root, f)
+          with open(path, "rb+") as fh:
+            fh.truncate(os.path.getsize(path) // 2)
   elif case == "mask_shape":
     name = _nifti(tmp_path / "m.nii.gz", np.ones((5, 5, 5), np.float32))
     argv += ["--mask", name]

@@ -274,3 +274,41 @@ def test_best_checkpoints_after_the_resumed_step_are_forgotten(tmp_path):
   assert ck.best.best_step() == 5
   assert ck.forget_after(5) == []
   ck.close()
+
+
+def _nifti(path, data):
+  import nibabel as nib
+  nib.save(nib.Nifti1Image(data, np.diag([4.0, 4.0, 4.0, 1.0])), str(path))
+
+
+def test_failed_data_leaves_the_workdir_as_it_was_and_the_retry_trains(
+    tmp_path):
+  # A dataset whose second volume cannot be used (constant): the first is
+  # preprocessed and cached before it fails. That run used to leave
+  # config.json (and the cache) behind, and the corrected command was then
+  # refused as "a run of another config".
+  import synthetic
+  good, bad = tmp_path / "good", tmp_path / "bad"
+  good.mkdir()
+  bad.mkdir()
+  _nifti(good / "a.nii.gz", synthetic.blob(seed=0))
+  _nifti(bad / "a.nii.gz", synthetic.blob(seed=0))
+  _nifti(bad / "b.nii.gz", np.full((30, 37, 26), 7.0, np.float32))
+  run = tmp_path / "runs" / "run"
+  with pytest.raises(InputError, match="b.nii.gz"):
+    train.train(tiny_config(**{"data.path": str(bad), "steps": 1}), str(run),
+                "lr", progress=False)
+  assert not (tmp_path / "runs").exists()  # the folders it made are gone
+  run.mkdir(parents=True)  # the user's own (empty) folder stays as it was
+  with pytest.raises(InputError, match="b.nii.gz"):
+    train.train(tiny_config(**{"data.path": str(good), "steps": 1,
+                               "data.val_path": str(bad)}), str(run), "lr",
+                progress=False)
+  assert os.listdir(run) == []
+  # The corrected command trains there.
+  states = train.train(tiny_config(**{"data.path": str(good), "steps": 1}),
+                       str(run), "lr", progress=False)
+  assert int(states["lr"].step) == 1
+  with open(run / "config.json") as f:
+    assert json.load(f)["data"]["path"] == str(good)
+  assert os.listdir(run / "checkpoints" / "lr" / "latest")

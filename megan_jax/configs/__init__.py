@@ -4,7 +4,8 @@ The configs live inside the package so an installed ``megan`` finds them;
 ``configs/*.py`` at the repository top re-export them, so both
 ``--config demo`` and ``--config configs/demo.py`` work, as does any file of
 the user's with a ``get_config(arg=None)``. ``NAME:ARG`` passes ``ARG``
-(``--config demo:smoke``). Fields are overridden with
+(``--config demo:smoke``); a module's ``VARIANTS``, where it lists them (the
+built-ins do), are the only ``ARG``s it takes. Fields are overridden with
 ``--config.model.ngf=32`` style arguments.
 """
 from __future__ import annotations
@@ -22,8 +23,17 @@ from megan_jax.errors import InputError
 BUILTIN = ("default", "demo", "brats_t2", "copd_ct")
 
 
+def _one_line(e: BaseException) -> str:
+  return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
 def get_config(spec: str = "demo") -> ml_collections.ConfigDict:
-  """Loads a config by built-in name or file path, with an optional ``:arg``."""
+  """Loads a config by built-in name or file path, with an optional ``:arg``.
+
+  A module that lists its ``VARIANTS`` (the built-ins do) refuses any other
+  ``arg``; a file's ``get_config`` that fails, or returns no ``ConfigDict``,
+  is an ``InputError`` naming the file.
+  """
   name, _, arg = spec.partition(":")
   arg = arg or None
   if name in BUILTIN:
@@ -38,10 +48,24 @@ def get_config(spec: str = "demo") -> ml_collections.ConfigDict:
       mod_spec.loader.exec_module(module)
     except Exception as e:  # a user's file: report, don't trace back
       raise InputError(f"config {name}: failed to load "
-                       f"({type(e).__name__}: {e})") from None
+                       f"({_one_line(e)})") from None
     if not hasattr(module, "get_config"):
       raise InputError(f"config {name}: defines no get_config()")
-  config = module.get_config(arg)
+  variants = getattr(module, "VARIANTS", None)
+  if arg is not None and variants is not None and arg not in variants:
+    known = (f"known: {', '.join(variants)}" if variants
+             else "it has no variants")
+    raise InputError(f"config {spec}: unknown variant {arg!r} of {name} "
+                     f"({known})")
+  try:
+    config = module.get_config(arg)
+  except Exception as e:  # a user's file (or arg): report, don't trace back
+    raise InputError(f"config {spec}: get_config({arg!r}) failed "
+                     f"({_one_line(e)})") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise InputError(f"config {spec}: get_config({arg!r}) returned a "
+                     f"{type(config).__name__}, not an "
+                     "ml_collections.ConfigDict")
   config.lock()  # a typo in an override is an error, not a new field
   return config
 

@@ -2,6 +2,10 @@
 from megan_jax.configs import default
 
 
+# The ``arg``s get_config takes: none (``--config NAME:ARG`` is refused).
+VARIANTS = ()
+
+
 def get_config(arg=None):
   c = default.get_config()
   c.name = "brats_t2"

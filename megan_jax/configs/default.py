@@ -9,6 +9,10 @@ Two keys are fixed for scripts: ``steps`` (training steps per scale) and
 import ml_collections
 
 
+# The ``arg``s get_config takes: none (``--config NAME:ARG`` is refused).
+VARIANTS = ()
+
+
 def get_config(arg=None):
   """Returns the default config; ``arg`` is unused (variants take theirs)."""
   del arg

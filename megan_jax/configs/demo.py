@@ -8,6 +8,10 @@ for the tests.
 from megan_jax.configs import default
 
 
+# The ``arg``s get_config takes (``--config demo:smoke``).
+VARIANTS = ("smoke",)
+
+
 def get_config(arg=None):
   c = default.get_config()
   c.name = "demo"

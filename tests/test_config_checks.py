@@ -1,0 +1,191 @@
+"""`state.check_config`: bad config values are one-line errors, found before
+anything is written, and the size rules are the networks' own."""
+import itertools
+import os
+
+import pytest
+
+from megan_jax import baselines, cli, configs, tiling, train
+from megan_jax import state as state_lib
+from megan_jax.errors import InputError
+
+
+def smoke():
+  c = configs.get_config("demo:smoke")
+  c.unlock()
+  return c
+
+
+@pytest.mark.parametrize("spec", ["default", "demo", "demo:smoke", "brats_t2",
+                                  "copd_ct"])
+def test_the_shipped_configs_pass(spec):
+  state_lib.check_config(configs.get_config(spec))
+  state_lib.check_config(baselines.patch_gan_config(configs.get_config(spec)))
+
+
+# Each: an override a fuzzer found crashing (or silently accepted), and the
+# field the one-line error must name.
+BAD = [
+    ("lr_size=0", "lr_size"),  # was ZeroDivisionError
+    ("lr_size=-16", "lr_size"),  # math domain error
+    ("lr_size=18", "lr_size"),  # not a multiple of 4 (3 U-Net levels)
+    ("patch_size=0", "patch_size"),
+    ("patch_size=7", "patch_size"),  # TypeError in concatenate
+    ("model.d_layers=3", "patch_size"),  # a 16³ patch is too small for 3
+    ("data.percentiles=(1,)", "data.percentiles"),
+    ("data.percentiles=(50.0,10.0)", "data.percentiles"),
+    ("train.hr_batch_size=0", "train.hr_batch_size"),  # nothing to stack
+    ("train.log_every=0", "train.log_every"),  # n % 0
+    ("seed=-1", "seed"),
+    ("seed=4294967296", "seed"),  # jax.random.key(2**32) is key(0)
+    ("steps=0", "steps"),  # printed "trained" and left no checkpoint
+    ("steps=-1", "steps"),
+    ("border=-3", "border"),
+    ("border=100", "border"),
+    ("border=8", "border"),  # patch 16: nothing left in the centre
+    ("infer.batch_size=0", "infer.batch_size"),
+    ("hr_condition=foo", "hr_condition"),
+    ("data.orientation=XYZ", "data.orientation"),
+    ("data.spacing=-4.0", "data.spacing"),  # said "constant image"
+    ("data.window=(5.0,1.0)", "data.window"),
+    ("edges.low=0.5", "edges.low"),  # above edges.high
+    ("edges.sigma=-1.0", "edges.sigma"),
+    ("loss.l1_weight=-1.0", "loss.l1_weight"),
+    ("optim.lr=0.0", "optim.lr"),
+    ("optim.b1=1.0", "optim.b1"),
+    ("optim.decay=cosine", "optim.decay"),
+    ("model.ngf=0", "model.ngf"),
+    ("model.dropout=1.0", "model.dropout"),
+    ("augment.blur_prob=2.0", "augment.blur_prob"),
+    ("augment.edge_gain=1.5", "augment.edge_gain"),
+]
+
+
+@pytest.mark.parametrize("override,field", BAD)
+def test_bad_override_is_one_line_and_writes_nothing(tmp_path, capsys,
+                                                     override, field):
+  work = tmp_path / "run"
+  code = cli.main(["train", "--config", "demo:smoke", "--workdir", str(work),
+                   "--quiet", f"--config.{override}"])
+  err = capsys.readouterr().err.strip()
+  assert code == 2, err
+  assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+  assert f"config {field}" in err, err
+  assert not work.exists()  # no config.json, cache or logs to lock it
+  # the same as a library call
+  c = smoke()
+  configs.apply_overrides(c, [f"--config.{override}"])
+  with pytest.raises(InputError, match=field.replace(".", r"\.")):
+    state_lib.check_config(c)
+  with pytest.raises(InputError):
+    state_lib.save_config(str(work), c)
+  assert not work.exists()
+
+
+def test_hr_residual_needs_a_previous_scale():
+  c = smoke()
+  c.hr_condition = "none"
+  with pytest.raises(InputError, match="hr_residual"):
+    state_lib.check_config(c)
+
+
+def test_lr_size_rule_is_the_lr_networks_own():
+  # check_config accepts an lr_size exactly when both LR networks build.
+  c = smoke()
+  c.model.ngf = c.model.ndf = 2
+  c.patch_size = 32  # large enough for every d_layers below
+  for gen, levels, d_layers, size in itertools.product(
+      ("unet", "resnet"), (2, 3), (1, 2, 3), (4, 6, 8, 12, 16)):
+    c.model.lr_generator, c.model.unet_levels = gen, levels
+    c.model.d_layers, c.lr_size = d_layers, size
+    try:
+      state_lib.check_config(c)
+      accepted = True
+    except InputError as e:
+      assert "config lr_size" in str(e)
+      accepted = False
+    try:
+      state_lib.abstract_state(c, "lr")
+      builds = True
+    except Exception:  # pylint: disable=broad-except  # any crash counts
+      builds = False
+    assert accepted == builds, (gen, levels, d_layers, size)
+
+
+def test_patch_size_and_border_rules_are_the_hr_networks_and_grids_own():
+  c = smoke()
+  c.model.ngf = c.model.ndf = 2
+  c.lr_size = 32
+  for d_layers, p, cond in itertools.product(
+      (1, 2, 3), (4, 6, 8, 12, 16, 20, 24, 32), ("concat", "upsampled",
+                                                 "none")):
+    c.model.d_layers, c.patch_size, c.hr_condition = d_layers, p, cond
+    c.model.hr_residual = cond != "none"
+    c.border = 0
+    try:
+      state_lib.check_config(c)
+      accepted = True
+    except InputError as e:
+      assert "config patch_size" in str(e)
+      accepted = False
+    try:
+      state_lib.abstract_state(c, "hr")
+      builds = True
+    except Exception:  # pylint: disable=broad-except  # any crash counts
+      builds = False
+    assert accepted == builds, (d_layers, p, cond)
+  c.patch_size, c.model.d_layers, c.hr_condition = 16, 2, "upsampled"
+  c.model.hr_residual = True
+  for border in range(-2, 10):
+    c.border = border
+    try:
+      state_lib.check_config(c)
+      accepted = True
+    except InputError as e:
+      assert "config border" in str(e)
+      accepted = False
+    try:
+      tiling.make_plan((40, 40, 40), c.patch_size, border)
+      plans = True
+    except InputError:
+      plans = False
+    assert accepted == plans, border
+
+
+def test_unknown_variant_is_refused():
+  with pytest.raises(InputError, match="unknown variant 'bogus'.*smoke"):
+    configs.get_config("demo:bogus")
+  with pytest.raises(InputError, match="no variants"):
+    configs.get_config("default:smoke")
+  assert configs.get_config("demo:smoke").steps == 4
+  top = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
+  with pytest.raises(InputError, match="unknown variant"):
+    configs.get_config(f"{top}:bogus")
+
+
+def test_a_users_failing_config_file_is_one_line(tmp_path, capsys):
+  raises = tmp_path / "raises.py"
+  raises.write_text("def get_config(arg=None):\n"
+                    "  raise ValueError('no such\\nsetting: ' + str(arg))\n")
+  with pytest.raises(InputError, match=r"raises\.py.*ValueError: no such "
+                     "setting: x") as e:
+    configs.get_config(f"{raises}:x")
+  assert "\n" not in str(e.value)
+  wrong = tmp_path / "wrong.py"
+  wrong.write_text("def get_config(arg=None):\n  return {'lr_size': 16}\n")
+  with pytest.raises(InputError, match=r"wrong\.py.*returned a dict"):
+    configs.get_config(str(wrong))
+  code = cli.main(["train", "--config", str(wrong), "--workdir",
+                   str(tmp_path / "run")])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and len(err.splitlines()) == 1 and "wrong.py" in err
+  assert not (tmp_path / "run").exists()
+
+
+def test_train_checks_the_config_before_the_workdir_or_data(tmp_path):
+  c = smoke()
+  c.data.path = str(tmp_path / "missing")  # would fail too, but later
+  c.steps = 0
+  with pytest.raises(InputError, match="config steps"):
+    train.train(c, str(tmp_path / "run"), progress=False)
+  assert not (tmp_path / "run").exists()
