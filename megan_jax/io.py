@@ -115,7 +115,7 @@ def _open_nifti(path: str, what: str):
   if not os.access(path, os.R_OK):
     raise InputError(f"{what} {path}: not readable (permission denied)")
   try:
-    with _quiet_nibabel():
+    with quiet_log("nibabel.global"):
       img = nib.load(path)
   except nib.filebasedimages.ImageFileError:
     raise InputError(f"{what} {path}: not a NIfTI image") from None
@@ -128,12 +128,13 @@ def _open_nifti(path: str, what: str):
 
 
 @contextlib.contextmanager
-def _quiet_nibabel():
-  """nibabel logs what it finds wrong in a header on stderr; our one-line
-  error says it instead."""
-  log = logging.getLogger("nibabel.global")
+def quiet_log(name: str):
+  """The Python logger ``name`` silent meanwhile: what a library (nibabel,
+  orbax through absl) logs on stderr about a bad file, our one-line error
+  says instead."""
+  log = logging.getLogger(name)
   level = log.level
-  log.setLevel(logging.CRITICAL)
+  log.setLevel(logging.CRITICAL + 1)
   try:
     yield
   finally:

@@ -7,10 +7,8 @@ L1, the checkpoint inference uses, as in the public code).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import logging
 import math
 import os
 from typing import Any
@@ -672,16 +670,10 @@ class Checkpoints:
     self.best.close()
 
 
-@contextlib.contextmanager
 def quiet_orbax():
   """Orbax's log (absl) off stderr meanwhile."""
-  log = logging.getLogger("absl")
-  level = log.level
-  log.setLevel(logging.CRITICAL)
-  try:
-    yield
-  finally:
-    log.setLevel(level)
+  from megan_jax import io
+  return io.quiet_log("absl")
 
 
 def restore_generators(workdir: str, which: str = "best", scales=None,
