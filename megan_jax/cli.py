@@ -258,6 +258,7 @@ def translate_jobs(inputs: Sequence[str], output: str,
 
 
 def cmd_translate(args) -> int:
+  import numpy as np
   from megan_jax import data, infer, io
   jobs = translate_jobs(args.input, args.output, args.mask)
   if args.mask_augment is not None and not args.mask:
@@ -291,10 +292,13 @@ def cmd_translate(args) -> int:
   for inp, _, _ in jobs:
     try:
       shape = infer.working_shape(translator.config, geometry[inp])
-    except InputError as e:
-      raise InputError(f"input {inp}: {e}") from None
-    if shape not in plans:
-      plans[shape] = translator.plan(shape)
+      if shape not in plans:
+        plans[shape] = translator.plan(shape)
+    except InputError as e:  # e.g. too large for the run's LR scale
+      zooms = np.linalg.norm(geometry[inp][1][:3, :3], axis=0)
+      raise InputError(
+          f"input {inp} ({'x'.join(map(str, geometry[inp][0]))} voxels of "
+          f"{'x'.join(f'{z:.3g}' for z in zooms)} mm): {e}") from None
     if args.plan:
       if len(jobs) > 1:
         print(f"{inp}:")

@@ -538,3 +538,16 @@ def test_a_batch_beyond_the_hosts_ram_stops_before_any_work(run_dir):
     t.check_device_memory(t.plan(SHAPE))
   small = infer.load(run_dir, batch_size=4)
   small.check_device_memory(small.plan(SHAPE))  # fits
+
+
+def test_cli_names_the_input_too_large_for_the_runs_lr_scale(run_dir,
+                                                            tmp_path, capsys):
+  # 40 mm voxels: 10x the run's 4 mm spacing on every axis, far beyond its
+  # LR scale. The line says which input and its voxel size.
+  big = _nifti(tmp_path / "big.nii.gz", _volume(), zoom=40.0)
+  code = cli.main(["translate", "-i", big, "-o", str(tmp_path / "o") + "/",
+                   "--workdir", run_dir])
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1
+  assert f"input {big} (30x37x26 voxels of 40x40x40 mm)" in err
+  assert "does not fit lr_size" in err
