@@ -165,6 +165,8 @@ def _add_demo(sub):
 
 def cmd_demo(args) -> int:
   from megan_jax import demo
+  if args.steps is not None and args.steps < 1:
+    raise InputError(f"--steps {args.steps}: must be >= 1")
   if os.path.exists(args.out) and not os.path.isdir(args.out):
     raise InputError(f"output folder {args.out}: exists and is not a folder")
   os.makedirs(args.out, exist_ok=True)
@@ -403,6 +405,8 @@ def score_pair(pred_path: str, target_path: str, mask_path: str | None = None,
   io.check_same_grid(f"prediction {pred_path}", pred.data.shape, pred.affine,
                      target.data.shape, target.affine, ref="target")
   mask = load_label(mask_path, target)
+  if mask is not None and not mask.any():
+    raise InputError(f"mask {mask_path}: selects no voxels")
   lo, hi = value_range or (float(target.data.min()), float(target.data.max()))
   norm = Normaliser(lo, hi)
   scores = metrics.evaluate(to_unit(norm.normalise(pred.data)),
@@ -420,7 +424,8 @@ def _evaluate_pairs(args) -> list[tuple[str, str, str | None]]:
     return [(args.pred, args.target, args.mask)]
   if not os.path.isdir(args.target):
     raise InputError(f"target {args.target}: not a folder, but --pred is")
-  names = sorted(f for f in os.listdir(args.pred) if io.is_nifti_path(f))
+  names = sorted(f for f in os.listdir(args.pred)
+                 if io.is_nifti_path(f) and not f.startswith("."))
   if not names:
     raise InputError(f"prediction {args.pred}: holds no .nii or .nii.gz files")
   pairs = []

@@ -59,7 +59,8 @@ def list_volumes(path: str, label_suffix: str = "") -> list[str]:
   With ``label_suffix`` (e.g. "_seg"), files whose name ends in it before
   the extension are labels of the others (``x_seg.nii.gz`` of ``x.nii.gz``),
   not volumes, and are left out. In a list file, lines starting with ``#``
-  are comments.
+  are comments. Hidden files (``.name``: a killed writer's ``.tmp-*``,
+  macOS's ``._*``) are not volumes.
   """
   from megan_jax.data import MNI152_NAME
   if path == MNI152_NAME:
@@ -68,11 +69,15 @@ def list_volumes(path: str, label_suffix: str = "") -> list[str]:
     raise InputError("dataset: no path given (set --config.data.path=FOLDER)")
   if os.path.isdir(path):
     files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                   if io.is_nifti_path(f))
+                   if io.is_nifti_path(f) and not f.startswith("."))
   elif os.path.isfile(path) and not io.is_nifti_path(path):
     base = os.path.dirname(os.path.abspath(path))
-    with open(path) as f:
-      lines = [line.strip() for line in f]
+    try:
+      with open(path, encoding="utf-8-sig") as f:  # a BOM is no path
+        lines = [line.strip() for line in f]
+    except (UnicodeDecodeError, ValueError):
+      raise InputError(f"dataset {path}: neither a NIfTI file (.nii, "
+                       ".nii.gz) nor a text list of paths") from None
     files = [os.path.join(base, line) for line in lines
              if line and not line.startswith("#")]
   elif os.path.isfile(path):

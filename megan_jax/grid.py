@@ -120,14 +120,23 @@ def working_shape(config, vol: Volume | tuple) -> tuple[int, int, int]:
 
 def check_size(shape, config) -> tuple[int, int, int]:
   """``shape`` (the working grid's) if the cascade can run on it: every
-  scale at least 2 voxels per axis (scale 0 is ``ceil(shape / 2**n)``)."""
+  scale at least 2 voxels per axis, and scale 0 (``ceil(shape / 2**n)``)
+  within ``lr_size`` (checked before resampling to it: a tiny spacing
+  would otherwise allocate terabytes first)."""
   n = int(config.get("num_hr_scales", 0))  # a data-only config: 0
   need = 2 ** n + 1
+  at = f" at {config.data.spacing:g} mm" if config.data.spacing else ""
   if min(shape) < need:
-    at = f" at {config.data.spacing:g} mm" if config.data.spacing else ""
     raise InputError(
         f"its working grid{at} is {'x'.join(map(str, shape))} voxels; "
         f"{n} HR scale(s) need at least {need} per axis")
+  if config.get("lr_size"):
+    try:
+      resample.check_lr_size(resample.scale_shapes(shape, n)[0],
+                             config.lr_size)
+    except InputError as e:
+      raise InputError(f"its working grid{at} is "
+                       f"{'x'.join(map(str, shape))} voxels: {e}") from None
   return tuple(shape)
 
 

@@ -7,6 +7,7 @@ L1, the checkpoint inference uses, as in the public code).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -496,6 +497,11 @@ def check_workdir(workdir: str, config) -> bool:
     return True
   new = json.loads(config.to_json())
   old = _read_json(path)
+  for key in ("path", "val_path"):  # the same folder, named another way
+    a, b = old.get("data", {}).get(key), new["data"].get(key)
+    if (isinstance(a, str) and isinstance(b, str) and a and b and a != b
+        and os.path.realpath(a) == os.path.realpath(b)):
+      old["data"][key] = b
   d = _diff(_identity(old), _identity(new))
   if d:
     raise InputError(
@@ -511,6 +517,26 @@ def check_workdir(workdir: str, config) -> bool:
         f"steps; steps={new.get('steps')} would change the schedule of the "
         "steps already taken (use another --workdir)")
   return True
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds ``workdir/.lock`` (an exclusive ``flock``, released when the
+  process ends, however it ends): a second ``megan train`` on the same
+  workdir is one ``InputError`` instead of two runs writing the same
+  checkpoints. Makes the workdir."""
+  import fcntl
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, ".lock"), "a") as f:
+    try:
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      raise InputError(f"workdir {workdir}: another megan train is using "
+                       "it") from None
+    try:
+      yield
+    finally:
+      fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def save_config(workdir: str, config) -> None:

@@ -281,9 +281,12 @@ def train(config, workdir: str, scales: str = "all", *, progress: bool = True,
   another config's run is refused), then loads the datasets, and only then
   writes ``workdir/config.json``: a run that fails before training leaves
   the workdir as it was (a folder it made, or a sketch cache it started, is
-  removed again), so the corrected command can run there.
+  removed again), so the corrected command can run there. Data paths are
+  kept absolute (the run resumes from any folder); one ``megan train`` at a
+  time holds a workdir (`state.workdir_lock`).
   """
   state_lib.check_config(config)
+  config = _absolute_data_paths(config)
   names = state_lib.scale_names(config)
   if scales == "all":
     chosen = names
@@ -298,11 +301,32 @@ def train(config, workdir: str, scales: str = "all", *, progress: bool = True,
   if config.data.val_path:
     dataset.list_volumes(config.data.val_path, config.data.label_suffix)
   subjects, val_subjects = _load_datasets(config, workdir, progress)
-  state_lib.save_config(workdir, config)
-  state_lib.save_intensity(workdir, np.mean([s.intensity for s in subjects], 0))
-  return {name: train_scale(config, workdir, name, subjects, val_subjects,
-                            progress=progress, stop_after=stop_after)
-          for name in chosen}
+  with state_lib.workdir_lock(workdir):
+    intensity = np.mean([s.intensity for s in subjects], 0)
+    saved = state_lib.load_intensity(workdir)
+    if saved is not None and not np.allclose(
+        saved, intensity, rtol=0, atol=1e-3 * (saved[1] - saved[0])):
+      raise InputError(
+          f"workdir {workdir}: its training data changed since the run "
+          f"started (target intensity range [{saved[0]:.4g}, {saved[1]:.4g}]"
+          f" there, [{intensity[0]:.4g}, {intensity[1]:.4g}] now); use "
+          "another --workdir")
+    state_lib.save_config(workdir, config)
+    state_lib.save_intensity(workdir, intensity)
+    return {name: train_scale(config, workdir, name, subjects, val_subjects,
+                              progress=progress, stop_after=stop_after)
+            for name in chosen}
+
+
+def _absolute_data_paths(config):
+  """``config`` with ``data.path`` and ``data.val_path`` absolute (a copy)."""
+  from megan_jax.data import MNI152_NAME
+  config = config.copy_and_resolve_references()
+  for key in ("path", "val_path"):
+    value = config.data[key]
+    if value and value != MNI152_NAME:
+      config.data[key] = os.path.abspath(value)
+  return config
 
 
 def _load_datasets(config, workdir: str, progress: bool):

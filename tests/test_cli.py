@@ -351,3 +351,20 @@ def test_os_error_line_names_the_files():
   e = OSError(18, "Invalid cross-device link", "/a", None, "/b")
   assert cli.os_error_line(e) == "/a -> /b: Invalid cross-device link"
   assert cli.os_error_line(OSError("odd")) == "odd"
+
+
+def test_demo_steps_below_one_make_no_folder(tmp_path, capsys):
+  code, _, err = _run(["demo", "--out", str(tmp_path / "d"), "--steps", "0"],
+                      capsys)
+  assert code == 2 and "--steps 0" in err and not (tmp_path / "d").exists()
+
+
+def test_evaluate_names_an_empty_mask(tmp_path, capsys):
+  a = np.random.default_rng(0).uniform(0, 1, (8, 9, 10)).astype(np.float32)
+  for name, data in (("t.nii", a), ("p.nii", a + 0.1),
+                     ("m.nii", np.zeros_like(a))):
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / name))
+  code, _, err = _run(["evaluate", "--pred", str(tmp_path / "p.nii"),
+                       "--target", str(tmp_path / "t.nii"),
+                       "--mask", str(tmp_path / "m.nii")], capsys)
+  assert code == 2 and f"mask {tmp_path / 'm.nii'}: selects no voxels" in err

@@ -87,3 +87,31 @@ def test_train_refuses_a_bad_label_or_validation_setup_before_writing(
   with pytest.raises(InputError, match="missing: no such folder"):
     train.train(config, str(run), progress=False)
   assert not run.exists()
+
+
+def test_hidden_files_and_undecodable_list_files(tmp_path):
+  d = tmp_path / "d"
+  d.mkdir()
+  for name in ("a.nii.gz", ".tmp-x1.nii.gz", "._a.nii.gz"):
+    _save(d / name, synthetic.blob(seed=0))
+  assert dataset.list_volumes(str(d)) == [str(d / "a.nii.gz")]
+  listing = tmp_path / "list.txt"
+  listing.write_text("\ufeff# volumes\nd/a.nii.gz\n", encoding="utf-8")
+  assert dataset.list_volumes(str(listing)) == [str(d / "a.nii.gz")]
+  binary = tmp_path / "vol.mgz"
+  binary.write_bytes(b"\x1f\x8b\x08\x00\xff\xfe")
+  with pytest.raises(InputError, match="vol.mgz: neither a NIfTI file"):
+    dataset.list_volumes(str(binary))
+
+
+def test_a_tiny_spacing_is_refused_before_resampling(tmp_path):
+  # 0.01 mm from 4 mm voxels would be a (12000, 14800, 10400) grid: refused
+  # from the shapes alone, before allocating it.
+  from megan_jax import grid
+  path = _save(tmp_path / "a.nii.gz", synthetic.blob(seed=0))
+  config = configs.get_config("demo:smoke")
+  config.data.spacing = 0.01
+  from megan_jax import io
+  vol = io.load_nifti(path)
+  with pytest.raises(InputError, match="does not fit lr_size"):
+    grid.to_working(vol, config)

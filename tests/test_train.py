@@ -312,3 +312,37 @@ def test_failed_data_leaves_the_workdir_as_it_was_and_the_retry_trains(
   with open(run / "config.json") as f:
     assert json.load(f)["data"]["path"] == str(good)
   assert os.listdir(run / "checkpoints" / "lr" / "latest")
+
+
+def test_resume_from_another_folder_and_changed_data_and_a_second_train(
+    tmp_path, monkeypatch):
+  import synthetic
+  from megan_jax import state as state_lib
+  data = tmp_path / "data"
+  data.mkdir()
+  _nifti(data / "a.nii.gz", synthetic.blob(seed=0))
+  run = tmp_path / "run"
+  monkeypatch.chdir(tmp_path)  # a relative data path, kept absolute
+  train.train(tiny_config(**{"data.path": "data", "steps": 1}), str(run),
+              "lr", progress=False)
+  with open(run / "config.json") as f:
+    assert json.load(f)["data"]["path"] == str(data)
+  (tmp_path / "elsewhere").mkdir()
+  monkeypatch.chdir(tmp_path / "elsewhere")  # ../data is the same folder
+  state_lib.check_workdir(str(run), tiny_config(**{
+      "data.path": os.path.join("..", "data"), "steps": 1}))
+  # The data changed under the run (a much brighter volume): its target
+  # intensity range no longer holds; refused, nothing rewritten.
+  _nifti(data / "b.nii.gz", 10.0 * synthetic.blob(seed=1))
+  before = (run / "intensity.json").read_text()
+  with pytest.raises(InputError, match="training data changed"):
+    train.train(tiny_config(**{"data.path": str(data), "steps": 2}),
+                str(run), "lr", progress=False)
+  assert (run / "intensity.json").read_text() == before
+  # One megan train per workdir at a time.
+  with state_lib.workdir_lock(str(run)):
+    with pytest.raises(InputError, match="another megan train is using it"):
+      with state_lib.workdir_lock(str(run)):
+        pass
+  with state_lib.workdir_lock(str(run)):  # released
+    pass
