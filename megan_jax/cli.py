@@ -463,6 +463,8 @@ def cmd_evaluate(args) -> int:
            for pair in pairs for p in pair if p):
       raise InputError(f"--out {args.out}: is an input; refusing to "
                        "overwrite it")
+    if os.path.isdir(args.out):
+      raise InputError(f"--out {args.out}: is a folder")
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
       raise InputError(f"--out {args.out}: folder {folder} does not exist")

@@ -109,6 +109,9 @@ def _checked_affine(img, name: str) -> np.ndarray:
 def _open_nifti(path: str, what: str):
   """``nib.load`` with every problem one ``InputError`` line."""
   if not os.path.exists(path):
+    if os.path.lexists(path):
+      raise InputError(f"{what} {path}: a symbolic link to nothing (broken "
+                       "or a loop)")
     raise InputError(f"{what} {path}: no such file")
   if os.path.isdir(path):
     raise InputError(f"{what} {path}: is a folder, expected a NIfTI file")

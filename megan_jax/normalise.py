@@ -57,8 +57,14 @@ def fit_normaliser(volume: np.ndarray, *,
   Returns:
     A ``Normaliser``.
   """
+  name = f"image {path}" if path else "image"
   if window is not None:
     lo, hi = (float(w) for w in window)
+    vmin, vmax = float(np.min(volume)), float(np.max(volume))
+    if hi > lo and (vmax <= lo or vmin >= hi):  # it would be one value
+      raise InputError(
+          f"{name}: no voxel inside the intensity window [{lo:g}, {hi:g}] "
+          f"(its values span [{vmin:g}, {vmax:g}]); check data.window")
   else:
     p_lo, p_hi = percentiles
     if not 0 <= p_lo < p_hi <= 100:
@@ -67,7 +73,6 @@ def fit_normaliser(volume: np.ndarray, *,
     if hi <= lo:  # a mostly-constant volume: fall back to the full range
       lo, hi = float(np.min(volume)), float(np.max(volume))
   if not hi > lo:
-    name = f"image {path}" if path else "image"
     raise InputError(f"{name}: intensity range [{lo:g}, {hi:g}] is empty "
                      "(constant image)")
   return Normaliser(lo, hi)

@@ -180,6 +180,10 @@ def test_evaluate_prints_json(tmp_path, capsys):
   code, _, err = _run(["evaluate", "--pred", str(p), "--target", str(t),
                        "--out", str(tmp_path / "no" / "s.json")], capsys)
   assert code == 2 and "does not exist" in err
+  (tmp_path / "dir.json").mkdir()
+  code, _, err = _run(["evaluate", "--pred", str(p), "--target", str(t),
+                       "--out", str(tmp_path / "dir.json")], capsys)
+  assert code == 2 and "dir.json: is a folder" in err and ".tmp-" not in err
 
 
 def test_batch_size_takes_an_integer_or_auto(capsys):

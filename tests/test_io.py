@@ -65,6 +65,9 @@ def test_bad_files_give_one_line_errors(tmp_path):
   plain.write_text("hello")
   assert "NIfTI" in _err(plain)
   assert "folder" in _err(tmp_path)
+  loop = tmp_path / "loop.nii.gz"
+  loop.symlink_to(loop)
+  assert "symbolic link to nothing" in _err(loop)
   # Truncated: cut the compressed stream in half.
   full = _write(tmp_path / "full.nii.gz", np.random.default_rng(1).normal(size=(20, 20, 20)), dtype=np.float32)
   raw = open(full, "rb").read()

@@ -32,3 +32,15 @@ def test_constant_and_bad_ranges_raise():
     nz.fit_normaliser(np.full((3, 3, 3), 5.0), path="c.nii")
   with pytest.raises(InputError):
     nz.fit_normaliser(np.arange(10.0), percentiles=(50, 10))
+
+
+def test_a_window_that_misses_every_voxel_raises():
+  # A CT window on an MRI-range image (or a typo): every voxel would map to
+  # one value, and training would learn blank volumes.
+  x = np.linspace(0.0, 300.0, 27).reshape(3, 3, 3)
+  with pytest.raises(InputError, match=r"mr.nii: no voxel inside the "
+                     r"intensity window \[1000, 2000\]"):
+    nz.fit_normaliser(x, window=(1000, 2000), path="mr.nii")
+  with pytest.raises(InputError, match="no voxel inside"):
+    nz.fit_normaliser(x, window=(-2000, -1000))
+  nz.fit_normaliser(x, window=(250, 2000))  # some voxels inside: fine
