@@ -661,23 +661,48 @@ def _fingerprint(*parts) -> str:
 
 def workspace_for(out: str, fingerprint: str) -> str:
   """The resume folder beside ``out``; a stale one (other arguments) is
-  cleared."""
-  folder = os.path.join(os.path.dirname(os.path.abspath(out)),
-                        f".{os.path.basename(out)}.partial")
+  cleared (its contents: the folder is what ``lock_workspace`` locks)."""
+  folder = workspace_path(out)
   meta = os.path.join(folder, "meta.json")
-  if os.path.isdir(folder):
-    try:
-      with open(meta) as f:
-        same = json.load(f).get("fingerprint") == fingerprint
-    except (OSError, ValueError):
-      same = False
-    if not same:
-      shutil.rmtree(folder)
-  if not os.path.isdir(folder):
-    os.makedirs(folder)
+  os.makedirs(folder, exist_ok=True)
+  try:
+    with open(meta) as f:
+      same = json.load(f).get("fingerprint") == fingerprint
+  except (OSError, ValueError):
+    same = False
+  if not same:
+    for name in os.listdir(folder):
+      path = os.path.join(folder, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
     with open(meta, "w") as f:
       json.dump({"fingerprint": fingerprint}, f)
   return folder
+
+
+def workspace_path(out: str) -> str:
+  """``.OUT.partial`` beside ``out``."""
+  return os.path.join(os.path.dirname(os.path.abspath(out)),
+                      f".{os.path.basename(out)}.partial")
+
+
+def lock_workspace(out: str) -> int | None:
+  """A file descriptor holding an exclusive ``flock`` on ``out``'s resume
+  folder (made if missing), or None if another process holds it: two
+  translations into one output would share (and clear) one resume state.
+  ``os.close`` of it, or the process ending, frees it."""
+  import fcntl
+  folder = workspace_path(out)
+  os.makedirs(folder, exist_ok=True)
+  fd = os.open(folder, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    os.close(fd)
+    return None
+  return fd
 
 
 def load_source(path: str) -> io.Volume:
@@ -748,20 +773,32 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
   fp = _fingerprint(_file_id(vol.path), mask_id, mask_augment_seed,
                     translator.config.to_dict(), str(translator.dtype),
                     translator.fingerprint)
-  folder = workspace_for(out_path, fp) if writer else None
+  lock = lock_workspace(out_path) if writer else None
+  held = lock is not None or not writer
+  if translator.multiprocess:  # all stop, or the others would wait for it
+    held = bool(translator._shared_int(held))
+  if not held:
+    raise InputError(f"output {out_path}: another megan translate is "
+                     f"writing it (its resume folder {workspace_path(out_path)}"
+                     " is locked)")
   try:
-    y = translator.translate_volume(vol, label, progress=progress,
-                                    workspace=folder, on_batch=on_batch)
-  except InputError as e:
-    # This input cannot be translated: no resume state to keep.
-    if folder:
+    folder = workspace_for(out_path, fp) if writer else None
+    try:
+      y = translator.translate_volume(vol, label, progress=progress,
+                                      workspace=folder, on_batch=on_batch)
+    except InputError as e:
+      # This input cannot be translated: no resume state to keep.
+      if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+      if in_path not in str(e):
+        raise InputError(f"input {in_path}: {e}") from None
+      raise
+    if writer:
+      io.save_nifti(out_path, y, like=vol, inputs=[mask_path])
       shutil.rmtree(folder, ignore_errors=True)
-    if in_path not in str(e):
-      raise InputError(f"input {in_path}: {e}") from None
-    raise
-  if writer:
-    io.save_nifti(out_path, y, like=vol, inputs=[mask_path])
-    shutil.rmtree(folder, ignore_errors=True)
+  finally:
+    if lock is not None:
+      os.close(lock)
   if translator.multiprocess:  # nobody returns before the file exists
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"megan translate_file {out_path}")

@@ -551,3 +551,21 @@ def test_cli_names_the_input_too_large_for_the_runs_lr_scale(run_dir,
   assert code == 2 and err.count("\n") == 1
   assert f"input {big} (30x37x26 voxels of 40x40x40 mm)" in err
   assert "does not fit lr_size" in err
+
+
+def test_a_second_translation_into_the_same_output_is_refused(run_dir,
+                                                             tmp_path):
+  # While one translation holds OUT's resume folder, another into OUT is
+  # one line (it would clear or share the first one's resume state); once
+  # freed, the output is written and the folder is gone.
+  t = infer.load(run_dir, batch_size=8)
+  src = _nifti(tmp_path / "src.nii.gz", _volume())
+  out = str(tmp_path / "o.nii.gz")
+  held = infer.lock_workspace(out)
+  assert held is not None and infer.lock_workspace(out) is None
+  with pytest.raises(InputError, match="another megan translate is writing"):
+    infer.translate_file(t, src, out, progress=False)
+  assert not os.path.exists(out)
+  os.close(held)
+  assert infer.translate_file(t, src, out, progress=False) == out
+  assert sorted(os.listdir(tmp_path)) == ["o.nii.gz", "src.nii.gz"]
