@@ -56,8 +56,10 @@ def mni152(kind: str = "t1", spacing: float | None = None) -> Volume:
     spacing: isotropic voxel size in mm (default 1 mm, the file's own).
   """
   vol = _load(kind, None if spacing is None else float(spacing))
-  # The cache holds one copy; callers get their own arrays to modify.
-  return Volume(vol.data.copy(), vol.affine.copy(), vol.header, vol.path)
+  # The cache holds one copy; callers get their own arrays (and header) to
+  # modify.
+  return Volume(vol.data.copy(), vol.affine.copy(),
+                None if vol.header is None else vol.header.copy(), vol.path)
 
 
 SPACING_RTOL = 0.02  # voxel sizes this close to the target are left alone

@@ -10,7 +10,8 @@ each scale compiles once and device memory does not depend on the volume.
 
 The generator is deterministic at inference (no dropout; instance norm is per
 patch), so the output depends neither on the batch size nor on the number of
-devices.
+devices, up to float32 rounding (XLA may pick other kernels for another
+batch shape: differences of ~1e-7 of the intensity range).
 
 With a ``workspace`` folder the per-scale outputs are memory-mapped ``.npy``
 files there, with a small record of the patches done: a translation that is
@@ -173,15 +174,22 @@ class Translator:
     if dtype not in DTYPES:
       raise InputError(f"dtype {dtype!r}: choose float32 or bfloat16")
     self.dtype = DTYPES[dtype]
+    if isinstance(devices, jax.Device):
+      devices = [devices]
+    if devices is not None and not list(devices):
+      raise InputError("devices: an empty list (give None for all devices)")
     self.mesh = sharding.make_mesh(devices)
     # A mesh over several processes (multi-host): see the module doc.
     self.multiprocess = not sharding.is_local(self.mesh)
     self.is_writer = not self.multiprocess or jax.process_index() == 0
     n_dev = self.mesh.devices.size
     auto = batch_size == "auto"
-    try:
-      bs = n_dev if auto else int(batch_size or config.infer.batch_size)
-    except (TypeError, ValueError):
+    if batch_size is None or auto:
+      bs = n_dev if auto else int(config.infer.batch_size)
+    elif (isinstance(batch_size, (int, np.integer))
+          and not isinstance(batch_size, (bool, np.bool_))):
+      bs = int(batch_size)
+    else:
       raise InputError(f"batch size {batch_size!r}: an integer or 'auto'")
     if bs < 1:
       raise InputError(f"batch size {bs}: must be >= 1")
@@ -517,6 +525,8 @@ class Translator:
                             progress=progress)  # it reads a mask path itself
     if mask_path is not None:
       label = io.load_nifti(mask_path, what="mask")
+    if isinstance(x, jax.Array):  # a JAX user's volume: to the host
+      x = np.asarray(x)
     if isinstance(x, np.ndarray):
       if x.ndim != 3:
         raise InputError(f"array: expected 3D, got shape {x.shape}")
@@ -812,6 +822,8 @@ def load(workdir: str, *, devices=None, batch_size: int | str | None = None,
   read; in a multi-process job each process reads them onto its own first
   device (orbax would otherwise place them as saved, on device 0, which only
   process 0 has)."""
+  if which not in ("best", "latest"):
+    raise InputError(f"which={which!r}: 'best' or 'latest'")
   config, gens = state_lib.restore_generators(workdir, which)
   intensity = state_lib.load_intensity(workdir)
   if intensity is None:  # megan train writes it before any checkpoint

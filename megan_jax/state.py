@@ -45,8 +45,14 @@ def _dtype(config):
           "bf16": jnp.bfloat16}[config.model.dtype]
 
 
+def _check_kind(kind) -> None:
+  if kind not in ("lr", "hr"):
+    raise ValueError(f"kind {kind!r}: 'lr' or 'hr'")
+
+
 def build_generator(config, kind: str, dtype=None):
   """The generator of a scale kind ("lr" or "hr") described by ``config``."""
+  _check_kind(kind)
   m = config.model
   dtype = dtype or _dtype(config)
   if kind == "hr":
@@ -66,6 +72,8 @@ def build_generator(config, kind: str, dtype=None):
 
 
 def build_discriminator(config, kind: str):
+  """The PatchGAN discriminator of a scale kind ("lr" or "hr")."""
+  _check_kind(kind)
   m = config.model
   return models.PatchDiscriminator(kind=kind, ndf=m.ndf, n_layers=m.d_layers,
                                    norm=m.d_norm, dtype=_dtype(config),
@@ -87,7 +95,14 @@ def generator_input(batch, config, kind: str):
   """The generator's input from a batch: LR the sketch; HR previous patch and
   edges as channels (optionally the previous patch's centre upsampled ×2 so
   the two align voxel for voxel: ``hr_condition="upsampled"``; or the edges
-  alone, ``hr_condition="none"``: the patch-wise GAN baseline)."""
+  alone, ``hr_condition="none"``: the patch-wise GAN baseline).
+
+  ``batch`` holds channels-last arrays: ``edges`` ``[B, 2L, 2L, 2L, 1]`` (LR)
+  or ``prev`` and ``edges`` ``[B, p, p, p, 1]`` (HR); other shapes are a
+  ``ValueError`` saying which (at trace time under ``jit``).
+  """
+  _check_kind(kind)
+  _check_batch(batch, config, kind)
   if kind == "lr":
     return batch["edges"]
   if config.hr_condition == "none":
@@ -102,6 +117,20 @@ def generator_input(batch, config, kind: str):
     raise InputError(f"config hr_condition={config.hr_condition!r}: choose "
                      "'concat', 'upsampled' or 'none'")
   return jnp.concatenate([prev, batch["edges"]], axis=-1)
+
+
+def _check_batch(batch, config, kind: str) -> None:
+  side = 2 * config.lr_size if kind == "lr" else config.patch_size
+  keys = (("edges",) if kind == "lr" or config.hr_condition == "none"
+          else ("prev", "edges"))
+  for key in keys:
+    if key not in batch:
+      raise ValueError(f"{kind} batch: no {key!r} (has {sorted(batch)})")
+    shape = tuple(batch[key].shape)
+    if (len(shape) != 5 or shape[1:] != (side, side, side, 1)):
+      raise ValueError(
+          f"{kind} batch[{key!r}]: shape {shape}, expected [B, {side}, "
+          f"{side}, {side}, 1] (channels last)")
 
 
 def linear_upsampled_centre(prev, patch_size: int):

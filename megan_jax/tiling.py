@@ -360,6 +360,12 @@ def _patch_indices(plan: Plan, indices, xp):
   indices = xp.asarray(indices)
   if indices.ndim != 1:
     raise ValueError(f"indices must be 1D, got shape {indices.shape}")
+  if xp is np and indices.size and (indices.min() < 0
+                                    or indices.max() >= plan.num_patches):
+    # (Traced JAX indices cannot be checked: out-of-range ones clamp.)
+    raise ValueError(
+        f"patch indices must lie in [0, {plan.num_patches}), got "
+        f"{indices.min()}..{indices.max()}")
   _, ny, nx = plan.grid
   return indices // (ny * nx), (indices // nx) % ny, indices % nx
 

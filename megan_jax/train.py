@@ -122,7 +122,10 @@ def train_step(state: GanState, batch, rng, *, config, kind: str,
 def make_train_step(config, kind: str, donate: bool = True) -> Callable:
   """The jit-compiled ``train_step(state, batch, rng)`` of a scale kind.
 
-  One function per (config, kind, donate): every HR scale of a run, and a
+  With ``donate`` (the default, what the training loop wants) the input
+  state's buffers are reused for the new state: the old one is deleted by
+  the call. Pass ``donate=False`` to call it again on the same state. One
+  function per (config, kind, donate): every HR scale of a run, and a
   resumed run in the same process, reuse one compilation.
   """
   return _train_step_cached(config.to_json(), kind, donate)
@@ -353,6 +356,8 @@ def _load_datasets(config, workdir: str, progress: bool):
 def restore(workdir: str, which: str = "latest"):
   """``(config, {scale: GanState})`` of a run's ``latest`` (or ``best``)
   checkpoints, for notebooks and scripts; scales without one are left out."""
+  if which not in ("best", "latest"):
+    raise InputError(f"which={which!r}: 'best' or 'latest'")
   config = state_lib.load_config(workdir)
   states = {}
   for name in state_lib.scale_names(config):
@@ -363,5 +368,5 @@ def restore(workdir: str, which: str = "latest"):
     if st is not None:
       states[name] = st
   if not states:
-    raise InputError(f"workdir {workdir}: no checkpoint found")
+    raise InputError(f"workdir {workdir}: no {which} checkpoint found")
   return config, states

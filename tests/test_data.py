@@ -34,3 +34,12 @@ def test_brain_mask_covers_tissue():
   assert m.dtype == bool and m.shape == gm.shape
   assert m[gm > 128].all()  # every clearly-grey voxel is in the mask
   assert 0.1 < m.mean() < 0.5
+
+
+def test_each_call_gets_its_own_header():
+  a = data.mni152("t1", spacing=4.0)
+  a.header.set_data_dtype(np.int16)
+  a.header["descrip"] = b"changed"
+  b = data.mni152("t1", spacing=4.0)
+  assert b.header.get_data_dtype() != np.int16
+  assert b.header["descrip"] != a.header["descrip"]

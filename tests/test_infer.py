@@ -569,3 +569,21 @@ def test_a_second_translation_into_the_same_output_is_refused(run_dir,
   os.close(held)
   assert infer.translate_file(t, src, out, progress=False) == out
   assert sorted(os.listdir(tmp_path)) == ["o.nii.gz", "src.nii.gz"]
+
+
+def test_translator_arguments_are_checked(run_dir, params):
+  import jax
+  config = _config()
+  for bad in (0, 2.7, True, "lots"):
+    with pytest.raises(InputError, match="batch size"):
+      infer.Translator(config, params, batch_size=bad)
+  with pytest.raises(InputError, match="devices: an empty list"):
+    infer.Translator(config, params, devices=[])
+  one = infer.Translator(config, params, devices=jax.devices()[0])
+  assert one.mesh.devices.size == 1
+  with pytest.raises(InputError, match="which='foo'"):
+    infer.load(run_dir, which="foo")
+  # A JAX array is a volume like a numpy one.
+  vol = _volume()
+  np.testing.assert_array_equal(one.translate(jax.numpy.asarray(vol)),
+                                one.translate(vol))

@@ -488,3 +488,12 @@ def test_plan_is_hashable_and_static():
   big = tiling.make_plan(512, 32, 6)
   assert big.grid == (1 + -(-(512 - 32) // 20),) * 3
   assert big.starts[0][-1] == 512 - 32
+
+
+def test_extract_batch_refuses_indices_outside_the_grid():
+  plan = tiling.make_plan((40, 40, 40), 16, 2)
+  vol = np.zeros((40, 40, 40), np.float32)
+  for bad in ([plan.num_patches], [-1]):
+    with pytest.raises(ValueError, match=f"in \\[0, {plan.num_patches}\\)"):
+      tiling.extract_batch(vol, plan, np.array(bad))
+  assert tiling.extract_batch(vol, plan, np.arange(3)).shape == (3, 16, 16, 16)

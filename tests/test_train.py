@@ -346,3 +346,22 @@ def test_resume_from_another_folder_and_changed_data_and_a_second_train(
         pass
   with state_lib.workdir_lock(str(run)):  # released
     pass
+
+
+def test_batches_of_the_wrong_shape_say_so():
+  import jax.numpy as jnp
+  from megan_jax import state as state_lib
+  config = tiny_config()
+  p = config.patch_size
+  good = {"prev": jnp.zeros((2, p, p, p, 1)), "edges": jnp.zeros((2, p, p, p, 1))}
+  assert state_lib.generator_input(good, config, "hr").shape[-1] == 2
+  for batch, msg in (
+      ({**good, "prev": jnp.zeros((2, 1, p, p, p))}, "channels last"),
+      ({**good, "edges": jnp.zeros((2, 2 * p, 2 * p, 2 * p, 1))}, "edges"),
+      ({"edges": good["edges"]}, "no 'prev'")):
+    with pytest.raises(ValueError, match=msg):
+      state_lib.generator_input(batch, config, "hr")
+  with pytest.raises(ValueError, match="kind 'foo'"):
+    state_lib.build_generator(config, "foo")
+  with pytest.raises(InputError, match="which='foo'"):
+    train.restore("/nonexistent", "foo")
