@@ -274,7 +274,6 @@ def cmd_translate(args) -> int:
       geometry[inp] = (t1.data.shape, t1.affine)
     else:
       geometry[inp] = io.nifti_geometry(inp, what="input")
-    shape = geometry[inp][0]
     if mask is not None:
       io.check_same_grid(f"mask {mask}", *io.nifti_geometry(mask, what="mask"),
                          *geometry[inp], ref="input")

@@ -174,10 +174,11 @@ class Translator:
     if dtype not in DTYPES:
       raise InputError(f"dtype {dtype!r}: choose float32 or bfloat16")
     self.dtype = DTYPES[dtype]
-    if isinstance(devices, jax.Device):
-      devices = [devices]
-    if devices is not None and not list(devices):
-      raise InputError("devices: an empty list (give None for all devices)")
+    if devices is not None:
+      devices = [devices] if isinstance(devices, jax.Device) else list(devices)
+      if not devices:
+        raise InputError("devices: an empty list (give None for all "
+                         "devices)")
     self.mesh = sharding.make_mesh(devices)
     # A mesh over several processes (multi-host): see the module doc.
     self.multiprocess = not sharding.is_local(self.mesh)
@@ -542,16 +543,8 @@ class Translator:
     else:
       raise InputError(f"translate: expected a path, a nibabel image or a "
                        f"numpy array, got {type(x).__name__}")
-    if isinstance(label, io.Volume):
-      if not isinstance(x, np.ndarray):  # an array has no grid to compare
-        io.check_same_grid(f"mask {label.path or ''}".rstrip(),
-                           label.data.shape, label.affine, vol.data.shape,
-                           vol.affine, ref="input")
-      label = label.data
-    if label is not None:
-      io.check_same_grid("mask", np.shape(label), None, vol.data.shape, None,
-                         ref="input")
-      label = np.asarray(label) > 0.5
+    if label is not None:  # an array has no grid to compare a mask's with
+      label = mask_on(vol, label, grid=not isinstance(x, np.ndarray))
     if out is not None and self.is_writer:
       io.check_output_path(out, [vol.path, mask_path])
     y = self.translate_volume(vol, label, progress=progress)
@@ -669,6 +662,19 @@ def _fingerprint(*parts) -> str:
   return hashlib.sha1(blob).hexdigest()
 
 
+def mask_on(vol: io.Volume, mask, grid: bool = True) -> np.ndarray:
+  """``mask`` (an array, or an ``io.Volume`` whose voxel grid must be
+  ``vol``'s when ``grid``) as a bool array on ``vol``'s voxels."""
+  if isinstance(mask, io.Volume):
+    if grid:
+      io.check_same_grid(f"mask {mask.path or ''}".rstrip(), mask.data.shape,
+                         mask.affine, vol.data.shape, vol.affine, ref="input")
+    mask = mask.data
+  io.check_same_grid("mask", np.shape(mask), None, vol.data.shape, None,
+                     ref="input")
+  return np.asarray(mask) > 0.5
+
+
 def workspace_for(out: str, fingerprint: str) -> str:
   """The resume folder beside ``out``; a stale one (other arguments) is
   cleared (its contents: the folder is what ``lock_workspace`` locks)."""
@@ -764,14 +770,7 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
     label = io.load_nifti(mask_path, what="mask")
     mask_id = _file_id(mask_path)
   if label is not None:
-    if isinstance(label, io.Volume):  # a mask with a geometry: check it
-      io.check_same_grid(f"mask {label.path or ''}".rstrip(),
-                         label.data.shape, label.affine, vol.data.shape,
-                         vol.affine, ref="input")
-      label = label.data
-    io.check_same_grid("mask", np.shape(label), None, vol.data.shape, None,
-                       ref="input")
-    label = np.asarray(label) > 0.5
+    label = mask_on(vol, label)
     if mask_id is None:
       mask_id = hashlib.sha1(np.packbits(label).tobytes()).hexdigest()
     if mask_augment_seed is not None:
