@@ -821,8 +821,6 @@ def load(workdir: str, *, devices=None, batch_size: int | str | None = None,
   read; in a multi-process job each process reads them onto its own first
   device (orbax would otherwise place them as saved, on device 0, which only
   process 0 has)."""
-  if which not in ("best", "latest"):
-    raise InputError(f"which={which!r}: 'best' or 'latest'")
   config, gens = state_lib.restore_generators(workdir, which)
   intensity = state_lib.load_intensity(workdir)
   if intensity is None:  # megan train writes it before any checkpoint

@@ -272,20 +272,11 @@ def lr_size_multiple(config) -> int:
   return max(2**(halvings - 1), 2**m.d_layers)
 
 
-def hr_logit_size(patch_size: int, d_layers: int) -> int:
-  """Side of the HR discriminator's logits for a patch; below 1 the patch is
-  too small (`models.PatchDiscriminator`: a 4³ valid conv, then ``d_layers``
-  4³ stride-2 valid convs)."""
-  n = patch_size - 3
-  for _ in range(d_layers):
-    n = (n - 4) // 2 + 1
-  return n
-
-
 def min_patch_size(d_layers: int) -> int:
   """The smallest ``patch_size`` (a multiple of 4) the HR networks take."""
+  from megan_jax.models.discriminator import hr_logit_side
   p = 4
-  while hr_logit_size(p, d_layers) < 1:
+  while hr_logit_side(p, d_layers) < 1:
     p += 4
   return p
 
@@ -662,11 +653,18 @@ class Checkpoints:
     self.best.save(step, args=self._ocp.args.StandardSave(state),
                    metrics={"val_l1": float(val_l1)})
 
+  def _step(self, which: str):
+    """``(manager, step)`` of the ``latest`` or ``best`` checkpoint (step
+    None if there is none)."""
+    check_which(which)
+    if which == "latest":
+      return self.latest, self.latest.latest_step()
+    return self.best, self.best.best_step()
+
   def restore(self, abstract: GanState, which: str = "latest"
               ) -> GanState | None:
     """The ``latest`` or ``best`` state, or None if there is none."""
-    mngr = self.latest if which == "latest" else self.best
-    step = mngr.latest_step() if which == "latest" else mngr.best_step()
+    mngr, step = self._step(which)
     if step is None:
       return None
     return mngr.restore(step, args=self._ocp.args.StandardRestore(abstract))
@@ -679,8 +677,7 @@ class Checkpoints:
     without the optimiser moments in memory. ``sharding`` places every array
     (default: as saved)."""
     ocp = self._ocp
-    mngr = self.latest if which == "latest" else self.best
-    step = mngr.latest_step() if which == "latest" else mngr.best_step()
+    mngr, step = self._step(which)
     if step is None:
       return None
     item = {"step": jax.ShapeDtypeStruct((), jnp.int32), "g_params": abstract_g}
@@ -739,25 +736,39 @@ def restore_generators(workdir: str, which: str = "best", scales=None,
   its latest otherwise; ``"latest"`` the latest. Scales without a checkpoint
   are left out; ``scales`` limits the scales read. Arrays go to ``sharding``
   (default: this process's first device)."""
-  config = load_config(workdir)
   if sharding is None:
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def read(ckpt, config, kind):
+    abstract_g = abstract_state(config, kind).g_params
+    found = ckpt.restore_generator(abstract_g, which, sharding)
+    if found is None and which == "best":
+      found = ckpt.restore_generator(abstract_g, "latest", sharding)
+    return found
+  return read_scales(workdir, read, which, scales)
+
+
+def check_which(which: str) -> None:
+  if which not in ("best", "latest"):
+    raise InputError(f"which={which!r}: 'best' or 'latest'")
+
+
+def read_scales(workdir: str, read, which: str = "latest", scales=None):
+  """``(config, {scale: read(checkpoints, config, kind)})`` over the run's
+  scales (or ``scales``), leaving out those ``read`` returns None for; an
+  ``InputError`` if that is all of them."""
+  check_which(which)
+  config = load_config(workdir)
   got = {}
   for name in scales or scale_names(config):
-    kind = "lr" if name == "lr" else "hr"
-    abstract_g = abstract_state(config, kind).g_params
     with quiet_orbax():
       ckpt = Checkpoints(workdir, name)
     try:
-      found = None
-      if which == "best":
-        found = ckpt.restore_generator(abstract_g, "best", sharding)
-      if found is None:
-        found = ckpt.restore_generator(abstract_g, "latest", sharding)
+      found = read(ckpt, config, "lr" if name == "lr" else "hr")
     finally:
       ckpt.close()
     if found is not None:
       got[name] = found
   if not got:
-    raise InputError(f"workdir {workdir}: no checkpoint found")
+    raise InputError(f"workdir {workdir}: no {which} checkpoint found")
   return config, got

@@ -356,17 +356,6 @@ def _load_datasets(config, workdir: str, progress: bool):
 def restore(workdir: str, which: str = "latest"):
   """``(config, {scale: GanState})`` of a run's ``latest`` (or ``best``)
   checkpoints, for notebooks and scripts; scales without one are left out."""
-  if which not in ("best", "latest"):
-    raise InputError(f"which={which!r}: 'best' or 'latest'")
-  config = state_lib.load_config(workdir)
-  states = {}
-  for name in state_lib.scale_names(config):
-    kind = "lr" if name == "lr" else "hr"
-    ckpt = state_lib.Checkpoints(workdir, name)
-    st = ckpt.restore(state_lib.abstract_state(config, kind), which)
-    ckpt.close()
-    if st is not None:
-      states[name] = st
-  if not states:
-    raise InputError(f"workdir {workdir}: no {which} checkpoint found")
-  return config, states
+  return state_lib.read_scales(
+      workdir, lambda ckpt, config, kind: ckpt.restore(
+          state_lib.abstract_state(config, kind), which), which)

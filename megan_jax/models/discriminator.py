@@ -126,11 +126,7 @@ class PatchDiscriminator(nn.Module):
           "PatchDiscriminator(kind='hr'): expected one [B, p, p, p, C] array "
           f"(edges, previous-scale patch and patch concatenated), got "
           f"{_shapes(x)}")
-    # Sizes through the layers: p - 3, then (n - 4) // 2 + 1 per stride-2 conv.
-    n = min(x.shape[1:4]) - 3
-    for _ in range(self.n_layers):
-      n = (n - 4) // 2 + 1
-    if n < 1:
+    if hr_logit_side(min(x.shape[1:4]), self.n_layers) < 1:
       raise InputError(
           f"PatchDiscriminator(kind='hr'): patch size {tuple(x.shape[1:4])} "
           f"too small for n_layers={self.n_layers}")
@@ -157,6 +153,16 @@ class PatchDiscriminator(nn.Module):
           f"PatchDiscriminator(kind='lr'): image size {spatial} must be "
           f"divisible by 2**n_layers = {factor}")
     return edges, image
+
+
+def hr_logit_side(patch_side: int, n_layers: int) -> int:
+  """Side of the ``kind="hr"`` logits for a patch side; below 1 the patch is
+  too small. Sizes through the layers: ``p - 3``, then ``(n - 4) // 2 + 1``
+  per stride-2 conv."""
+  n = patch_side - 3
+  for _ in range(n_layers):
+    n = (n - 4) // 2 + 1
+  return n
 
 
 def _shapes(x):
