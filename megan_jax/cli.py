@@ -17,29 +17,30 @@ from megan_jax.errors import InputError
 PROG = "megan"
 
 
+def _int_at_least(low: int, text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < low:
+    raise argparse.ArgumentTypeError(f"{text!r} must be >= {low}")
+  return value
+
+
 def _batch_size(text: str):
   """``--batch-size``: a positive integer or ``auto``."""
   if text == "auto":
     return text
   try:
-    value = int(text)
-  except ValueError:
+    return _int_at_least(1, text)
+  except argparse.ArgumentTypeError:
     raise argparse.ArgumentTypeError(
         f"{text!r} is not a positive integer or 'auto'") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-  return value
 
 
 def _seed(text: str) -> int:
   """``--mask-augment``: a non-negative integer (numpy's seeds)."""
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-  return value
+  return _int_at_least(0, text)
 
 
 def _sigma(text: str) -> float:
