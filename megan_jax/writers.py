@@ -218,7 +218,27 @@ def encode_png(image: np.ndarray) -> bytes:
 _file_counter = itertools.count()
 
 
-class SummaryWriter(MetricWriter):
+class _FileWriter(MetricWriter):
+  """A writer that owns one open file (``self._file``, ``self.path``)."""
+
+  _file: Any = None
+  path: str = ""
+
+  def _check_open(self) -> None:
+    if self._file is None:
+      raise ValueError(f"write to a closed {type(self).__name__} ({self.path})")
+
+  def flush(self) -> None:
+    if self._file is not None:
+      self._file.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+
+class SummaryWriter(_FileWriter):
   """Writes TensorBoard event files, with no TensorFlow at runtime.
 
   The file is ``<logdir>/events.out.tfevents.<time>.<host>.<pid>.<n>`` (the
@@ -238,8 +258,7 @@ class SummaryWriter(MetricWriter):
     self.flush()
 
   def _write_event(self, event: bytes) -> None:
-    if self._file is None:
-      raise ValueError(f"write to a closed SummaryWriter ({self.path})")
+    self._check_open()
     self._file.write(tfrecord(event))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:
@@ -262,17 +281,8 @@ class SummaryWriter(MetricWriter):
       self._write_event(
           _event(time.time(), int(step), summary=_summary(values)))
 
-  def flush(self) -> None:
-    if self._file is not None:
-      self._file.flush()
 
-  def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
-      self._file = None
-
-
-class JsonlWriter(MetricWriter):
+class JsonlWriter(_FileWriter):
   """Appends one JSON object per `write_scalars` call to a text file.
 
   Each line is ``{"step": ..., "wall_time": ..., "<tag>": value, ...}``.
@@ -290,8 +300,7 @@ class JsonlWriter(MetricWriter):
     self._file = open(self.path, "a", encoding="utf-8")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:
-    if self._file is None:
-      raise ValueError(f"write to a closed JsonlWriter ({self.path})")
+    self._check_open()
     record = {"step": int(step), "wall_time": time.time()}
     record.update((tag, float(v)) for tag, v in scalars.items())
     self._file.write(json.dumps(record) + "\n")
@@ -299,15 +308,6 @@ class JsonlWriter(MetricWriter):
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     del step, images  # a text log has no images
-
-  def flush(self) -> None:
-    if self._file is not None:
-      self._file.flush()
-
-  def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
-      self._file = None
 
 
 class MultiWriter(MetricWriter):
