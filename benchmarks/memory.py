@@ -71,7 +71,7 @@ MODELS = ("megan_cascade", "megan_lr_step", "megan_hr_step", "dcgan",
 BASELINES = ("dcgan", "pix2pix", "pggan")
 MEASURES = ("compiled", "peak")
 DEFAULT_SIZES = (32, 64, 128, 256)
-GPU_MARKS_GIB = (12, 80)
+GPU_MARKS_GB = (12, 80)  # cards are sold in GB (1e9 bytes); drawn in GiB
 RATIO_SIZES = (256, 512)
 GIB = 2**30
 
@@ -429,10 +429,11 @@ def write_plot(path: str, results: Sequence[dict], title: str,
         ax.plot(xs, ys, style, color=colours[model], label=label,
                 linewidth=2.5 if model.startswith("megan") else 1.5,
                 markerfacecolor="none" if measure == "peak" else None)
-  for gib in GPU_MARKS_GIB:
+  for gb in GPU_MARKS_GB:
+    gib = gb * 1e9 / GIB
     ax.axhline(gib, color="grey", linestyle=":", linewidth=1)
-    ax.text(sizes[0] if sizes else 1, gib * 1.08, f"{gib} GiB GPU",
-            color="grey", fontsize=8)
+    ax.text(sizes[0] if sizes else 1, gib * 1.08,
+            f"{gb} GB GPU ({gib:.1f} GiB)", color="grey", fontsize=8)
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
   if sizes:
