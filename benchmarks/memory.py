@@ -528,6 +528,9 @@ def parse_args(argv):
   p.add_argument("--cascade-sizes", type=int, nargs="+", default=None,
                  help="sides for megan_cascade (default: --sizes)")
   p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+  p.add_argument("--order", choices=("model", "size"), default="model",
+                 help="run the cases model by model, or every model's "
+                 "smallest size first (for a run under a time limit)")
   p.add_argument("--measure", default="compiled",
                  choices=("compiled", "peak", "both"))
   p.add_argument("--out", default=os.path.join(_ROOT, "benchmarks", "results"))
@@ -571,14 +574,21 @@ def parse_args(argv):
 
 
 def plan_cases(args) -> list[dict]:
+  """The cases in run order: per measure, model by model (``--order
+  model``), or every model's smallest size first (``--order size``: a run
+  cut short by a time limit then has each model's small sizes)."""
   measures = MEASURES if args.measure == "both" else (args.measure,)
   cases = []
   for measure in measures:
+    group = []
     for model in args.models:
       sizes = (args.cascade_sizes or args.sizes
                if model == "megan_cascade" else args.sizes)
-      cases += [{"model": model, "size": s, "measure": measure}
+      group += [{"model": model, "size": s, "measure": measure}
                 for s in sorted(set(sizes))]
+    if getattr(args, "order", "model") == "size":
+      group.sort(key=lambda c: c["size"])  # stable: models keep their order
+    cases += group
   return cases
 
 

@@ -26,16 +26,18 @@ Sections (``--only`` picks some):
   ``configs.get_config("default")`` (``model.d_norm="instance"``,
   augmentation as configured); HR at ``--train-batches`` patches of 32³, LR
   (the public code's ResNet generator, ``model.lr_generator="resnet"``, 128³
-  edges -> 64³, LR discriminator) at batch 1. Plain for HR at
-  ``--plain-train-batches`` (default 1), for LR only with ``--lr-plain``;
+  edges -> 64³, LR discriminator) at ``--lr-train-batches`` (default 1 2;
+  --quick 1). Plain for HR at ``--plain-train-batches`` (default 1), for LR
+  at batch 1 only with ``--lr-plain``;
   ``fast-im2col`` at batch 1 for ``--im2col-train-kinds`` (CPU: hr lr).
   PyTorch: ``torch_port.make_train_step`` on the same initial weights. The
   JAX step also augments its inputs and computes the D-skip rule; the PyTorch
   step does neither (``meta.notes``).
 - ``stitch``: cutting a volume into 32³ patches, an identity network, and
-  stitching the 20³ centres back: ours (``tiling.make_plan``,
-  ``extract_batch`` and ``stitch_into`` over batches of ``--stitch-batch``
-  patches, as ``infer.Translator`` does on the host) against MONAI's
+  stitching the 20³ centres back: ours (``tiling.make_plan`` and
+  ``tiling.map_patches``: batches of ``--stitch-batch`` patches cut into
+  reused buffers and stitched back on host threads, as ``infer.Translator``
+  does on the CPU) against MONAI's
   ``sliding_window_inference`` (roi 32³, overlap 12/32 so its step is 20 too,
   ``sw_batch_size`` the same, mode ``"constant"``), on random volumes of
   ``--stitch-sizes``. Ours must give the volume back exactly (``exact``).
@@ -131,7 +133,8 @@ NO_MONAI = "monai not installed"
 RATIO_KEYS = ("jax_over_torch_per_patch", "jax_over_torch_per_patch_bf16",
               "jax_over_torch_train_step_hr", "jax_over_torch_train_step_lr",
               "stitch_speedup_vs_monai", "fast_over_plain_forward",
-              "fast_over_plain_train_step_hr", "fast_over_im2col_forward",
+              "fast_over_plain_train_step_hr",
+              "fast_over_plain_train_step_lr", "fast_over_im2col_forward",
               "fast_over_im2col_train_step_hr",
               "fast_over_im2col_train_step_lr",
               "paired_jax_over_torch_per_patch",
@@ -685,8 +688,8 @@ def bench_train_step(args, sizes: Sizes, tc: Torch) -> list[dict]:
   cases = [("hr", "fast", b) for b in args.train_batches]
   cases += [("hr", "plain", b) for b in args.plain_train_batches]
   if "lr" in args.train_kinds:
-    cases += [("lr", "fast", 1)] + ([("lr", "plain", 1)] if args.lr_plain
-                                    else [])
+    cases += [("lr", "fast", b) for b in args.lr_train_batches]
+    cases += [("lr", "plain", 1)] if args.lr_plain else []
   cases += [(k, "fast-im2col", 1) for k in args.im2col_train_kinds]
   cases = [c for c in cases if c[0] in args.train_kinds]
   rows = []
@@ -703,9 +706,9 @@ def bench_train_step(args, sizes: Sizes, tc: Torch) -> list[dict]:
          "impl": impl, "dtype": "fp32", "batch": batch,
          "includes": "augmentation, D-skip rule"}, measure))
 
-  torch_cases = [("hr", b) for b in args.train_batches if "hr" in
-                 args.train_kinds] + ([("lr", 1)] if "lr" in args.train_kinds
-                                      else [])
+  torch_cases = [(k, b) for k, batches in (("hr", args.train_batches),
+                                           ("lr", args.lr_train_batches))
+                 if k in args.train_kinds for b in batches]
   for kind, batch in torch_cases:
     row = {"section": "train_step", "framework": "torch",
            "kind": kind, "impl": "torch_port", "dtype": "fp32",
@@ -955,7 +958,10 @@ def random_generators(config, seed: int) -> dict:
   return params
 
 
-def bench_cascade(args) -> list[dict]:
+def bench_cascade(args, on_row: Callable[[list], None] = lambda rows: None
+                  ) -> list[dict]:
+  """One row per ``--cascade-sizes``; ``on_row(rows)`` after each (the
+  caller saves, so a run cut short keeps the sizes it finished)."""
   from megan_jax import infer
   rows = []
   repeats = args.cascade_repeats or args.repeats
@@ -1004,13 +1010,17 @@ def bench_cascade(args) -> list[dict]:
                            "size": size, "widths": args.cascade_widths,
                            "dtype": args.cascade_dtype},
                           measure))
+    on_row(rows)
   return rows
 
 
 # ---------------------------------------------------------------------------
 # edges
 # ---------------------------------------------------------------------------
-def bench_edges(args) -> list[dict]:
+def bench_edges(args, on_row: Callable[[list], None] = lambda rows: None
+                ) -> list[dict]:
+  """Rows per ``--edge-sizes`` and engine; ``on_row(rows)`` after each
+  size (as `bench_cascade`)."""
   from megan_jax import edges
   rows = []
   for size in args.edge_sizes:
@@ -1049,6 +1059,7 @@ def bench_edges(args) -> list[dict]:
     for engine in ("numpy", "jax"):
       rows.append(_run_case(dict(base, impl=engine),
                             lambda engine=engine: measure(engine)))
+    on_row(rows)
   return rows
 
 
@@ -1150,11 +1161,12 @@ def compute_ratios(results: dict) -> tuple[dict, dict]:
              dtype="fp32", batch=1),
         best(fwd, "hr_forward", "s_per_patch", framework="jax", impl="plain",
              dtype="fp32", batch=1))
-  ratio("fast_over_plain_train_step_hr",
-        best(step, "train_step", "s_per_step", framework="jax", impl="fast",
-             kind="hr", batch=1),
-        best(step, "train_step", "s_per_step", framework="jax", impl="plain",
-             kind="hr", batch=1))
+  for kind in ("hr", "lr"):
+    ratio(f"fast_over_plain_train_step_{kind}",
+          best(step, "train_step", "s_per_step", framework="jax",
+               impl="fast", kind=kind, batch=1),
+          best(step, "train_step", "s_per_step", framework="jax",
+               impl="plain", kind=kind, batch=1))
   return ratios, missing
 
 
@@ -1174,8 +1186,10 @@ def markdown(data: dict) -> str:
   merged = {k: c for k, c in (meta.get("sections") or {}).items()
             if c != meta["command"]}
   if merged:
+    dates = meta.get("section_dates") or {}
     parts += ["", "Sections kept from earlier runs: " + "; ".join(
-        f"{k}: `{c}`" for k, c in merged.items()) + "."]
+        f"{k}" + (f" ({dates[k][:10]})" if dates.get(k) else "") + f": `{c}`"
+        for k, c in merged.items()) + "."]
   fwd = [r for r in res.get("hr_forward") or [] if not r.get("error")]
   if fwd:
     parts += ["", f"**HR generator forward** ({fwd[0]['patch']}³ patches, "
@@ -1339,8 +1353,9 @@ def make_meta(args, argv, tc: Torch, threads: int) -> dict:
                         "computed every step); PyTorch: "
                         "benchmarks.torch_port.make_train_step (neither). "
                         "Both model.d_norm='instance', Adam, fp32.",
-          "stitch": "ours: numpy extract_batch + stitch_into per batch of "
-                    "sw_batch patches, on the host as in inference; MONAI: "
+          "stitch": "ours: tiling.map_patches (make_plan, batches of "
+                    "sw_batch patches cut into reused buffers and stitched "
+                    "back on host threads, as in inference); MONAI: "
                     "sliding_window_inference on a CPU tensor. Identity "
                     "network on both sides; one call of each in turn per "
                     "repeat.",
@@ -1410,8 +1425,11 @@ def parse_args(argv, backend: str | None = None):
                  help="HR batches of the plain training step (none: no plain)")
   p.add_argument("--train-kinds", nargs="+", choices=("hr", "lr"),
                  default=["hr", "lr"])
+  p.add_argument("--lr-train-batches", type=int, nargs="+", default=None,
+                 help="LR training-step batches (default 1 2; --quick 1)")
   p.add_argument("--lr-plain", action="store_true",
-                 help="also the plain LR training step (very slow on CPU)")
+                 help="also the plain LR training step at batch 1 (very "
+                 "slow on CPU)")
   p.add_argument("--paired-cases", nargs="+", choices=PAIRED_CASES,
                  default=list(PAIRED_CASES),
                  help="cases of the paired section (JAX and PyTorch "
@@ -1462,6 +1480,7 @@ def parse_args(argv, backend: str | None = None):
   a.batches = a.batches or ([1, 2] if q else list(DEFAULT_BATCHES))
   a.train_batches = a.train_batches or ([1] if q else
                                         list(DEFAULT_TRAIN_BATCHES))
+  a.lr_train_batches = a.lr_train_batches or ([1] if q else [1, 2])
   a.stitch_sizes = a.stitch_sizes or ([48] if q else
                                       list(DEFAULT_STITCH_SIZES))
   a.cascade_widths = a.cascade_widths or ("demo" if q else "paper")
@@ -1496,6 +1515,7 @@ def parse_args(argv, backend: str | None = None):
             "--im2col-batches": a.im2col_batches,
             "--train-batches": a.train_batches,
             "--plain-train-batches": a.plain_train_batches,
+            "--lr-train-batches": a.lr_train_batches,
             "--paired-batch": [a.paired_batch],
             "--paired-rounds": [a.paired_rounds],
             "--stitch-sizes": a.stitch_sizes, "--stitch-batch":
@@ -1537,8 +1557,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   if flops_why:
     results["flops"] = [{"section": "flops", "error": flops_why}]
 
-  # Which command measured each section (differs for merged sections).
+  # Which command measured each section, and when (differs for merged
+  # sections).
   meta["sections"] = {k: meta["command"] for k in args.only}
+  meta["section_dates"] = {}
   if args.merge:
     path = os.path.join(args.out, f"throughput-{backend}.json")
     if os.path.exists(path):
@@ -1552,15 +1574,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if old["results"].get(k):
           results[k] = old["results"][k]
           meta["sections"][k] = old_cmds.get(k, old["meta"]["command"])
+          date = (old["meta"].get("section_dates") or {}).get(k)
+          if date:
+            meta["section_dates"][k] = date
 
   def save():
     meta["total_s"] = _r(time.perf_counter() - start, 1)
     return write_results(args.out, meta, results)
 
+  def keep(section):  # saves a section's rows as they come
+    def on_row(rows):
+      results[section] = list(rows)
+      save()
+    return on_row
+
   for section in SECTIONS:
     if section not in args.only:
       continue
     _log(f"{section}:")
+    meta["section_dates"][section] = datetime.datetime.now(
+        datetime.timezone.utc).isoformat(timespec="seconds")
     if section == "hr_forward":
       results["hr_forward"], flops = bench_hr_forward(args, sizes, tc, info)
       if flops is not None:
@@ -1572,9 +1605,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif section == "paired":
       results["paired"] = bench_paired(args, sizes, tc)
     elif section == "edges":
-      results["edges"] = bench_edges(args)
+      results["edges"] = bench_edges(args, keep("edges"))
     else:
-      results["cascade"] = bench_cascade(args)
+      results["cascade"] = bench_cascade(args, keep("cascade"))
     data = save()
   data = save()
   print(markdown(data), end="")

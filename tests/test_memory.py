@@ -160,3 +160,19 @@ def test_merge_keeps_earlier_rows_and_a_cut_run_keeps_its_finished_cases(
   assert memory.main(common[:-1] + ["0.03125", "--models", "dcgan",
                                     "--merge"]) == 2
   assert json_path.read_text() == before
+
+
+def test_cases_run_model_by_model_or_smallest_size_first():
+  args = memory.parse_args(["--models", "megan_cascade", "dcgan", "pix2pix",
+                            "--sizes", "64", "32", "--cascade-sizes", "128",
+                            "--measure", "peak"])
+  by_model = [(c["model"], c["size"]) for c in memory.plan_cases(args)]
+  assert by_model == [("megan_cascade", 128), ("dcgan", 32), ("dcgan", 64),
+                      ("pix2pix", 32), ("pix2pix", 64)]
+  args = memory.parse_args(["--models", "megan_cascade", "dcgan", "pix2pix",
+                            "--sizes", "64", "32", "--cascade-sizes", "128",
+                            "--measure", "peak", "--order", "size"])
+  by_size = [(c["model"], c["size"]) for c in memory.plan_cases(args)]
+  assert by_size == [("dcgan", 32), ("pix2pix", 32), ("dcgan", 64),
+                     ("pix2pix", 64), ("megan_cascade", 128)]
+  assert sorted(by_size) == sorted(by_model)

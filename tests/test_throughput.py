@@ -87,6 +87,9 @@ def test_schema_meta_and_ratios(no_torch_run):
              for r in data["results"]["paired"])
   assert ratios["paired_jax_over_torch_train_step_lr"] is None
   assert set(why) == {k for k, v in ratios.items() if v is None}
+  # Each section run says when it was measured (kept on --merge).
+  assert set(meta["section_dates"]) == {"hr_forward", "stitch", "cascade",
+                                        "paired", "edges"}
 
 
 def test_hr_forward_rows(no_torch_run):
@@ -163,6 +166,27 @@ def test_cascade_row(no_torch_run):
   assert row["patches"] == {
       "lr": 1, "hr1": tiling.make_plan((64,) * 3, row["patch"],
                                        row["border"]).num_patches}
+
+
+def test_a_run_cut_short_keeps_the_cascade_sizes_it_finished(
+    tmp_path, monkeypatch):
+  # The second size fails hard (as a GPU run killed by its time limit
+  # would stop there): the first size's row is on disk already.
+  real = throughput.cascade_config
+
+  def config(args, size):
+    if size == 96:
+      raise KeyboardInterrupt  # not recorded as a row: the run stops
+    return real(args, size)
+  monkeypatch.setattr(throughput, "cascade_config", config)
+  _without_torch(monkeypatch)
+  with pytest.raises(KeyboardInterrupt):
+    throughput.main(["--quick", "--out", str(tmp_path), "--only", "cascade",
+                     "--cascade-sizes", "64", "96"])
+  data = _load(str(tmp_path))
+  (row,) = data["results"]["cascade"]
+  assert row["size"] == 64 and row["error"] is None
+  assert "cascade" in data["meta"]["section_dates"]
 
 
 @pytest.mark.slow
@@ -300,6 +324,7 @@ def test_defaults_follow_quick_and_the_backend():
   assert cpu.cascade_sizes == [128, 256] and cpu.repeats == 3
   assert cpu.batches == [1, 4, 8, 16, 32] and cpu.plain_batches == [1]
   assert cpu.train_batches == [1, 4] and cpu.cascade_widths == "paper"
+  assert cpu.lr_train_batches == [1, 2] and q.lr_train_batches == [1]
   assert cpu.cascade_dtype == "fp32"
   gpu = throughput.parse_args([], backend="gpu")
   assert gpu.cascade_sizes == [128, 256, 512, 1024]
