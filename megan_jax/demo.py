@@ -15,7 +15,7 @@ import shutil
 
 import numpy as np
 
-from megan_jax import configs, data, infer, io, train, writers
+from megan_jax import configs, data, infer, io, metrics, train, writers
 from megan_jax import state as state_lib
 from megan_jax.normalise import fit_normaliser, normalise, to_unit
 
@@ -49,16 +49,22 @@ def run(out: str, *, steps: int | None = None, retrain: bool = False,
   workdir = os.path.join(out, "run")
   if os.path.isdir(workdir) and (retrain or _other_config(workdir, config)):
     shutil.rmtree(workdir)
-  if not _finished(workdir, config):
+  reused = _finished(workdir, config)
+  if not reused:
     train.train(config, workdir, "all", progress=progress)
+  # What the run was trained to: a reused run may have more steps than
+  # asked for (it is finished for any fewer).
+  steps = int(state_lib.load_config(workdir).steps)
 
   spacing = config.data.spacing or None
   source = data.t2_like(spacing)
   target = data.mni152("t1", spacing)
   paths = {k: os.path.join(out, f"{k}.nii.gz")
-           for k in ("source", "target", "translated")}
+           for k in ("source", "target", "translated", "brain_mask")}
   io.save_nifti(paths["source"], source.data, source.affine, source.header)
   io.save_nifti(paths["target"], target.data, target.affine, target.header)
+  mask = data.brain_mask(spacing)
+  io.save_nifti(paths["brain_mask"], mask.astype(np.uint8), target.affine)
 
   translator = infer.load(workdir)
   translator.keep_scales = True
@@ -66,16 +72,19 @@ def run(out: str, *, steps: int | None = None, retrain: bool = False,
   io.save_nifti(paths["translated"], y, source.affine, source.header,
                 inputs=[paths["source"]])
 
-  # Scores in [0, 1], inside the brain, against the template's own T1.
-  mask = data.brain_mask(spacing)
+  # Scores in [0, 1], inside the brain, against the template's own T1;
+  # each volume scaled by its own percentiles, as training scales them.
   tgt = to_unit(normalise(target.data)[0])
   pred = to_unit(fit_normaliser(y, percentiles=tuple(
       config.data.percentiles)).normalise(y))
-  scores = _scores(pred, tgt, mask)
+  scores = metrics.evaluate(pred, tgt, mask)
   paths["metrics"] = os.path.join(out, "metrics.json")
   io.write_text(paths["metrics"], json.dumps(
-      {"scores": scores, "mask": "brain", "steps": config.steps,
-       "timings_s": translator.timings}, indent=2))
+      {"scores": scores, "mask": "brain_mask.nii.gz",
+       "scaling": "each volume by its own percentiles "
+                  f"{list(config.data.percentiles)} to [0, 1]",
+       "steps": steps, "checkpoint_steps": translator.checkpoint_steps,
+       "reused_run": reused, "timings_s": translator.timings}, indent=2))
 
   panels = {"source (T2-like)": normalise(source.data)[0],
             "edges": translator.scale_outputs["edges"] * 2.0 - 1.0}
@@ -85,15 +94,4 @@ def run(out: str, *, steps: int | None = None, retrain: bool = False,
   panels["target (T1)"] = tgt * 2.0 - 1.0
   paths["montage"] = os.path.join(out, "montage.png")
   writers.montage(panels, paths["montage"])
-  return {**paths, "scores": scores}
-
-
-def _scores(pred, target, mask) -> dict:
-  try:
-    from megan_jax import metrics
-    return metrics.evaluate(pred, target, mask)
-  except ImportError:  # metrics.py not there yet
-    diff = (pred - target)[mask]
-    mse = float(np.mean(diff ** 2))
-    return {"mae": float(np.mean(np.abs(diff))), "mse": mse,
-            "psnr": float(10 * np.log10(1.0 / mse))}
+  return {**paths, "scores": scores, "steps": steps, "reused_run": reused}

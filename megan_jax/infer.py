@@ -228,6 +228,8 @@ class Translator:
                           out_shardings=rep if self.multiprocess else bat)
     self._compiled = {}  # executables compiled by ``plan``, reused by a run
     self.keep_scales = False  # keep every scale's output (for montages)
+    # {scale: checkpoint step} of the generators (set by ``load``).
+    self.checkpoint_steps: dict[str, int] = {}
     self.timings, self.scale_outputs = {}, {}
     self.batch_info = {"batch_size": self.batch_size,
                        "source": "auto" if auto else "given"}
@@ -829,7 +831,7 @@ def load(workdir: str, *, devices=None, batch_size: int | str | None = None,
   t = Translator(config, {n: g for n, (_, g) in gens.items()},
                  intensity=intensity, devices=devices,
                  batch_size=batch_size, dtype=dtype)
-  t.fingerprint = _fingerprint(
-      os.path.abspath(workdir), {n: step for n, (step, _) in gens.items()},
-      which)
+  t.checkpoint_steps = {n: int(step) for n, (step, _) in gens.items()}
+  t.fingerprint = _fingerprint(os.path.abspath(workdir), t.checkpoint_steps,
+                               which)
   return t

@@ -2,9 +2,10 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
-from megan_jax import demo
+from megan_jax import demo, io
 from megan_jax import state as state_lib
 
 
@@ -12,19 +13,36 @@ from megan_jax import state as state_lib
 def test_demo_writes_everything_and_reuses_its_run(tmp_path):
   out = str(tmp_path / "demo")
   first = demo.run(out, config_spec="demo:smoke", progress=False)
-  for key in ("source", "target", "translated", "metrics", "montage"):
+  for key in ("source", "target", "translated", "brain_mask", "metrics",
+              "montage"):
     assert os.path.getsize(first[key]) > 0, key
   with open(first["metrics"]) as f:
-    scores = json.load(f)["scores"]
+    written = json.load(f)
+  scores = written["scores"]
   assert set(scores) >= {"ssim", "psnr", "mae", "mse"}
   assert -1.0 <= scores["ssim"] <= 1.0 and 0.0 <= scores["mae"] <= 1.0
   run = os.path.join(out, "run")
-  stamp = os.path.getmtime(os.path.join(run, "config.json"))
+  trained = state_lib.load_config(run).steps
+  assert written["steps"] == trained and not written["reused_run"]
+  assert set(written["checkpoint_steps"]) == set(state_lib.scale_names(
+      state_lib.load_config(run)))
+  assert all(1 <= s <= trained for s in written["checkpoint_steps"].values())
+  # The mask it scores in is written on the volumes' grid.
+  mask, target = io.load_nifti(first["brain_mask"]), io.load_nifti(
+      first["target"])
+  assert mask.data.shape == target.data.shape
+  np.testing.assert_allclose(mask.affine, target.affine)
+  assert 0 < mask.data.mean() < 1
 
-  # A second call translates with the finished run: no training.
-  again = demo.run(out, config_spec="demo:smoke", progress=False)
+  # A second call, even asking for fewer steps, translates with the
+  # finished run (no training) and says what that run was trained to.
+  stamp = os.path.getmtime(os.path.join(run, "config.json"))
+  again = demo.run(out, steps=1, config_spec="demo:smoke", progress=False)
   assert os.path.getmtime(os.path.join(run, "config.json")) == stamp
   assert again["scores"] == pytest.approx(first["scores"], abs=1e-6)
+  with open(again["metrics"]) as f:
+    written = json.load(f)
+  assert written["steps"] == trained > 1 and written["reused_run"]
 
   # A run of another config there (the demo's before an upgrade changed
   # it) is replaced by a fresh one of the current config.
