@@ -155,7 +155,8 @@ def _add_demo(sub):
       "trains the demo config on the MNI152 T1 template (the target domain), "
       "then translates a T2-like contrast made from the template's tissue "
       "maps (the source) into T1, and writes source.nii.gz, "
-      "translated.nii.gz, target.nii.gz, montage.png and metrics.json.")
+      "translated.nii.gz, target.nii.gz, brain_mask.nii.gz (where it "
+      "scores), montage.png and metrics.json.")
   p.add_argument("--out", default="megan-demo", help="output folder")
   p.add_argument("--steps", type=int, default=None,
                  help="training steps per scale (default: the demo config's)")
@@ -174,7 +175,11 @@ def cmd_demo(args) -> int:
   if not os.access(args.out, os.W_OK):
     raise InputError(f"output folder {args.out}: not writable")
   summary = demo.run(args.out, steps=args.steps, retrain=args.train)
-  for key in ("source", "translated", "target", "montage", "metrics"):
+  if summary["reused_run"]:
+    print(f"reused the finished run in {os.path.join(args.out, 'run')} "
+          f"({summary['steps']} steps per scale; --train retrains)")
+  for key in ("source", "translated", "target", "brain_mask", "montage",
+              "metrics"):
     print(f"wrote {summary[key]}")
   print("metrics (translated vs the template's T1, in [0, 1]): " + ", ".join(
       f"{k} {v:.4f}" for k, v in summary["scores"].items()))
@@ -249,6 +254,10 @@ def translate_jobs(inputs: Sequence[str], output: str,
   if os.path.exists(output) and not os.path.isdir(output):
     raise InputError(f"output {output}: exists and is not a folder (several "
                      "inputs are written into a folder)")
+  if (not os.path.isdir(output)
+      and output.lower().endswith((".nii", ".nii.gz"))):
+    raise InputError(f"output {output}: {len(inputs)} inputs go into a "
+                     "folder, and this is a NIfTI file name; give a folder")
   outs, seen = [], {}
   for inp in inputs:
     name = _output_name(inp)
@@ -496,19 +505,46 @@ _COMMANDS: Sequence[Callable] = (_add_demo, _add_edges, _add_evaluate,
                                   _add_train, _add_translate)
 
 
-class _Parser(argparse.ArgumentParser):
-  """@FILE lines: one argument each, surrounding blanks stripped; empty
-  lines and ``#`` comments skipped (as in training list files)."""
+MAX_LIST_DEPTH = 8  # @FILE inside @FILE, at most this deep
 
-  def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
-    line = arg_line.strip()
-    return [] if not line or line.startswith("#") else [line]
+
+def expand_arg_files(argv: Sequence[str], depth: int = 0) -> list[str]:
+  """``argv`` with each ``@FILE`` replaced by FILE's lines, one argument
+  each (surrounding blanks stripped; blank lines and ``#`` comments
+  skipped, as in training list files; a line may be ``@OTHER`` in turn).
+  Relative paths in FILE are taken from the current folder, as on the
+  command line. A missing, unreadable or empty FILE is an `InputError`
+  naming it (argparse's own @ reading printed usage and a raw errno, and
+  an empty list only "expected at least one argument")."""
+  out = []
+  for arg in argv:
+    if not arg.startswith("@") or arg == "@":
+      out.append(arg)
+      continue
+    path = arg[1:]
+    if depth >= MAX_LIST_DEPTH:
+      raise InputError(f"list file {path}: @ lists nested more than "
+                       f"{MAX_LIST_DEPTH} deep")
+    try:
+      with open(path, encoding="utf-8-sig") as f:
+        lines = f.read().splitlines()
+    except UnicodeDecodeError:
+      raise InputError(f"list file {path}: not UTF-8 text") from None
+    except OSError as e:
+      raise InputError(f"list file {path}: {e.strerror or e}") from None
+    args = [ln.strip() for ln in lines]
+    args = [a for a in args if a and not a.startswith("#")]
+    if not args:
+      raise InputError(f"list file {path}: no entries (only blank or # "
+                       "lines)")
+    out += expand_arg_files(args, depth + 1)
+  return out
 
 
 def build_parser() -> argparse.ArgumentParser:
   from megan_jax import __version__
-  parser = _Parser(
-      prog=PROG, fromfile_prefix_chars="@",
+  parser = argparse.ArgumentParser(
+      prog=PROG,
       description="megan_jax: memory-efficient multi-scale GAN translation of "
       "full-resolution 3D medical images. An argument @FILE stands for the "
       "lines of FILE, one argument per line (blank and # lines skipped; "
@@ -576,6 +612,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   # --config.FIELD=VALUE overrides are free-form; argparse sees the rest.
   argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    argv = expand_arg_files(argv)
+  except InputError as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 2
   overrides = [a for a in argv if a.startswith("--config.")]
   args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
   if overrides and args.command != "train":

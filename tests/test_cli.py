@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from megan_jax import cli
+from megan_jax.errors import InputError
 
 
 def _ball(path, shape=(24, 28, 20), affine=None):
@@ -281,9 +282,40 @@ def test_command_line_keeps_compiled_programs_between_runs(run_dir, tmp_path):
 def test_inputs_from_a_list_file(tmp_path):
   listing = tmp_path / "inputs.txt"
   listing.write_text("# test subjects\na.nii.gz\n\nsub dir/b.nii  \r\n\n")
-  args = cli.build_parser().parse_args(
-      ["translate", "-i", f"@{listing}", "-o", "out/", "--workdir", "w"])
-  assert args.input == ["a.nii.gz", "sub dir/b.nii"]
+  nested = tmp_path / "more.txt"
+  nested.write_text(f"@{listing}\nc.nii\n")
+  argv = cli.expand_arg_files(
+      ["translate", "-i", f"@{nested}", "-o", "out/", "--workdir", "w"])
+  args = cli.build_parser().parse_args(argv)
+  assert args.input == ["a.nii.gz", "sub dir/b.nii", "c.nii"]
+
+
+@pytest.mark.parametrize("content,why", [
+    (None, "No such file"), ("# nothing\n\n", "no entries"),
+    (b"\xff\xfe\x00bad", "not UTF-8"), ("@SELF\n", "nested")])
+def test_a_bad_list_file_is_one_line_naming_it(tmp_path, capsys, content,
+                                               why):
+  listing = tmp_path / "inputs.txt"
+  if isinstance(content, bytes):
+    listing.write_bytes(content)
+  elif content is not None:
+    listing.write_text(content.replace("SELF", str(listing)))
+  rc = cli.main(["translate", "-i", f"@{listing}", "-o", str(tmp_path / "o"),
+                 "--workdir", str(tmp_path / "w")])
+  err = capsys.readouterr().err
+  assert rc == 2 and len(err.strip().splitlines()) == 1, err
+  assert str(listing) in err and why in err
+  assert sorted(os.listdir(tmp_path)) == ["inputs.txt"] * (
+      content is not None)
+
+
+def test_several_inputs_refuse_a_nifti_file_name_as_their_folder(tmp_path):
+  with pytest.raises(InputError, match="NIfTI file name; give a folder"):
+    cli.translate_jobs(["a.nii.gz", "b.nii.gz"], str(tmp_path / "two.nii.gz"))
+  (tmp_path / "named.nii").mkdir()  # an existing folder is taken as asked
+  jobs = cli.translate_jobs(["a.nii.gz", "b.nii.gz"],
+                            str(tmp_path / "named.nii"))
+  assert [os.path.basename(o) for _, o, _ in jobs] == ["a.nii.gz", "b.nii.gz"]
 
 
 @pytest.mark.parametrize("argv,flag", [
