@@ -698,7 +698,9 @@ def bench_train_step(args, sizes: Sizes, tc: Torch) -> list[dict]:
     def measure(kind=kind, impl=impl, batch=batch):
       step = JaxStep(sizes, kind, impl, batch, args.seed)
       initial.setdefault(kind, step.host_params)
-      first, times = time_calls(step, args.repeats, jax.block_until_ready)
+      repeats = (args.plain_repeats or args.repeats) if impl == "plain" else (
+          args.repeats)
+      first, times = time_calls(step, repeats, jax.block_until_ready)
       return dict(_timed_row(first, times, xla_compile_s=step.xla_compile_s),
                   s_per_step=_r(statistics.median(times)), **step.counts)
     rows.append(_run_case(
@@ -1427,6 +1429,9 @@ def parse_args(argv, backend: str | None = None):
                  default=["hr", "lr"])
   p.add_argument("--lr-train-batches", type=int, nargs="+", default=None,
                  help="LR training-step batches (default 1 2; --quick 1)")
+  p.add_argument("--plain-repeats", type=int, default=None,
+                 help="timed runs of the plain training steps (default: "
+                 "--repeats; the plain LR step takes minutes on a CPU)")
   p.add_argument("--lr-plain", action="store_true",
                  help="also the plain LR training step at batch 1 (very "
                  "slow on CPU)")
@@ -1516,6 +1521,7 @@ def parse_args(argv, backend: str | None = None):
             "--train-batches": a.train_batches,
             "--plain-train-batches": a.plain_train_batches,
             "--lr-train-batches": a.lr_train_batches,
+            "--plain-repeats": [a.plain_repeats or 1],
             "--paired-batch": [a.paired_batch],
             "--paired-rounds": [a.paired_rounds],
             "--stitch-sizes": a.stitch_sizes, "--stitch-batch":
