@@ -1521,16 +1521,17 @@ def parse_args(argv, backend: str | None = None):
             "--train-batches": a.train_batches,
             "--plain-train-batches": a.plain_train_batches,
             "--lr-train-batches": a.lr_train_batches,
-            "--plain-repeats": [a.plain_repeats or 1],
+            "--plain-repeats": [1 if a.plain_repeats is None
+                                else a.plain_repeats],
             "--paired-batch": [a.paired_batch],
             "--paired-rounds": [a.paired_rounds],
             "--stitch-sizes": a.stitch_sizes, "--stitch-batch":
             [a.stitch_batch], "--cascade-sizes": a.cascade_sizes,
             "--cascade-batch": [a.cascade_batch
                                 if isinstance(a.cascade_batch, int) else 1],
-            "--cascade-repeats": [a.cascade_repeats or 1],
+            "--cascade-repeats": [1 if a.cascade_repeats is None else a.cascade_repeats],
             "--edge-sizes": [v - 1 for v in a.edge_sizes],
-            "--torch-threads": [a.torch_threads or 1]}
+            "--torch-threads": [1 if a.torch_threads is None else a.torch_threads]}
   for flag, values in counts.items():
     if any(v < 1 for v in values):
       p.error(f"{flag} {values}: must be >= 1")

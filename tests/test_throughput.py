@@ -325,6 +325,12 @@ def test_defaults_follow_quick_and_the_backend():
   assert cpu.batches == [1, 4, 8, 16, 32] and cpu.plain_batches == [1]
   assert cpu.train_batches == [1, 4] and cpu.cascade_widths == "paper"
   assert cpu.lr_train_batches == [1, 2] and q.lr_train_batches == [1]
+  assert cpu.plain_repeats is None  # the plain steps time --repeats runs
+  with pytest.raises(SystemExit):
+    throughput.parse_args(["--plain-repeats", "0"], backend="cpu")
+  for flag in ("--cascade-repeats", "--torch-threads"):
+    with pytest.raises(SystemExit):
+      throughput.parse_args([flag, "0"], backend="cpu")
   assert cpu.cascade_dtype == "fp32"
   gpu = throughput.parse_args([], backend="gpu")
   assert gpu.cascade_sizes == [128, 256, 512, 1024]
