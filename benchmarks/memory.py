@@ -288,10 +288,13 @@ def measure_peak(model: str, size: int, options: Options) -> dict:
     c = t.config
     n, p, b = 2 * c.lr_size, c.patch_size, t.batch_size
     lr_in = np.zeros((1, n, n, n, 1), np.float32)
-    jax.block_until_ready(t._compiled["lr"](t.params["lr"], lr_in))
+    # Each scale's weights go onto the device as the cascade puts them
+    # there (`Translator.scale_params`: one scale's at a time).
+    jax.block_until_ready(t._compiled["lr"](t.scale_params("lr"), lr_in))
     for k in range(1, c.num_hr_scales + 1):
       x = np.zeros((b, p, p, p, 1), np.float32)
-      jax.block_until_ready(t._compiled[f"hr{k}"](t.params[f"hr{k}"], x, x))
+      jax.block_until_ready(
+          t._compiled[f"hr{k}"](t.scale_params(f"hr{k}"), x, x))
   else:
     jax.block_until_ready(compiled(*_materialise(args)))
   peak = _device_peak()

@@ -160,6 +160,13 @@ class Translator:
       XLA's compiled memory analysis (`pick_batch_size`); the choice is in
       ``batch_info``.
     dtype: "float32" or "bfloat16" compute; parameters are cast once.
+
+  The parameters stay on the host (``params``, cast to ``dtype``); a scale's
+  generator goes onto the devices when that scale runs and replaces the
+  previous scale's (`scale_params`), so the device holds one scale's
+  weights at a time, whatever the number of scales: what XLA's memory
+  analysis of a scale's step counts (``plan``), and the same for a 64³ and
+  a 1024³ output.
   """
 
   def __init__(self, config, g_params: dict, *, intensity=None, devices=None,
@@ -196,10 +203,15 @@ class Translator:
       raise InputError(f"batch size {bs}: must be >= 1")
     self.batch_size = -(-bs // n_dev) * n_dev
     self.intensity = Normaliser(*(intensity or (0.0, 1.0)))
-    cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, self.dtype), tree)
-    put = (sharding.global_replicate if self.multiprocess
-           else sharding.replicate)
-    self.params = {n: put(cast(g_params[n]), self.mesh) for n in names}
+    cast = lambda tree: jax.tree.map(
+        lambda x: np.asarray(x).astype(self.dtype), tree)
+    self.params = {n: cast(g_params[n]) for n in names}  # host copies
+    rep_ = sharding.replicated(self.mesh)
+    self._abstract_params = {
+        n: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                       sharding=rep_), t)
+        for n, t in self.params.items()}
+    self._resident = (None, None)  # (scale, its parameters on the devices)
     lr_g = state_lib.build_generator(config, "lr", dtype=self.dtype)
     hr_g = state_lib.build_generator(config, "hr", dtype=self.dtype)
 
@@ -264,19 +276,30 @@ class Translator:
       self.batch_info.update(batch_size=self.batch_size,
                              per_process=[int(b) for b in picks])
 
+  def scale_params(self, name: str):
+    """Scale ``name``'s generator parameters on the devices (replicated),
+    put there on first use after another scale's, which are let go first:
+    the devices hold one scale's weights at a time."""
+    if self._resident[0] != name:
+      self._resident = (None, None)  # the previous scale's buffers go
+      put = (sharding.global_replicate if self.multiprocess
+             else sharding.replicate)
+      self._resident = (name, put(self.params[name], self.mesh))
+    return self._resident[1]
+
   # -- planning ---------------------------------------------------------------
   def _hr_abstract(self, name, batch: int | None = None):
     p = self.config.patch_size
     x = jax.ShapeDtypeStruct((batch or self.batch_size, p, p, p, 1),
                              jnp.float32)
-    return self._hr_fn.lower(self.params[name], x, x)
+    return self._hr_fn.lower(self._abstract_params[name], x, x)
 
   def _lr_abstract(self):
     n = 2 * self.config.lr_size
     x = jax.ShapeDtypeStruct(
         (1, n, n, n, 1), jnp.float32,
         sharding=sharding.replicated(self.mesh) if self.multiprocess else None)
-    return self._lr_fn.lower(self.params["lr"], x)
+    return self._lr_fn.lower(self._abstract_params["lr"], x)
 
   def plan(self, shape) -> list[ScaleReport]:
     """Per scale: shape, patches, batch shape, compiled device memory (XLA's
@@ -371,7 +394,7 @@ class Translator:
       x = arrays["lr_input"][None, ..., None]
       if self.multiprocess:
         x = sharding.global_replicate(x, self.mesh)
-      gen = sharding.local_value(lr_fn(self.params["lr"], x))
+      gen = sharding.local_value(lr_fn(self.scale_params("lr"), x))
       _, crop = resample.lr_pad(arrays["image_0"], c.lr_size)
       y = np.ascontiguousarray(gen[0, ..., 0][crop])
       if state:
@@ -407,6 +430,8 @@ class Translator:
                  desc=f"hr{k} {'x'.join(map(str, shape_k))}",
                  disable=not progress, leave=False, dynamic_ncols=True)
       hr_fn = self._compiled.get(f"hr{k}", self._hr_fn)
+      params = None  # the previous scale's weights go before these come
+      params = self.scale_params(f"hr{k}")
       batched = sharding.batch_sharded(self.mesh)
       # Host staging buffers, two sets used in turn: a batch's set is cut
       # into again only after that batch's patches came back (`_finish`),
@@ -426,7 +451,7 @@ class Translator:
           edge_p = tiling.extract_batch(edges, plan, full, pad_value=0.0,
                                         out=stage[1])[..., None]
           prev_p, edge_p = jax.device_put((prev_p, edge_p), batched)
-        gen = hr_fn(self.params[f"hr{k}"], prev_p, edge_p)  # async
+        gen = hr_fn(params, prev_p, edge_p)  # async
         if pending is not None:  # stitch the previous batch meanwhile
           self._finish(out, plan, *pending, state, k, bar, on_batch)
         pending = (gen, idx)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import synthetic
 
 import megan_jax
 from megan_jax import cli, configs, infer
+from megan_jax import state as state_lib
 from megan_jax.errors import InputError
 
 SHAPE = (30, 37, 26)  # non-cubic, odd: scales 8x10x7, 15x19x13, 30x37x26
@@ -184,6 +186,34 @@ def test_plan_memory_is_independent_of_the_volume(params):
   assert [r.device_bytes for r in small] == [r.device_bytes for r in large]
   assert large[-1].num_patches > small[-1].num_patches
   assert large[-1].host_bytes > small[-1].host_bytes
+
+
+def test_the_devices_hold_one_scales_weights_at_a_time(params,
+                                                      monkeypatch):
+  # Every scale's generator resident at once would grow the device memory
+  # by a generator per doubling of the output (the paper's HR generator:
+  # 106 MB in fp32), beyond what each scale's compiled step counts.
+  import gc
+  import weakref
+  from megan_jax import sharding
+  t = infer.Translator(_config(), params, batch_size=4)
+  assert all(isinstance(x, np.ndarray)
+             for x in jax.tree.leaves(t.params))  # host copies
+  put, earlier = [], []
+  real = sharding.replicate
+
+  def replicate(tree, mesh):
+    gc.collect()  # whatever still refers to a scale's weights keeps them
+    assert all(r() is None for r in earlier), "two scales on the device"
+    out = real(tree, mesh)
+    put.append(next(n for n, v in t.params.items() if v is tree))
+    earlier.extend(weakref.ref(x) for x in jax.tree.leaves(out))
+    return out
+  monkeypatch.setattr(sharding, "replicate", replicate)
+  t.translate_normalised(_volume(), progress=False)
+  assert put == state_lib.scale_names(t.config)  # each once, in order
+  # The last scale stays for the next call, which reuses it.
+  assert t.scale_params(put[-1]) is t._resident[1] and len(put) == 3
 
 
 @pytest.mark.slow
