@@ -1137,12 +1137,12 @@ def compute_ratios(results: dict) -> tuple[dict, dict]:
              dtype="fp32", batch=_im2col_batch(fwd)),
         best(fwd, "hr_forward", "s_per_patch", framework="jax",
              impl="fast-im2col", dtype="fp32"))
-  for kind in ("hr", "lr"):
-    ratio(f"fast_over_im2col_train_step_{kind}",
-          best(step, "train_step", "s_per_step", framework="jax",
-               impl="fast", kind=kind, batch=1),
-          best(step, "train_step", "s_per_step", framework="jax",
-               impl="fast-im2col", kind=kind, batch=1))
+  def fast_over(before, name):  # JAX training steps, batch 1
+    for kind in ("hr", "lr"):
+      ratio(f"{name}_{kind}", *(
+          best(step, "train_step", "s_per_step", framework="jax", impl=impl,
+               kind=kind, batch=1) for impl in ("fast", before)))
+  fast_over("fast-im2col", "fast_over_im2col_train_step")
   edge_rows = _ok(results.get("edges"), impl="jax")
   size = max((r["size"] for r in edge_rows), default=None)
   ratio("edges_jax_over_numpy",
@@ -1163,12 +1163,7 @@ def compute_ratios(results: dict) -> tuple[dict, dict]:
              dtype="fp32", batch=1),
         best(fwd, "hr_forward", "s_per_patch", framework="jax", impl="plain",
              dtype="fp32", batch=1))
-  for kind in ("hr", "lr"):
-    ratio(f"fast_over_plain_train_step_{kind}",
-          best(step, "train_step", "s_per_step", framework="jax",
-               impl="fast", kind=kind, batch=1),
-          best(step, "train_step", "s_per_step", framework="jax",
-               impl="plain", kind=kind, batch=1))
+  fast_over("plain", "fast_over_plain_train_step")
   return ratios, missing
 
 
