@@ -89,6 +89,23 @@ def test_hr_residual_needs_a_previous_scale():
     state_lib.check_config(c)
 
 
+def _accepted_and_builds(c, kind: str, field: str) -> tuple[bool, bool]:
+  """Whether `check_config` accepts ``c`` (a refusal must name ``field``)
+  and whether the ``kind`` networks of ``c`` build at all."""
+  try:
+    state_lib.check_config(c)
+    accepted = True
+  except InputError as e:
+    assert f"config {field}" in str(e)
+    accepted = False
+  try:
+    state_lib.abstract_state(c, kind)
+    builds = True
+  except Exception:  # pylint: disable=broad-except  # any crash counts
+    builds = False
+  return accepted, builds
+
+
 def test_lr_size_rule_is_the_lr_networks_own():
   # check_config accepts an lr_size exactly when both LR networks build.
   c = smoke()
@@ -98,17 +115,7 @@ def test_lr_size_rule_is_the_lr_networks_own():
       ("unet", "resnet"), (2, 3), (1, 2, 3), (4, 6, 8, 12, 16)):
     c.model.lr_generator, c.model.unet_levels = gen, levels
     c.model.d_layers, c.lr_size = d_layers, size
-    try:
-      state_lib.check_config(c)
-      accepted = True
-    except InputError as e:
-      assert "config lr_size" in str(e)
-      accepted = False
-    try:
-      state_lib.abstract_state(c, "lr")
-      builds = True
-    except Exception:  # pylint: disable=broad-except  # any crash counts
-      builds = False
+    accepted, builds = _accepted_and_builds(c, "lr", "lr_size")
     assert accepted == builds, (gen, levels, d_layers, size)
 
 
@@ -122,17 +129,7 @@ def test_patch_size_and_border_rules_are_the_hr_networks_and_grids_own():
     c.model.d_layers, c.patch_size, c.hr_condition = d_layers, p, cond
     c.model.hr_residual = cond != "none"
     c.border = 0
-    try:
-      state_lib.check_config(c)
-      accepted = True
-    except InputError as e:
-      assert "config patch_size" in str(e)
-      accepted = False
-    try:
-      state_lib.abstract_state(c, "hr")
-      builds = True
-    except Exception:  # pylint: disable=broad-except  # any crash counts
-      builds = False
+    accepted, builds = _accepted_and_builds(c, "hr", "patch_size")
     assert accepted == builds, (d_layers, p, cond)
   c.patch_size, c.model.d_layers, c.hr_condition = 16, 2, "upsampled"
   c.model.hr_residual = True
