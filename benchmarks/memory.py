@@ -589,7 +589,7 @@ def plan_cases(args) -> list[dict]:
                if model == "megan_cascade" else args.sizes)
       group += [{"model": model, "size": s, "measure": measure}
                 for s in sorted(set(sizes))]
-    if getattr(args, "order", "model") == "size":
+    if args.order == "size":
       group.sort(key=lambda c: c["size"])  # stable: models keep their order
     cases += group
   return cases

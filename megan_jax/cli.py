@@ -525,15 +525,13 @@ def expand_arg_files(argv: Sequence[str], depth: int = 0) -> list[str]:
     if depth >= MAX_LIST_DEPTH:
       raise InputError(f"list file {path}: @ lists nested more than "
                        f"{MAX_LIST_DEPTH} deep")
+    from megan_jax import io  # only here: --help stays fast
     try:
-      with open(path, encoding="utf-8-sig") as f:
-        lines = f.read().splitlines()
+      args = io.read_list_file(path)
     except UnicodeDecodeError:
       raise InputError(f"list file {path}: not UTF-8 text") from None
     except OSError as e:
       raise InputError(f"list file {path}: {e.strerror or e}") from None
-    args = [ln.strip() for ln in lines]
-    args = [a for a in args if a and not a.startswith("#")]
     if not args:
       raise InputError(f"list file {path}: no entries (only blank or # "
                        "lines)")

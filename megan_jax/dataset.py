@@ -73,13 +73,10 @@ def list_volumes(path: str, label_suffix: str = "") -> list[str]:
   elif os.path.isfile(path) and not io.is_nifti_path(path):
     base = os.path.dirname(os.path.abspath(path))
     try:
-      with open(path, encoding="utf-8-sig") as f:  # a BOM is no path
-        lines = [line.strip() for line in f]
+      files = [os.path.join(base, line) for line in io.read_list_file(path)]
     except (UnicodeDecodeError, ValueError):
       raise InputError(f"dataset {path}: neither a NIfTI file (.nii, "
                        ".nii.gz) nor a text list of paths") from None
-    files = [os.path.join(base, line) for line in lines
-             if line and not line.startswith("#")]
   elif os.path.isfile(path):
     files = [path]
   else:

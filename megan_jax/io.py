@@ -355,6 +355,16 @@ def write_text(path: str | os.PathLike, text: str) -> str:
   return os.fspath(path)
 
 
+def read_list_file(path: str | os.PathLike) -> list[str]:
+  """The entries of a text list file (training data, ``megan translate -i
+  @LIST``): one per line, surrounding blanks stripped, blank lines and
+  ``#`` comments skipped, a UTF-8 BOM ignored. Raises ``OSError`` and
+  ``UnicodeDecodeError`` for the caller to word."""
+  with open(path, encoding="utf-8-sig") as f:  # a BOM is no entry
+    lines = [line.strip() for line in f]
+  return [line for line in lines if line and not line.startswith("#")]
+
+
 def _one_line(e: BaseException) -> str:
   text = " ".join(str(e).split()) or type(e).__name__
   return text[:200]
