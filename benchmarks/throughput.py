@@ -698,8 +698,9 @@ def bench_train_step(args, sizes: Sizes, tc: Torch) -> list[dict]:
     def measure(kind=kind, impl=impl, batch=batch):
       step = JaxStep(sizes, kind, impl, batch, args.seed)
       initial.setdefault(kind, step.host_params)
-      repeats = (args.plain_repeats or args.repeats) if impl == "plain" else (
-          args.repeats)
+      repeats = args.repeats
+      if impl == "plain" and args.plain_repeats:
+        repeats = args.plain_repeats
       first, times = time_calls(step, repeats, jax.block_until_ready)
       return dict(_timed_row(first, times, xla_compile_s=step.xla_compile_s),
                   s_per_step=_r(statistics.median(times)), **step.counts)
@@ -1524,9 +1525,11 @@ def parse_args(argv, backend: str | None = None):
             [a.stitch_batch], "--cascade-sizes": a.cascade_sizes,
             "--cascade-batch": [a.cascade_batch
                                 if isinstance(a.cascade_batch, int) else 1],
-            "--cascade-repeats": [1 if a.cascade_repeats is None else a.cascade_repeats],
+            "--cascade-repeats": [1 if a.cascade_repeats is None
+                                  else a.cascade_repeats],
             "--edge-sizes": [v - 1 for v in a.edge_sizes],
-            "--torch-threads": [1 if a.torch_threads is None else a.torch_threads]}
+            "--torch-threads": [1 if a.torch_threads is None
+                                else a.torch_threads]}
   for flag, values in counts.items():
     if any(v < 1 for v in values):
       p.error(f"{flag} {values}: must be >= 1")
