@@ -7,6 +7,7 @@ fix is one line on stderr (``megan: error: <file>: <problem>``), exit status
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -101,7 +102,8 @@ def _add_edges(sub):
   p.add_argument("-o", "--output", required=True, metavar="OUT",
                  help="output .nii/.nii.gz (must not exist as an input)")
   p.add_argument("--mask", metavar="MASK",
-                 help="label mask (e.g. a tumour) written onto the sketch")
+                 help="label mask (e.g. a tumour; voxels > 0.5 are inside) "
+                 "written onto the sketch")
   p.add_argument("--sigma", type=_sigma, default=1.0,
                  help="Gaussian smoothing in voxels (default 1.0, at most "
                  f"{MAX_SIGMA:g})")
@@ -124,23 +126,33 @@ def cmd_edges(args) -> int:
   if not args.no_png and os.path.isdir(_png_path(args.output)):
     raise InputError(f"montage {_png_path(args.output)}: is a folder "
                      "(or use --no-png)")
-  if not 0 <= args.low <= args.high:
+  if not 0 <= args.low <= args.high <= 1:
     raise InputError(f"--low {args.low:g} / --high {args.high:g}: need "
-                     "0 <= low <= high")
+                     "0 <= low <= high <= 1")
   vol = load_input(args.input)
   label = load_label(args.mask, vol)
-  sketch = edges.canny_3d(vol.data, sigma=args.sigma,
-                          low_threshold=args.low, high_threshold=args.high,
-                          engine=args.engine)
+  try:
+    sketch = edges.canny_3d(vol.data, sigma=args.sigma,
+                            low_threshold=args.low, high_threshold=args.high,
+                            engine=args.engine)
+  except InputError as e:  # e.g. a volume one voxel thin
+    raise InputError(f"input {args.input}: {e}") from None
   if label is not None:
     sketch = edges.add_label(sketch, label)
+  image = None if args.no_png else writers.montage(
+      {"input": normalise(vol.data)[0], "edges": sketch * 2.0 - 1.0})
   io.save_nifti(args.output, sketch, vol.affine, vol.header,
                 inputs=[args.input, args.mask])
-  print(f"wrote {args.output}")
-  if not args.no_png:
+  if image is not None:
     png = _png_path(args.output)
-    image, _ = normalise(vol.data)
-    writers.montage({"input": image, "edges": sketch * 2.0 - 1.0}, png)
+    try:
+      writers.write_png(png, image)
+    except BaseException:  # both files or neither
+      with contextlib.suppress(OSError):
+        os.remove(args.output)
+      raise
+  print(f"wrote {args.output}")
+  if image is not None:
     print(f"wrote {png}")
   return 0
 
@@ -208,7 +220,7 @@ def _add_translate(sub):
   p.add_argument("--workdir", required=True, help="a trained run's folder")
   p.add_argument("--mask", nargs="+", metavar="MASK",
                  help="label mask written onto the sketches (e.g. a "
-                 "tumour); one per input")
+                 "tumour; voxels > 0.5 are inside); one per input")
   p.add_argument("--mask-augment", type=_seed, default=None, metavar="SEED",
                  help="scale (±15 %%) and mirror the mask at random first: "
                  "a new lesion placement per seed (the paper's augmentation)")
@@ -270,6 +282,20 @@ def translate_jobs(inputs: Sequence[str], output: str,
 
 
 def cmd_translate(args) -> int:
+  made = []  # the output folder, if this command made it
+  try:
+    code = _translate(args, made)
+  except BaseException:
+    code = None
+    raise
+  finally:
+    if made and code != 0:  # failed: leave no empty folder behind
+      with contextlib.suppress(OSError):
+        os.rmdir(made[0])  # only if empty
+  return code
+
+
+def _translate(args, made: list) -> int:
   import numpy as np
   from megan_jax import data, infer, io
   jobs = translate_jobs(args.input, args.output, args.mask)
@@ -290,6 +316,8 @@ def cmd_translate(args) -> int:
   if not args.plan:
     if jobs[0][1] != args.output:  # into the folder OUT
       try:
+        if not os.path.isdir(args.output):
+          made.append(args.output)
         os.makedirs(args.output, exist_ok=True)
       except OSError as e:
         raise InputError(f"output {args.output}: cannot make the folder "
@@ -395,8 +423,9 @@ def _add_evaluate(sub):
                  help="predicted volume (.nii/.nii.gz), or a folder of them")
   p.add_argument("--target", required=True,
                  help="ground truth (.nii/.nii.gz), or a folder of them")
-  p.add_argument("--mask", help="evaluate inside this mask only (with "
-                 "folders: one mask for all, or a folder matched by name)")
+  p.add_argument("--mask", help="evaluate inside this mask only (voxels > "
+                 "0.5; with folders: one mask for all, or a folder matched by "
+                 "name)")
   p.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"),
                  help="intensities mapped to 0 and 1 (default: each target's "
                  "min and max)")
@@ -606,6 +635,15 @@ def os_error_line(e: OSError) -> str:
   return f"{' -> '.join(names)}: {reason}" if names else reason
 
 
+def _end_progress_bars() -> None:
+  """Closes the progress bars an error left open, so that its message starts
+  a line of its own rather than trailing the bar's."""
+  std = sys.modules.get("tqdm.std")  # not imported: no bar was shown
+  if std is not None:
+    for bar in list(getattr(std.tqdm, "_instances", ())):
+      bar.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   # --config.FIELD=VALUE overrides are free-form; argparse sees the rest.
@@ -627,12 +665,15 @@ def main(argv: Sequence[str] | None = None) -> int:
       sharding.initialize_distributed()
     return int(args.func(args) or 0)
   except InputError as e:
+    _end_progress_bars()
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
   except OSError as e:  # a folder that cannot be made, a full disk, ...
+    _end_progress_bars()
     print(f"{PROG}: error: {os_error_line(e)}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
+    _end_progress_bars()
     print(f"{PROG}: interrupted", file=sys.stderr)
     return 130
 

@@ -616,7 +616,8 @@ def canny_3d(volume,
     sigma: standard deviation of the Gaussian smoothing, in voxels (0 = none).
     low_threshold: hysteresis low threshold, a fraction of the maximum
       gradient magnitude (or a quantile in [0, 1] with ``use_quantiles``).
-    high_threshold: hysteresis high threshold, same units, >= low_threshold.
+    high_threshold: hysteresis high threshold, same units, >= low_threshold
+      and <= 1.
     mask: optional ``[D, H, W]`` region of interest (nonzero = inside), e.g. a
       foreground mask. Edges outside are zeroed, and thresholds and the
       scaling use only voxels inside. The volume is smoothed unmasked, so the
@@ -647,11 +648,10 @@ def canny_3d(volume,
   low, high = float(low_threshold), float(high_threshold)
   if not sigma >= 0:
     raise InputError(f"sigma: expected >= 0, got {sigma}")
-  if not 0 <= low <= high:
-    raise InputError(
-        f"thresholds: expected 0 <= low <= high, got low={low}, high={high}")
-  if use_quantiles and high > 1:
-    raise InputError(f"thresholds: quantiles must be <= 1, got high={high}")
+  # Fractions of the largest magnitude or quantiles: above 1, no voxel.
+  if not 0 <= low <= high <= 1:
+    raise InputError(f"thresholds: expected 0 <= low <= high <= 1, got "
+                     f"low={low}, high={high}")
 
   engine = ENGINE if engine is None else engine
   if engine not in ENGINES:

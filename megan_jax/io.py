@@ -252,8 +252,10 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None
   """Yields a temporary path beside ``path``; renames it to ``path`` on success.
 
   On any exception the temporary file is removed, so nothing half-written is
-  left behind. ``suffix`` defaults to the target's (``.nii.gz``, ``.png``),
-  which lets writers pick the format from the name.
+  left behind; an ``OSError`` naming no file or the temporary one (a full
+  disk, say) is raised again naming ``path``. ``suffix`` defaults to the
+  target's (``.nii.gz``, ``.png``), which lets writers pick the format from
+  the name.
   """
   path = os.fspath(path)
   folder = os.path.dirname(os.path.abspath(path))
@@ -268,9 +270,12 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None
     # mkstemp makes the file private (0600); give it the usual permissions.
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(OSError):
       os.remove(tmp)
+    if isinstance(e, OSError) and e.filename in (None, tmp):
+      raise OSError(e.errno, f"could not be written ({_one_line(e)})",
+                    path) from None
     raise
 
 
@@ -327,8 +332,12 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray,
   else:
     cls = nib.Nifti1Image
   header = header.copy() if header is not None else None
-  if header is not None and len(header.get_data_shape()) != 3:
-    header.set_data_shape(data.shape)
+  if header is not None:
+    kept = tuple(header.get_data_shape())
+    if kept[:3] == data.shape and set(kept[3:]) == {1}:
+      data = data.reshape(kept)  # a 4D input with one volume stays 4D
+    elif len(kept) != 3:
+      header.set_data_shape(data.shape)
   img = cls(data.astype(dtype, copy=False), affine, header)
   img.header.set_data_dtype(dtype)
   img.header.set_slope_inter(1.0, 0.0)
@@ -336,14 +345,8 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray,
   # output's: unset them (0 = use the data's range; no intent).
   img.header["cal_min"], img.header["cal_max"] = 0.0, 0.0
   img.header.set_intent("none")
-  with atomic_path(path) as tmp:
-    try:
-      nib.save(img, tmp)
-    except OSError as e:  # a full disk, say: name the output
-      if e.filename is None:
-        raise OSError(e.errno, f"could not be written ({_one_line(e)})",
-                      path) from None
-      raise
+  with atomic_path(path) as tmp:  # a full disk, say, names ``path``
+    nib.save(img, tmp)
   return path
 
 

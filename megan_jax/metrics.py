@@ -210,7 +210,9 @@ def ssim(a: Array, b: Array, mask: Array | None = None, *,
   mask = _as_mask(mask, a.shape)
   sums, counts = _ssim_plane_sums(a, b, mask, jnp.asarray(data_range, a.dtype),
                                   sigma=float(sigma))
-  return _masked_mean(sums, counts, "ssim")
+  # SSIM lies in [-1, 1]; float32 rounding can step past (1 + 5e-8 for
+  # identical volumes).
+  return min(max(_masked_mean(sums, counts, "ssim"), -1.0), 1.0)
 
 
 # ---------------------------------------------------------------------------

@@ -667,7 +667,12 @@ class Checkpoints:
     mngr, step = self._step(which)
     if step is None:
       return None
-    return mngr.restore(step, args=self._ocp.args.StandardRestore(abstract))
+    _drop_closed_loop_reports()
+    try:
+      return mngr.restore(step, args=self._ocp.args.StandardRestore(abstract))
+    except Exception as e:  # damaged files, or another network's shapes
+      raise unreadable_checkpoint(
+          os.path.join(mngr.directory, str(step)), e) from None
 
   def restore_generator(self, abstract_g, which: str = "latest",
                         sharding=None) -> tuple[int, Any] | None:
@@ -680,6 +685,7 @@ class Checkpoints:
     mngr, step = self._step(which)
     if step is None:
       return None
+    _drop_closed_loop_reports()
     item = {"step": jax.ShapeDtypeStruct((), jnp.int32), "g_params": abstract_g}
     restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(sharding=sharding, dtype=x.dtype), item)
@@ -695,10 +701,8 @@ class Checkpoints:
         got = reader.restore(step, args=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True))
       except Exception as e:  # damaged files, or another network's shapes
-        text = " ".join(str(e).split())[:300]
-        raise InputError(
-            f"checkpoint {os.path.join(mngr.directory, str(step))}: "
-            f"unreadable ({type(e).__name__}: {text})") from None
+        raise unreadable_checkpoint(
+            os.path.join(mngr.directory, str(step)), e) from None
       finally:
         reader.close()
     return int(got["step"]), got["g_params"]
@@ -720,6 +724,49 @@ class Checkpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def unreadable_checkpoint(path: str, error: BaseException) -> InputError:
+  """The one-line error for a checkpoint orbax failed to read: its folder
+  and the innermost cause (where tensorstore says which file and what is
+  wrong; the outer ones wrap it in a dump of the store's spec)."""
+  seen, root = set(), error
+  while id(root) not in seen:
+    seen.add(id(root))
+    nxt = root.__cause__ or root.__context__
+    if nxt is None:
+      break
+    root = nxt
+  text = " ".join(f"{type(root).__name__}: {root}".split())
+  if len(text) > 300:
+    text = text[:297] + "..."
+  return InputError(f"checkpoint {path}: unreadable ({text})")
+
+
+def _drop_closed_loop_reports() -> None:
+  """When one array of a checkpoint fails to read, orbax closes its event
+  loop while tensorstore's other reads still complete on it: each reports
+  ``RuntimeError: Event loop is closed``, and at exit each of orbax's
+  read coroutines left pending reports that it was never finished (dozens
+  of tracebacks around our one line), all through ``sys.unraisablehook``.
+  Installs, once, a hook that drops just those and passes everything else
+  to the hook before it. Called before every restore: the reports can come
+  before the failure reaches us."""
+  import sys
+  previous = sys.unraisablehook
+  if getattr(previous, "_megan_drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    if (unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    code = getattr(unraisable.object, "cr_code", None)  # a coroutine's
+    if "orbax" in getattr(code, "co_filename", ""):
+      return
+    previous(unraisable)
+  hook._megan_drops_closed_loop = True
+  sys.unraisablehook = hook
 
 
 def quiet_orbax():

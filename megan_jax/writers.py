@@ -422,23 +422,19 @@ def montage(
   rgb = np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
   if path is not None:
-    _write_png_atomically(os.fspath(path), rgb)
+    write_png(os.fspath(path), rgb)
   return rgb
 
 
-def _write_png_atomically(path: str, image: np.ndarray) -> None:
-  folder, base = os.path.split(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  # A plain open() (not mkstemp) so the file gets the umask's permissions.
-  tmp = os.path.join(folder, f".{base}.{os.getpid()}.tmp")
-  try:
+def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
+  """Writes an ``[H, W, 3]`` uint8 RGB array as a PNG, atomically (a
+  temporary file beside ``path``, then renamed), making its folder."""
+  path = os.fspath(path)
+  from megan_jax import io as mio  # `io` here is the standard library's
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with mio.atomic_path(path, ".png") as tmp:
     with open(tmp, "wb") as f:
       f.write(encode_png(image))
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 __all__ = [
@@ -452,4 +448,5 @@ __all__ = [
     "masked_crc32c",
     "montage",
     "tfrecord",
+    "write_png",
 ]

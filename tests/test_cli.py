@@ -339,6 +339,30 @@ def test_edges_refuses_a_montage_path_that_is_a_folder(tmp_path, capsys):
   assert sorted(os.listdir(tmp_path)) == ["x.png"]  # no NIfTI either
 
 
+def test_edges_whose_montage_cannot_be_written_leaves_no_nifti(
+    tmp_path, capsys, monkeypatch):
+  import errno
+  from megan_jax import writers
+  real = writers.encode_png
+
+  def full(image):  # the disk fills up while the PNG is written
+    real(image)
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(writers, "encode_png", full)
+  out = tmp_path / "x.nii.gz"
+  code, _, err = _run(["edges", "-i", "mni152", "-o", str(out)], capsys)
+  assert code == 2 and "x.png" in err and "No space left" in err
+  assert os.listdir(tmp_path) == []  # neither file, no temporary one
+
+
+def test_edges_thresholds_above_one_are_refused(tmp_path, capsys):
+  code, _, err = _run(["edges", "-i", "mni152", "-o",
+                       str(tmp_path / "x.nii.gz"), "--low", "0.5",
+                       "--high", "2"], capsys)
+  assert code == 2 and "--high 2" in err and "<= 1" in err
+  assert os.listdir(tmp_path) == []
+
+
 def test_bad_process_count_in_the_environment(monkeypatch, capsys):
   monkeypatch.setenv("MEGAN_DISTRIBUTED", "1")
   monkeypatch.setenv("MEGAN_NUM_PROCESSES", "abc")

@@ -617,3 +617,23 @@ def test_translator_arguments_are_checked(run_dir, params):
   vol = _volume()
   np.testing.assert_array_equal(one.translate(jax.numpy.asarray(vol)),
                                 one.translate(vol))
+
+
+def test_a_failed_translate_leaves_no_empty_output_folder(run_dir, tmp_path,
+                                                          capsys):
+  src = _nifti(tmp_path / "src.nii.gz", _volume())
+  bad = np.full(SHAPE, np.nan, np.float32)
+  bad1 = _nifti(tmp_path / "bad1.nii.gz", bad)
+  bad2 = _nifti(tmp_path / "bad2.nii.gz", bad)
+  not_a_run = tmp_path / "not_a_run"
+  not_a_run.mkdir()
+  out = tmp_path / "out"
+  for argv in ([src, "-o", f"{out}/", "--workdir", str(not_a_run)],
+               [bad1, bad2, "-o", f"{out}/", "--workdir", run_dir]):
+    assert cli.main(["translate", "-i", *argv, "--quiet"]) == 2
+    assert not out.exists()
+  capsys.readouterr()
+  out.mkdir()  # a folder that was there stays, even empty
+  assert cli.main(["translate", "-i", bad1, bad2, "-o", f"{out}/",
+                   "--workdir", run_dir, "--quiet"]) == 2
+  assert out.is_dir()

@@ -45,7 +45,16 @@ def test_roundtrip_keeps_affine_header_and_values(tmp_path):
 
 def test_4d_single_volume_is_squeezed(tmp_path):
   src = _write(tmp_path / "in.nii", np.ones((4, 5, 6, 1)) * np.arange(6)[:, None])
-  assert io.load_nifti(src).data.shape == (4, 5, 6)
+  vol = io.load_nifti(src)
+  assert vol.data.shape == (4, 5, 6)
+  # Written back with its header, it keeps the input's shape (X, Y, Z, 1).
+  out = io.save_nifti(tmp_path / "out.nii.gz", vol.data * 2, like=vol)
+  back = nib.load(out)
+  assert back.shape == (4, 5, 6, 1)
+  np.testing.assert_array_equal(back.get_fdata()[..., 0], vol.data * 2)
+  # Without an input's header (or with a 3D one) the output is 3D.
+  assert nib.load(io.save_nifti(tmp_path / "plain.nii.gz", vol.data)).shape \
+      == (4, 5, 6)
 
 
 def _err(path, **kw):
@@ -136,6 +145,27 @@ def test_write_text_is_atomic(tmp_path):
   assert io.write_text(path, '{"a": 1}') == str(path)
   assert path.read_text() == '{"a": 1}'
   assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp left
+
+
+def test_a_full_disk_names_the_output_not_the_temporary_file(tmp_path):
+  # What a full disk raises from a write names no file (or the temporary
+  # one): the error names the output, and the temporary file is gone.
+  import errno
+  for filename in (None, "tmp"):
+    target = tmp_path / "scores.json"
+    with pytest.raises(OSError, match="No space left") as e:
+      with io.atomic_path(target) as tmp:
+        open(tmp, "w").write("half")
+        raise OSError(errno.ENOSPC, "No space left on device",
+                      *([tmp] if filename else []))
+    assert e.value.filename == str(target)
+    assert e.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == []
+  # An error about another file keeps its own name.
+  with pytest.raises(OSError) as e:
+    with io.atomic_path(tmp_path / "x.json"):
+      open(tmp_path / "missing" / "y")
+  assert e.value.filename == str(tmp_path / "missing" / "y")
 
 
 def _patched_header(src, dst, **fields):

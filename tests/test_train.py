@@ -365,3 +365,76 @@ def test_batches_of_the_wrong_shape_say_so():
     state_lib.build_generator(config, "foo")
   with pytest.raises(InputError, match="which='foo'"):
     train.restore("/nonexistent", "foo")
+
+
+def _damage(checkpoint):
+  """Cuts the array data files of an orbax checkpoint to 10 bytes (a disk
+  that filled up, a copy that stopped half-way)."""
+  import glob
+  for f in glob.glob(os.path.join(checkpoint, "default", "ocdbt.process_*",
+                                  "d", "*")):
+    os.truncate(f, min(10, os.path.getsize(f)))
+
+
+# In this process pytest collects those reports itself.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_damaged_checkpoint_is_one_line_naming_it(run_dir, tmp_path):
+  # Training's resume (and train.restore) read the whole state: a damaged
+  # file is an InputError naming the checkpoint and tensorstore's reason,
+  # and the process's stderr is that line alone (orbax's other reads, still
+  # under way on the event loop it has closed, are not reported).
+  import shutil
+  import subprocess
+  import sys
+  run = tmp_path / "run"
+  shutil.copytree(run_dir, run)
+  _damage(run / "checkpoints" / "lr" / "latest" / "0")
+  with pytest.raises(InputError) as e:
+    train.restore(str(run))
+  msg = str(e.value)
+  assert msg.startswith(f"checkpoint {run / 'checkpoints' / 'lr' / 'latest' / '0'}: ")
+  assert "\n" not in msg and "TensorStore(" not in msg
+  script = ("import sys\nfrom megan_jax import train\nfrom megan_jax.errors "
+            "import InputError\ntry:\n  train.restore(sys.argv[1])\nexcept "
+            "InputError as e:\n  print(e, file=sys.stderr)\n  sys.exit(2)\n")
+  r = subprocess.run([sys.executable, "-c", script, str(run)],
+                     capture_output=True, text=True, timeout=300,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 2
+  lines = r.stderr.strip().splitlines()  # which array fails first varies
+  assert len(lines) == 1 and lines[0].startswith(msg.split(" (")[0] + " (")
+
+
+def test_after_a_damaged_read_only_orbaxs_closed_loop_reports_are_dropped(
+    monkeypatch):
+  # Those reports come from tensorstore's threads at a time of their own
+  # (none to dozens per run): the hook is tested directly.
+  import sys
+  import types
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  try:
+    raise InputError("outer") from ValueError("OUT_OF_RANGE: a.kernel")
+  except InputError as e:
+    err = state_lib.unreadable_checkpoint("/r/ckpt/3", e)
+  assert str(err) == ("checkpoint /r/ckpt/3: unreadable (ValueError: "
+                      "OUT_OF_RANGE: a.kernel)")  # the innermost cause
+  state_lib._drop_closed_loop_reports()
+  hook = sys.unraisablehook
+  state_lib._drop_closed_loop_reports()
+  assert sys.unraisablehook is hook  # installed once
+
+  def report(exc, obj=None):
+    return types.SimpleNamespace(exc_type=type(exc), exc_value=exc,
+                                 exc_traceback=None, err_msg=None, object=obj)
+  hook(report(RuntimeError("Event loop is closed")))
+  orbax_read = types.SimpleNamespace(cr_code=types.SimpleNamespace(
+      co_filename="/site-packages/orbax/checkpoint/serialization.py"))
+  hook(report(ImportError("sys.meta_path is None"), orbax_read))
+  assert seen == []
+  other = report(RuntimeError("something else"))
+  hook(other)
+  mine = report(ImportError("x"), types.SimpleNamespace(
+      cr_code=types.SimpleNamespace(co_filename="/home/me/job.py")))
+  hook(mine)
+  assert seen == [other, mine]
