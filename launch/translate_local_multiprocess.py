@@ -11,6 +11,10 @@ resume folder beside it). It is what a SLURM job does across nodes
   python launch/translate_local_multiprocess.py --workdir RUN \\
       -i IN.nii.gz -o OUT.nii.gz --processes 2 --devices-per-process 4
 
+Any other ``megan translate`` option (``--batch-size auto``, ``--plan``,
+``--skip-existing``, ``--mask-augment SEED``, ...) is passed on to every
+process.
+
 Exit status: 0 when every process succeeded, else the first failure's (the
 other processes are then stopped).
 """
@@ -39,7 +43,8 @@ def free_port() -> int:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       description="Translate IN with a trained run on several local "
-      "processes (one JAX job over processes x devices CPU devices).")
+      "processes (one JAX job over processes x devices CPU devices). Other "
+      "megan translate options are passed on to every process.")
   p.add_argument("--workdir", required=True, help="a trained run's folder")
   p.add_argument("-i", "--input", required=True, nargs="+", metavar="IN",
                  help="source volume(s) (.nii/.nii.gz), or 'mni152'")
@@ -52,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="processes to start (default 2)")
   p.add_argument("--devices-per-process", type=int, default=4,
                  help="forced CPU devices per process (default 4)")
-  p.add_argument("--batch-size", type=int, default=None,
-                 help="patches per batch over all devices (default: the run's)")
+  p.add_argument("--batch-size", default=None,
+                 help="patches per batch over all devices, or 'auto' "
+                 "(default: the run's)")
   p.add_argument("--dtype", default="float32",
                  choices=("float32", "bf16", "bfloat16"))
   p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -75,7 +81,7 @@ def translate_argv(args) -> list[str]:
     argv += ["--batch-size", str(args.batch_size)]
   if args.quiet or args.process_id:  # one set of progress bars is enough
     argv.append("--quiet")
-  return argv
+  return argv + list(args.translate_options)
 
 
 def _exit_now(rc: int) -> None:
@@ -142,6 +148,7 @@ def launch(args) -> int:
     base += ["--batch-size", str(args.batch_size)]
   if args.quiet:
     base.append("--quiet")
+  base += list(args.translate_options)
   env = child_env(args.devices_per_process)
   procs = []
   signal.signal(signal.SIGTERM, _interrupt)  # e.g. `kill LAUNCHER`: stop all
@@ -179,8 +186,16 @@ def _stop(procs) -> None:
     p.wait()
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+  """The launcher's options; the rest (``translate_options``) go to
+  ``megan translate`` as they are."""
+  args, rest = build_parser().parse_known_args(argv)
+  args.translate_options = rest
+  return args
+
+
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
+  args = parse_args(argv)
   if args.process_id is not None:
     return worker(args)
   return launch(args)

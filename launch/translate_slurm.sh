@@ -15,8 +15,13 @@
 # beside it (.OUT.partial): sbatch the same command again after a kill or a
 # time-out and it continues where it stopped.
 #
-# Every node must read RUN and IN at the same paths (a shared file system).
-# Put OUT on the shared file system too.
+# Every node must read RUN and IN at the same paths (a shared file system),
+# and the same files: every process checks that its checkpoints and its
+# input's voxels are those of the others, and the job stops with an error if
+# not. Put OUT on the shared file system too. A task that fails (bad input,
+# a full disk) exits at once and srun's --kill-on-bad-exit ends the others;
+# scancel sends SIGKILL after the KillWait (XLA takes SIGTERM as a
+# preemption notice and goes on).
 #
 # EDIT the #SBATCH lines for your cluster: nodes, GPUs per node (tasks per node
 # = GPUs per node), CPUs, time, and your partition/account.
@@ -51,5 +56,9 @@ shift 3
 
 # Joins the job (megan_jax.sharding.initialize_distributed detects SLURM),
 # then runs `megan translate` in every task: the same arguments everywhere.
-srun --kill-on-bad-exit=1 megan --distributed translate \
+# --cpus-per-task again: Slurm 22.05 to 23.02 do not pass it from sbatch to
+# srun, which would leave each task one CPU for its host-side work (edges,
+# stitching).
+srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+  megan --distributed translate \
   --workdir "$RUN" -i "$IN" -o "$OUT" --quiet "$@"

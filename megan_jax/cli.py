@@ -297,13 +297,79 @@ def cmd_translate(args) -> int:
 
 def _translate(args, made: list) -> int:
   import numpy as np
-  from megan_jax import data, infer, io
+  from megan_jax import infer
   jobs = translate_jobs(args.input, args.output, args.mask)
   if args.mask_augment is not None and not args.mask:
     raise InputError("--mask-augment: needs --mask")
+  error = None
+  try:
+    geometry = _check_translate_jobs(args, jobs, made)
+  except (InputError, OSError) as e:
+    error = e
+  if _multiprocess():  # all stop, or the others would wait for this one
+    from megan_jax import sharding
+    sharding.agree(error, "megan translate's inputs and outputs")
+  elif error is not None:
+    raise error
+  translator = infer.load(args.workdir, batch_size=args.batch_size,
+                          dtype=args.dtype)
+  report = translator.is_writer  # of several processes, process 0 reports
+  plans = {}
+  for inp, _, _ in jobs:
+    try:
+      shape = infer.working_shape(translator.config, geometry[inp])
+      if shape not in plans:
+        plans[shape] = translator.plan(shape)
+    except InputError as e:  # e.g. too large for the run's LR scale
+      zooms = np.linalg.norm(geometry[inp][1][:3, :3], axis=0)
+      raise InputError(
+          f"input {inp} ({'x'.join(map(str, geometry[inp][0]))} voxels of "
+          f"{'x'.join(f'{z:.3g}' for z in zooms)} mm): {e}") from None
+    if args.plan and report:
+      if len(jobs) > 1:
+        print(f"{inp}:")
+      for r in plans[shape]:
+        print(r.line())
+  if args.plan:
+    return 0
+  for reports in plans.values():
+    translator.check_device_memory(reports)
+  failed = []
+  for i, (inp, out, mask) in enumerate(jobs):
+    tag = f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else ""
+    if args.skip_existing and os.path.exists(out):
+      if report:
+        print(f"{tag}skipped {out} (exists)")
+      continue
+    try:
+      infer.translate_file(translator, inp, out, mask,
+                           progress=not args.quiet,
+                           mask_augment_seed=args.mask_augment)
+    except (InputError, OSError) as e:
+      if len(jobs) == 1:
+        raise
+      failed.append(inp)  # the others go on; the exit status says so
+      _end_progress_bars()
+      line = os_error_line(e) if isinstance(e, OSError) else str(e)
+      print(f"{PROG}: error: {line}", file=sys.stderr)
+      continue
+    if report:  # in a multi-process job only process 0 writes
+      print(f"{tag}wrote {out}")
+  if failed:
+    print(f"{PROG}: error: {len(failed)} of {len(jobs)} inputs failed: "
+          f"{', '.join(failed)}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def _check_translate_jobs(args, jobs, made: list) -> dict:
+  """Every input's header (no voxels) and mask grid, and every output path,
+  checked before any work; makes the output folder (noted in ``made``).
+  Returns ``{input: (shape, affine)}``."""
+  from megan_jax import data, io
   if not os.path.isdir(args.workdir):
     raise InputError(f"workdir {args.workdir}: no such folder")
-  geometry = {}  # every input's header (no voxels), read before any work
+  geometry = {}
   for inp, _, mask in jobs:
     if inp == data.MNI152_NAME:
       t1 = data.mni152("t1")
@@ -325,52 +391,7 @@ def _translate(args, made: list) -> int:
     every_input = [p for job in jobs for p in (job[0], job[2])]
     for _, out, _ in jobs:
       io.check_output_path(out, every_input)
-  translator = infer.load(args.workdir, batch_size=args.batch_size,
-                          dtype=args.dtype)
-  plans = {}
-  for inp, _, _ in jobs:
-    try:
-      shape = infer.working_shape(translator.config, geometry[inp])
-      if shape not in plans:
-        plans[shape] = translator.plan(shape)
-    except InputError as e:  # e.g. too large for the run's LR scale
-      zooms = np.linalg.norm(geometry[inp][1][:3, :3], axis=0)
-      raise InputError(
-          f"input {inp} ({'x'.join(map(str, geometry[inp][0]))} voxels of "
-          f"{'x'.join(f'{z:.3g}' for z in zooms)} mm): {e}") from None
-    if args.plan:
-      if len(jobs) > 1:
-        print(f"{inp}:")
-      for r in plans[shape]:
-        print(r.line())
-  if args.plan:
-    return 0
-  for reports in plans.values():
-    translator.check_device_memory(reports)
-  failed = []
-  for i, (inp, out, mask) in enumerate(jobs):
-    tag = f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else ""
-    if args.skip_existing and os.path.exists(out):
-      if translator.is_writer:
-        print(f"{tag}skipped {out} (exists)")
-      continue
-    try:
-      infer.translate_file(translator, inp, out, mask,
-                           progress=not args.quiet,
-                           mask_augment_seed=args.mask_augment)
-    except InputError as e:
-      if len(jobs) == 1:
-        raise
-      failed.append(inp)  # the others go on; the exit status says so
-      print(f"{PROG}: error: {e}", file=sys.stderr)
-      continue
-    if translator.is_writer:  # in a multi-process job only process 0 writes
-      print(f"{tag}wrote {out}")
-  if failed:
-    print(f"{PROG}: error: {len(failed)} of {len(jobs)} inputs failed: "
-          f"{', '.join(failed)}", file=sys.stderr)
-    return 2
-  return 0
+  return geometry
 
 
 # ---------------------------------------------------------------------------
@@ -644,7 +665,31 @@ def _end_progress_bars() -> None:
       bar.close()
 
 
+def _multiprocess() -> bool:
+  """Whether this process is one of several of a ``jax.distributed`` job."""
+  jax = sys.modules.get("jax")  # not imported: not joined either
+  return (jax is not None and jax.distributed.is_initialized()
+          and jax.process_count() > 1)
+
+
+def _leave_now(code: int) -> None:
+  """Ends a failed process of a multi-process job at once. A normal exit
+  would wait at ``jax.distributed``'s shutdown barrier (minutes) for the
+  others, which may be waiting for this one in a collective; exiting lets
+  the launcher stop them (``srun --kill-on-bad-exit``, the local launcher)."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+  code = _main(argv)
+  if code and _multiprocess():
+    _leave_now(code)
+  return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
   parser = build_parser()
   # --config.FIELD=VALUE overrides are free-form; argparse sees the rest.
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -676,6 +721,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _end_progress_bars()
     print(f"{PROG}: interrupted", file=sys.stderr)
     return 130
+  except Exception:  # a bug: its traceback, then out at once
+    if not _multiprocess():
+      raise
+    import traceback
+    traceback.print_exc()
+    _leave_now(1)
 
 
 if __name__ == "__main__":

@@ -253,6 +253,10 @@ class Translator:
     me = jax.process_index()
     dev = next(d for d in self.mesh.devices.flat if d.process_index == me)
     budget, where = memory_budget(dev)
+    if budget is not None and where == "host":
+      # This process's CPU devices share the host's RAM (as the memory
+      # check before a run counts them).
+      budget //= sum(d.process_index == me for d in self.mesh.devices.flat)
     n_dev = self.mesh.devices.size
     cap = AUTO_MAX_BATCH["cpu" if dev.platform == "cpu" else "gpu"]
     measured = {}
@@ -789,23 +793,35 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
   writer = translator.is_writer
   if mask_path is not None and label is not None:
     raise ValueError("translate_file: give mask_path or label, not both")
-  if writer:
-    io.check_output_path(out_path, [in_path, mask_path])
-  vol = load_source(in_path)
-  mask_id = None
-  if mask_path is not None:
-    label = io.load_nifti(mask_path, what="mask")
-    mask_id = _file_id(mask_path)
-  if label is not None:
-    label = mask_on(vol, label)
-    if mask_id is None:
-      mask_id = hashlib.sha1(np.packbits(label).tobytes()).hexdigest()
-    if mask_augment_seed is not None:
-      from megan_jax import edges
-      a = translator.config.augment
-      label = edges.augment_label(
-          label, np.random.default_rng(mask_augment_seed),
-          scale_range=a.label_scale, mirror=a.label_mirror) > 0
+  vol, error = None, None
+  try:
+    if writer:
+      io.check_output_path(out_path, [in_path, mask_path])
+    vol = load_source(in_path)
+    mask_id = None
+    if mask_path is not None:
+      label = io.load_nifti(mask_path, what="mask")
+      mask_id = _file_id(mask_path)
+    if label is not None:
+      label = mask_on(vol, label)
+      if mask_id is None:
+        mask_id = hashlib.sha1(np.packbits(label).tobytes()).hexdigest()
+      if mask_augment_seed is not None:
+        from megan_jax import edges
+        a = translator.config.augment
+        label = edges.augment_label(
+            label, np.random.default_rng(mask_augment_seed),
+            scale_range=a.label_scale, mirror=a.label_mirror) > 0
+  except (InputError, OSError) as e:
+    error = e
+  if translator.multiprocess:
+    # All stop, or the others would wait for this one in a collective; and
+    # all read the same voxels, or their patches would not fit together.
+    sharding.agree(error, f"input {in_path}")
+    sharding.assert_same_on_all(_content_digest(vol, label),
+                                f"input {in_path}")
+  elif error is not None:
+    raise error
   fp = _fingerprint(_file_id(vol.path), mask_id, mask_augment_seed,
                     translator.config.to_dict(), str(translator.dtype),
                     translator.fingerprint)
@@ -830,8 +846,16 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
         raise InputError(f"input {in_path}: {e}") from None
       raise
     if writer:
-      io.save_nifti(out_path, y, like=vol, inputs=[mask_path])
-      shutil.rmtree(folder, ignore_errors=True)
+      try:
+        io.save_nifti(out_path, y, like=vol, inputs=[mask_path])
+      except (InputError, OSError) as e:  # a full disk, say
+        error = e
+      else:
+        shutil.rmtree(folder, ignore_errors=True)
+    if translator.multiprocess:
+      sharding.agree(error, f"output {out_path}")
+    elif error is not None:
+      raise error
   finally:
     if lock is not None:
       os.close(lock)
@@ -839,6 +863,19 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"megan translate_file {out_path}")
   return out_path
+
+
+def _content_digest(vol: io.Volume, label) -> np.ndarray:
+  """A digest of a source's voxels, grid and label mask (16 bytes as int32s,
+  what the processes of a job compare)."""
+  h = hashlib.blake2b(digest_size=16)
+  data = np.ascontiguousarray(vol.data)
+  h.update(repr((data.shape, data.dtype.str)).encode())
+  h.update(data.reshape(-1).view(np.uint8))  # no copy
+  h.update(np.asarray(vol.affine, np.float64).tobytes())
+  if label is not None:
+    h.update(np.packbits(np.asarray(label, bool)).tobytes())
+  return np.frombuffer(h.digest(), np.int32)
 
 
 def load(workdir: str, *, devices=None, batch_size: int | str | None = None,

@@ -2,9 +2,11 @@
 
 Batches (of volumes in training, of patches in inference) are split over the
 "data" axis; parameters are replicated. ``jax.jit`` then runs each device on
-its slice (the current JAX way to write what ``pmap`` did). A batch whose size
-is not a multiple of the device count is padded and unpadded
-(``pad_to_devices``), so every device gets an equal slice.
+its slice (the current JAX way to write what ``pmap`` did). Inference's patch
+batch is a multiple of the device count, and its last batch is filled up by
+repeating the last patch (the repeats are dropped), so every device gets an
+equal slice; a training batch that does not divide evenly is replicated
+(``shard_batch``).
 
 Several processes (multi-host): ``initialize_distributed`` joins the job,
 after which ``jax.devices()`` (and so ``make_mesh()``) spans every process. A
@@ -55,16 +57,6 @@ def shard_batch(batch, mesh: Mesh):
     spec = batch_sharded(mesh) if x.shape[0] % n == 0 else replicated(mesh)
     return jax.device_put(x, spec)
   return jax.tree.map(put, batch)
-
-
-def pad_to_devices(x: np.ndarray, n_devices: int) -> tuple[np.ndarray, int]:
-  """Pads the leading axis to a multiple of ``n_devices`` (repeating the last
-  item); returns ``(padded, original_length)``."""
-  n = x.shape[0]
-  extra = (-n) % n_devices
-  if extra == 0:
-    return x, n
-  return np.concatenate([x, np.repeat(x[-1:], extra, axis=0)]), n
 
 
 # ---------------------------------------------------------------------------
@@ -198,7 +190,8 @@ def broadcast_from_0(x, chunk_bytes: int = BROADCAST_CHUNK_BYTES) -> np.ndarray:
 
   A large array (a resumed scale's volume) goes in slabs along its first axis,
   so the broadcast never needs more than ``chunk_bytes`` per device. Values
-  arrive bit for bit (others contribute zeros to a sum).
+  arrive exactly (the others contribute zeros to a sum; so a -0.0 arrives as
+  0.0).
   """
   x = np.asarray(x)
   if jax.process_count() == 1:
@@ -223,6 +216,20 @@ def assert_same_on_all(x, what: str) -> None:
   if not (every == x[None]).all():
     raise InputError(f"{what}: differs between the processes of this job "
                      "(each must read the same files)")
+
+
+def agree(error: BaseException | None, what: str) -> None:
+  """Makes a failure on some processes a failure on all, so that none goes
+  on to wait in a collective for one that left: every process calls it with
+  the error it met (or None); where there was one it is raised, elsewhere an
+  ``InputError`` saying ``what`` failed on which process. One process: raises
+  ``error`` if there is one."""
+  failed = np.flatnonzero(process_values(np.int32(error is not None)))
+  if error is not None:
+    raise error
+  if failed.size:
+    raise InputError(f"{what}: failed on process "
+                     f"{', '.join(map(str, failed))} (see its message)")
 
 
 def process_values(x) -> np.ndarray:

@@ -378,14 +378,19 @@ def test_local_launcher_passes_every_input_on():
       "launcher", os.path.join(root, "launch", "translate_local_multiprocess.py"))
   launcher = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(launcher)
-  args = launcher.build_parser().parse_args(
+  args = launcher.parse_args(
       ["--workdir", "w", "-i", "a.nii", "b.nii", "-o", "out", "--mask",
-       "ma.nii", "mb.nii"])
+       "ma.nii", "mb.nii", "--batch-size", "auto", "--skip-existing",
+       "--mask-augment", "7", "--processes", "3"])
+  assert args.processes == 3  # the launcher's own
   argv = launcher.translate_argv(args)
   assert argv[:4] == ["translate", "-i", "a.nii", "b.nii"]
   assert argv[argv.index("--mask") + 1:argv.index("--mask") + 3] == [
       "ma.nii", "mb.nii"]
-  assert cli.build_parser().parse_args(argv).input == ["a.nii", "b.nii"]
+  got = cli.build_parser().parse_args(argv)  # what every process runs
+  assert got.input == ["a.nii", "b.nii"] and got.batch_size == "auto"
+  assert got.skip_existing and got.mask_augment == 7
+  assert "--processes" not in argv
 
 
 @pytest.mark.parametrize("argv", [

@@ -233,6 +233,10 @@ def test_eight_devices_equal_one(run_dir, tmp_path):
     a, b = one.translate(vol), eight.translate(vol)
     print("maxdiff", float(np.abs(a - b).max()))
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+    # --batch-size auto on the CPU: the 8 devices share the host's RAM
+    infer.memory_budget = lambda dev: (8 << 30, "host")
+    auto = megan_jax.load({run_dir!r}, batch_size="auto")
+    assert auto.batch_info["budget_bytes"] == 1 << 30, auto.batch_info
   """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")

@@ -115,6 +115,78 @@ def test_a_failing_job_stops_with_the_error(source, tmp_path):
   assert not os.path.exists(out)
 
 
+def _megan_job(argvs, timeout=240):
+  """Runs ``megan --distributed ARGV`` once per entry of ``argvs`` as one
+  job (what srun starts: the MEGAN_* variables instead of SLURM's), one CPU
+  device each; returns ``[(exit status, stdout, stderr)]``."""
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  procs = []
+  for i, argv in enumerate(argvs):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               MEGAN_COORDINATOR=f"127.0.0.1:{port}",
+               MEGAN_NUM_PROCESSES=str(len(argvs)), MEGAN_PROCESS_ID=str(i))
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "megan_jax.cli", "--distributed", *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        cwd=ROOT))
+  outs = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=timeout)
+      outs.append((p.returncode, out, err))
+  finally:  # a hang is a failure, and leaves no process behind
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return outs
+
+
+@pytest.mark.slow
+def test_processes_that_disagree_all_stop_with_an_error(run_dir, tmp_path):
+  # Each process reads its own copy of the inputs (node-local disks, say).
+  # One missing on one process; one whose voxels differ between the
+  # processes (same shape): every process stops with an error naming it (no
+  # wrong volume, no process left waiting in a collective for the others),
+  # and the inputs all agree on are still translated.
+  affine = np.diag([4.0, 4.0, 4.0, 1.0])
+  copies = []
+  for i in range(2):
+    folder = tmp_path / f"node{i}"
+    folder.mkdir()
+    nib.save(nib.Nifti1Image(_volume(seed=1), affine),
+             str(folder / "same.nii.gz"))
+    nib.save(nib.Nifti1Image(_volume(seed=2 + i), affine),
+             str(folder / "other.nii.gz"))
+    copies.append(folder)
+  out = tmp_path / "out.nii.gz"
+  missing = str(tmp_path / "node1" / "missing.nii.gz")
+  (c0, _, e0), (c1, _, e1) = _megan_job([
+      ["translate", "--workdir", run_dir, "--quiet", "-o", str(out), "-i",
+       str(copies[0] / "same.nii.gz")],
+      ["translate", "--workdir", run_dir, "--quiet", "-o", str(out), "-i",
+       missing]])
+  assert (c0, c1) == (2, 2), (e0[-2000:], e1[-2000:])
+  assert missing in e1 and "failed on process 1" in e0, (e0, e1)
+  assert "Traceback" not in e0 + e1 and not out.exists()
+
+  folder = tmp_path / "out"
+  (c0, o0, e0), (c1, o1, e1) = _megan_job([
+      ["translate", "--workdir", run_dir, "--quiet", "-o", f"{folder}/", "-i",
+       str(copies[i] / "same.nii.gz"), str(copies[i] / "other.nii.gz")]
+      for i in range(2)])
+  assert (c0, c1) == (2, 2), (e0[-2000:], e1[-2000:])
+  for err in (e0, e1):
+    assert "other.nii.gz: differs between the processes" in err, err
+    assert "Traceback" not in err
+  assert os.listdir(folder) == ["same.nii.gz"]
+  assert o0.count("wrote") == 1 and o1.count("wrote") == 0  # process 0 writes
+
+
 AGREE_SCRIPT = """
 import sys
 pid, port, run_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
