@@ -567,6 +567,7 @@ class Translator:
       vol = io.Volume(np.asarray(x, np.float32),
                       np.diag([spacing, spacing, spacing, 1.0]))
       io.check_finite(vol.data, None, what="array")
+      io.check_not_constant(vol.data, None, what="array")
     elif isinstance(x, (str, os.PathLike)):
       vol = io.load_nifti(x, allow_constant=False)
     elif isinstance(x, nib.spatialimages.SpatialImage):
@@ -578,7 +579,15 @@ class Translator:
       label = mask_on(vol, label, grid=not isinstance(x, np.ndarray))
     if out is not None and self.is_writer:
       io.check_output_path(out, [vol.path, mask_path])
-    y = self.translate_volume(vol, label, progress=progress)
+    try:
+      y = self.translate_volume(vol, label, progress=progress)
+    except InputError as e:  # say which volume, as a file's error does
+      name = (f"array {'x'.join(map(str, x.shape))}"
+              if isinstance(x, np.ndarray) else
+              f"input {vol.path}" if vol.path else "image")
+      if str(e).startswith(name.split()[0]):
+        raise
+      raise InputError(f"{name}: {e}") from None
     if out is not None:
       if self.is_writer:
         io.save_nifti(out, y, like=vol, inputs=[mask_path])
@@ -591,7 +600,10 @@ class Translator:
       header.set_slope_inter(1.0, 0.0)
       header["cal_min"], header["cal_max"] = 0.0, 0.0  # as io.save_nifti
       header.set_intent("none")
-      if len(header.get_data_shape()) != 3:  # a squeezed 4D image
+      kept = tuple(header.get_data_shape())
+      if kept[:3] == y.shape and set(kept[3:]) == {1}:
+        y = y.reshape(kept)  # a 4D image of one volume stays 4D
+      elif len(kept) != 3:
         header.set_data_shape(y.shape)
     return nib.Nifti1Image(y, vol.affine, header)
 
@@ -757,7 +769,7 @@ def load_source(path: str) -> io.Volume:
   from megan_jax import data
   if path == data.MNI152_NAME:
     return data.mni152("t1")
-  return io.load_nifti(path, allow_constant=False)
+  return io.load_nifti(path, what="input", allow_constant=False)
 
 
 def working_shape(config, vol: io.Volume | tuple) -> tuple[int, int, int]:

@@ -125,8 +125,9 @@ def _open_nifti(path: str, what: str):
   except Exception as e:  # nibabel's many ways of refusing a header
     raise InputError(f"{what} {path}: unreadable ({_one_line(e)})") from None
   if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-    raise InputError(f"{what} {path}: not a NIfTI image "
-                     f"(nibabel read it as {type(img).__name__})")
+    raise InputError(f"{what} {path}: not a NIfTI image (nibabel read it "
+                     f"as {type(img).__name__}; only .nii and .nii.gz files "
+                     "are taken)")
   return img
 
 
@@ -216,7 +217,7 @@ def check_not_constant(data: np.ndarray, path: str | None, *,
     value = float(data.flat[0]) if data.size else float("nan")
     name = f"{what} {path}" if path else what
     raise InputError(f"{name}: constant image (every voxel is "
-                     f"{value:g}); nothing to translate")
+                     f"{value:g}): no anatomy in it")
 
 
 def check_output_path(out: str | os.PathLike,

@@ -578,6 +578,8 @@ def save_config(workdir: str, config) -> None:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
+  if not os.path.isdir(workdir):
+    raise InputError(f"workdir {workdir}: no such folder")
   if not os.path.exists(path):
     raise InputError(f"workdir {workdir}: no config.json (not a megan run)")
   try:

@@ -377,8 +377,8 @@ def test_api_checks_in_memory_images_as_files(run_dir, tmp_path):
   vol = _volume()
   img4 = nib.Nifti1Image(vol[..., None], np.diag([4.0, 4.0, 4.0, 1.0]))
   y = t.translate(img4)  # one volume in a 4D image, as load_nifti squeezes
-  assert y.shape == SHAPE
-  np.testing.assert_allclose(np.asarray(y.dataobj), t.translate(vol),
+  assert y.shape == SHAPE + (1,)  # and the result keeps the input's shape
+  np.testing.assert_allclose(np.asarray(y.dataobj)[..., 0], t.translate(vol),
                              atol=1e-4)
   bad = vol.copy()
   bad[3, 4, 5] = np.nan
@@ -386,6 +386,10 @@ def test_api_checks_in_memory_images_as_files(run_dir, tmp_path):
     t.translate(nib.Nifti1Image(bad, np.eye(4)))
   with pytest.raises(InputError, match="^array: 1 non-finite voxel"):
     t.translate(bad)
+  with pytest.raises(InputError, match="^array: constant image"):
+    t.translate(np.zeros(SHAPE, np.float32))
+  with pytest.raises(InputError, match="^array 2x37x26: its working grid"):
+    t.translate(vol[:2])
   with pytest.raises(InputError, match="expected a 3D image, got shape"):
     t.translate(nib.Nifti1Image(np.stack([vol, vol], -1), np.eye(4)))
 
@@ -641,3 +645,11 @@ def test_a_failed_translate_leaves_no_empty_output_folder(run_dir, tmp_path,
   assert cli.main(["translate", "-i", bad1, bad2, "-o", f"{out}/",
                    "--workdir", run_dir, "--quiet"]) == 2
   assert out.is_dir()
+
+
+def test_load_names_what_is_wrong_with_the_run_folder(tmp_path):
+  import megan_jax
+  with pytest.raises(InputError, match="nope: no such folder"):
+    megan_jax.load(str(tmp_path / "nope"))
+  with pytest.raises(InputError, match="no config.json"):
+    megan_jax.load(str(tmp_path))
