@@ -111,6 +111,8 @@ def worker(args) -> int:
     sharding.initialize_distributed(args.coordinator, args.processes,
                                     args.process_id, timeout_s=args.timeout)
     rc = cli.main(translate_argv(args))
+  except SystemExit as e:  # a usage error: argparse said why
+    _exit_now(e.code if isinstance(e.code, int) else 2)
   except BaseException:  # a bug, or interrupted: report, then leave at once
     traceback.print_exc()
     _exit_now(1)
@@ -188,9 +190,16 @@ def _stop(procs) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
   """The launcher's options; the rest (``translate_options``) go to
-  ``megan translate`` as they are."""
-  args, rest = build_parser().parse_known_args(argv)
+  ``megan translate`` as they are, checked here first (a misspelt option
+  is a usage error before any process starts)."""
+  parser = build_parser()
+  args, rest = parser.parse_known_args(argv)
   args.translate_options = rest
+  if args.process_id is None:  # the launcher itself: check what goes on
+    sys.path.insert(0, os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))  # megan_jax, installed or not
+    from megan_jax import cli
+    cli.build_parser().parse_args(translate_argv(args))  # exits if wrong
   return args
 
 

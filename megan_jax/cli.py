@@ -282,22 +282,23 @@ def translate_jobs(inputs: Sequence[str], output: str,
 
 
 def cmd_translate(args) -> int:
-  made = []  # the output folder, if this command made it
+  made = []  # the folders this command made for the output, deepest first
   try:
     code = _translate(args, made)
   except BaseException:
     code = None
     raise
   finally:
-    if made and code != 0:  # failed: leave no empty folder behind
+    if code != 0:  # failed: leave no empty folder behind
       with contextlib.suppress(OSError):
-        os.rmdir(made[0])  # only if empty
+        for folder in made:
+          os.rmdir(folder)  # only if empty
   return code
 
 
 def _translate(args, made: list) -> int:
   import numpy as np
-  from megan_jax import infer
+  from megan_jax import infer, sharding
   jobs = translate_jobs(args.input, args.output, args.mask)
   if args.mask_augment is not None and not args.mask:
     raise InputError("--mask-augment: needs --mask")
@@ -306,15 +307,11 @@ def _translate(args, made: list) -> int:
     geometry = _check_translate_jobs(args, jobs, made)
   except (InputError, OSError) as e:
     error = e
-  if _multiprocess():  # all stop, or the others would wait for this one
-    from megan_jax import sharding
-    sharding.agree(error, "megan translate's inputs and outputs")
-  elif error is not None:
-    raise error
+  sharding.agree(error, "megan translate's inputs and outputs")
   translator = infer.load(args.workdir, batch_size=args.batch_size,
                           dtype=args.dtype)
   report = translator.is_writer  # of several processes, process 0 reports
-  plans = {}
+  plans, error = {}, None
   for inp, _, _ in jobs:
     try:
       shape = infer.working_shape(translator.config, geometry[inp])
@@ -322,22 +319,29 @@ def _translate(args, made: list) -> int:
         plans[shape] = translator.plan(shape)
     except InputError as e:  # e.g. too large for the run's LR scale
       zooms = np.linalg.norm(geometry[inp][1][:3, :3], axis=0)
-      raise InputError(
+      error = InputError(
           f"input {inp} ({'x'.join(map(str, geometry[inp][0]))} voxels of "
-          f"{'x'.join(f'{z:.3g}' for z in zooms)} mm): {e}") from None
-    if args.plan and report:
-      if len(jobs) > 1:
-        print(f"{inp}:")
-      for r in plans[shape]:
-        print(r.line())
+          f"{'x'.join(f'{z:.3g}' for z in zooms)} mm): {e}")
+      break
+  sharding.agree(error, "megan translate's plan")
   if args.plan:
+    if report:
+      for inp, _, _ in jobs:
+        if len(jobs) > 1:
+          print(f"{inp}:")
+        shape = infer.working_shape(translator.config, geometry[inp])
+        for r in plans[shape]:
+          print(r.line())
     return 0
   for reports in plans.values():
     translator.check_device_memory(reports)
   failed = []
   for i, (inp, out, mask) in enumerate(jobs):
     tag = f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else ""
-    if args.skip_existing and os.path.exists(out):
+    exists = args.skip_existing and os.path.exists(out)
+    if args.skip_existing and translator.multiprocess:
+      exists = bool(translator._shared_int(exists))  # process 0 decides
+    if exists:
       if report:
         print(f"{tag}skipped {out} (exists)")
       continue
@@ -346,8 +350,8 @@ def _translate(args, made: list) -> int:
                            progress=not args.quiet,
                            mask_augment_seed=args.mask_augment)
     except (InputError, OSError) as e:
-      if len(jobs) == 1:
-        raise
+      if len(jobs) == 1 or not sharding.is_agreed(e):
+        raise  # (of several processes, this one alone: the job ends)
       failed.append(inp)  # the others go on; the exit status says so
       _end_progress_bars()
       line = os_error_line(e) if isinstance(e, OSError) else str(e)
@@ -382,8 +386,10 @@ def _check_translate_jobs(args, jobs, made: list) -> dict:
   if not args.plan:
     if jobs[0][1] != args.output:  # into the folder OUT
       try:
-        if not os.path.isdir(args.output):
-          made.append(args.output)
+        folder = os.path.abspath(args.output)
+        while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+          made.append(folder)
+          folder = os.path.dirname(folder)
         os.makedirs(args.output, exist_ok=True)
       except OSError as e:
         raise InputError(f"output {args.output}: cannot make the folder "
@@ -683,13 +689,16 @@ def _leave_now(code: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  code = _main(argv)
-  if code and _multiprocess():
+  code, agreed = _main(argv)
+  if code and _multiprocess() and not agreed:
     _leave_now(code)
+  # A failure every process met together (`sharding.agree`): all are here,
+  # so the normal exit's shutdown barrier passes at once.
   return code
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _main(argv: Sequence[str] | None) -> tuple[int, bool]:
+  """``(exit status, whether a failure was met by every process)``."""
   parser = build_parser()
   # --config.FIELD=VALUE overrides are free-form; argparse sees the rest.
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -697,30 +706,32 @@ def _main(argv: Sequence[str] | None) -> int:
     argv = expand_arg_files(argv)
   except InputError as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
+    return 2, True
   overrides = [a for a in argv if a.startswith("--config.")]
   args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
   if overrides and args.command != "train":
     parser.error(f"{overrides[0]}: config overrides are for 'megan train'")
   args.overrides = overrides
+  from megan_jax import sharding
   try:
     _use_compile_cache()
-    from megan_jax import sharding
     if args.distributed or sharding.distributed_requested():
       sharding.initialize_distributed()
-    return int(args.func(args) or 0)
+    code = int(args.func(args) or 0)
+    # with several inputs, a failed one was met by all (else raised)
+    return code, True
   except InputError as e:
     _end_progress_bars()
     print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
+    return 2, sharding.is_agreed(e)
   except OSError as e:  # a folder that cannot be made, a full disk, ...
     _end_progress_bars()
     print(f"{PROG}: error: {os_error_line(e)}", file=sys.stderr)
-    return 2
+    return 2, sharding.is_agreed(e)
   except KeyboardInterrupt:
     _end_progress_bars()
     print(f"{PROG}: interrupted", file=sys.stderr)
-    return 130
+    return 130, False
   except Exception:  # a bug: its traceback, then out at once
     if not _multiprocess():
       raise

@@ -837,16 +837,22 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
   fp = _fingerprint(_file_id(vol.path), mask_id, mask_augment_seed,
                     translator.config.to_dict(), str(translator.dtype),
                     translator.fingerprint)
-  lock = lock_workspace(out_path) if writer else None
-  held = lock is not None or not writer
-  if translator.multiprocess:  # all stop, or the others would wait for it
-    held = bool(translator._shared_int(held))
-  if not held:
-    raise InputError(f"output {out_path}: another megan translate is "
-                     f"writing it (its resume folder {workspace_path(out_path)}"
-                     " is locked)")
+  lock = folder = None
   try:
-    folder = workspace_for(out_path, fp) if writer else None
+    if writer:
+      lock = lock_workspace(out_path)
+      if lock is None:
+        raise InputError(
+            f"output {out_path}: another megan translate is writing it (its "
+            f"resume folder {workspace_path(out_path)} is locked)")
+      folder = workspace_for(out_path, fp)
+  except (InputError, OSError) as e:
+    error = e
+  try:
+    if translator.multiprocess:  # all stop, or the others would wait for it
+      sharding.agree(error, f"output {out_path}")
+    elif error is not None:
+      raise error
     try:
       y = translator.translate_volume(vol, label, progress=progress,
                                       workspace=folder, on_batch=on_batch)
@@ -897,11 +903,19 @@ def load(workdir: str, *, devices=None, batch_size: int | str | None = None,
   read; in a multi-process job each process reads them onto its own first
   device (orbax would otherwise place them as saved, on device 0, which only
   process 0 has)."""
-  config, gens = state_lib.restore_generators(workdir, which)
-  intensity = state_lib.load_intensity(workdir)
-  if intensity is None:  # megan train writes it before any checkpoint
-    raise InputError(f"workdir {workdir}: no intensity.json (the target "
-                     "domain's intensity range); copy it with the run")
+  error = None
+  try:
+    config, gens = state_lib.restore_generators(workdir, which)
+    intensity = state_lib.load_intensity(workdir)
+    if intensity is None:  # megan train writes it before any checkpoint
+      raise InputError(f"workdir {workdir}: no intensity.json (the target "
+                       "domain's intensity range); copy it with the run")
+  except (InputError, OSError) as e:
+    error = e
+  if jax.process_count() > 1:  # a run unreadable on one node stops all
+    sharding.agree(error, f"workdir {workdir}")
+  elif error is not None:
+    raise error
   t = Translator(config, {n: g for n, (_, g) in gens.items()},
                  intensity=intensity, devices=devices,
                  batch_size=batch_size, dtype=dtype)

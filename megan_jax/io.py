@@ -264,7 +264,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None
     base = os.path.basename(path)
     suffix = ".nii.gz" if base.lower().endswith(".nii.gz") else (
         os.path.splitext(base)[1])
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+  try:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+  except OSError as e:  # no such folder, no permission, no inode left, ...
+    raise OSError(e.errno, f"could not be written ({e.strerror or e})",
+                  path) from None
   os.close(fd)
   try:
     yield tmp
@@ -275,7 +279,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None
     with contextlib.suppress(OSError):
       os.remove(tmp)
     if isinstance(e, OSError) and e.filename in (None, tmp):
-      raise OSError(e.errno, f"could not be written ({_one_line(e)})",
+      reason = e.strerror or _one_line(e)  # str(e) names the temporary file
+      raise OSError(e.errno, f"could not be written ({reason})",
                     path) from None
     raise
 

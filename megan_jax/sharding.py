@@ -17,6 +17,7 @@ host values (e.g. what it read from disk) to the others.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Sequence
 
@@ -214,22 +215,35 @@ def assert_same_on_all(x, what: str) -> None:
   x = np.asarray(x)
   every = np.asarray(multihost_utils.process_allgather(x))
   if not (every == x[None]).all():
-    raise InputError(f"{what}: differs between the processes of this job "
-                     "(each must read the same files)")
+    error = InputError(f"{what}: differs between the processes of this job "
+                       "(each must read the same files)")
+    error.agreed = True  # every process sees the same values
+    raise error
 
 
 def agree(error: BaseException | None, what: str) -> None:
   """Makes a failure on some processes a failure on all, so that none goes
   on to wait in a collective for one that left: every process calls it with
   the error it met (or None); where there was one it is raised, elsewhere an
-  ``InputError`` saying ``what`` failed on which process. One process: raises
-  ``error`` if there is one."""
+  ``InputError`` saying ``what`` failed on which process. Either is marked
+  ``agreed`` (``is_agreed``): every process knows, so a caller may go on
+  (to the next input) or exit normally. One process: raises ``error``."""
   failed = np.flatnonzero(process_values(np.int32(error is not None)))
+  if error is None and failed.size:
+    error = InputError(f"{what}: failed on process "
+                       f"{', '.join(map(str, failed))} (see its message)")
   if error is not None:
+    with contextlib.suppress(AttributeError):  # exceptions with __slots__
+      error.agreed = True
     raise error
-  if failed.size:
-    raise InputError(f"{what}: failed on process "
-                     f"{', '.join(map(str, failed))} (see its message)")
+
+
+def is_agreed(error: BaseException) -> bool:
+  """Whether every process of the job met ``error`` together (``agree``);
+  in a single-process job, always."""
+  if not jax.distributed.is_initialized():  # (asks no backend)
+    return True
+  return jax.process_count() == 1 or getattr(error, "agreed", False)
 
 
 def process_values(x) -> np.ndarray:

@@ -735,7 +735,8 @@ def unreadable_checkpoint(path: str, error: BaseException) -> InputError:
   seen, root = set(), error
   while id(root) not in seen:
     seen.add(id(root))
-    nxt = root.__cause__ or root.__context__
+    nxt = root.__cause__ or (None if root.__suppress_context__
+                             else root.__context__)
     if nxt is None:
       break
     root = nxt
@@ -764,7 +765,7 @@ def _drop_closed_loop_reports() -> None:
         and str(unraisable.exc_value) == "Event loop is closed"):
       return
     code = getattr(unraisable.object, "cr_code", None)  # a coroutine's
-    if "orbax" in getattr(code, "co_filename", ""):
+    if f"{os.sep}orbax{os.sep}" in getattr(code, "co_filename", ""):
       return
     previous(unraisable)
   hook._megan_drops_closed_loop = True

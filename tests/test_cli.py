@@ -391,6 +391,12 @@ def test_local_launcher_passes_every_input_on():
   assert got.input == ["a.nii", "b.nii"] and got.batch_size == "auto"
   assert got.skip_existing and got.mask_augment == 7
   assert "--processes" not in argv
+  # checked before any process starts: a misspelt option is a usage error
+  for bad in (["--skip-exsting"], ["--batch-size", "0"]):
+    with pytest.raises(SystemExit) as e:
+      launcher.parse_args(["--workdir", "w", "-i", "a.nii", "-o", "o.nii",
+                           *bad])
+    assert e.value.code == 2
 
 
 @pytest.mark.parametrize("argv", [

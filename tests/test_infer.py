@@ -637,9 +637,9 @@ def test_a_failed_translate_leaves_no_empty_output_folder(run_dir, tmp_path,
   not_a_run.mkdir()
   out = tmp_path / "out"
   for argv in ([src, "-o", f"{out}/", "--workdir", str(not_a_run)],
-               [bad1, bad2, "-o", f"{out}/", "--workdir", run_dir]):
+               [bad1, bad2, "-o", f"{out}/a/b/", "--workdir", run_dir]):
     assert cli.main(["translate", "-i", *argv, "--quiet"]) == 2
-    assert not out.exists()
+    assert not out.exists()  # nor the folders made above the output's
   capsys.readouterr()
   out.mkdir()  # a folder that was there stays, even empty
   assert cli.main(["translate", "-i", bad1, bad2, "-o", f"{out}/",
@@ -653,3 +653,26 @@ def test_load_names_what_is_wrong_with_the_run_folder(tmp_path):
     megan_jax.load(str(tmp_path / "nope"))
   with pytest.raises(InputError, match="no config.json"):
     megan_jax.load(str(tmp_path))
+
+
+def test_content_digest_follows_voxels_grid_and_mask():
+  # What the processes of a job compare before translating an input.
+  from megan_jax import io as mio
+  vol = _volume()
+  base = mio.Volume(vol, np.diag([4.0, 4.0, 4.0, 1.0]))
+  mask = vol > vol.mean()
+  d = infer._content_digest(base, mask)
+  assert d.dtype == np.int32
+  np.testing.assert_array_equal(d, infer._content_digest(
+      mio.Volume(vol.copy(), base.affine.copy()), mask.copy()))
+  changed = vol.copy()
+  changed[1, 2, 3] += 1
+  shifted = base.affine.copy()
+  shifted[0, 3] = 1.0
+  other_mask = mask.copy()
+  other_mask[0, 0, 0] = ~other_mask[0, 0, 0]
+  for other in (infer._content_digest(mio.Volume(changed, base.affine), mask),
+                infer._content_digest(mio.Volume(vol, shifted), mask),
+                infer._content_digest(base, other_mask),
+                infer._content_digest(base, None)):
+    assert (other != d).any()

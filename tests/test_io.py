@@ -160,6 +160,7 @@ def test_a_full_disk_names_the_output_not_the_temporary_file(tmp_path):
                       *([tmp] if filename else []))
     assert e.value.filename == str(target)
     assert e.value.errno == errno.ENOSPC
+    assert ".tmp-" not in str(e.value)
     assert os.listdir(tmp_path) == []
   # An error about another file keeps its own name.
   with pytest.raises(OSError) as e:

@@ -162,6 +162,8 @@ def test_processes_that_disagree_all_stop_with_an_error(run_dir, tmp_path):
              str(folder / "same.nii.gz"))
     nib.save(nib.Nifti1Image(_volume(seed=2 + i), affine),
              str(folder / "other.nii.gz"))
+    nib.save(nib.Nifti1Image(_volume(seed=1), affine),
+             str(folder / "blocked.nii.gz"))
     copies.append(folder)
   out = tmp_path / "out.nii.gz"
   missing = str(tmp_path / "node1" / "missing.nii.gz")
@@ -174,16 +176,25 @@ def test_processes_that_disagree_all_stop_with_an_error(run_dir, tmp_path):
   assert missing in e1 and "failed on process 1" in e0, (e0, e1)
   assert "Traceback" not in e0 + e1 and not out.exists()
 
+  # Process 0 alone writes, so only it finds that the resume folder of
+  # blocked.nii.gz cannot be made (a file is in the way): all the same stop
+  # that input and go on.
   folder = tmp_path / "out"
+  folder.mkdir()
+  (folder / ".blocked.nii.gz.partial").write_text("in the way")
   (c0, o0, e0), (c1, o1, e1) = _megan_job([
       ["translate", "--workdir", run_dir, "--quiet", "-o", f"{folder}/", "-i",
-       str(copies[i] / "same.nii.gz"), str(copies[i] / "other.nii.gz")]
+       *(str(copies[i] / f) for f in ("blocked.nii.gz", "other.nii.gz",
+                                      "same.nii.gz"))]
       for i in range(2)])
   assert (c0, c1) == (2, 2), (e0[-2000:], e1[-2000:])
   for err in (e0, e1):
     assert "other.nii.gz: differs between the processes" in err, err
     assert "Traceback" not in err
-  assert os.listdir(folder) == ["same.nii.gz"]
+  assert ".blocked.nii.gz.partial" in e0
+  assert f"output {folder / 'blocked.nii.gz'}: failed on process 0" in e1
+  assert sorted(os.listdir(folder)) == [".blocked.nii.gz.partial",
+                                        "same.nii.gz"]
   assert o0.count("wrote") == 1 and o1.count("wrote") == 0  # process 0 writes
 
 
