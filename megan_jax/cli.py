@@ -417,7 +417,8 @@ def _add_train(sub):
   p.add_argument("--workdir", required=True,
                  help="run folder: checkpoints, logs, montages, cache")
   p.add_argument("--scale", default="all",
-                 help="which scale to train: lr, 1, 2, ... or all (default)")
+                 help="which scale to train: lr, 1 (or hr1), 2, ... or all "
+                 "(default)")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   p.set_defaults(func=cmd_train)
 
@@ -428,8 +429,9 @@ def cmd_train(args) -> int:
   configs.apply_overrides(config, args.overrides)
   if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
     raise InputError(f"workdir {args.workdir}: exists and is not a folder")
-  train.train(config, args.workdir, args.scale, progress=not args.quiet)
-  print(f"trained {args.scale} in {args.workdir}")
+  states = train.train(config, args.workdir, args.scale,
+                       progress=not args.quiet)
+  print(f"trained {', '.join(states)} in {args.workdir}")
   return 0
 
 

@@ -118,6 +118,10 @@ def _load_volume(path: str, config, label_file: str | None = None
     vol = io.load_nifti(path, allow_constant=False)
   label = None
   if label_file is not None:
+    if not os.path.lexists(label_file):
+      raise InputError(
+          f"label {label_file}: no such file (with edges.use_label and "
+          f"data.label_suffix every volume needs its label; {path} has none)")
     lab = io.load_nifti(label_file, what="label", allow_constant=True)
     io.check_same_grid(f"label {label_file}", lab.data.shape, lab.affine,
                        vol.data.shape, vol.affine, ref=f"volume {path}")
@@ -146,7 +150,9 @@ def preprocess(image: np.ndarray, config, label: np.ndarray | None = None,
   """
   n = config.num_hr_scales
   shapes = resample.scale_shapes(image.shape, n)
-  resample.check_lr_size(shapes[0], config.lr_size)
+  from megan_jax import state as state_lib
+  resample.check_lr_size(shapes[0], config.lr_size,
+                         state_lib.lr_size_multiple(config))
   images = resample.pyramid(image, n)
   labels = None
   if label is not None:

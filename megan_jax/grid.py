@@ -132,8 +132,10 @@ def check_size(shape, config) -> tuple[int, int, int]:
         f"{n} HR scale(s) need at least {need} per axis")
   if config.get("lr_size"):
     try:
-      resample.check_lr_size(resample.scale_shapes(shape, n)[0],
-                             config.lr_size)
+      from megan_jax import state as state_lib
+      resample.check_lr_size(
+          resample.scale_shapes(shape, n)[0], config.lr_size,
+          state_lib.lr_size_multiple(config) if "model" in config else 1)
     except InputError as e:
       raise InputError(f"its working grid{at} is "
                        f"{'x'.join(map(str, shape))} voxels: {e}") from None

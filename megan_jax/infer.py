@@ -312,7 +312,8 @@ class Translator:
     volume of ``shape`` (the run reuses them)."""
     c = self.config
     shapes = resample.scale_shapes(shape, c.num_hr_scales)
-    resample.check_lr_size(shapes[0], c.lr_size)
+    resample.check_lr_size(shapes[0], c.lr_size,
+                           state_lib.lr_size_multiple(c))
     n = c.lr_size
     if "lr" not in self._compiled:  # the steps do not depend on the shape
       self._compiled["lr"] = self._lr_abstract().compile()

@@ -96,12 +96,14 @@ def pad_to(volume: Array, target_shape, pad_value: float = BACKGROUND,
   return padded, crop
 
 
-def check_lr_size(shape0, lr_size: int) -> None:
+def check_lr_size(shape0, lr_size: int, multiple: int = 1) -> None:
   """Raises InputError, saying what would fit, if scale 0 exceeds the LR grid.
 
   Args:
     shape0: the scale-0 spatial shape.
     lr_size: the LR network's output side.
+    multiple: what ``lr_size`` must be a multiple of (the networks' strides,
+      ``state.lr_size_multiple``), so the size suggested is one they take.
   """
   shape0 = as_shape3(shape0)
   biggest = max(shape0)
@@ -111,9 +113,10 @@ def check_lr_size(shape0, lr_size: int) -> None:
   more = math.ceil(math.log2(biggest / lr_size))
   while -(-biggest // 2**more) > lr_size:  # guard against float rounding
     more += 1
+  fits = -(-biggest // multiple) * multiple
   raise InputError(
       f"scale-0 shape {shape0} does not fit lr_size {lr_size}: use "
-      f"lr_size >= {biggest} or {more} more HR scale(s)")
+      f"lr_size >= {fits} or {more} more HR scale(s)")
 
 
 def lr_pad(volume: Array, lr_size: int, factor: int = 1,

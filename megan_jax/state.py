@@ -508,6 +508,17 @@ def same_run(a, b) -> bool:
                _identity(json.loads(b.to_json()))) is None
 
 
+def checkpointed_step(workdir: str, scale: str) -> int | None:
+  """The step of ``scale``'s latest checkpoint in ``workdir`` (None if it
+  has none), read from the folder names: nothing is opened or made."""
+  folder = os.path.join(workdir, "checkpoints", scale, "latest")
+  try:
+    steps = [int(n) for n in os.listdir(folder) if n.isdigit()]
+  except OSError:
+    return None
+  return max(steps, default=None)
+
+
 def check_workdir(workdir: str, config) -> bool:
   """Raises an ``InputError`` if ``workdir`` holds a run that ``config`` may
   not go on with; returns whether ``config.json`` is to be (re)written

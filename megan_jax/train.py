@@ -238,41 +238,53 @@ def train_scale(config, workdir: str, scale: str, subjects, val_subjects, *,
   bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
              desc=f"train {scale}", unit="step", disable=not progress,
              dynamic_ncols=True)
-  done = 0
-  tick, tick_step = time.perf_counter(), start
-  for step in bar:
-    batch = sharding.shard_batch(sample_batch(subjects, config, k, step), mesh)
-    state, metrics = step_fn(state, batch, base)
-    n = step + 1
-    last = n == config.steps
-    if n % t.log_every == 0 or last:
-      metrics = {key: float(v) for key, v in metrics.items()}
-      now = time.perf_counter()  # the first interval includes compiling
-      metrics["sec_per_step"] = (now - tick) / (n - tick_step)
-      tick, tick_step = now, n
-      writer.write_scalars(n, metrics)
-      bar.set_postfix(g=f"{metrics['g_loss']:.3f}", l1=f"{metrics['g_l1']:.3f}",
-                      d=f"{metrics['d_loss']:.3f}")
-    if n % t.eval_every == 0 or last:
-      l1s = [float(jnp.mean(jnp.abs(eval_fn(state.g_params, b) - b["target"])))
-             for b in val]
-      val_l1 = float(np.mean(l1s))
-      writer.write_scalars(n, {"val_l1": val_l1})
-      ckpt.save_best(n, state, val_l1)
-    if n % t.checkpoint_every == 0 or last:
-      ckpt.save_latest(n, state)
-    if n % t.montage_every == 0 or last:
-      b = val[0]
-      image = _montage(os.path.join(montage_dir, f"{scale}_{n:06d}.png"), b,
-                       eval_fn(state.g_params, b), kind)
-      writer.write_images(n, {"montage": image})
-    done += 1
-    if stop_after is not None and done >= stop_after:
-      break
-  bar.close()
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
+  if start and progress:
+    bar.write(f"{scale}: resuming from step {start}")
+  finished = False
+  try:
+    done = 0
+    tick, tick_step = time.perf_counter(), start
+    for step in bar:
+      batch = sharding.shard_batch(sample_batch(subjects, config, k, step),
+                                   mesh)
+      state, metrics = step_fn(state, batch, base)
+      n = step + 1
+      last = n == config.steps
+      if n % t.log_every == 0 or last:
+        metrics = {key: float(v) for key, v in metrics.items()}
+        now = time.perf_counter()  # the first interval includes compiling
+        metrics["sec_per_step"] = (now - tick) / (n - tick_step)
+        tick, tick_step = now, n
+        writer.write_scalars(n, metrics)
+        bar.set_postfix(g=f"{metrics['g_loss']:.3f}",
+                        l1=f"{metrics['g_l1']:.3f}",
+                        d=f"{metrics['d_loss']:.3f}")
+      if n % t.eval_every == 0 or last:
+        l1s = [float(jnp.mean(jnp.abs(eval_fn(state.g_params, b)
+                                      - b["target"]))) for b in val]
+        val_l1 = float(np.mean(l1s))
+        writer.write_scalars(n, {"val_l1": val_l1})
+        ckpt.save_best(n, state, val_l1)
+      if n % t.checkpoint_every == 0 or last:
+        ckpt.save_latest(n, state)
+      if n % t.montage_every == 0 or last:
+        b = val[0]
+        image = _montage(os.path.join(montage_dir, f"{scale}_{n:06d}.png"), b,
+                         eval_fn(state.g_params, b), kind)
+        writer.write_images(n, {"montage": image})
+      done += 1
+      if stop_after is not None and done >= stop_after:
+        break
+    finished = True
+  finally:
+    bar.close()
+    try:  # interrupted too: a save under way ends before the process does
+      ckpt.wait()
+      ckpt.close()
+    except Exception:
+      if finished:
+        raise  # else what stopped the steps is the error to report
+    writer.close()
   return state
 
 
@@ -294,12 +306,20 @@ def train(config, workdir: str, scales: str = "all", *, progress: bool = True,
   if scales == "all":
     chosen = names
   else:
-    want = "lr" if scales in ("lr", "0") else f"hr{scales}"
+    want = ("lr" if scales in ("lr", "0") else
+            scales if scales.startswith("hr") else f"hr{scales}")
     if want not in names:
       raise InputError(f"--scale {scales}: this config has scales "
                        f"{', '.join(['lr'] + [n[2:] for n in names[1:]])}")
     chosen = [want]
   state_lib.check_workdir(workdir, config)
+  for name in names:  # config.json's steps must not fall below a scale's
+    done = state_lib.checkpointed_step(workdir, name)
+    if done is not None and done > config.steps:
+      raise InputError(
+          f"workdir {workdir}: scale {name} is trained to step {done} "
+          f"already; steps={config.steps} is below it (give steps >= "
+          f"{done}, or another --workdir)")
   dataset.list_volumes(config.data.path, config.data.label_suffix)
   if config.data.val_path:
     dataset.list_volumes(config.data.val_path, config.data.label_suffix)

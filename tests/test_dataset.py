@@ -41,6 +41,11 @@ def test_labels_beside_the_volumes_are_not_volumes(folder):
   config.edges.use_label = True
   subjects = dataset.load_dataset(str(folder), config)
   assert [s.name for s in subjects] == ["s0.nii.gz", "s1.nii.gz"]
+  os.rename(folder / "s1_seg.nii.gz", folder / "s1_seg.bak")
+  with pytest.raises(InputError, match="every volume needs its label; "
+                     f"{folder / 's1.nii.gz'} has none"):
+    dataset.load_dataset(str(folder), config)
+  os.rename(folder / "s1_seg.bak", folder / "s1_seg.nii.gz")
   only_labels = folder / "labels"
   only_labels.mkdir()
   _save(only_labels / "a_seg.nii", _lesion())

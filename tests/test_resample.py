@@ -193,3 +193,6 @@ def test_lr_size_error_says_what_fits():
   with pytest.raises(ValueError, match="lr_size 64"):
     resample.check_lr_size((64, 65, 1), 64)
   resample.check_lr_size((64, 64, 1), 64)  # fits: no error
+  # a size the networks take: rounded up to their multiple
+  with pytest.raises(ValueError, match=r"lr_size >= 152 or 2 more"):
+    resample.check_lr_size((150, 40, 60), 64, multiple=8)

@@ -438,3 +438,38 @@ def test_after_a_damaged_read_only_orbaxs_closed_loop_reports_are_dropped(
       cr_code=types.SimpleNamespace(co_filename="/home/me/job.py")))
   hook(mine)
   assert seen == [other, mine]
+
+
+def test_steps_below_a_trained_scale_are_refused(tmp_path):
+  # config.json would say 4 while a checkpoint is at step 5.
+  config = tiny_config(steps=8)
+  state_lib.save_config(str(tmp_path), config)
+  ck = state_lib.Checkpoints(str(tmp_path), "hr1")
+  ck.save_latest(5, state_lib.create_state(jax.random.key(0), config, "hr"))
+  ck.wait()
+  ck.close()
+  assert state_lib.checkpointed_step(str(tmp_path), "hr1") == 5
+  assert state_lib.checkpointed_step(str(tmp_path), "lr") is None
+  for scale in ("lr", "hr1", "1"):  # any scale: config.json is the run's
+    with pytest.raises(InputError, match="hr1 is trained to step 5"):
+      train.train(tiny_config(steps=4), str(tmp_path), scale, progress=False)
+  assert json.load(open(tmp_path / "config.json"))["steps"] == 8
+
+
+def test_an_interrupt_lets_the_checkpoint_under_way_finish(tmp_path,
+                                                           monkeypatch):
+  # Ctrl-C right after an (asynchronous) save: the save completes before
+  # the interrupt leaves train(), so no half-written step folder is left
+  # (and orbax reports nothing at exit).
+  real = state_lib.Checkpoints.save_latest
+
+  def save_then_interrupt(self, step, state):
+    real(self, step, state)
+    raise KeyboardInterrupt
+  monkeypatch.setattr(state_lib.Checkpoints, "save_latest",
+                      save_then_interrupt)
+  with pytest.raises(KeyboardInterrupt):
+    train.train(tiny_config(), str(tmp_path), "lr", progress=False)
+  latest = tmp_path / "checkpoints" / "lr" / "latest"
+  assert [p.name for p in latest.iterdir()] == ["2"]
+  assert state_lib.checkpointed_step(str(tmp_path), "lr") == 2
