@@ -311,10 +311,11 @@ def _translate(args, made: list) -> int:
   translator = infer.load(args.workdir, batch_size=args.batch_size,
                           dtype=args.dtype)
   report = translator.is_writer  # of several processes, process 0 reports
-  plans, error = {}, None
+  plans, shapes, error = {}, {}, None
   for inp, _, _ in jobs:
     try:
-      shape = infer.working_shape(translator.config, geometry[inp])
+      shape = shapes[inp] = infer.working_shape(translator.config,
+                                                geometry[inp])
       if shape not in plans:
         plans[shape] = translator.plan(shape)
     except InputError as e:  # e.g. too large for the run's LR scale
@@ -329,8 +330,7 @@ def _translate(args, made: list) -> int:
       for inp, _, _ in jobs:
         if len(jobs) > 1:
           print(f"{inp}:")
-        shape = infer.working_shape(translator.config, geometry[inp])
-        for r in plans[shape]:
+        for r in plans[shapes[inp]]:
           print(r.line())
     return 0
   for reports in plans.values():
@@ -675,9 +675,10 @@ def _end_progress_bars() -> None:
 
 def _multiprocess() -> bool:
   """Whether this process is one of several of a ``jax.distributed`` job."""
-  jax = sys.modules.get("jax")  # not imported: not joined either
-  return (jax is not None and jax.distributed.is_initialized()
-          and jax.process_count() > 1)
+  if "jax" not in sys.modules:  # not imported: not joined either
+    return False
+  from megan_jax import sharding
+  return sharding.is_multiprocess()
 
 
 def _leave_now(code: int) -> None:

@@ -238,12 +238,16 @@ def agree(error: BaseException | None, what: str) -> None:
     raise error
 
 
+def is_multiprocess() -> bool:
+  """Whether this process is one of several of a ``jax.distributed`` job
+  (without starting a backend where it has joined none)."""
+  return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
 def is_agreed(error: BaseException) -> bool:
   """Whether every process of the job met ``error`` together (``agree``);
   in a single-process job, always."""
-  if not jax.distributed.is_initialized():  # (asks no backend)
-    return True
-  return jax.process_count() == 1 or getattr(error, "agreed", False)
+  return not is_multiprocess() or getattr(error, "agreed", False)
 
 
 def process_values(x) -> np.ndarray:
