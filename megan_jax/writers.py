@@ -43,6 +43,11 @@ class MetricWriter(abc.ABC):
     in {1, 3, 4}; uint8, or floats in [0, 1].
     """
 
+  def resume_from(self, step: int) -> None:
+    """Marks that the run goes on from ``step`` (a checkpoint): what an
+    earlier run, killed after that checkpoint, wrote for later steps is
+    dropped, since those steps are written again. Default: nothing to do."""
+
   def flush(self) -> None:
     """Makes everything written so far visible on disk."""
 
@@ -148,14 +153,21 @@ def _float_field(field: int, value: float) -> bytes:
 
 
 def _event(wall_time: float, step: int, *, file_version: str | None = None,
-           summary: bytes | None = None) -> bytes:
-  """An ``Event``: wall_time = 1, step = 2, file_version = 3, summary = 5."""
+           summary: bytes | None = None,
+           session_log: bytes | None = None) -> bytes:
+  """An ``Event``: wall_time = 1, step = 2, file_version = 3, summary = 5,
+  session_log = 7."""
   out = _double_field(1, wall_time) + _int_field(2, step)
   if file_version is not None:
     out += _bytes_field(3, file_version.encode())
   if summary is not None:
     out += _bytes_field(5, summary)
+  if session_log is not None:
+    out += _bytes_field(7, session_log)
   return out
+
+
+SESSION_START = 1  # SessionLog.status START
 
 
 def _scalar_value(tag: str, value: float) -> bytes:
@@ -267,6 +279,14 @@ class SummaryWriter(_FileWriter):
     values = [_scalar_value(tag, float(v)) for tag, v in scalars.items()]
     self._write_event(_event(time.time(), int(step), summary=_summary(values)))
 
+  def resume_from(self, step: int) -> None:
+    """A ``SessionLog`` START event at ``step + 1``, what TensorFlow writes
+    when a run restarts: TensorBoard then drops the events of steps after
+    ``step`` read before it (the old files')."""
+    self._write_event(_event(time.time(), int(step) + 1,
+                             session_log=_int_field(1, SESSION_START)))
+    self.flush()
+
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     values = []
     for tag, image in images.items():
@@ -306,6 +326,22 @@ class JsonlWriter(_FileWriter):
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
 
+  def resume_from(self, step: int) -> None:
+    """Drops the lines of steps after ``step`` (the file is rewritten
+    atomically)."""
+    self._check_open()
+    self._file.close()
+    def before(line):  # a half line (a kill mid-write) goes too
+      try:
+        return json.loads(line)["step"] <= step
+      except (ValueError, KeyError, TypeError):
+        return False
+    with open(self.path, encoding="utf-8") as f:
+      kept = [line for line in f if before(line)]
+    from megan_jax import io as mio  # `io` here is the standard library's
+    mio.write_text(self.path, "".join(kept))
+    self._file = open(self.path, "a", encoding="utf-8")
+
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     del step, images  # a text log has no images
 
@@ -323,6 +359,10 @@ class MultiWriter(MetricWriter):
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     for w in self.writers:
       w.write_images(step, images)
+
+  def resume_from(self, step: int) -> None:
+    for w in self.writers:
+      w.resume_from(step)
 
   def flush(self) -> None:
     for w in self.writers:

@@ -234,6 +234,33 @@ def test_tensorboard_reads_our_event_files(tmp_path):
       np.asarray(Image.open(io.BytesIO(image.encoded_image_string))), rgb)
 
 
+def test_a_resumed_run_replaces_the_steps_after_its_checkpoint(tmp_path):
+  # A run logs steps 1-5 and is killed; its checkpoint was at step 3. The
+  # resumed run logs 4 and 5 again: TensorBoard and metrics.jsonl show each
+  # step once, with the resumed run's values.
+  pytest.importorskip("tensorboard")
+  # pylint: disable-next=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_accumulator
+  import time
+  with writers.create_default_writer(tmp_path) as w:
+    for step in range(1, 6):
+      w.write_scalars(step, {"loss": float(step)})
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 6, "los')  # killed mid-line
+  time.sleep(1.1)  # event files sort by their time stamp
+  with writers.create_default_writer(tmp_path) as w:
+    w.resume_from(3)
+    for step in (4, 5):
+      w.write_scalars(step, {"loss": 10.0 * step})
+  acc = event_accumulator.EventAccumulator(
+      str(tmp_path), size_guidance={event_accumulator.SCALARS: 0})
+  acc.Reload()
+  got = [(e.step, e.value) for e in acc.Scalars("loss")]
+  assert got == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [(r["step"], r["loss"]) for r in lines] == got
+
+
 # ---------------------------------------------------------------------------
 # JsonlWriter, MultiWriter, create_default_writer.
 # ---------------------------------------------------------------------------
