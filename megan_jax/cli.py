@@ -283,11 +283,9 @@ def translate_jobs(inputs: Sequence[str], output: str,
 
 def cmd_translate(args) -> int:
   made = []  # the folders this command made for the output, deepest first
+  code = None
   try:
     code = _translate(args, made)
-  except BaseException:
-    code = None
-    raise
   finally:
     if code != 0:  # failed: leave no empty folder behind
       with contextlib.suppress(OSError):

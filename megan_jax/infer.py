@@ -806,6 +806,13 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
   writer = translator.is_writer
   if mask_path is not None and label is not None:
     raise ValueError("translate_file: give mask_path or label, not both")
+  def settle(error, what):
+    """Raises ``error``; with several processes, on all if any met one."""
+    if translator.multiprocess:  # else the others would wait in a collective
+      sharding.agree(error, what)
+    elif error is not None:
+      raise error
+
   vol, error = None, None
   try:
     if writer:
@@ -827,14 +834,10 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
             scale_range=a.label_scale, mirror=a.label_mirror) > 0
   except (InputError, OSError) as e:
     error = e
-  if translator.multiprocess:
-    # All stop, or the others would wait for this one in a collective; and
-    # all read the same voxels, or their patches would not fit together.
-    sharding.agree(error, f"input {in_path}")
+  settle(error, f"input {in_path}")
+  if translator.multiprocess:  # or their patches would not fit together
     sharding.assert_same_on_all(_content_digest(vol, label),
                                 f"input {in_path}")
-  elif error is not None:
-    raise error
   fp = _fingerprint(_file_id(vol.path), mask_id, mask_augment_seed,
                     translator.config.to_dict(), str(translator.dtype),
                     translator.fingerprint)
@@ -850,10 +853,7 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
   except (InputError, OSError) as e:
     error = e
   try:
-    if translator.multiprocess:  # all stop, or the others would wait for it
-      sharding.agree(error, f"output {out_path}")
-    elif error is not None:
-      raise error
+    settle(error, f"output {out_path}")
     try:
       y = translator.translate_volume(vol, label, progress=progress,
                                       workspace=folder, on_batch=on_batch)
@@ -871,10 +871,7 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
         error = e
       else:
         shutil.rmtree(folder, ignore_errors=True)
-    if translator.multiprocess:
-      sharding.agree(error, f"output {out_path}")
-    elif error is not None:
-      raise error
+    settle(error, f"output {out_path}")
   finally:
     if lock is not None:
       os.close(lock)
@@ -913,7 +910,9 @@ def load(workdir: str, *, devices=None, batch_size: int | str | None = None,
                        "domain's intensity range); copy it with the run")
   except (InputError, OSError) as e:
     error = e
-  if jax.process_count() > 1:  # a run unreadable on one node stops all
+  # A run unreadable on one node stops all the processes the Translator
+  # spans (none but this one when ``devices`` are its own).
+  if not sharding.is_local(sharding.make_mesh(devices)):
     sharding.agree(error, f"workdir {workdir}")
   elif error is not None:
     raise error
