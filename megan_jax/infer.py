@@ -41,7 +41,7 @@ import json
 import os
 import shutil
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +55,7 @@ from megan_jax.normalise import Normaliser, fit_normaliser
 
 RECORD_EVERY_S = 2.0  # how often a resumable run records its progress
 
-DTYPES = {"float32": jnp.float32, "fp32": jnp.float32,
-          "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+DTYPES = state_lib.DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +173,8 @@ class Translator:
                dtype: str = "float32"):
     self.config = config
     names = state_lib.scale_names(config)
+    # ``train.restore``'s states stand for their generators' parameters.
+    g_params = {n: getattr(v, "g_params", v) for n, v in g_params.items()}
     missing = [n for n in names if n not in g_params]
     if missing:
       raise InputError(f"checkpoint: no generator for scale(s) "
@@ -205,6 +206,11 @@ class Translator:
     self.intensity = Normaliser(*(intensity or (0.0, 1.0)))
     cast = lambda tree: jax.tree.map(
         lambda x: np.asarray(x).astype(self.dtype), tree)
+    for n in names:
+      if not isinstance(g_params[n], Mapping) or "params" not in g_params[n]:
+        raise InputError(f"generator of scale {n}: expected its flax "
+                         "variables ({'params': ...}) or a GanState, got "
+                         f"{type(g_params[n]).__name__}")
     self.params = {n: cast(g_params[n]) for n in names}  # host copies
     rep_ = sharding.replicated(self.mesh)
     self._abstract_params = {
@@ -560,9 +566,13 @@ class Translator:
       label = io.load_nifti(mask_path, what="mask")
     if isinstance(x, jax.Array):  # a JAX user's volume: to the host
       x = np.asarray(x)
+    shape_in = getattr(x, "shape", None)
     if isinstance(x, np.ndarray):
+      if x.ndim > 3 and set(x.shape[3:]) == {1}:  # [D, H, W, 1], as a NIfTI
+        x = x.reshape(x.shape[:3])
       if x.ndim != 3:
-        raise InputError(f"array: expected 3D, got shape {x.shape}")
+        raise InputError(f"array: expected 3D (or [D, H, W, 1]), got shape "
+                         f"{x.shape}")
       # An array has no geometry: it is taken to be at the run's spacing.
       spacing = self.config.data.spacing or 1.0
       vol = io.Volume(np.asarray(x, np.float32),
@@ -594,7 +604,7 @@ class Translator:
         io.save_nifti(out, y, like=vol, inputs=[mask_path])
       return out
     if isinstance(x, np.ndarray):
-      return y
+      return y.reshape(shape_in)  # [D, H, W, 1] in, [D, H, W, 1] out
     header = vol.header.copy() if vol.header is not None else None
     if header is not None:
       header.set_data_dtype(np.float32)

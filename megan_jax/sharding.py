@@ -31,7 +31,10 @@ DATA = "data"
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh over ``devices`` (default: every device of every process)."""
+  """A 1-D mesh over ``devices`` (default: every device of every process;
+  one ``jax.Device`` stands for a list of it)."""
+  if isinstance(devices, jax.Device):
+    devices = [devices]
   devices = list(jax.devices() if devices is None else devices)
   return Mesh(np.array(devices), (DATA,))
 

@@ -41,8 +41,10 @@ def scale_names(config) -> list[str]:
 
 
 def _dtype(config):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
-          "bf16": jnp.bfloat16}[config.model.dtype]
+  name = config.model.dtype
+  if name not in DTYPES:
+    _fail("model.dtype", "one of " + ", ".join(map(repr, DTYPES)), name)
+  return DTYPES[name]
 
 
 def _check_kind(kind) -> None:
@@ -219,6 +221,7 @@ def create_state(rng, config, kind: str) -> GanState:
 @functools.lru_cache(maxsize=16)
 def _init_fn(config_json: str, kind: str):
   config = config_from_json(config_json)
+  check_config(config)  # a clear error before any tracing (cached: once)
   return jax.jit(lambda rng: _create_state(rng, config, kind))
 
 
@@ -253,7 +256,9 @@ def count_params(tree) -> int:
 # ---------------------------------------------------------------------------
 HR_CONDITIONS = ("concat", "upsampled", "none")
 LR_GENERATORS = ("unet", "resnet")
-DTYPES = ("float32", "bfloat16", "bf16")  # `_dtype`
+# Compute dtype names, for `model.dtype` (`_dtype`) and the Translator's.
+DTYPES = {"float32": jnp.float32, "fp32": jnp.float32,
+          "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 DECAYS = ("none", "linear")  # `make_optimizer`
 # jax.random.key keeps 32 bits of the seed (key(2**32) is key(0)), and the
 # batch samplers' numpy generators refuse negative seeds.

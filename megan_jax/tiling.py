@@ -169,6 +169,9 @@ def _xp(x):
 
 
 def _check_volume(volume, shape: Shape3, what: str = "volume"):
+  if not hasattr(volume, "ndim"):
+    raise TypeError(f"{what}: a numpy or jax array, got "
+                    f"{type(volume).__name__}")
   if volume.ndim not in (3, 4) or tuple(volume.shape[:3]) != tuple(shape):
     raise ValueError(
         f"{what} of shape {tuple(volume.shape)} does not match the expected "

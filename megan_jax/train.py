@@ -134,6 +134,7 @@ def make_train_step(config, kind: str, donate: bool = True) -> Callable:
 @functools.lru_cache(maxsize=16)
 def _train_step_cached(config_json: str, kind: str, donate: bool):
   config = state_lib.config_from_json(config_json)
+  state_lib.check_config(config)  # a clear error before any tracing (once)
   step = functools.partial(
       train_step, config=config, kind=kind,
       g_model=state_lib.build_generator(config, kind),

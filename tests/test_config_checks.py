@@ -186,3 +186,20 @@ def test_train_checks_the_config_before_the_workdir_or_data(tmp_path):
   with pytest.raises(InputError, match="config steps"):
     train.train(c, str(tmp_path / "run"), progress=False)
   assert not (tmp_path / "run").exists()
+
+
+def test_the_library_entry_points_check_the_config_too():
+  """``make_train_step`` and ``create_state`` called from Python say which
+  field is wrong, as the command line does, not a KeyError from inside."""
+  import jax
+  c = smoke()
+  c.model.dtype = "fp16"
+  for call in (lambda: train.make_train_step(c, "hr"),
+               lambda: state_lib.create_state(jax.random.key(0), c, "lr"),
+               lambda: state_lib.build_generator(c, "hr")):
+    with pytest.raises(InputError, match="model.dtype: must be one of "
+                       "'float32', 'fp32', 'bfloat16', 'bf16', got 'fp16'"):
+      call()
+  c.model.dtype = "fp32"  # the names the Translator takes, too
+  state_lib.check_config(c)
+  assert state_lib.build_generator(c, "hr").dtype == jax.numpy.float32

@@ -621,10 +621,27 @@ def test_translator_arguments_are_checked(run_dir, params):
   assert one.mesh.devices.size == 1
   with pytest.raises(InputError, match="which='foo'"):
     infer.load(run_dir, which="foo")
-  # A JAX array is a volume like a numpy one.
+  # A JAX array is a volume like a numpy one; [D, H, W, 1] as [D, H, W].
   vol = _volume()
-  np.testing.assert_array_equal(one.translate(jax.numpy.asarray(vol)),
-                                one.translate(vol))
+  y = one.translate(vol)
+  np.testing.assert_array_equal(one.translate(jax.numpy.asarray(vol)), y)
+  y4 = one.translate(vol[..., None])
+  assert y4.shape == SHAPE + (1,)
+  np.testing.assert_array_equal(y4[..., 0], y)
+  with pytest.raises(InputError, match=r"expected 3D .*\(30, 37, 26, 2\)"):
+    one.translate(np.stack([vol, vol], -1))
+  # megan_jax.load: one device as Translator takes it, and which=.
+  t = megan_jax.load(run_dir, devices=jax.devices()[0], which="latest")
+  assert t.mesh.devices.size == 1
+  # train.restore's states stand for their generators; anything else is
+  # refused at once, not inside Flax.
+  from megan_jax import train
+  _, states = train.restore(run_dir)
+  np.testing.assert_array_equal(
+      infer.Translator(config, states, devices=jax.devices()[0]
+                       ).translate(vol), y)
+  with pytest.raises(InputError, match="generator of scale lr: .* got int"):
+    infer.Translator(config, {n: 1 for n in states})
 
 
 def test_a_failed_translate_leaves_no_empty_output_folder(run_dir, tmp_path,

@@ -83,7 +83,7 @@ def initializers(init: str) -> tuple[Initializer, Initializer, Initializer]:
   if init == "default":
     return (nn.initializers.lecun_normal(), nn.initializers.zeros,
             nn.initializers.ones)
-  raise ValueError(f"init must be one of {INITS}, got {init!r}")
+  raise ValueError(f"init_scheme must be one of {INITS}, got {init!r}")
 
 
 def check_impl(impl: str) -> None:
