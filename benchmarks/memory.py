@@ -63,6 +63,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Sequence
 
@@ -71,6 +72,8 @@ MODELS = ("megan_cascade", "megan_lr_step", "megan_hr_step", "dcgan",
 BASELINES = ("dcgan", "pix2pix", "pggan")
 MEASURES = ("compiled", "peak")
 DEFAULT_SIZES = (32, 64, 128, 256)
+# Per-case limits (--timeout-s): a peak case compiles and runs.
+TIMEOUT_S = {"compiled": 180.0, "peak": 900.0}
 GPU_MARKS_GB = (12, 80)  # cards are sold in GB (1e9 bytes); drawn in GiB
 RATIO_SIZES = (256, 512)
 GIB = 2**30
@@ -173,11 +176,14 @@ def cascade_translator(options: Options, size: int):
   """A single-device ``Translator`` for side-``size`` outputs, with zero
   parameters of the right shapes."""
   import jax
-  import jax.numpy as jnp
+  import numpy as np
   from megan_jax import infer
   from megan_jax import state as state_lib
   c = megan_config(options, size)
-  zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+  # On the host (numpy): device zeros, freed once the Translator has its
+  # host copies, would still raise a GPU's peak (a high-water mark) by
+  # every scale's weights, ~100 MiB more per HR scale at the paper's widths.
+  zeros = lambda tree: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
                                     tree)
   params = {"lr": zeros(state_lib.abstract_state(c, "lr").g_params)}
   if c.num_hr_scales:
@@ -453,7 +459,14 @@ def write_plot(path: str, results: Sequence[dict], title: str,
 
 
 def plot_title(meta: dict) -> str:
-  return (f"One training step, batch 1, fp32 (MEGAN cascade: inference)\n"
+  o = meta.get("options") or {}
+  how = "".join(
+      [f", config {o['config']}" if o.get("config", "default") != "default"
+       else "",
+       f", widths ×{o['width_scale']:g}" if o.get("width_scale", 1) != 1
+       else ""])
+  return (f"One training step, batch 1, fp32{how} (MEGAN cascade: "
+          f"inference)\n"
           f"solid: XLA compiled memory; dashed: "
           f"{meta.get('peak_bytes', 'measured peak')}; "
           f"{meta['backend']} ({meta['device_kind']}), jax "
@@ -461,12 +474,23 @@ def plot_title(meta: dict) -> str:
 
 
 def _gib(b):
-  return "–" if b is None else f"{b / GIB:,.2f}"
+  if b is None:
+    return "–"
+  v = b / GIB
+  return f"{v:,.2f}" if v >= 0.1 or v == 0 else f"{v:.2g}"  # tiny widths
+
+
+def _megan_training(value, size):
+  """MEGAN's larger training step at ``size`` (LR or HR), or None."""
+  steps = [value.get((m, size)) for m in ("megan_lr_step", "megan_hr_step")]
+  return max(steps) if all(steps) else None
 
 
 def markdown_table(results: Sequence[dict], measure: str = "compiled") -> str:
-  """GiB per model and size, and each baseline's ratio to MEGAN's cascade at
-  256³ and 512³ (where both are known)."""
+  """GiB per model and size, and each baseline's ratio to MEGAN at 256³ and
+  512³ (where both are known): to its cascade (inference) and to its larger
+  training step (the like-for-like figure: a baseline's is a training
+  step)."""
   rows = [r for r in results if r["measure"] == measure]
   if not rows:
     return ""
@@ -474,17 +498,20 @@ def markdown_table(results: Sequence[dict], measure: str = "compiled") -> str:
   value = {(r["model"], r["size"]): r["bytes"] for r in rows}
   ratio_sizes = [s for s in RATIO_SIZES if s in sizes]
   head = (["model"] + [f"{s}³" for s in sizes]
-          + [f"× cascade at {s}³" for s in ratio_sizes])
+          + [f"× cascade at {s}³" for s in ratio_sizes]
+          + [f"× MEGAN training at {s}³" for s in ratio_sizes])
   lines = ["| " + " | ".join(head) + " |",
            "|" + "---|" * len(head)]
   for model in MODELS:
     if not any(m == model for m, _ in value):
       continue
     cells = [model] + [_gib(value.get((model, s))) for s in sizes]
-    for s in ratio_sizes:
-      num, den = value.get((model, s)), value.get(("megan_cascade", s))
-      cells.append(f"{num / den:,.0f}×" if model in BASELINES and num
-                   and den else "")
+    for den_of in (lambda s: value.get(("megan_cascade", s)),
+                   lambda s: _megan_training(value, s)):
+      for s in ratio_sizes:
+        num, den = value.get((model, s)), den_of(s)
+        cells.append(f"{num / den:,.1f}×" if model in BASELINES and num
+                     and den else "")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -504,11 +531,25 @@ def write_markdown(path: str, results: Sequence[dict], meta: dict) -> str:
     table = markdown_table(results, measure)
     if table:
       parts += ["", f"**{measure}** ({what}):", "", table]
-  failed = [r for r in results if r["bytes"] is None]
+  failed = [f"- {r['model']} {r['size']}³ {r['measure']}: {r['error']}"
+            for r in results if r["bytes"] is None]
+  # A table's empty cells with no row at all: say so, not a bare "–". The
+  # sizes a model is expected at: those of its kind (the cascade, or the
+  # training steps) in any measure, so 1024³ is asked of the cascade only.
+  def kind(model):
+    return model == "megan_cascade"
+  for measure in MEASURES:
+    have = {(r["model"], r["size"]) for r in results
+            if r["measure"] == measure}
+    for model in MODELS:
+      if any(m == model for m, _ in have):
+        sizes = sorted({r["size"] for r in results
+                        if kind(r["model"]) == kind(model)})
+        failed += [f"- {model} {s}³ {measure}: not run (no such case in "
+                   "the runs merged here)"
+                   for s in sizes if (model, s) not in have]
   if failed:
-    parts += ["", "Not measured:", ""]
-    parts += [f"- {r['model']} {r['size']}³ {r['measure']}: {r['error']}"
-              for r in failed]
+    parts += ["", "Not measured:", ""] + failed
   text = "\n".join(parts) + "\n"
 
   def write(tmp):
@@ -546,9 +587,13 @@ def parse_args(argv):
                  help="patches per HR training step (the code uses 20)")
   p.add_argument("--cascade-batch", type=int, default=1,
                  help="patches per cascade inference batch")
-  p.add_argument("--timeout-s", type=float, default=180.0,
-                 help="per-case limit (compiling, and running for peak)")
-  p.add_argument("--cpu-peak-limit-gib", type=float, default=4.0)
+  p.add_argument("--timeout-s", type=float, default=None,
+                 help="per-case limit in seconds (compiling, and running for "
+                 f"peak; default {TIMEOUT_S['compiled']:g} for a compiled "
+                 f"case, {TIMEOUT_S['peak']:g} for a peak one)")
+  p.add_argument("--cpu-peak-limit-gib", type=float, default=4.0,
+                 help="on a CPU, skip peak cases whose compiled memory is "
+                 "above this (default %(default)s)")
   p.add_argument("--fast-compile", action="store_true",
                  help="XLA backend optimisation level 0 for the compiled "
                  "measure (same bytes, ~2x faster compiles)")
@@ -566,6 +611,19 @@ def parse_args(argv):
     p.error("--sizes: must be positive")
   if args.width_scale <= 0:
     p.error(f"--width-scale {args.width_scale}: must be > 0")
+  if args.timeout_s is not None and not args.timeout_s > 0:
+    p.error(f"--timeout-s {args.timeout_s:g}: must be > 0")
+  if not args.cpu_peak_limit_gib > 0:
+    p.error(f"--cpu-peak-limit-gib {args.cpu_peak_limit_gib:g}: must be > 0")
+  if args.jobs < 1:
+    p.error(f"--jobs {args.jobs}: must be >= 1")
+  if not args.case and not args.replot:  # a bad config: now, not per case
+    from megan_jax import configs
+    from megan_jax.errors import InputError
+    try:
+      configs.get_config(args.config)
+    except InputError as e:
+      p.error(f"--config: {e}")
   if args.hr_batch < 1 or args.cascade_batch < 1:
     p.error("--hr-batch and --cascade-batch must be >= 1")
   if args.fast_compile and args.measure != "compiled":
@@ -686,8 +744,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cpu_peak_limit_gib=args.cpu_peak_limit_gib,
                     fast_compile=args.fast_compile)
   opts = dataclasses.asdict(options)
+  try:  # an unusable --out: now, not after the whole run
+    os.makedirs(args.out, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=args.out):
+      pass
+  except OSError as e:
+    print(f"memory: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+    return 2
   run = ((lambda case: run_case(case)) if args.in_process else
-         (lambda case: run_isolated(case, args.timeout_s)))
+         (lambda case: run_isolated(case, args.timeout_s or TIMEOUT_S[
+             case.get("measure", "compiled")])))
   start = time.perf_counter()
   info = run({"model": "probe", "options": opts})
   if "backend" not in info:

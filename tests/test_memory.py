@@ -47,6 +47,11 @@ def test_hr_step_and_cascade_do_not_grow_with_the_output():
   assert len({r["bytes"] for r in cascade.values()}) == 1
   assert [len(cascade[s]["scales"]) for s in (32, 48, 64)] == [
       1 + scales[s] for s in (32, 48, 64)]
+  # The maximum is the LR program's here, whose input is fixed anyway: the
+  # HR scales' own programs must be flat too, each and at every size.
+  hr_scales = {b for s in scales for name, b in cascade[s]["scales"]
+               if name != "lr"}
+  assert len(hr_scales) == 1 and hr_scales.pop() > 0
 
 
 def test_pix2pix_step_grows_with_the_volume():
@@ -112,14 +117,33 @@ def test_isolated_cases_answer_or_report_why_not():
   assert r["bytes"] is None and "power of two" in r["error"]
 
 
-def test_markdown_ratios_to_the_cascade():
-  rows = [{"model": "megan_cascade", "size": 256, "measure": "compiled",
-           "bytes": 2 * memory.GIB},
-          {"model": "pggan", "size": 256, "measure": "compiled",
-           "bytes": 90 * memory.GIB}]
+def test_markdown_ratios_to_the_cascade_and_to_megans_training():
+  gib = {"megan_cascade": 2, "megan_lr_step": 4, "megan_hr_step": 1,
+         "pggan": 90}
+  rows = [{"model": m, "size": 256, "measure": "compiled",
+           "bytes": g * memory.GIB} for m, g in gib.items()]
   table = memory.markdown_table(rows)
-  assert "× cascade at 256³" in table
-  assert "| pggan | 90.00 | 45× |" in table
+  assert "| × cascade at 256³ | × MEGAN training at 256³ |" in table
+  # 90 / 2 (the cascade) and 90 / 4 (the larger of the two steps).
+  assert "| pggan | 90.00 | 45.0× | 22.5× |" in table
+  assert "| megan_lr_step | 4.00 |  |  |" in table  # ratios: baselines only
+  # Without both MEGAN steps there is no training ratio.
+  table = memory.markdown_table([r for r in rows
+                                 if r["model"] != "megan_hr_step"])
+  assert "| pggan | 90.00 | 45.0× |  |" in table
+
+
+def test_markdown_says_why_a_cell_is_empty(tmp_path):
+  rows = [{"model": "pix2pix", "size": s, "measure": "peak", "bytes": b,
+           "compile_s": 1.0, "error": e}
+          for s, b, e in ((32, memory.GIB, None), (256, None, "skipped"))]
+  rows.append({"model": "dcgan", "size": 32, "measure": "peak",
+               "bytes": memory.GIB, "compile_s": 1.0, "error": None})
+  text = memory.write_markdown(str(tmp_path / "m.md"), rows,
+                               {"backend": "cpu"})
+  assert "- pix2pix 256³ peak: skipped" in text
+  assert "- dcgan 256³ peak: not run" in text
+  assert "pix2pix 32³" not in text and "dcgan 32³" not in text
 
 
 def test_merge_keeps_earlier_rows_and_a_cut_run_keeps_its_finished_cases(
