@@ -81,6 +81,44 @@ def test_hr_residual_cascade_upsamples_where_the_generator_adds_nothing(
     assert not np.allclose(got[inner], 0.0)
 
 
+def test_each_hr_scale_is_fed_its_own_scales_sketch(params, monkeypatch):
+  """Each HR scale k's generator gets scale k's edge sketch (``edges_k``,
+  padded as the loop pads), not another scale's: with an HR step that
+  returns its edge patch, every HR scale's output is its own sketch
+  exactly (patches cut and stitched back), and every cut is from that
+  scale's padded sketch."""
+  from megan_jax import dataset, resample, tiling
+  config = _config()
+  t = infer.Translator(config, params, batch_size=4)
+  t._hr_fn = jax.jit(lambda params, prev, edges: edges)  # no plan: not compiled
+  cut = []
+  real = tiling.extract_batch
+
+  def extract_batch(volume, *args, **kwargs):
+    cut.append(np.array(volume))
+    return real(volume, *args, **kwargs)
+  monkeypatch.setattr(tiling, "extract_batch", extract_batch)
+  t.keep_scales = True
+  image = t._normalise_source(_volume())
+  t.translate_normalised(image, progress=False)
+  arrays = dataset.preprocess(image, config, foreground=False)
+  scales = t.scale_outputs["scales"]
+  for k in range(1, config.num_hr_scales + 1):
+    own = arrays[f"edges_{k}"]
+    below = scales["lr" if k == 1 else f"hr{k - 1}"]
+    even = tuple(2 * n for n in below.shape)
+    padded = resample.pad_to(own, even, 0.0, low=(0, 0, 0))[0]
+    other = resample.pad_to(arrays[f"edges_{k - 1}"], even, 0.0,
+                            low=(0, 0, 0))[0]
+    assert own.any() and not np.array_equal(padded, other)  # it can tell
+    np.testing.assert_array_equal(scales[f"hr{k}"], own,
+                                  err_msg=f"hr{k} got another sketch")
+    mine = [v for v in cut if v.shape == even]
+    assert mine, f"hr{k}: no patches cut from a {even} volume"
+    for v in mine:
+      np.testing.assert_array_equal(v, padded)
+
+
 def test_api_returns_the_kind_it_was_given(run_dir, tmp_path):
   t = megan_jax.load(run_dir, batch_size=4)
   vol = _volume()

@@ -423,6 +423,50 @@ def test_resnet_block_reference_init():
   np.testing.assert_array_equal(q["norm_0"]["scale"], np.ones(16))
 
 
+@pytest.mark.parametrize("impl", ["fast", "plain"])
+def test_resnet_block_adds_its_branch_to_its_input(impl):
+  """``x + branch(x)``: with the branch's last norm scaled by 0 the branch is
+  exactly that norm's bias b, so the block returns ``x + b`` bit for bit
+  (``x`` itself for b = 0), whatever the convs' weights."""
+  block = ResNetBlock(impl=impl)
+  x = _rand(3, (2, 4, 4, 4, 8))
+  p = _np_params(block, x, train=False, seed=3)
+  apply = jax.jit(functools.partial(block.apply, train=False))
+  b = _rand(4, (8,))
+  for bias in (np.zeros(8, np.float32), b):
+    p["params"]["norm_1"]["scale"] = np.zeros(8, np.float32)
+    p["params"]["norm_1"]["bias"] = bias
+    y = apply(p, x)
+    np.testing.assert_array_equal(y, x + bias)
+  # With its weights the branch adds something: the block is not x alone.
+  q = _np_params(block, x, train=False, seed=3)
+  assert np.abs(np.asarray(apply(q, x)) - x).max() > 0.1
+
+
+@pytest.mark.parametrize("impl", ["fast", "plain"])
+def test_hr_generator_ends_in_tanh(impl, hr_params):
+  """The output is tanh of the output conv's (captured) pre-activation, not
+  a clip of it: for random weights elementwise; with that conv's kernel 0
+  and bias 1.5, tanh(1.5) ≈ 0.905 everywhere, strictly inside (-1, 1)."""
+  apply = jax.jit(functools.partial(_tiny_hr(impl=impl).apply, train=False,
+                                    capture_intermediates=True))
+  y, inter = apply(hr_params, _HR_X)
+  pre = np.asarray(inter["intermediates"]["conv_out"]["__call__"][0])
+  assert y.shape == pre.shape == (2, 16, 16, 16, 1)
+  assert np.abs(pre - np.tanh(pre)).max() > 0.05  # tanh and clip differ here
+  np.testing.assert_allclose(y, np.tanh(pre), rtol=0, atol=2e-6)
+  flat = jax.tree_util.tree_map_with_path(
+      lambda path, v: (np.zeros_like(v) if "conv_out']['kernel" in
+                       jax.tree_util.keystr(path) else
+                       np.full_like(v, 1.5) if "conv_out']['bias" in
+                       jax.tree_util.keystr(path) else v), hr_params)
+  y, inter = apply(flat, _HR_X)
+  np.testing.assert_array_equal(inter["intermediates"]["conv_out"]
+                                ["__call__"][0], 1.5)
+  np.testing.assert_allclose(y, np.tanh(np.float32(1.5)), rtol=0, atol=1e-6)
+  assert float(jnp.abs(y).max()) < 0.95
+
+
 @pytest.mark.parametrize("model", [
     LRResNetGenerator(ngf=4, n_blocks=1),
     LRUNetGenerator(ngf=4, num_levels=3),
