@@ -66,6 +66,78 @@ def test_blur_and_half_resolution_draws_are_independent():
   assert 0 < untouched.sum() < n
 
 
+def test_blur_and_half_resolution_happen_together_by_chance_alone():
+  """Blur and half resolution are drawn independently per patch (each from
+  its own key): with both at p = 0.5 about a quarter of the patches get
+  both, a quarter neither (a shared draw would give a half each). Which
+  patch got what is read off the output alone (noise off): a halved patch
+  is 2x2x2 block-constant (`half_resolution` leaves it as it is), and it
+  was blurred first unless it equals the halved input; a patch that was not
+  halved was blurred exactly when it changed."""
+  n = 2000
+  x = _patches(30, (n, 4, 4, 4))
+  y = augment.augment_previous(jax.random.key(31), x, noise_std=0.0,
+                               blur_prob=0.5, halfres_prob=0.5)
+  differs = lambda a, b: np.any(np.abs(np.asarray(a - b)) > 1e-5,
+                                axis=(1, 2, 3))
+  halve = jax.vmap(augment.half_resolution)  # per patch
+  halved = ~differs(halve(y), y)
+  blurred = np.where(halved, differs(y, halve(x)), differs(y, x))
+  # Binomial(2000, p) fractions: sd <= 0.0112; the tolerances are ~4.5 sd.
+  assert abs(blurred.mean() - 0.5) < 0.05
+  assert abs(halved.mean() - 0.5) < 0.05
+  assert abs((blurred & halved).mean() - 0.25) < 0.05
+  assert abs((~blurred & ~halved).mean() - 0.25) < 0.05
+  # The same decisions as with one option on and the other off (same key).
+  only_blur = augment.augment_previous(jax.random.key(31), x, noise_std=0.0,
+                                       blur_prob=0.5, halfres_prob=0.0)
+  only_half = augment.augment_previous(jax.random.key(31), x, noise_std=0.0,
+                                       blur_prob=0.0, halfres_prob=0.5)
+  np.testing.assert_array_equal(differs(only_blur, x), blurred)
+  np.testing.assert_array_equal(differs(only_half, x), halved)
+
+
+def test_defaults_are_the_papers():
+  """The module's and the ``default`` config's augmentation settings are the
+  values METHOD.md gives, and `augment_previous` / `augment_edges` /
+  `augment_batch` default to the module's constants."""
+  import inspect
+
+  from megan_jax import configs, edges
+  # METHOD.md, HR GANs: "Augmentation of the previous-scale input: noise;
+  # Gaussian blur on 30 % of patches; resolution halved on 20 %."
+  assert augment.DEFAULT_BLUR_PROB == 0.3
+  assert augment.DEFAULT_HALFRES_PROB == 0.2
+  # METHOD.md, Edge sketch: "Edges are given noise (sigma 0.01 in the code)
+  # during training."
+  assert augment.DEFAULT_EDGE_NOISE_STD == 0.01
+  defaults = lambda f: {k: v.default for k, v in
+                        inspect.signature(f).parameters.items()
+                        if v.default is not inspect.Parameter.empty}
+  prev = defaults(augment.augment_previous)
+  assert prev["blur_prob"] == augment.DEFAULT_BLUR_PROB
+  assert prev["halfres_prob"] == augment.DEFAULT_HALFRES_PROB
+  assert prev["noise_std"] == augment.DEFAULT_NOISE_STD
+  assert prev["blur_sigma"] == augment.DEFAULT_BLUR_SIGMA
+  assert defaults(augment.augment_edges)["std"] == 0.01
+  assert defaults(augment.augment_edges)["gain"] == 0.0  # not the paper's
+  assert defaults(augment.augment_batch)["edge_noise_std"] == 0.01
+  # METHOD.md, Edge sketch: "for augmentation the mask can be scaled by
+  # ±15 % and mirrored."
+  label = defaults(edges.augment_label)
+  assert label["scale_range"] == 0.15 and label["mirror"] is True
+
+  c = configs.get_config("default").augment
+  assert c.blur_prob == 0.3  # "Gaussian blur on 30 % of patches"
+  assert c.halfres_prob == 0.2  # "resolution halved on 20 %"
+  assert c.edge_noise_std == 0.01  # "noise (sigma 0.01 in the code)"
+  assert c.edge_gain == 0.0  # our option, off by default
+  assert c.label_scale == 0.15 and c.label_mirror is True  # "±15 %", mirrored
+  # The paper gives no level for the previous-scale noise: the config takes
+  # the module's (our choice), and it is on.
+  assert c.prev_noise_std == augment.DEFAULT_NOISE_STD > 0
+
+
 @hypothesis.settings(deadline=None, max_examples=15)
 @hypothesis.given(
     # A few shapes (each compiles once), all longer than the largest radius.

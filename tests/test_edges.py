@@ -199,6 +199,64 @@ def test_mask_zeroes_edges_outside(engine):
       edges.canny_3d(vol, mask=mask.astype(np.uint8)), sketch)
 
 
+def _two_steps(weak, strong, shape=(20, 20, 40)):
+  """Planes across the last axis: a step of ``weak`` between x = 9 and 10
+  and one of ``strong`` between x = 25 and 26, far enough apart (16 voxels)
+  that the smoothing (radius 4) never mixes them."""
+  vol = np.zeros(shape, np.float32)
+  vol[..., 10:] += weak
+  vol[..., 26:] += strong
+  return vol
+
+
+def test_sketch_is_weighted_by_the_gradient_magnitude(engine):
+  """The sketch is the gradient magnitude on the edges divided by its
+  largest value (METHOD.md: "Canny edges weighted by the gradient
+  magnitude (not binary)"): steps of heights 1 and 3 give edges of 1/3 and
+  1, and every edge voxel's value is its smoothed gradient magnitude over
+  the maximum."""
+  vol = _two_steps(1.0, 3.0)
+  sketch = edges.canny_3d(vol)
+  edge = sketch > 0
+  columns = np.flatnonzero(edge.any(axis=(0, 1)))
+  # Only the voxels beside the two steps (a tie may keep both of a pair).
+  assert set(columns) <= {9, 10, 25, 26}
+  weak, strong = sketch[..., 8:12], sketch[..., 24:28]
+  assert (weak > 0).any() and (strong > 0).any()
+  np.testing.assert_allclose(weak[weak > 0], 1 / 3, rtol=1e-4)
+  np.testing.assert_allclose(strong[strong > 0], 1.0, rtol=1e-4)
+  # The values are the smoothed gradient magnitude over its maximum.
+  smooth = ndimage.gaussian_filter(vol.astype(np.float64), 1.0,
+                                   mode="nearest")
+  magnitude = np.sqrt(sum(g**2 for g in np.gradient(smooth)))
+  np.testing.assert_allclose(sketch[edge],
+                             magnitude[edge] / magnitude[edge].max(),
+                             rtol=1e-4)
+
+
+def test_mask_thresholds_use_the_gradients_inside_the_mask(engine):
+  """Hysteresis thresholds are fractions of the largest gradient *inside*
+  the mask: a step 20 times stronger outside the mask (whose 0.2 of the
+  maximum would be 4 times the weak step's magnitude) does not wipe out the
+  weak step inside, which becomes the sketch's maximum, 1."""
+  vol = _two_steps(1.0, 20.0)
+  mask = np.zeros(vol.shape, bool)
+  mask[..., :18] = True  # the weak step only
+  # Unmasked, the weak step (1/20 of the maximum) is below the low threshold.
+  unmasked = edges.canny_3d(vol)
+  assert not unmasked[..., :18].any() and unmasked[..., 24:28].any()
+  sketch = edges.canny_3d(vol, mask=mask)
+  assert not sketch[~mask].any()
+  weak = sketch[..., 8:12]
+  assert (weak > 0).sum() >= 20 * 20  # the whole plane of the step
+  np.testing.assert_allclose(weak[weak > 0], 1.0, rtol=1e-4)
+  # Thresholds relative to the mask's maximum: 0.9 of it still keeps the
+  # step, whose magnitude is that maximum all along the plane.
+  high = edges.canny_3d(vol, low_threshold=0.9, high_threshold=0.9,
+                        mask=mask)
+  np.testing.assert_array_equal(high > 0, sketch > 0)
+
+
 @pytest.mark.parametrize("engine", edges.ENGINES)
 @settings(deadline=None, max_examples=10)
 @given(low=st.floats(0.0, 0.5), high_gap=st.floats(0.0, 0.4),

@@ -234,3 +234,28 @@ def test_check_same_grid():
   shifted[0, 3] += 0.5  # a third of a voxel
   with pytest.raises(InputError, match="m: affine differs from the input's"):
     io.check_same_grid("m", (4, 5, 6), shifted, (4, 5, 6), a, ref="input")
+
+
+def test_check_same_grid_tolerance_is_a_hundredth_of_a_voxel():
+  """Affines may differ by up to 1 % of the smallest voxel side (float
+  noise, rounding in a header), not more: a shift of 0.005 voxel is the
+  same grid, one of 0.012 or 0.05 voxel is not. Measured in the smallest
+  side (0.9 mm of _affine's 1.5 x 0.9 x 2.0), along every axis alike."""
+  a = _affine()
+  side = 0.9
+  for axis in range(3):
+    for fraction, same in ((0.005, True), (0.008, True), (0.012, False),
+                           (0.05, False)):
+      for sign in (1, -1):
+        moved = a.copy()
+        moved[axis, 3] += sign * fraction * side
+        if same:
+          io.check_same_grid("m", (4, 5, 6), moved, (4, 5, 6), a)
+        else:
+          with pytest.raises(InputError, match="m: affine differs"):
+            io.check_same_grid("m", (4, 5, 6), moved, (4, 5, 6), a)
+  # The rotation / scaling part counts too: 5 % of a voxel on a direction.
+  tilted = a.copy()
+  tilted[1, 0] += 0.05 * side
+  with pytest.raises(InputError, match="m: affine differs"):
+    io.check_same_grid("m", (4, 5, 6), tilted, (4, 5, 6), a)

@@ -44,3 +44,31 @@ def test_a_window_that_misses_every_voxel_raises():
   with pytest.raises(InputError, match="no voxel inside"):
     nz.fit_normaliser(x, window=(-2000, -1000))
   nz.fit_normaliser(x, window=(250, 2000))  # some voxels inside: fine
+
+
+def test_a_mostly_constant_volume_falls_back_to_its_full_range():
+  """Where the percentiles coincide (99.8 % zeros: the 0th and 99.5th
+  percentiles are both 0) the range falls back to [min, max] instead of
+  calling the volume constant: the background maps to -1, the brightest
+  voxel to 1."""
+  x = np.zeros((10, 10, 10), np.float32)
+  x[3, 4, 5], x[6, 2, 1] = 400.0, 250.0  # 0.2 % of the voxels
+  assert np.percentile(x, 99.5) == 0.0  # the default percentiles coincide
+  y, norm = nz.normalise(x)
+  assert (norm.lo, norm.hi) == (0.0, 400.0)
+  assert y[3, 4, 5] == 1.0 and y[6, 2, 1] == pytest.approx(0.25)
+  assert np.mean(y == -1.0) == pytest.approx(0.998)
+
+
+def test_a_window_touching_the_volume_at_one_end_only_raises():
+  """The window check's boundary: a window whose low end is the volume's
+  maximum (or whose high end is its minimum) maps every voxel to one value
+  (-1, or 1), so it is refused; one reaching a hair past it is accepted."""
+  x = np.linspace(0.0, 300.0, 27).reshape(3, 3, 3)
+  with pytest.raises(InputError, match="no voxel inside"):
+    nz.fit_normaliser(x, window=(300, 2000))  # max == lo: all -1
+  with pytest.raises(InputError, match="no voxel inside"):
+    nz.fit_normaliser(x, window=(-2000, 0))  # min == hi: all 1
+  below = nz.fit_normaliser(x, window=(299.5, 2000)).normalise(x)
+  above = nz.fit_normaliser(x, window=(-2000, 0.5)).normalise(x)
+  assert below.max() > -1.0 and above.min() < 1.0
