@@ -203,3 +203,18 @@ def test_the_library_entry_points_check_the_config_too():
   c.model.dtype = "fp32"  # the names the Translator takes, too
   state_lib.check_config(c)
   assert state_lib.build_generator(c, "hr").dtype == jax.numpy.float32
+
+
+def test_the_default_config_is_the_papers():
+  """`default` carries METHOD.md's settings: "L1 weight 10 in the code. Adam,
+  lr 2e-4, beta1 0.5"; "skips D's update when D's accuracy on the batch is
+  above 0.8"; the paper's log-likelihood GAN loss; LR 64³ from 128³ edges;
+  32³ HR patches keeping their 20³ centre; ngf/ndf 64, 6 ResNet blocks."""
+  c = configs.get_config("default")
+  assert c.loss.l1_weight == 10.0 and c.loss.gan_weight == 1.0
+  assert c.loss.gan == "bce"
+  assert c.loss.d_skip_accuracy == 0.8
+  assert (c.optim.lr, c.optim.b1) == (2e-4, 0.5)
+  assert c.lr_size == 64 and c.patch_size == 32
+  assert c.patch_size - 2 * c.border == 20
+  assert (c.model.ngf, c.model.ndf, c.model.n_blocks) == (64, 64, 6)
