@@ -473,3 +473,133 @@ def test_an_interrupt_lets_the_checkpoint_under_way_finish(tmp_path,
   latest = tmp_path / "checkpoints" / "lr" / "latest"
   assert [p.name for p in latest.iterdir()] == ["2"]
   assert state_lib.checkpointed_step(str(tmp_path), "lr") == 2
+
+
+# The step's own arithmetic: D's skip, G's loss weights, the directions of
+# the two updates. One fixed batch, no augmentation or dropout, so a loss
+# can be recomputed outside the step; two configs (l1_weight 10 and 2) that
+# differ in nothing else, each compiled once for the three tests, with the
+# plain convolutions (the same params; a third of the fast ones' compile
+# time on a CPU).
+_QUIET = {"augment.edge_noise_std": 0.0, "augment.prev_noise_std": 0.0,
+          "augment.blur_prob": 0.0, "augment.halfres_prob": 0.0,
+          "augment.edge_gain": 0.0, "model.dropout": 0.0}
+
+
+def _arithmetic_config(l1_weight=10.0):
+  return tiny_config(**_QUIET, **{"loss.d_skip_accuracy": 0.4,
+                                  "loss.gan_weight": 1.0,
+                                  "loss.l1_weight": l1_weight,
+                                  "optim.lr": 1e-4, "model.impl": "plain"})
+
+
+def _d_with_constant_logit(d_params, value):
+  """HR D params whose every logit is ``value``: the last conv's kernel 0,
+  its bias ``value``. For BCE (threshold 0) D's accuracy is then exactly 0
+  (``value`` 0: no real above 0, no fake below) or 0.5 (``value`` > 0: every
+  real right, every fake wrong)."""
+  def f(path, x):
+    name = jax.tree_util.keystr(path)
+    if "conv_out" not in name:
+      return x
+    return x * 0 + (value if "bias" in name else 0.0)
+  return jax.tree_util.tree_map_with_path(f, d_params)
+
+
+def _same_tree(a, b):
+  return all(np.array_equal(x, y) for x, y in
+             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def hr_state():
+  # The optimiser's state does not depend on the learning rate or losses:
+  # one initialisation serves every config here.
+  return state_lib.create_state(jax.random.key(0), tiny_config(), "hr")
+
+
+def test_d_update_is_skipped_exactly_when_d_is_above_the_threshold(
+    subjects, hr_state):
+  """With ``loss.d_skip_accuracy`` 0.4: D at accuracy 0.5 (above) keeps its
+  params and optimiser state bit for bit and says ``d_skipped`` 1; D at
+  accuracy 0 (below) is updated (params changed, Adam's count advanced)
+  and says 0. G is updated either way."""
+  config = _arithmetic_config()
+  assert config.loss.gan == "bce"
+  step = train.make_train_step(config, "hr", donate=False)
+  batch = _fixed_batch(subjects, config, 2)
+  for logit, acc, skipped in ((1.0, 0.5, True), (0.0, 0.0, False)):
+    state = hr_state.replace(
+        d_params=_d_with_constant_logit(hr_state.d_params, logit))
+    new, metrics = step(state, batch, jax.random.key(1))
+    assert float(metrics["d_acc"]) == acc
+    assert float(metrics["d_skipped"]) == float(skipped), (acc, metrics)
+    assert _same_tree(new.d_params, state.d_params) == skipped
+    assert _same_tree(new.d_opt, state.d_opt) == skipped
+    assert int(new.d_opt[0].count) == (0 if skipped else 1)
+    assert not _same_tree(new.g_params, state.g_params)
+    assert int(new.step) == 1
+
+
+def test_g_loss_weighs_l1_by_l1_weight(subjects, hr_state):
+  """G's loss is ``gan_weight * gan + l1_weight * l1`` (checked at l1_weight
+  10 and 2), and the two weights move G differently (the mix of the GAN and
+  L1 gradients changes; Adam would hide a mere rescaling)."""
+  batch = _fixed_batch(subjects, _arithmetic_config(), 2)
+  g_params = {}
+  for w in (10.0, 2.0):
+    step = train.make_train_step(_arithmetic_config(w), "hr", donate=False)
+    new, m = step(hr_state, batch, jax.random.key(1))
+    gan, l1 = float(m["g_gan"]), float(m["g_l1"])
+    assert l1 > 0.01 and gan > 0.01
+    np.testing.assert_allclose(float(m["g_loss"]), gan + w * l1, rtol=1e-5)
+    g_params[w] = new.g_params
+  assert not _same_tree(g_params[10.0], g_params[2.0])
+
+
+def test_one_step_lowers_d_and_g_losses_on_its_batch(subjects, hr_state):
+  """After one small-lr step (D not skipped: accuracy 0 here) D's loss on
+  the same real and fake pairs is lower with the new D params than with the
+  old, and G's loss (against the new D, as in the step) is lower with the
+  new G params than with the old: both descend, neither climbs."""
+  import jax.numpy as jnp
+  from megan_jax import losses
+  config = _arithmetic_config()
+  step = train.make_train_step(config, "hr", donate=False)
+  batch = _fixed_batch(subjects, config, 2)
+  state = hr_state.replace(
+      d_params=_d_with_constant_logit(hr_state.d_params, 0.0))
+  new, m = step(state, batch, jax.random.key(1))
+  assert float(m["d_skipped"]) == 0.0
+  g_model = state_lib.build_generator(config, "hr")
+  d_model = state_lib.build_discriminator(config, "hr")
+  real = jnp.asarray(batch["target"])
+
+  @jax.jit
+  def step_losses(g_params, d_params, fake_g_params):
+    def gen(p):  # dropout is 0: any key
+      out = g_model.apply(p, state_lib.generator_input(batch, config, "hr"),
+                          train=True, rngs={"dropout": jax.random.key(0)})
+      return state_lib.generator_output(out, batch, config, "hr")
+
+    def logits(image):
+      out, _ = d_model.apply(d_params, state_lib.discriminator_input(
+          batch, image, "hr", config), train=True)
+      return out
+    d_loss, _ = losses.discriminator_loss(logits(real),
+                                          logits(gen(fake_g_params)),
+                                          kind=config.loss.gan)
+    fake = gen(g_params)
+    _, parts = losses.generator_loss(logits(fake), fake, real,
+                                     kind=config.loss.gan)
+    g_loss = (config.loss.gan_weight * parts["gan"]
+              + config.loss.l1_weight * parts["l1"])
+    return d_loss, g_loss
+
+  d_old, _ = step_losses(state.g_params, state.d_params, state.g_params)
+  np.testing.assert_allclose(float(d_old), float(m["d_loss"]), rtol=1e-5)
+  d_new, g_old = step_losses(state.g_params, new.d_params, state.g_params)
+  _, g_new = step_losses(new.g_params, new.d_params, state.g_params)
+  np.testing.assert_allclose(float(g_old), float(m["g_loss"]), rtol=1e-5)
+  assert float(d_new) < float(d_old), (float(d_old), float(d_new))
+  assert float(g_new) < float(g_old), (float(g_old), float(g_new))
