@@ -439,3 +439,58 @@ def test_evaluate_names_an_empty_mask(tmp_path, capsys):
                        "--target", str(tmp_path / "t.nii"),
                        "--mask", str(tmp_path / "m.nii")], capsys)
   assert code == 2 and f"mask {tmp_path / 'm.nii'}: selects no voxels" in err
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path, capsys, monkeypatch):
+  """A KeyboardInterrupt inside a command ends ``main`` with the shell's
+  status for SIGINT, 130, and the one line ``megan: interrupted``."""
+  def interrupted(args):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(cli, "cmd_edges", interrupted)
+  code, _, err = _run(["edges", "-i", "a.nii", "-o", str(tmp_path / "b.nii"),
+                       "--no-png"], capsys)
+  assert code == 130
+  assert err.strip().splitlines() == ["megan: interrupted"]
+
+
+def test_integer_options_accept_their_lowest_value(capsys):
+  """The lowest allowed value is accepted (``--batch-size 1``,
+  ``--mask-augment 0``), the one below refused with status 2."""
+  parser = cli.build_parser()
+  base = ["translate", "-i", "a.nii", "-o", "b.nii", "--workdir", "w",
+          "--mask", "m.nii"]
+  assert parser.parse_args(base + ["--batch-size", "1"]).batch_size == 1
+  assert parser.parse_args(base + ["--mask-augment", "0"]).mask_augment == 0
+  for flag, below in (("--batch-size", "0"), ("--mask-augment", "-1")):
+    with pytest.raises(SystemExit) as e:
+      parser.parse_args(base + [flag, below])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+  assert cli._int_at_least(5, "5") == 5
+  with pytest.raises(Exception, match="must be >= 5"):
+    cli._int_at_least(5, "4")
+
+
+def test_config_overrides_only_for_train(tmp_path, capsys, monkeypatch):
+  """``--config.FIELD=VALUE`` on another command is a usage error (status 2,
+  ``<override>: config overrides are for 'megan train'``) before any work;
+  on ``train`` it reaches the command as ``args.overrides``."""
+  ran = []
+  monkeypatch.setattr(cli, "cmd_edges", lambda args: ran.append(args) or 0)
+  with pytest.raises(SystemExit) as e:
+    cli.main(["edges", "-i", "a.nii", "-o", str(tmp_path / "b.nii"),
+              "--config.steps=3"])
+  assert e.value.code == 2 and not ran
+  assert ("--config.steps=3: config overrides are for 'megan train'"
+          in capsys.readouterr().err)
+  monkeypatch.setattr(cli, "cmd_train", lambda args: ran.append(args) or 0)
+  assert cli.main(["train", "--workdir", str(tmp_path / "w"),
+                   "--config.steps=3"]) == 0
+  assert ran[0].command == "train" and ran[0].overrides == ["--config.steps=3"]
+
+
+@pytest.mark.parametrize("off", ["0", "off", "false", "no", "OFF", "False"])
+def test_compile_cache_turned_off(off):
+  """Each documented off value of MEGAN_COMPILE_CACHE (0, off, false, no; any
+  case) means no cache folder: None, not a folder named after the value."""
+  env = {"XDG_CACHE_HOME": "/c", "MEGAN_COMPILE_CACHE": off}
+  assert cli.compile_cache_dir(env) is None

@@ -338,3 +338,57 @@ def test_montage_bad_input():
     writers.montage({"flat": np.zeros((4, 4))})
   with pytest.raises(InputError, match="outside"):
     writers.montage({"a": np.zeros((4, 4, 4))}, slices=(0, 4, 0))
+
+
+def test_montage_default_slices_are_each_volumes_centre():
+  """With no ``slices``, every panel shows index ``s // 2`` of its axis (the
+  documented centre), not ``(s - 1) // 2``: pixel for pixel the same figure
+  as ``slices=(D // 2, H // 2, W // 2)`` on even sides, where the two differ."""
+  rng = np.random.default_rng(7)
+  vol = rng.uniform(-1, 1, (6, 8, 10))
+  centre = writers.montage({"a": vol}, slices=(3, 4, 5))
+  np.testing.assert_array_equal(writers.montage({"a": vol}), centre)
+  # the check can tell: the slices just below the centre draw another figure
+  below = writers.montage({"a": vol}, slices=(2, 3, 4))
+  assert below.shape != centre.shape or not np.array_equal(below, centre)
+
+
+def _panel_cells(rgb, column, n):
+  """The ``n x n`` grid of a montage panel's voxels as drawn, top row first:
+  True where the cell is bright. The panel is the black rectangle of the
+  figure's ``column``-th third; each cell is read at its centre."""
+  third = rgb.shape[1] // 3
+  part = rgb[:, column * third:(column + 1) * third]
+  dark = part.max(axis=2) < 40
+  rows = np.flatnonzero(dark.sum(axis=1) > third // 3)
+  r0, r1 = rows.min(), rows.max() + 1
+  cols = np.flatnonzero(dark[r0:r1].sum(axis=0) > (r1 - r0) // 3)
+  c0, c1 = cols.min(), cols.max() + 1
+  centres_r = (r0 + (np.arange(n) + 0.5) * (r1 - r0) / n).astype(int)
+  centres_c = (c0 + (np.arange(n) + 0.5) * (c1 - c0) / n).astype(int)
+  cells = part[centres_r[:, None], centres_c[None, :]].min(axis=2)
+  return cells > 200
+
+
+def test_montage_orientation_is_transposed_with_origin_lower(tmp_path):
+  """Each panel draws its plane transposed with the origin at the bottom left
+  (the documented display): a voxel at plane index ``[0, n - 1]`` (first
+  row, last column of the array) appears in the panel's top-left corner, and
+  the whole panel is ``flipud(plane.T)``. Not transposing would put it at the
+  bottom right, ``origin="upper"`` at the bottom left. Read from the PNG."""
+  n = 8
+  vol = np.full((n, n, n), -1.0)  # vmin everywhere: black panels
+  c = n // 2
+  vol[c, 0, n - 1] = 1.0  # axis-0 plane [y, x]: [0, n-1]
+  vol[0, c, n - 1] = 1.0  # axis-1 plane [z, x]: [0, n-1]
+  vol[0, n - 1, c] = 1.0  # axis-2 plane [z, y]: [0, n-1]
+  path = tmp_path / "m.png"
+  writers.montage({"v": vol}, path)
+  with Image.open(path) as png:
+    rgb = np.asarray(png.convert("RGB"))
+  for axis in range(3):
+    plane = np.take(vol, c, axis=axis)
+    assert plane[0, n - 1] == 1.0 and (plane > 0).sum() == 1
+    cells = _panel_cells(rgb, axis, n)
+    assert cells[0, 0], (axis, np.argwhere(cells))  # top left
+    np.testing.assert_array_equal(cells, np.flipud(plane.T > 0))
