@@ -1,5 +1,6 @@
 """Which files a dataset is made of, where their labels are, and when the
 sketch cache is stale."""
+import dataclasses
 import os
 
 import nibabel as nib
@@ -120,3 +121,106 @@ def test_a_tiny_spacing_is_refused_before_resampling(tmp_path):
   vol = io.load_nifti(path)
   with pytest.raises(InputError, match="does not fit lr_size"):
     grid.to_working(vol, config)
+
+
+def _ramp(shape):
+  """Each voxel holds its own index, ``z * 10000 + y * 100 + x`` (exact in
+  float32), so a crop tells where it came from."""
+  z, y, x = np.indices(shape)
+  return (z * 10000 + y * 100 + x).astype(np.float32)
+
+
+def test_hr_patch_starts_even_and_its_previous_scale_patch_is_centred_on_it():
+  """The target (and edge) patch is ``fine[s : s + p]`` with every ``s``
+  even, and ``prev`` is the coarse volume from ``s // 2 - p // 4`` (padded
+  with -1 outside), so ``prev``'s voxel ``p // 4`` is the coarse voxel
+  ``s // 2`` under the target's first voxel: the two are centred together."""
+  p = 8
+  fine_shape, coarse_shape = (24, 26, 28), (12, 13, 14)
+  fine, coarse = _ramp(fine_shape), _ramp(coarse_shape)
+  sub = dataset.Subject(
+      name="ramp", images=[coarse, fine], edges=[coarse, fine],
+      lr_input=np.zeros((1, 1, 1), np.float32),
+      lr_target=np.zeros((1, 1, 1), np.float32),
+      foreground=[np.arange(coarse.size, dtype=np.int32)] * 2,
+      intensity=np.array([0.0, 1.0]))
+  batch = dataset.sample_hr_batch([sub], 1, 64, p, np.random.default_rng(0))
+  padded = np.pad(coarse, p // 4, constant_values=-1.0)
+  starts = set()
+  for prev, edge, target in zip(batch["prev"][..., 0], batch["edges"][..., 0],
+                                batch["target"][..., 0]):
+    v = int(target[0, 0, 0])
+    s = (v // 10000, v // 100 % 100, v % 100)
+    starts.add(s)
+    assert all(si % 2 == 0 for si in s), s
+    np.testing.assert_array_equal(
+        target, fine[s[0]:s[0] + p, s[1]:s[1] + p, s[2]:s[2] + p])
+    np.testing.assert_array_equal(edge, target)
+    c = [si // 2 for si in s]  # padded by p // 4: starts at c - p // 4
+    np.testing.assert_array_equal(
+        prev, padded[c[0]:c[0] + p, c[1]:c[1] + p, c[2]:c[2] + p])
+    assert prev[p // 4, p // 4, p // 4] == coarse[tuple(c)]
+  assert len(starts) > 10  # many places, the clipped edges among them
+  assert any(0 in s for s in starts)
+
+
+def _cube_subject(config):
+  """A 32³ volume, -1 but for a bright cube at [12:20)³, through
+  ``preprocess`` (scales 8³, 16³, 32³; the cube at [3:5), [6:10), [12:20))."""
+  img = np.full((32, 32, 32), -1.0, np.float32)
+  img[12:20, 12:20, 12:20] = 1.0
+  arrays = dataset.preprocess(img, config)
+  arrays["intensity"] = np.array([0.0, 1.0])
+  return dataset._subject("cube", arrays, config.num_hr_scales)
+
+
+def test_foreground_is_the_bright_voxels_and_uniform_fraction_spreads_patches():
+  """``preprocess`` lists exactly the voxels above ``data.foreground`` (the
+  cube) at every scale; with ``uniform_fraction=0`` every patch is centred
+  on the cube (its middle voxel ``p // 2`` is inside it), with 1 the
+  patches spread over the volume, many missing the cube entirely."""
+  config = configs.get_config("demo:smoke")
+  assert config.num_hr_scales == 2
+  sub = _cube_subject(config)
+  for k, (lo, hi) in enumerate([(3, 5), (6, 10), (12, 20)]):
+    mask = np.zeros(sub.images[k].shape, bool)
+    mask[lo:hi, lo:hi, lo:hi] = True
+    np.testing.assert_array_equal(sub.foreground[k], np.flatnonzero(mask))
+  p = 8
+  near = dataset.sample_hr_batch([sub], 2, 32, p, np.random.default_rng(0),
+                                 uniform_fraction=0.0)["target"][..., 0]
+  np.testing.assert_array_equal(near[:, p // 2, p // 2, p // 2], 1.0)
+  spread = dataset.sample_hr_batch([sub], 2, 64, p, np.random.default_rng(0),
+                                   uniform_fraction=1.0)["target"][..., 0]
+  empty = (spread.max(axis=(1, 2, 3)) == -1.0).sum()
+  assert empty >= 16, empty
+  ramps = dataclasses.replace(sub, images=[_ramp(x.shape) for x in sub.images])
+  def starts(fraction):
+    t = dataset.sample_hr_batch([ramps], 2, 64, p, np.random.default_rng(1),
+                                uniform_fraction=fraction)["target"]
+    v = t[:, 0, 0, 0, 0].astype(int)
+    return np.stack([v // 10000, v // 100 % 100, v % 100], axis=1)
+  # on the cube: centre u in [6, 10), c = u - p // 4, s = 2c in [8, 16)
+  assert ((starts(0.0) >= 8) & (starts(0.0) < 16)).all()
+  anywhere = starts(1.0)
+  assert ((anywhere < 8) | (anywhere >= 16)).any(axis=1).sum() >= 32
+  assert len({tuple(s) for s in anywhere}) > 40
+
+
+def test_rewriting_a_volume_invalidates_its_cached_arrays(tmp_path):
+  """The cache key holds the file's size and mtime: the same path written
+  again with other voxels (and a new mtime) is preprocessed afresh, not
+  read back from the cache."""
+  config = configs.get_config("demo:smoke")
+  cache = str(tmp_path / "cache")
+  path = _save(tmp_path / "a.nii.gz", synthetic.blob(seed=0))
+  before = np.array(dataset.load_subject(path, config, cache).images[-1])
+  st = os.stat(path)
+  _save(tmp_path / "a.nii.gz",
+        synthetic.blob(seed=1, centre_shift=(0.2, 0.0, 0.0)))
+  os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+  after = dataset.load_subject(path, config, cache)
+  fresh = dataset.load_subject(path, config)
+  for x, y in zip(after.images + after.edges, fresh.images + fresh.edges):
+    np.testing.assert_array_equal(x, y)
+  assert not np.array_equal(after.images[-1], before)

@@ -198,3 +198,20 @@ def test_translate_file_keeps_the_inputs_storage_order(run_dir, tmp_path):
   np.testing.assert_allclose(img.affine, other.affine)
   assert nib.aff2axcodes(img.affine) == nib.aff2axcodes(other.affine)
   assert grid.working_shape(t.config, other) == (30, 37, 26)
+
+
+def test_resampled_label_keeps_its_volume():
+  """A 4 mm thick slab label on a 1 mm grid, resampled to 2 mm, is the two
+  2 mm slices it covers (trilinear > 0.5: 0.875 inside, 0.125 beside it),
+  288 voxels of 8 mm³, the slab's own volume; not the slices beside it."""
+  shape = (24, 24, 24)
+  data = np.random.default_rng(0).random(shape).astype(np.float32)
+  vol = io.Volume(data, np.diag([1.0, 1.0, 1.0, 1.0]))
+  label = np.zeros(shape, bool)
+  label[:, :, 10:14] = True
+  work = grid.to_working(vol, _grid_config(spacing=2.0), label)
+  assert work.label.shape == work.volume.data.shape == (12, 12, 12)
+  expected = np.zeros((12, 12, 12), bool)
+  expected[:, :, 5:7] = True
+  np.testing.assert_array_equal(work.label, expected)
+  assert work.label.sum() * 8 == label.sum()
