@@ -107,3 +107,52 @@ def test_noise_sigma_ignores_the_clipped_background():
   den, _ = baselines.nlm(image)
   assert np.abs(den - image)[inside].mean() > 1e-3  # it did something
   assert baselines.noise_sigma(inside.astype(np.float32)) == 0.0  # binary
+
+
+@pytest.mark.parametrize("h_factor", [0.8, 0.35])
+def test_nlm_uses_h_factor_times_sigma(monkeypatch, h_factor):
+  """``nlm`` hands skimage ``h = h_factor · sigma`` with ``sigma`` from
+  ``noise_sigma``, 3D fast mode, and its patch parameters."""
+  import skimage.restoration
+  seen = {}
+
+  def fake(image, **kw):
+    seen.update(kw)
+    return image
+  monkeypatch.setattr(skimage.restoration, "denoise_nl_means", fake)
+  rng = np.random.default_rng(4)
+  image = (0.5 + rng.normal(0, 0.05, (12, 12, 12))).astype(np.float32)
+  sigma = baselines.noise_sigma(image)
+  den, _ = baselines.nlm(image, h_factor=h_factor, patch_size=3,
+                         patch_distance=2)
+  np.testing.assert_array_equal(den, image)
+  assert seen["sigma"] == pytest.approx(sigma, rel=1e-6)
+  assert seen["h"] == pytest.approx(h_factor * sigma, rel=1e-6)
+  assert seen["fast_mode"] is True
+  assert seen["patch_size"] == 3 and seen["patch_distance"] == 2
+
+
+def test_patch_gan_translate_restores_the_input_grid(pg_config):
+  """A ``Volume`` stored in another voxel order (S, L, P) at another spacing
+  (3 mm vs the config's 4 mm) comes back on its own grid: the input's shape,
+  equal to the array path on the working grid restored by
+  ``grid.to_working(...).restore``."""
+  from megan_jax import grid, io
+  assert pg_config.data.orientation == "RAS" and pg_config.data.spacing == 4.0
+  st = state_lib.create_state(jax.random.key(5), pg_config, "hr")
+  pg = baselines.PatchGan(pg_config, st.g_params, intensity=(10.0, 50.0),
+                          batch_size=4)
+  affine = np.array([[0, -3.0, 0, 30], [0, 0, -3.0, 20], [3.0, 0, 0, -10],
+                     [0, 0, 0, 1]])
+  rng = np.random.default_rng(6)
+  z, y, x = np.mgrid[:15, :21, :18]
+  data = (100 + 40 * (z > 7) + 30 * np.sin(y / 3.0) * (x > 6)
+          + rng.normal(0, 3, z.shape)).astype(np.float32)
+  vol = io.Volume(data, affine)
+  out = pg.translate(vol)
+  assert out.shape == data.shape
+  work = grid.to_working(vol, pg_config)
+  assert work.volume.data.shape != data.shape  # really another grid
+  want = work.restore(pg.translate(work.volume.data))
+  np.testing.assert_allclose(out, want, atol=1e-3)
+  assert 10.0 - 1e-4 <= out.min() and out.max() <= 50.0 + 1e-4

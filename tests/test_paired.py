@@ -1,6 +1,7 @@
 """The seeded paired benchmark made from the MNI152 template."""
 import json
 import os
+import re
 
 import nibabel as nib
 import numpy as np
@@ -179,3 +180,85 @@ def test_bad_arguments_raise_value_error(kw):
   kw = dict(dict(index=0), **kw)
   with pytest.raises(ValueError):
     paired.make_subject("t1t2", kw.pop("index"), **kw)
+
+
+def test_rotation_stays_within_documented_five_degrees(monkeypatch):
+  """The docstring's "rotation up to ±5°" is the constant, and the angles the
+  anatomy actually draws (recorded at ``_rotation``) stay within it for
+  several subjects and seeds, as does the angle of the matrix applied."""
+  doc = re.search(r"rotation up to ±([\d.]+)°", paired.__doc__)
+  assert doc and float(doc.group(1)) == paired.MAX_ROTATION_DEG == 5.0
+  drawn = []
+  rotation = paired._rotation
+
+  def record(angles):
+    m = rotation(angles)
+    drawn.append((np.asarray(angles, float), m))
+    return m
+  monkeypatch.setattr(paired, "_rotation", record)
+  for seed, index in [(0, 0), (0, 1), (1, 0), (2, 3)]:
+    paired._anatomy(index, seed, 8.0, None)
+  assert len(drawn) == 4
+  for angles, m in drawn:
+    assert np.abs(angles).max() <= 5.0 + 1e-9
+    total = np.degrees(np.arccos(np.clip((np.trace(m) - 1) / 2, -1, 1)))
+    assert total <= 5.0 * np.sqrt(3) + 1e-6
+  # Not all zero: a rotation is drawn at all.
+  assert max(np.abs(a).max() for a, _ in drawn) > 0.5
+
+
+@pytest.mark.parametrize("task", paired.TASKS)
+def test_task_random_streams_are_distinct_from_the_anatomy(task, monkeypatch):
+  """Every ``_rng`` stream a subject draws from is used once: the task's
+  bias/noise streams never replay the anatomy's elastic or affine draws
+  (stream ids ``(0, k)`` are the anatomy's alone), and the two tasks' own
+  streams differ."""
+  calls = []
+  rng = paired._rng
+
+  def record(seed, index, stream):
+    calls.append((seed, index, tuple(stream)))
+    return rng(seed, index, stream)
+  monkeypatch.setattr(paired, "_rng", record)
+  subject(task, 1, seed=2, spacing=8.0)
+  assert len(calls) == len(set(calls)), calls
+  anatomy = {(2, 1, paired._ELASTIC), (2, 1, paired._AFFINE)}
+  assert anatomy <= set(calls)
+  task_streams = [c[2] for c in calls if c not in anatomy]
+  assert task_streams and all(s[0] != 0 for s in task_streams), calls
+  assert all(s[0] == paired.TASKS.index(task) + 1 for s in task_streams)
+
+
+def test_kernel_noise_has_the_documented_std():
+  """The kernel source's added noise (source minus the sharpened anatomy)
+  has std ``KERNEL_NOISE`` × the template's T1 range, and so does the
+  source in the air well away from the head (within 20 %)."""
+  sub = subject("kernel", 0, seed=1)
+  anat = paired._anatomy(0, 1, SPACING, None)
+  x = anat.t1
+  sharp = x + paired.KERNEL_BOOST * (
+      x - ndi.gaussian_filter(x, paired.KERNEL_SIGMA))
+  level = paired.KERNEL_NOISE * float(data.mni152("t1", SPACING).data.max())
+  noise = sub.source.data - sharp
+  assert noise.std() == pytest.approx(level, rel=0.05)
+  air = ~ndi.binary_dilation(anat.head, iterations=3)
+  assert air.sum() > 1000
+  assert sub.source.data[air].std() == pytest.approx(level, rel=0.2)
+
+
+def test_write_split_with_another_seed_regenerates(tmp_path):
+  """A manifest written with one seed is not reused for another: the files
+  are rewritten with the new seed's subjects and the manifest records it."""
+  out = tmp_path / "bench"
+  kw = dict(n_train=1, n_test=0, spacing=8.0, max_side=None)
+  first = paired.write_split("t1t2", out, seed=0, **kw)
+  path = out / first["train"]["source"][0]
+  before = np.asarray(nib.load(path).dataobj)
+  second = paired.write_split("t1t2", out, seed=1, **kw)
+  assert first["seed"] == 0 and second["seed"] == 1
+  after = np.asarray(nib.load(out / second["train"]["source"][0]).dataobj)
+  want = paired.make_subject("t1t2", 0, seed=1, spacing=8.0, max_side=None)
+  assert not np.array_equal(before, after)
+  np.testing.assert_array_equal(after, want.source.data)
+  with open(out / "manifest.json") as f:
+    assert json.load(f)["seed"] == 1
