@@ -200,3 +200,54 @@ def test_cases_run_model_by_model_or_smallest_size_first():
   assert by_size == [("dcgan", 32), ("pix2pix", 32), ("dcgan", 64),
                      ("pix2pix", 64), ("megan_cascade", 128)]
   assert sorted(by_size) == sorted(by_model)
+
+
+def _mrow(model, size, measure, nbytes):
+  return {"model": model, "size": size, "measure": measure, "bytes": nbytes,
+          "error": None}
+
+
+def test_merge_replaces_rows_by_model_size_and_measure():
+  """A new ``compiled`` row replaces only the earlier ``compiled`` row of its
+  model and size: the earlier ``peak`` row of the same model and size, and
+  rows of other sizes, survive; the earlier run is noted once."""
+  old = {"results": [_mrow("pix2pix", 16, "peak", 1),
+                     _mrow("pix2pix", 16, "compiled", 2),
+                     _mrow("pix2pix", 32, "compiled", 4)],
+         "meta": {"command": "old", "date": "d0", "total_s": 1.0}}
+  meta = {}
+  rows = memory._merge(old, [_mrow("pix2pix", 16, "compiled", 3)], meta)
+  got = sorted((r["size"], r["measure"], r["bytes"]) for r in rows)
+  assert got == [(16, "compiled", 3), (16, "peak", 1), (32, "compiled", 4)]
+  assert meta["merged_with"] == [{"command": "old", "date": "d0",
+                                  "total_s": 1.0}]
+
+
+def test_merge_keeps_the_new_runs_channel_notes():
+  """Where both runs noted a model and size's channels, the new run's text
+  wins; the earlier run's notes fill only the sizes the new run lacks."""
+  old = {"results": [],
+         "meta": {"channels": {"pix2pix": {"16": "old 16", "32": "old 32"},
+                               "dcgan": {"16": "old dcgan"}}}}
+  meta = {"channels": {"pix2pix": {"16": "new 16"}}}
+  memory._merge(old, [_mrow("pix2pix", 16, "compiled", 3)], meta)
+  assert meta["channels"] == {"pix2pix": {"16": "new 16", "32": "old 32"},
+                              "dcgan": {"16": "old dcgan"}}
+
+
+def test_options_clash_names_every_merge_key():
+  """Each of ``MERGE_KEYS`` (``impl`` among them) changed from the earlier
+  run's options is a clash naming that key; options outside them
+  (``fast_compile``) and an identical set are not."""
+  assert "impl" in memory.MERGE_KEYS
+  opts = dataclasses.asdict(TINY)
+  old = {"results": [], "meta": {"options": dict(opts)}}
+  assert memory._options_clash(old, opts) is None
+  assert memory._options_clash(None, opts) is None
+  other = "plain" if opts["impl"] != "plain" else "fast"
+  clash = memory._options_clash(old, dict(opts, impl=other))
+  assert clash is not None and clash.startswith("impl=")
+  assert memory._options_clash(old, dict(opts, hr_batch=7)).startswith(
+      "hr_batch=")
+  assert memory._options_clash(
+      old, dict(opts, fast_compile=not opts["fast_compile"])) is None

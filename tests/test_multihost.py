@@ -266,3 +266,38 @@ def test_single_process_helpers():
 def test_distributed_requested(value, expected):
   assert sharding.distributed_requested({sharding.ENV_REQUEST: value}) is expected
   assert sharding.distributed_requested({}) is False
+
+
+SHARD_SCRIPT = """
+import numpy as np
+from megan_jax import sharding
+mesh = sharding.make_mesh()
+assert mesh.devices.size == 2, mesh
+got = sharding.shard_batch({"even": np.zeros((4, 3)), "odd": np.zeros((3, 3))},
+                           mesh)
+assert got["even"].sharding == sharding.batch_sharded(mesh), got["even"].sharding
+assert got["odd"].sharding == sharding.replicated(mesh), got["odd"].sharding
+print("shard_batch ok")
+"""
+
+
+def test_shard_batch_splits_a_divisible_batch_and_replicates_the_rest():
+  """``shard_batch`` splits a leaf whose leading axis divides by the device
+  count (``batch_sharded``) and replicates one that does not: on this
+  process's device(s), and on 2 forced host devices in a subprocess (a batch
+  of 4 split, a batch of 3 replicated)."""
+  mesh = sharding.make_mesh()
+  n = mesh.devices.size
+  data = np.arange(2 * n * 3, dtype=np.float32).reshape(2 * n, 3)
+  got = sharding.shard_batch({"x": data}, mesh)["x"]
+  assert got.sharding == sharding.batch_sharded(mesh)
+  np.testing.assert_array_equal(np.asarray(got), data)
+  if n > 1:
+    odd = sharding.shard_batch(data[:n + 1], mesh)
+    assert odd.sharding == sharding.replicated(mesh)
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  r = subprocess.run([sys.executable, "-c", SHARD_SCRIPT], capture_output=True,
+                     text=True, timeout=120, env=env, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "shard_batch ok" in r.stdout

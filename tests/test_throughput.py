@@ -314,6 +314,48 @@ def test_ratios_take_each_sides_best_batch():
   assert "train_step not run" in why["jax_over_torch_train_step_lr"]
 
 
+
+def _step(framework, impl, kind, batch, s):
+  return {"section": "train_step", "framework": framework, "impl": impl,
+          "kind": kind, "batch": batch, "s_per_step": s, "error": None}
+
+
+def _edge(impl, size, s):
+  return {"section": "edges", "impl": impl, "size": size, "median_s": s,
+          "error": None}
+
+
+def test_ratios_of_the_fast_variants_and_the_edges():
+  """``fast_over_{im2col,plain}_train_step_*`` are the fast step's seconds
+  over the other's (batch 1, each kind on its own); ``fast_over_im2col_
+  forward`` compares the fast forward at the batch im2col ran at, not the
+  fast form's best batch; ``edges_jax_over_numpy`` is taken at the largest
+  size measured."""
+  step = [_step("jax", "fast", "hr", 1, 1.0),
+          _step("jax", "fast", "hr", 4, 0.1),  # another batch: not compared
+          _step("jax", "fast-im2col", "hr", 1, 4.0),
+          _step("jax", "plain", "hr", 1, 8.0),
+          _step("torch", "torch_port", "hr", 1, 2.0),
+          _step("jax", "fast", "lr", 1, 3.0),
+          _step("jax", "fast-im2col", "lr", 1, 6.0),
+          _step("jax", "plain", "lr", 1, 30.0)]
+  fwd = [_fwd("jax", "fp32", 2, 0.2), _fwd("jax", "fp32", 8, 0.1),
+         _fwd("jax", "fp32", 2, 0.4, impl="fast-im2col")]
+  edges = [_edge("jax", 64, 1.0), _edge("numpy", 64, 2.0),
+           _edge("jax", 128, 3.0), _edge("numpy", 128, 12.0)]
+  ratios, why = throughput.compute_ratios(
+      {"hr_forward": fwd, "train_step": step, "edges": edges})
+  assert set(ratios) == set(throughput.RATIO_KEYS)
+  assert ratios["fast_over_im2col_train_step_hr"] == pytest.approx(0.25)
+  assert ratios["fast_over_plain_train_step_hr"] == pytest.approx(0.125)
+  assert ratios["fast_over_im2col_train_step_lr"] == pytest.approx(0.5)
+  assert ratios["fast_over_plain_train_step_lr"] == pytest.approx(0.1)
+  assert ratios["jax_over_torch_train_step_hr"] == pytest.approx(0.5)
+  assert ratios["fast_over_im2col_forward"] == pytest.approx(0.2 / 0.4)
+  assert ratios["edges_jax_over_numpy"] == pytest.approx(3.0 / 12.0)
+  assert ratios["jax_over_torch_train_step_lr"] is None
+  assert "not measured" in why["jax_over_torch_train_step_lr"]
+
 def test_defaults_follow_quick_and_the_backend():
   q = throughput.parse_args(["--quick"], backend="cpu")
   assert (q.batches, q.plain_batches, q.plain_dtypes) == ([1, 2], [1],

@@ -603,3 +603,21 @@ def test_one_step_lowers_d_and_g_losses_on_its_batch(subjects, hr_state):
   np.testing.assert_allclose(float(g_old), float(m["g_loss"]), rtol=1e-5)
   assert float(d_new) < float(d_old), (float(d_old), float(d_new))
   assert float(g_new) < float(g_old), (float(g_old), float(g_new))
+
+
+def test_the_best_checkpoint_is_the_lowest_validation_l1(tmp_path, hr_state):
+  """``save_best`` keeps the step of the lowest ``val_l1`` (not the highest):
+  after step 5 at 0.1 and step 6 at 0.5 the best step is 5, and restoring
+  ``best`` gives step 5's parameters."""
+  five = hr_state.replace(
+      g_params=jax.tree.map(lambda x: x + 1, hr_state.g_params))
+  ck = state_lib.Checkpoints(str(tmp_path), "hr1")
+  ck.save_best(5, five, 0.1)
+  ck.wait()
+  ck.save_best(6, hr_state, 0.5)
+  ck.wait()
+  assert ck.best.best_step() == 5
+  got = ck.restore(state_lib.abstract_state(tiny_config(), "hr"), "best")
+  assert _same_tree(got.g_params, five.g_params)
+  assert not _same_tree(got.g_params, hr_state.g_params)
+  ck.close()
