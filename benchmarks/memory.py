@@ -624,6 +624,9 @@ def parse_args(argv):
       configs.get_config(args.config)
     except InputError as e:
       p.error(f"--config: {e}")
+    name, colon, arg = args.config.partition(":")
+    if name not in configs.BUILTIN:  # a file: the cases run from the root
+      args.config = os.path.abspath(name) + colon + arg
   if args.hr_batch < 1 or args.cascade_batch < 1:
     p.error("--hr-batch and --cascade-batch must be >= 1")
   if args.fast_compile and args.measure != "compiled":

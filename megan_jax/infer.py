@@ -559,6 +559,8 @@ class Translator:
       label = io.from_image(mask, what="mask")
     elif mask is not None and mask_path is None:
       label = np.asarray(mask)
+      if label.ndim > 3 and set(label.shape[3:]) == {1}:  # as for x below
+        label = label.reshape(label.shape[:3])
     if isinstance(x, (str, os.PathLike)) and out is not None:
       return translate_file(self, os.fspath(x), out, mask_path, label=label,
                             progress=progress)  # it reads a mask path itself
@@ -593,7 +595,7 @@ class Translator:
     try:
       y = self.translate_volume(vol, label, progress=progress)
     except InputError as e:  # say which volume, as a file's error does
-      name = (f"array {'x'.join(map(str, x.shape))}"
+      name = (f"array {'x'.join(map(str, shape_in))}"
               if isinstance(x, np.ndarray) else
               f"input {vol.path}" if vol.path else "image")
       if str(e).startswith(name.split()[0]):

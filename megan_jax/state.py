@@ -212,8 +212,14 @@ def create_state(rng, config, kind: str) -> GanState:
   Compiled as one function, with the non-partitionable threefry: eager
   initialisation compiles every random draw apart (~40 s for the tiny demo
   networks on 2 CPU cores, 4 s this way). Initialisation is not sharded, so
-  the partitionable stream would buy nothing here.
+  the partitionable stream would buy nothing here. The config is checked
+  first (`check_config`: a clear error, not one from inside the networks).
   """
+  check_config(config)
+  return _make_state(rng, config, kind)
+
+
+def _make_state(rng, config, kind: str) -> GanState:
   with jax.threefry_partitionable(False):
     return _init_fn(config.to_json(), kind)(rng)
 
@@ -221,7 +227,6 @@ def create_state(rng, config, kind: str) -> GanState:
 @functools.lru_cache(maxsize=16)
 def _init_fn(config_json: str, kind: str):
   config = config_from_json(config_json)
-  check_config(config)  # a clear error before any tracing (cached: once)
   return jax.jit(lambda rng: _create_state(rng, config, kind))
 
 
@@ -242,8 +247,10 @@ def _create_state(rng, config, kind: str) -> GanState:
 
 
 def abstract_state(config, kind: str) -> GanState:
-  """The state's shapes and dtypes, nothing allocated."""
-  return jax.eval_shape(lambda k: create_state(k, config, kind),
+  """The state's shapes and dtypes, nothing allocated. Not checked by
+  `check_config`: a trained run's saved config restores as it was trained,
+  whatever later rules say of fields inference does not use."""
+  return jax.eval_shape(lambda k: _make_state(k, config, kind),
                         jax.random.key(0))
 
 

@@ -218,3 +218,14 @@ def test_the_default_config_is_the_papers():
   assert c.lr_size == 64 and c.patch_size == 32
   assert c.patch_size - 2 * c.border == 20
   assert (c.model.ngf, c.model.ndf, c.model.n_blocks) == (64, 64, 6)
+
+
+def test_a_saved_config_restores_whatever_later_rules_say():
+  """``abstract_state`` (what restoring a trained run builds on) does not
+  re-check the run's config: a field a later version refuses, which
+  inference does not use, must not make a trained run unreadable."""
+  c = smoke()
+  c.train.val_patches = -1  # refused by check_config
+  with pytest.raises(InputError):
+    state_lib.check_config(c)
+  assert state_lib.abstract_state(c, "hr").step.shape == ()

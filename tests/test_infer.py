@@ -666,6 +666,10 @@ def test_translator_arguments_are_checked(run_dir, params):
   y4 = one.translate(vol[..., None])
   assert y4.shape == SHAPE + (1,)
   np.testing.assert_array_equal(y4[..., 0], y)
+  mask = np.zeros(SHAPE, np.float32)
+  mask[10:20, 10:20, 10:16] = 1
+  np.testing.assert_array_equal(one.translate(vol[..., None], mask[..., None]),
+                                one.translate(vol, mask)[..., None])
   with pytest.raises(InputError, match=r"expected 3D .*\(30, 37, 26, 2\)"):
     one.translate(np.stack([vol, vol], -1))
   # megan_jax.load: one device as Translator takes it, and which=.
