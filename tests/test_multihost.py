@@ -204,6 +204,12 @@ pid, port, run_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 from megan_jax import infer, sharding
 sharding.initialize_distributed(f"127.0.0.1:{port}", 2, pid, timeout_s=60)
 import numpy as np
+# process 0's array everywhere, in slabs of 2 rows (the last one short)
+want = np.arange(35, dtype=np.float32).reshape(7, 5)
+mine = want if pid == 0 else -3 * want
+got = sharding.broadcast_from_0(mine, chunk_bytes=mine[0].nbytes * 2)
+print("broadcast", got.shape == want.shape and bool((got == want).all()),
+      flush=True)
 # the hosts differ in the memory they have free: process 1 has almost none
 infer.memory_budget = lambda dev: ((2 ** 40 if pid == 0 else 1), "test")
 t = infer.load(run_dir, batch_size="auto")
@@ -240,6 +246,7 @@ def test_auto_batch_size_is_one_for_all_processes(run_dir, tmp_path):
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-2000:]
     assert "batch 2 [" in out and "shape (30, 37, 26)" in out, out
+    assert "broadcast True" in out, out
   picks = [json.loads(o.split("batch 2 ")[1].splitlines()[0]) for o, _ in outs]
   assert picks[0] == picks[1] and picks[0][1] == 2 and picks[0][0] > 2
 
