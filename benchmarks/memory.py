@@ -536,18 +536,19 @@ def write_markdown(path: str, results: Sequence[dict], meta: dict) -> str:
   # A table's empty cells with no row at all: say so, not a bare "–". The
   # sizes a model is expected at: those of its kind (the cascade, or the
   # training steps) in any measure, so 1024³ is asked of the cascade only.
-  def kind(model):
-    return model == "megan_cascade"
+  sizes_of = {is_cascade: sorted({r["size"] for r in results
+                                  if (r["model"] == "megan_cascade")
+                                  == is_cascade})
+              for is_cascade in (True, False)}
   for measure in MEASURES:
     have = {(r["model"], r["size"]) for r in results
             if r["measure"] == measure}
     for model in MODELS:
       if any(m == model for m, _ in have):
-        sizes = sorted({r["size"] for r in results
-                        if kind(r["model"]) == kind(model)})
         failed += [f"- {model} {s}³ {measure}: not run (no such case in "
                    "the runs merged here)"
-                   for s in sizes if (model, s) not in have]
+                   for s in sizes_of[model == "megan_cascade"]
+                   if (model, s) not in have]
   if failed:
     parts += ["", "Not measured:", ""] + failed
   text = "\n".join(parts) + "\n"

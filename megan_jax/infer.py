@@ -558,9 +558,7 @@ class Translator:
     if isinstance(mask, nib.spatialimages.SpatialImage):
       label = io.from_image(mask, what="mask")
     elif mask is not None and mask_path is None:
-      label = np.asarray(mask)
-      if label.ndim > 3 and set(label.shape[3:]) == {1}:  # as for x below
-        label = label.reshape(label.shape[:3])
+      label = _drop_unit_axes(np.asarray(mask))
     if isinstance(x, (str, os.PathLike)) and out is not None:
       return translate_file(self, os.fspath(x), out, mask_path, label=label,
                             progress=progress)  # it reads a mask path itself
@@ -570,8 +568,7 @@ class Translator:
       x = np.asarray(x)
     shape_in = getattr(x, "shape", None)
     if isinstance(x, np.ndarray):
-      if x.ndim > 3 and set(x.shape[3:]) == {1}:  # [D, H, W, 1], as a NIfTI
-        x = x.reshape(x.shape[:3])
+      x = _drop_unit_axes(x)
       if x.ndim != 3:
         raise InputError(f"array: expected 3D (or [D, H, W, 1]), got shape "
                          f"{x.shape}")
@@ -683,6 +680,14 @@ class _Workspace:
     with io.atomic_path(self._progress_path, ".json") as tmp:
       with open(tmp, "w") as f:
         json.dump(self.progress, f)
+
+
+def _drop_unit_axes(a: np.ndarray) -> np.ndarray:
+  """``[D, H, W, 1]`` (any trailing 1-axes) as ``[D, H, W]``, as a 4D NIfTI
+  of one volume is read; other arrays as they are."""
+  if a.ndim > 3 and set(a.shape[3:]) == {1}:
+    return a.reshape(a.shape[:3])
+  return a
 
 
 def open_memmap(path: str, shape) -> np.ndarray:
