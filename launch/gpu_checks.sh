@@ -17,12 +17,15 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 quick=${GPU_CHECKS_QUICK:-0}
 
 python - <<'EOF' 2>&1 | tee "$log"
-import jax
+import importlib.metadata as md, platform, jax
+print("python", platform.python_version(), "|", ", ".join(
+    f"{n} {md.version(n)}" for n in ("jax", "jaxlib", "flax", "optax",
+                                     "orbax-checkpoint", "numpy")))
 print("jax", jax.__version__, jax.default_backend(), jax.devices())
 EOF
 
 # Steps in order of what the open goals need most, each with its own time
-# limit (seconds; sum 590), so one that overruns does not cost the others:
+# limit (seconds; sum 560), so one that overruns does not cost the others:
 #  1. throughput: HR forward fp32/bf16 with achieved FLOP/s (fraction of the
 #     device's peak) and the bf16 cascade at 512³ (goal: under 10 s) then
 #     1024³, the patch batch picked from the device memory (the GPU default
@@ -70,7 +73,7 @@ step 130 "memory compiled" python -m benchmarks.memory "${mem[@]}" \
   --out "$out"
 step 90 "memory peak: MEGAN" python -m benchmarks.memory "${mem[@]}" \
   "${peak_megan[@]}" --measure peak --timeout-s 60 --merge --out "$out"
-step 150 "memory peak: baselines" python -m benchmarks.memory "${mem[@]}" \
+step 120 "memory peak: baselines" python -m benchmarks.memory "${mem[@]}" \
   "${peak_base[@]}" --measure peak --timeout-s 60 --merge --out "$out"
 step 60 "throughput: edges" python -m benchmarks.throughput --only edges \
   "${thr_edges[@]}" --merge --out "$out"
