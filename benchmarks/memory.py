@@ -64,6 +64,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Sequence
 
@@ -536,10 +537,15 @@ def write_markdown(path: str, results: Sequence[dict], meta: dict) -> str:
   # A table's empty cells with no row at all: say so, not a bare "–". The
   # sizes a model is expected at: those of its kind (the cascade, or the
   # training steps) in any measure, so 1024³ is asked of the cascade only.
+  # Training steps: every size of the table up to their largest (a 256³
+  # column made by the cascade's rows is asked of them too).
   sizes_of = {is_cascade: sorted({r["size"] for r in results
                                   if (r["model"] == "megan_cascade")
                                   == is_cascade})
               for is_cascade in (True, False)}
+  if sizes_of[False]:
+    sizes_of[False] = sorted({r["size"] for r in results
+                              if r["size"] <= sizes_of[False][-1]})
   for measure in MEASURES:
     have = {(r["model"], r["size"]) for r in results
             if r["measure"] == measure}
@@ -836,10 +842,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   compiled = [i for i, c in enumerate(cases) if c["measure"] == "compiled"]
   peak = [i for i, c in enumerate(cases) if c["measure"] == "peak"]
   jobs = 1 if args.in_process else max(1, args.jobs)
+  lock = threading.Lock()
+
+  def one_saved(i):  # saved as each finishes: an outer limit keeps them
+    one(i)
+    with lock:
+      write_results(final=False)
+
   with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-    list(pool.map(one, compiled))
-  if peak:
-    write_results(final=False)
+    list(pool.map(one_saved, compiled))
   limit = args.cpu_peak_limit_gib * GIB
   known = {(r["model"], r["size"]): r["bytes"] for r in results
            if r is not None and r["bytes"] is not None}

@@ -144,6 +144,16 @@ def test_markdown_says_why_a_cell_is_empty(tmp_path):
   assert "- pix2pix 256³ peak: skipped" in text
   assert "- dcgan 256³ peak: not run" in text
   assert "pix2pix 32³" not in text and "dcgan 32³" not in text
+  # A column the cascade's rows make is asked of the training steps up to
+  # their largest size, the cascade-only 1024³ never.
+  rows += [{"model": "megan_cascade", "size": s, "measure": "peak",
+            "bytes": memory.GIB, "compile_s": 1.0, "error": None}
+           for s in (128, 1024)]
+  text = memory.write_markdown(str(tmp_path / "m.md"), rows,
+                               {"backend": "cpu"})
+  assert "- dcgan 128³ peak: not run" in text
+  assert "- pix2pix 128³ peak: not run" in text
+  assert "1024³" not in text.split("Not measured:")[1]
 
 
 def test_merge_keeps_earlier_rows_and_a_cut_run_keeps_its_finished_cases(
@@ -184,6 +194,31 @@ def test_merge_keeps_earlier_rows_and_a_cut_run_keeps_its_finished_cases(
   assert memory.main(common[:-1] + ["0.03125", "--models", "dcgan",
                                     "--merge"]) == 2
   assert json_path.read_text() == before
+
+
+def test_a_compiled_run_cut_short_keeps_the_cases_it_finished(
+    tmp_path, monkeypatch):
+  # The GPU run of session 15 lost every compiled case of a step its outer
+  # limit cut: they were written only once all had finished.
+  out = tmp_path / "results"
+  run_case = memory.run_case
+
+  def fake_isolated(case, timeout_s):
+    if case["model"] == "probe":
+      return run_case(case)
+    if case["size"] == 32:
+      raise KeyboardInterrupt
+    return {"bytes": 4321, "compile_s": 0.5, "error": None}
+
+  monkeypatch.setattr(memory, "run_isolated", fake_isolated)
+  with pytest.raises(KeyboardInterrupt):
+    memory.main(["--models", "dcgan", "--sizes", "16", "32", "--jobs", "1",
+                 "--out", str(out)])
+  (json_path,) = out.glob("memory-*.json")
+  data = json.loads(json_path.read_text())
+  assert [(r["model"], r["size"], r["bytes"]) for r in data["results"]] == [
+      ("dcgan", 16, 4321)]
+  assert data["meta"]["complete"] is False
 
 
 def test_cases_run_model_by_model_or_smallest_size_first():
