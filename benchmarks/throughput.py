@@ -1365,7 +1365,14 @@ def make_meta(args, argv, tc: Torch, threads: int) -> dict:
                     "repeat.",
           "cascade": "Translator.plan compiles every scale first "
                      "(compile_s); no warm-up run; stages from "
-                     "Translator.timings (edges includes the pyramid).",
+                     "Translator.timings: edges = the pyramid and the "
+                     "sketches' time on the critical path (the finer "
+                     "scales' sketches are made on host threads while the "
+                     "coarser scales run, infer.overlap_edges, and only "
+                     "the wait for them counts); edges_lr = its part "
+                     "before the LR scale (the pyramid and the LR input's "
+                     "sketch; absent before session 15, when every "
+                     "sketch came first).",
           "edges": "canny_3d's engines called alternately on the same "
                    "volume; the jax engine's kernel compiled first "
                    "(edges.compile_canny, compile_s).",

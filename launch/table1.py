@@ -245,7 +245,7 @@ def main(argv=None) -> int:
       lr = megan.scale_outputs["scales"]["lr"]
       up = work.restore(baselines.upsample_lr(lr, work.volume.data.shape))
       preds["small_gan_upsampled"] = megan.intensity.denormalise(up)
-      secs["small_gan_upsampled"] = (megan.timings["edges"]
+      secs["small_gan_upsampled"] = (megan.timings["edges_lr"]
                                      + megan.timings["lr"]
                                      + time.perf_counter() - t0)
       t0 = time.perf_counter()

@@ -134,7 +134,8 @@ def _load_volume(path: str, config, label_file: str | None = None
 
 
 def preprocess(image: np.ndarray, config, label: np.ndarray | None = None,
-               *, foreground: bool = True) -> dict[str, np.ndarray]:
+               *, foreground: bool = True,
+               sketch_executor=None) -> dict[str, np.ndarray]:
   """Pyramid and sketches of one normalised volume (pure numpy, no I/O).
 
   Args:
@@ -143,6 +144,10 @@ def preprocess(image: np.ndarray, config, label: np.ndarray | None = None,
     label: optional mask at full resolution, written onto every sketch.
     foreground: also list the foreground voxels (for training's patch
       sampling; inference skips them: at 1024³ they would take gigabytes).
+    sketch_executor: optional `concurrent.futures.Executor`: the sketches
+      of scales 2..n are submitted to it and come back as Futures of the
+      same arrays, so a caller can generate the coarser scales meanwhile
+      (inference does; scales 0 and 1, the LR input's, are computed here).
 
   Returns:
     A dict of arrays: ``image_k``, ``edges_k`` (and ``fg_k``) for every scale k,
@@ -170,7 +175,11 @@ def preprocess(image: np.ndarray, config, label: np.ndarray | None = None,
   out = {}
   for k, img in enumerate(images):
     out[f"image_{k}"] = np.asarray(img, np.float32)
-    out[f"edges_{k}"] = sketch(img, None if labels is None else labels[k])
+    lab = None if labels is None else labels[k]
+    if sketch_executor is not None and k >= 2:
+      out[f"edges_{k}"] = sketch_executor.submit(sketch, img, lab)
+    else:
+      out[f"edges_{k}"] = sketch(img, lab)
     if not foreground:
       continue
     fg = np.flatnonzero(img.ravel() > config.data.foreground).astype(np.int32)

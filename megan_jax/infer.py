@@ -33,6 +33,7 @@ others. A single-process run takes the original path unchanged.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -386,11 +387,41 @@ class Translator:
       on_batch: called as ``on_batch(scale, patches_done)`` after each batch
         (tests use it to interrupt a run).
     """
+    c = self.config
+    # The finer scales' sketches are made on host threads while the coarser
+    # scales are generated (the device is busy meanwhile); "edges" times
+    # what the cascade waited for them, the pyramid and first sketches too.
+    pool = (concurrent.futures.ThreadPoolExecutor(
+        max(1, c.num_hr_scales - 1), thread_name_prefix="megan-sketch")
+        if c.infer.get("overlap_edges", True) and c.num_hr_scales >= 2
+        else None)
+    try:
+      return self._translate(image, label, pool, progress=progress,
+                             workspace=workspace, on_batch=on_batch)
+    finally:
+      if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+  def _edges(self, arrays, k):
+    """Scale ``k``'s sketch, waiting for it if a thread still makes it."""
+    e = arrays[f"edges_{k}"]
+    if isinstance(e, concurrent.futures.Future):
+      t0 = time.perf_counter()
+      e = arrays[f"edges_{k}"] = e.result()
+      self.timings["edges"] += time.perf_counter() - t0
+    return e
+
+  def _translate(self, image, label, pool, *, progress, workspace,
+                 on_batch) -> np.ndarray:
     from tqdm import tqdm
     c = self.config
     t0 = time.perf_counter()
-    arrays = dataset.preprocess(image, c, label, foreground=False)
+    arrays = dataset.preprocess(image, c, label, foreground=False,
+                                sketch_executor=pool)
+    # "edges_lr": what the LR scale needs (pyramid, its sketch) and
+    # any sketch not left to the threads; "edges": that and every wait.
     self.timings = {"edges": time.perf_counter() - t0}
+    self.timings["edges_lr"] = self.timings["edges"]
     # Only the writer (process 0 of several) touches the workspace.
     state = _Workspace(workspace) if workspace and self.is_writer else None
     progress = progress and self.is_writer
@@ -412,17 +443,16 @@ class Translator:
         y = state.save(0, y)
     self.timings["lr"] = time.perf_counter() - t0
     if self.keep_scales:
-      self.scale_outputs = {"edges": arrays[f"edges_{c.num_hr_scales}"],
-                            "scales": {"lr": np.array(y)}}
+      self.scale_outputs = {"scales": {"lr": np.array(y)}}
 
     p, B = c.patch_size, self.batch_size
     for k in range(1, c.num_hr_scales + 1):
+      sketch = self._edges(arrays, k)
       t0 = time.perf_counter()
       shape_k = arrays[f"image_{k}"].shape
       even = tuple(2 * s for s in y.shape)
       plan = tiling.make_plan(even, p, c.border)
-      edges, _ = resample.pad_to(arrays[f"edges_{k}"], even, 0.0,
-                                 low=(0, 0, 0))
+      edges, _ = resample.pad_to(sketch, even, 0.0, low=(0, 0, 0))
       done = state.patches_done(k) if state else 0
       out = state.array(k, even) if state else None
       if self.multiprocess:  # the others continue where process 0 stopped
@@ -475,6 +505,8 @@ class Translator:
       self.timings[f"hr{k}"] = time.perf_counter() - t0
       if self.keep_scales:
         self.scale_outputs["scales"][f"hr{k}"] = y
+    if self.keep_scales:
+      self.scale_outputs["edges"] = self._edges(arrays, c.num_hr_scales)
     return y
 
   def _shared_int(self, value) -> int:

@@ -477,6 +477,7 @@ def check_config(config) -> None:
     _int(config, f"train.{name}", 1)
   _int(config, "infer.batch_size", 1)
   _int(config, "infer.memmap_bytes", 0)
+  _bool(config, "infer.overlap_edges", True)
 
 
 # ---------------------------------------------------------------------------

@@ -119,6 +119,45 @@ def test_each_hr_scale_is_fed_its_own_scales_sketch(params, monkeypatch):
       np.testing.assert_array_equal(v, padded)
 
 
+def test_sketches_made_meanwhile_change_nothing(params, monkeypatch):
+  """infer.overlap_edges: scale 2's sketch is made on a host thread while
+  the LR and HR1 scales are generated; the output is the same bit for bit,
+  and an error in that thread comes out of the translation itself."""
+  import threading
+
+  from megan_jax import edges as edges_lib
+  config = _config()
+  assert config.num_hr_scales == 2 and config.infer.overlap_edges
+  real = edges_lib.canny_3d
+  threads = {}
+
+  def canny(volume, *args, **kwargs):
+    threads[np.shape(volume)] = threading.current_thread().name
+    return real(volume, *args, **kwargs)
+  monkeypatch.setattr(edges_lib, "canny_3d", canny)
+  t = infer.Translator(config, params, batch_size=4)
+  image = t._normalise_source(_volume())
+  meanwhile = t.translate_normalised(image, progress=False)
+  assert threads[SHAPE].startswith("megan-sketch")
+  assert threads[(15, 19, 13)] == threading.main_thread().name
+  config.infer.overlap_edges = False
+  threads.clear()
+  t = infer.Translator(config, params, batch_size=4)
+  np.testing.assert_array_equal(
+      t.translate_normalised(image, progress=False), meanwhile)
+  assert threads[SHAPE] == threading.main_thread().name
+
+  def broken(volume, *args, **kwargs):
+    if np.shape(volume) == SHAPE:
+      raise InputError("volume: the finest sketch failed")
+    return real(volume, *args, **kwargs)
+  monkeypatch.setattr(edges_lib, "canny_3d", broken)
+  config.infer.overlap_edges = True
+  t = infer.Translator(config, params, batch_size=4)
+  with pytest.raises(InputError, match="finest sketch failed"):
+    t.translate_normalised(image, progress=False)
+
+
 def test_api_returns_the_kind_it_was_given(run_dir, tmp_path):
   t = megan_jax.load(run_dir, batch_size=4)
   vol = _volume()

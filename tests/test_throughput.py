@@ -160,8 +160,11 @@ def test_cascade_row(no_torch_run):
   assert row["size"] == 64 and row["widths"] == "demo"
   assert row["dtype"] == "fp32"  # the CPU default
   assert row["num_hr_scales"] == 1  # 64³ from the demo's 32³ LR volume
-  assert list(row["stages_s"]) == ["edges", "lr", "hr1"]
+  assert list(row["stages_s"]) == ["edges", "edges_lr", "lr", "hr1"]
   assert all(t > 0 for t in row["stages_s"].values())
+  # One HR scale: no sketch is left to a thread, so all edge time is the
+  # LR scale's.
+  assert row["stages_s"]["edges_lr"] == row["stages_s"]["edges"]
   assert row["total_s"] > 0 and row["compile_s"] > 0
   assert row["patches"] == {
       "lr": 1, "hr1": tiling.make_plan((64,) * 3, row["patch"],
