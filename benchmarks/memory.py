@@ -610,6 +610,10 @@ def parse_args(argv):
                  help="no subprocesses or timeouts (peak needs isolation)")
   p.add_argument("--merge", action="store_true",
                  help="keep the existing JSON's other rows")
+  p.add_argument("--only-missing", action="store_true",
+                 help="with --merge: run only the cases the existing JSON "
+                 "has no bytes for (never run, failed or timed out), so "
+                 "runs under a time limit add up")
   p.add_argument("--replot", action="store_true",
                  help="only redraw the PNG and MD from the JSON in --out")
   p.add_argument("--case", help=argparse.SUPPRESS)  # a child's one case
@@ -638,6 +642,8 @@ def parse_args(argv):
     p.error("--hr-batch and --cascade-batch must be >= 1")
   if args.fast_compile and args.measure != "compiled":
     p.error("--fast-compile: only with --measure compiled")
+  if args.only_missing and not args.merge:
+    p.error("--only-missing: only with --merge")
   if args.in_process and args.measure != "compiled":
     p.error("--in-process: only --measure compiled (a peak needs a fresh "
             "process)")
@@ -720,7 +726,9 @@ def _merge(old: dict | None, results: list[dict], meta: dict) -> list[dict]:
   keep = [r for r in old_rows
           if (r["model"], r["size"], r["measure"]) not in new]
   meta["merged_with"] = old_meta.get("merged_with", []) + [
-      {k: old_meta.get(k) for k in ("command", "date", "total_s")}]
+      {k: old_meta.get(k) for k in ("command", "date", "total_s",
+                                    "device_kind", "jax_version")
+       if k in old_meta or k in ("command", "date", "total_s")}]
   for model, per_size in old_meta.get("channels", {}).items():
     meta.setdefault("channels", {}).setdefault(model, {})
     for size, text in per_size.items():
@@ -770,7 +778,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"memory: could not start JAX: {info.get('error')}", file=sys.stderr)
     return 1
 
+  backend = info["backend"]
+  stem = os.path.join(args.out, f"memory-{backend}")
+  earlier = _load_earlier(stem + ".json") if args.merge else None
   cases = plan_cases(args)
+  if args.only_missing and earlier is not None:
+    measured = {(r.get("model"), r.get("size"), r.get("measure"))
+                for r in earlier["results"] if r.get("bytes") is not None}
+    cases = [c for c in cases
+             if (c["model"], c["size"], c["measure"]) not in measured]
+    print(f"memory: --only-missing: {len(cases)} case(s) to run",
+          flush=True)
   results: list[dict | None] = [None] * len(cases)
 
   def one(i):
@@ -788,9 +806,6 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (f"  ({row['error']})" if row["error"] else "") + extra,
           flush=True)
 
-  backend = info["backend"]
-  stem = os.path.join(args.out, f"memory-{backend}")
-  earlier = _load_earlier(stem + ".json") if args.merge else None
   clash = _options_clash(earlier, opts)
   if clash:
     print(f"memory: --merge: {stem}.json was measured with {clash}; its "

@@ -1581,9 +1581,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   meta["section_dates"] = {}
   if args.merge:
     path = os.path.join(args.out, f"throughput-{backend}.json")
+    old = None
     if os.path.exists(path):
       with open(path) as f:
         old = json.load(f)
+      if old["meta"].get("device_kind") != meta["device_kind"]:
+        # Times of two devices under one meta would read as one's.
+        _log(f"throughput: --merge: {path} was measured on "
+             f"{old['meta'].get('device_kind')}, not {meta['device_kind']}:"
+             " its sections are not kept")
+        old = None
+    if old is not None:
       old_cmds = old["meta"].get("sections") or {
           k: old["meta"]["command"] for k in SECTIONS + ("flops",)}
       for k in SECTIONS + ("flops",):

@@ -221,6 +221,42 @@ def test_a_compiled_run_cut_short_keeps_the_cases_it_finished(
   assert data["meta"]["complete"] is False
 
 
+def test_only_missing_runs_the_cases_the_file_has_no_bytes_for(
+    tmp_path, monkeypatch):
+  out = tmp_path / "results"
+  run_case = memory.run_case
+  ran = []
+
+  def fake_isolated(case, timeout_s):
+    if case["model"] == "probe":
+      return run_case(case)
+    ran.append((case["model"], case["size"]))
+    if (case["model"], case["size"]) == ("pix2pix", 32) and not second:
+      return {"bytes": None, "compile_s": 9.0, "error": "timeout"}
+    return {"bytes": 100 * case["size"], "compile_s": 0.5, "error": None}
+
+  second = False
+  monkeypatch.setattr(memory, "run_isolated", fake_isolated)
+  common = ["--models", "dcgan", "pix2pix", "--out", str(out), "--merge",
+            "--only-missing"]
+  assert memory.main(common + ["--sizes", "16", "32"]) == 0
+  assert len(ran) == 4
+  ran.clear()
+  second = True
+  # Measured rows stay; the timed-out one and the new size run.
+  assert memory.main(common + ["--sizes", "16", "32", "64"]) == 0
+  assert sorted(ran) == [("dcgan", 64), ("pix2pix", 32), ("pix2pix", 64)]
+  (json_path,) = out.glob("memory-*.json")
+  data = json.loads(json_path.read_text())
+  assert {(r["model"], r["size"]): r["bytes"] for r in data["results"]} == {
+      (m, s): 100 * s for m in ("dcgan", "pix2pix") for s in (16, 32, 64)}
+  assert [m["command"] for m in data["meta"]["merged_with"]] and all(
+      "device_kind" in m for m in data["meta"]["merged_with"])
+  with pytest.raises(SystemExit) as e:  # argparse's error
+    memory.main(["--only-missing", "--out", str(out)])
+  assert e.value.code == 2
+
+
 def test_cases_run_model_by_model_or_smallest_size_first():
   args = memory.parse_args(["--models", "megan_cascade", "dcgan", "pix2pix",
                             "--sizes", "64", "32", "--cascade-sizes", "128",

@@ -551,3 +551,22 @@ def test_fp32_flops_row_gives_the_tf32_fraction_too():
   row = [line for line in throughput.markdown(data).splitlines()
          if line.startswith("| fp32 | ")]
   assert row and row[0].endswith(f"| {tf32:.3g} |")
+
+
+def test_merge_keeps_sections_of_the_same_device_only(tmp_path, monkeypatch):
+  _without_torch(monkeypatch)
+  out = str(tmp_path)
+  quick = ["--quick", "--out", out, "--edge-sizes", "24"]
+  assert throughput.main(quick + ["--only", "edges"]) == 0
+  assert throughput.main(quick + ["--only", "stitch", "--merge"]) == 0
+  data = _load(out)
+  assert data["results"].get("edges") and data["results"].get("stitch")
+  # The file says another device measured it: its sections are dropped.
+  path = os.path.join(out, f"throughput-{data['meta']['backend']}.json")
+  data["meta"]["device_kind"] = "Some Other GPU"
+  with open(path, "w") as f:
+    json.dump(data, f)
+  assert throughput.main(quick + ["--only", "stitch", "--merge"]) == 0
+  data = _load(out)
+  assert not data["results"].get("edges") and data["results"].get("stitch")
+  assert set(data["meta"]["sections"]) == {"stitch"}
