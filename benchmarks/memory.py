@@ -806,6 +806,13 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (f"  ({row['error']})" if row["error"] else "") + extra,
           flush=True)
 
+  if earlier is not None and earlier["meta"].get(
+      "device_kind", info["device_kind"]) != info["device_kind"]:
+    print(f"memory: --merge: {stem}.json was measured on "
+          f"{earlier['meta'].get('device_kind')}, not {info['device_kind']}; "
+          "its rows would be read as this device's (use another --out)",
+          file=sys.stderr)
+    return 2
   clash = _options_clash(earlier, opts)
   if clash:
     print(f"memory: --merge: {stem}.json was measured with {clash}; its "
@@ -867,8 +874,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
     list(pool.map(one_saved, compiled))
   limit = args.cpu_peak_limit_gib * GIB
-  known = {(r["model"], r["size"]): r["bytes"] for r in results
-           if r is not None and r["bytes"] is not None}
+  # Compiled figures of this run, and of the file merged with (same
+  # options: `_options_clash`; --only-missing does not compile them again).
+  known = {(r["model"], r["size"]): r["bytes"]
+           for r in (earlier or {}).get("results", []) + results
+           if r is not None and r.get("measure", "compiled") == "compiled"
+           and r.get("bytes") is not None}
   for i in peak:  # one at a time: they share the device
     estimate = known.get((cases[i]["model"], cases[i]["size"]))
     if not info["has_memory_stats"] and estimate and estimate > limit:

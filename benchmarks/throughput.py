@@ -1229,9 +1229,10 @@ def markdown(data: dict) -> str:
               f"{_fmt(r['median_s'])} | {r['exact']} |" for r in stitch]
   casc = [r for r in res.get("cascade") or [] if not r.get("error")]
   if casc:
-    names = []
+    names = []  # edges_lr is part of edges: the stages sum to the total
     for r in casc:
-      names += [n for n in r["stages_s"] if n not in names]
+      names += [n for n in r["stages_s"]
+                if n not in names and n != "edges_lr"]
     parts += ["", "**Whole cascade** (seconds per stage):", "",
               "| output | widths | dtype | patches | " + " | ".join(names)
               + " | total | compile |",
@@ -1367,12 +1368,13 @@ def make_meta(args, argv, tc: Torch, threads: int) -> dict:
                      "(compile_s); no warm-up run; stages from "
                      "Translator.timings: edges = the pyramid and the "
                      "sketches' time on the critical path (the finer "
-                     "scales' sketches are made on host threads while the "
-                     "coarser scales run, infer.overlap_edges, and only "
-                     "the wait for them counts); edges_lr = its part "
-                     "before the LR scale (the pyramid and the LR input's "
-                     "sketch; absent before session 15, when every "
-                     "sketch came first).",
+                     "scales' sketches are made on a second thread while "
+                     "the coarser scales run, infer.overlap_edges, and "
+                     "only the wait for them counts); edges_lr (in the "
+                     "JSON, not a column) = its part before the LR scale: "
+                     "the pyramid and the LR input's sketch. Rows of "
+                     "session 15 and before: every sketch came first, "
+                     "all in edges.",
           "edges": "canny_3d's engines called alternately on the same "
                    "volume; the jax engine's kernel compiled first "
                    "(edges.compile_canny, compile_s).",

@@ -18,6 +18,11 @@ mkdir -p "$out"
 log="$out/gpu-checks.log"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 quick=${GPU_CHECKS_QUICK:-0}
+if [ "$quick" = 1 ] && [ -z "${OUT:-}" ]; then
+  # Tiny sizes merged into the committed results would replace their rows.
+  echo "gpu_checks.sh: GPU_CHECKS_QUICK=1 needs OUT= (not benchmarks/results)" >&2
+  exit 2
+fi
 
 python - <<'EOF' 2>&1 | tee "$log"
 import importlib.metadata as md, platform, jax
@@ -32,10 +37,17 @@ EOF
 # only what they lack (--merge --only-missing), so sessions' runs under a
 # time limit add up; the throughput benchmark replaces the sections it
 # runs and keeps the others only if the same kind of device measured them.
+# Only results of the same kind of device are added to (the memory suite
+# refuses another's), and a file already in $OUT is kept.
 if [ "$quick" != 1 ] && \
    [ "$(realpath "$out")" != "$(realpath benchmarks/results)" ]; then
   for f in memory-gpu.json throughput-gpu.json; do
-    [ -f "benchmarks/results/$f" ] && cp "benchmarks/results/$f" "$out/"
+    [ -f "benchmarks/results/$f" ] && [ ! -e "$out/$f" ] || continue
+    python - "benchmarks/results/$f" <<'EOF' && cp "benchmarks/results/$f" "$out/"
+import json, sys, jax
+kind = json.load(open(sys.argv[1]))["meta"].get("device_kind")
+sys.exit(kind != jax.devices()[0].device_kind)
+EOF
   done
 fi
 
@@ -82,10 +94,10 @@ step 220 "throughput: cascade" python -m benchmarks.throughput \
   --only cascade "${thr_cascade[@]}" --merge --out "$out"
 step 90 "throughput: forward" python -m benchmarks.throughput \
   --only hr_forward "${thr_forward[@]}" --merge --out "$out"
-step 120 "memory compiled" python -m benchmarks.memory "${mem[@]}" \
+step 120 "memory compiled" python -m benchmarks.memory ${mem[@]+"${mem[@]}"} \
   "${compiled[@]}" --measure compiled --fast-compile --jobs 8 --timeout-s 100 \
   --order size --merge --only-missing --out "$out"
-step 120 "memory peak" python -m benchmarks.memory "${mem[@]}" \
+step 120 "memory peak" python -m benchmarks.memory ${mem[@]+"${mem[@]}"} \
   "${peak[@]}" --measure peak --timeout-s 60 --order size --merge \
   --only-missing --out "$out"
 ls -l "$out" | tee -a "$log"

@@ -593,6 +593,19 @@ def _suppress(magnitude: np.ndarray, grads: Sequence[np.ndarray],
   return candidates
 
 
+def _keep_above(keep: np.ndarray, magnitude: np.ndarray, low: float,
+                roi: np.ndarray | None) -> np.ndarray:
+  """``keep &= (magnitude > low) [& roi]`` in place, `SUPPRESS_CHUNK`
+  planes at a time: the temporaries stay small (a whole-volume mask at
+  512³ is 134 MB of fresh pages: 0.3 s here, against 0.06 s)."""
+  for a in range(0, keep.shape[0], SUPPRESS_CHUNK):
+    b = a + SUPPRESS_CHUNK
+    keep[a:b] &= magnitude[a:b] > low
+    if roi is not None:
+      keep[a:b] &= roi[a:b]
+  return keep
+
+
 def canny_3d(volume,
              sigma: float = 1.0,
              low_threshold: float = 0.1,
@@ -671,12 +684,12 @@ def canny_3d(volume,
     peak = float(inside.max())
     low, high = low * peak, high * peak
 
-  select = magnitude > low
-  if roi is not None:
-    select &= roi
-  if engine == "jax":
-    candidates = np.logical_and(select, local_max, out=select)
+  if engine == "jax":  # in place, slab by slab: no new whole volume
+    candidates = _keep_above(local_max, magnitude, low, roi)
   else:
+    select = magnitude > low
+    if roi is not None:
+      select &= roi
     candidates = _suppress(magnitude, grads, select)
   # Candidates are above the low threshold already (``select``). The rest
   # works on the candidates' flat indices (a fraction of a percent of the

@@ -388,11 +388,14 @@ class Translator:
         (tests use it to interrupt a run).
     """
     c = self.config
-    # The finer scales' sketches are made on host threads while the coarser
-    # scales are generated (the device is busy meanwhile); "edges" times
-    # what the cascade waited for them, the pyramid and first sketches too.
+    # The finer scales' sketches are made on a second thread while the
+    # coarser scales are generated (their jax-engine kernels share the
+    # device; the rest of `canny_3d` is host work); "edges" times what the
+    # cascade waited for them, the pyramid and first sketches too. One
+    # thread: they come in the order they are needed, and after an error
+    # only the one under way still runs (the others are cancelled).
     pool = (concurrent.futures.ThreadPoolExecutor(
-        max(1, c.num_hr_scales - 1), thread_name_prefix="megan-sketch")
+        1, thread_name_prefix="megan-sketch")
         if c.infer.get("overlap_edges", True) and c.num_hr_scales >= 2
         else None)
     try:
@@ -447,12 +450,10 @@ class Translator:
 
     p, B = c.patch_size, self.batch_size
     for k in range(1, c.num_hr_scales + 1):
-      sketch = self._edges(arrays, k)
       t0 = time.perf_counter()
       shape_k = arrays[f"image_{k}"].shape
       even = tuple(2 * s for s in y.shape)
       plan = tiling.make_plan(even, p, c.border)
-      edges, _ = resample.pad_to(sketch, even, 0.0, low=(0, 0, 0))
       done = state.patches_done(k) if state else 0
       out = state.array(k, even) if state else None
       if self.multiprocess:  # the others continue where process 0 stopped
@@ -467,6 +468,12 @@ class Translator:
       elif done >= plan.num_patches:  # this scale finished before
         y = np.asarray(out[tuple(slice(0, s) for s in shape_k)])
         continue
+      # Waited for here, after the collectives above (none in `_edges`),
+      # and not for a scale that finished before.
+      waited = time.perf_counter()
+      sketch = self._edges(arrays, k)
+      t0 += time.perf_counter() - waited  # the wait counts as "edges"
+      edges, _ = resample.pad_to(sketch, even, 0.0, low=(0, 0, 0))
       bar = tqdm(total=plan.num_patches, initial=done, unit="patch",
                  desc=f"hr{k} {'x'.join(map(str, shape_k))}",
                  disable=not progress, leave=False, dynamic_ncols=True)

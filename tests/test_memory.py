@@ -257,6 +257,38 @@ def test_only_missing_runs_the_cases_the_file_has_no_bytes_for(
   assert e.value.code == 2
 
 
+def test_merge_refuses_another_devices_file_and_reads_its_compiled_sizes(
+    tmp_path, monkeypatch):
+  out = tmp_path / "results"
+  run_case = memory.run_case
+  ran = []
+
+  def fake_isolated(case, timeout_s):
+    if case["model"] == "probe":
+      return run_case(case)
+    ran.append(case["measure"])
+    return {"bytes": 50 * memory.GIB, "compile_s": 0.5, "error": None}
+
+  monkeypatch.setattr(memory, "run_isolated", fake_isolated)
+  common = ["--models", "dcgan", "--sizes", "16", "--out", str(out),
+            "--merge"]
+  assert memory.main(common) == 0
+  # A CPU skips a peak case its compiled figure says is too large, also
+  # when that figure is the merged file's (--only-missing compiles nothing).
+  assert memory.main(common + ["--measure", "peak", "--only-missing"]) == 0
+  assert ran == ["compiled"]
+  (json_path,) = out.glob("memory-*.json")
+  data = json.loads(json_path.read_text())
+  (peak,) = [r for r in data["results"] if r["measure"] == "peak"]
+  assert peak["error"].startswith("skipped: too large")
+  # Rows another device measured would be read as this one's: refused.
+  data["meta"]["device_kind"] = "NVIDIA H200"
+  json_path.write_text(json.dumps(data))
+  before = json_path.read_text()
+  assert memory.main(common) == 2
+  assert json_path.read_text() == before
+
+
 def test_cases_run_model_by_model_or_smallest_size_first():
   args = memory.parse_args(["--models", "megan_cascade", "dcgan", "pix2pix",
                             "--sizes", "64", "32", "--cascade-sizes", "128",

@@ -106,7 +106,7 @@ def get_config(arg=None):
   c.infer = ml_collections.ConfigDict()
   c.infer.batch_size = 8
   c.infer.memmap_bytes = 2 ** 31  # larger outputs are memory-mapped on disk
-  # Make the sketches of scales 2..n on host threads while the coarser
+  # Make the sketches of scales 2..n on a second thread while the coarser
   # scales are generated (same output; hides edge time on a GPU).
   c.infer.overlap_edges = True
   return c
