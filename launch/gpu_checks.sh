@@ -59,7 +59,8 @@ fi
 #     memory (the GPU default --cascade-batch auto); each size is saved as
 #     it finishes.
 #  2. throughput --merge: HR forward fp32/bf16 with achieved FLOP/s
-#     (fraction of the device's peak).
+#     (fraction of the device's peak), and the plain forms (cuDNN's own
+#     convolutions) beside the fast ones (tuned for a CPU) at batch 128 too.
 #  3. memory, compiled: every model to 512³, the cascade to 1024³, every
 #     model's smallest sizes first (session 15 lost these to a bug).
 #  4. memory, measured peak of the baselines from 128³ on, smallest sizes
@@ -78,7 +79,7 @@ else
   peak=(--models dcgan pix2pix pggan --sizes 128 256 512)
   thr_cascade=(--cascade-sizes 512 1024 --cascade-dtype bf16
                --cascade-repeats 2)
-  thr_forward=(--batches 8 32 --plain-batches 8 --repeats 2)
+  thr_forward=(--batches 8 32 128 --plain-batches 8 32 128 --repeats 2)
 fi
 
 # The benchmarks write their JSON as cases finish, so a step cut short by
@@ -90,9 +91,9 @@ step() {  # step SECONDS NAME COMMAND...
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   echo "== $name rc=${PIPESTATUS[0]}" | tee -a "$log"
 }
-step 220 "throughput: cascade" python -m benchmarks.throughput \
+step 210 "throughput: cascade" python -m benchmarks.throughput \
   --only cascade "${thr_cascade[@]}" --merge --out "$out"
-step 90 "throughput: forward" python -m benchmarks.throughput \
+step 100 "throughput: forward" python -m benchmarks.throughput \
   --only hr_forward "${thr_forward[@]}" --merge --out "$out"
 step 120 "memory compiled" python -m benchmarks.memory ${mem[@]+"${mem[@]}"} \
   "${compiled[@]}" --measure compiled --fast-compile --jobs 8 --timeout-s 100 \
