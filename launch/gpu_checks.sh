@@ -24,7 +24,15 @@ if [ "$quick" = 1 ] && [ -z "${OUT:-}" ]; then
   exit 2
 fi
 
-python - <<'EOF' 2>&1 | tee "$log"
+# Everything the steps import, first: a wrong python costs seconds, not
+# the steps' limits (session 15's first two calls).
+if ! python -c "import jax, flax, optax, nibabel, ml_collections, megan_jax" \
+    2>&1 | tee "$log"; then
+  echo "gpu_checks.sh: this python cannot import the steps' packages" \
+       "($(command -v python)); see launch/README.md" | tee -a "$log" >&2
+  exit 3
+fi
+python - <<'EOF' 2>&1 | tee -a "$log"
 import importlib.metadata as md, platform, jax
 print("python", platform.python_version(), "|", ", ".join(
     f"{n} {md.version(n)}" for n in ("jax", "jaxlib", "flax", "optax",
