@@ -194,10 +194,17 @@ def test_killed_translation_resumes_to_the_same_file(run_dir, tmp_path, monkeypa
   partial = tmp_path / ".resumed.nii.gz.partial"
   progress = json.load(open(partial / "progress.json"))
   assert progress["1"] == "done" and 12 <= progress["2"] < 100
-  seen = []
+  seen, sketched = [], []
+  real_edges = infer.Translator._edges
+
+  def edges(self, arrays, k):
+    sketched.append(k)
+    return real_edges(self, arrays, k)
+  monkeypatch.setattr(infer.Translator, "_edges", edges)
   infer.translate_file(t, src, out, progress=False,
                        on_batch=lambda s, d: seen.append((s, d)))
   assert seen[0][0] == 2 and seen[0][1] > 12  # it did not start over
+  assert sketched == [2]  # no wait for a finished scale's sketch
   assert not partial.exists()
   a, b = nib.load(whole), nib.load(out)
   np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
