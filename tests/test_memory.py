@@ -196,21 +196,32 @@ def test_merge_keeps_earlier_rows_and_a_cut_run_keeps_its_finished_cases(
   assert json_path.read_text() == before
 
 
+def _fake_cases(monkeypatch, answer):
+  """Runs ``answer(case)`` instead of each case's process (the probe still
+  runs); returns the list of the cases run, in order."""
+  run_case, ran = memory.run_case, []
+
+  def fake_isolated(case, timeout_s):
+    if case["model"] == "probe":
+      return run_case(case)
+    ran.append(case)
+    return answer(case)
+  monkeypatch.setattr(memory, "run_isolated", fake_isolated)
+  return ran
+
+
 def test_a_compiled_run_cut_short_keeps_the_cases_it_finished(
     tmp_path, monkeypatch):
   # The GPU run of session 15 lost every compiled case of a step its outer
   # limit cut: they were written only once all had finished.
   out = tmp_path / "results"
-  run_case = memory.run_case
 
-  def fake_isolated(case, timeout_s):
-    if case["model"] == "probe":
-      return run_case(case)
+  def answer(case):
     if case["size"] == 32:
       raise KeyboardInterrupt
     return {"bytes": 4321, "compile_s": 0.5, "error": None}
 
-  monkeypatch.setattr(memory, "run_isolated", fake_isolated)
+  _fake_cases(monkeypatch, answer)
   with pytest.raises(KeyboardInterrupt):
     memory.main(["--models", "dcgan", "--sizes", "16", "32", "--jobs", "1",
                  "--out", str(out)])
@@ -224,19 +235,14 @@ def test_a_compiled_run_cut_short_keeps_the_cases_it_finished(
 def test_only_missing_runs_the_cases_the_file_has_no_bytes_for(
     tmp_path, monkeypatch):
   out = tmp_path / "results"
-  run_case = memory.run_case
-  ran = []
 
-  def fake_isolated(case, timeout_s):
-    if case["model"] == "probe":
-      return run_case(case)
-    ran.append((case["model"], case["size"]))
+  def answer(case):
     if (case["model"], case["size"]) == ("pix2pix", 32) and not second:
       return {"bytes": None, "compile_s": 9.0, "error": "timeout"}
     return {"bytes": 100 * case["size"], "compile_s": 0.5, "error": None}
 
   second = False
-  monkeypatch.setattr(memory, "run_isolated", fake_isolated)
+  ran = _fake_cases(monkeypatch, answer)
   common = ["--models", "dcgan", "pix2pix", "--out", str(out), "--merge",
             "--only-missing"]
   assert memory.main(common + ["--sizes", "16", "32"]) == 0
@@ -245,7 +251,8 @@ def test_only_missing_runs_the_cases_the_file_has_no_bytes_for(
   second = True
   # Measured rows stay; the timed-out one and the new size run.
   assert memory.main(common + ["--sizes", "16", "32", "64"]) == 0
-  assert sorted(ran) == [("dcgan", 64), ("pix2pix", 32), ("pix2pix", 64)]
+  assert sorted((c["model"], c["size"]) for c in ran) == [
+      ("dcgan", 64), ("pix2pix", 32), ("pix2pix", 64)]
   (json_path,) = out.glob("memory-*.json")
   data = json.loads(json_path.read_text())
   assert {(r["model"], r["size"]): r["bytes"] for r in data["results"]} == {
@@ -260,23 +267,15 @@ def test_only_missing_runs_the_cases_the_file_has_no_bytes_for(
 def test_merge_refuses_another_devices_file_and_reads_its_compiled_sizes(
     tmp_path, monkeypatch):
   out = tmp_path / "results"
-  run_case = memory.run_case
-  ran = []
-
-  def fake_isolated(case, timeout_s):
-    if case["model"] == "probe":
-      return run_case(case)
-    ran.append(case["measure"])
-    return {"bytes": 50 * memory.GIB, "compile_s": 0.5, "error": None}
-
-  monkeypatch.setattr(memory, "run_isolated", fake_isolated)
+  ran = _fake_cases(monkeypatch, lambda case: {
+      "bytes": 50 * memory.GIB, "compile_s": 0.5, "error": None})
   common = ["--models", "dcgan", "--sizes", "16", "--out", str(out),
             "--merge"]
   assert memory.main(common) == 0
   # A CPU skips a peak case its compiled figure says is too large, also
   # when that figure is the merged file's (--only-missing compiles nothing).
   assert memory.main(common + ["--measure", "peak", "--only-missing"]) == 0
-  assert ran == ["compiled"]
+  assert [c["measure"] for c in ran] == ["compiled"]
   (json_path,) = out.glob("memory-*.json")
   data = json.loads(json_path.read_text())
   (peak,) = [r for r in data["results"] if r["measure"] == "peak"]
