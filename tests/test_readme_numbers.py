@@ -1,0 +1,277 @@
+"""The README's benchmark numbers against the committed results.
+
+Every expected value is computed from ``benchmarks/results/*.json`` (or the
+``.md`` files written beside them), so a rerun that changes a result, or an
+edit of the README, fails here until the two agree again. Nothing is
+measured or compiled: the files are only read.
+"""
+import functools
+import json
+import math
+import os
+import re
+import sys
+
+import pytest
+
+# ``benchmarks`` lives beside the package, at the repository root.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+from benchmarks import memory  # noqa: E402
+
+README = os.path.join(_ROOT, "README.md")
+RESULTS = os.path.join(_ROOT, "benchmarks", "results")
+GIB = 2**30
+# The methods of Table 1, as the first cell of their rows.
+TABLE1_METHODS = ("MEGAN", "patch-wise GAN", "small GAN + upsampling",
+                  "NLM-filtered input", "input as is")
+
+
+@functools.cache
+def _readme() -> str:
+  with open(README, encoding="utf-8") as f:
+    return f.read()
+
+
+def _result(name: str):
+  """A file of ``benchmarks/results``: parsed if JSON, else its text."""
+  with open(os.path.join(RESULTS, name), encoding="utf-8") as f:
+    return json.load(f) if name.endswith(".json") else f.read()
+
+
+def _section(start: str, end: str) -> str:
+  """The README from the line starting with ``start`` to the next line
+  starting with ``end`` (or the end of the file)."""
+  text = _readme()
+  match = re.search(f"^{re.escape(start)}", text, re.M)
+  assert match, f"README has no line starting with {start!r}"
+  text = text[match.start():]
+  first = text.index("\n") + 1  # the first line may start with ``end`` too
+  stop = re.search(f"^{re.escape(end)}", text[first:], re.M)
+  return text[:first + stop.start()] if stop else text
+
+
+def _prose(text: str) -> str:
+  """``text`` with every run of whitespace (line breaks too) as one space,
+  so a sentence matches however the README wraps it."""
+  return " ".join(text.split())
+
+
+def _first_table(text: str) -> tuple[list[str], list[list[str]]]:
+  """The header cells and body rows (cells stripped) of the first markdown
+  table in ``text``."""
+  lines = text.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+  table = []
+  for line in lines[start:]:
+    if not line.startswith("|"):
+      break
+    table.append([c.strip() for c in line.strip().strip("|").split("|")])
+  header, separator, *rows = table
+  assert set("".join(separator)) <= set("-:"), separator
+  return header, rows
+
+
+def _search(pattern: str, text: str) -> re.Match:
+  match = re.search(pattern, text)
+  assert match, f"README no longer says {pattern!r}"
+  return match
+
+
+def _agrees(quoted: str, value: float) -> bool:
+  """Whether ``value`` rounds to ``quoted`` at the decimals it is quoted
+  with ("0.29" for 0.2907, "67" for 67.0)."""
+  decimals = len(quoted.partition(".")[2])
+  return quoted == f"{value:.{decimals}f}"
+
+
+def _sig3(value: float) -> str:
+  """``value`` to 3 significant figures, trailing zeros kept (0.680)."""
+  decimals = max(0, 2 - math.floor(math.log10(abs(value))))
+  return f"{value:.{decimals}f}"
+
+
+def test_memory_cpu_table_is_the_jsons():
+  """The CPU memory table is ``markdown_table`` of memory-cpu.json."""
+  results = _result("memory-cpu.json")["results"]
+  table = memory.markdown_table(results, "compiled")
+  assert table and table in _readme()
+
+
+def test_memory_gpu_table_and_bytes_are_the_jsons():
+  """Every cell of the hand-written GPU table, and the bytes and growth
+  factors quoted below it, against memory-gpu.json's peak rows."""
+  peak = [r for r in _result("memory-gpu.json")["results"]
+          if r["measure"] == "peak"]
+  section = _section("**Measured on a GPU**", "## ")
+  header, rows = _first_table(section)
+  assert header[0] == "model"
+  sizes = [int(_search(r"^(\d+)³$", cell).group(1)) for cell in header[1:]]
+  models = [row[0].split()[0] for row in rows]  # "megan_cascade (inference)"
+  # Every row of the JSON has its cell.
+  assert {(r["model"], r["size"]) for r in peak} <= {
+      (m, s) for m in models for s in sizes}
+  for model, row in zip(models, rows):
+    assert len(row) == 1 + len(sizes), row
+    for size, cell in zip(sizes, row[1:]):
+      case = [r for r in peak if (r["model"], r["size"]) == (model, size)]
+      got = [r["bytes"] for r in case if r["bytes"] is not None]
+      timeouts = [r["error"] for r in case
+                  if (r["error"] or "").startswith("timeout")]
+      where = f"{model} at {size}³"
+      if got:
+        (nbytes,) = set(got)
+        assert cell == f"{nbytes / GIB:.2f}", where
+      elif timeouts:
+        seconds = _search(r"(\d+) s", timeouts[-1]).group(1)
+        assert cell == f"timed out ({seconds} s)", where
+      else:
+        assert cell == "", where
+
+  text = _prose(section)
+
+  def measured(model):
+    """{size: bytes} of ``model``'s measured rows."""
+    return {r["size"]: r["bytes"] for r in peak
+            if r["model"] == model and r["bytes"] is not None}
+
+  def quoted_sizes(text):
+    return {int(s) for s in re.findall(r"(\d+)³", text)}
+
+  cascade = _search(r"cascade peaked at ([\d,]+) bytes at (.+?), the same to "
+                    r"the byte", text)
+  assert set(measured("megan_cascade").values()) == {
+      int(cascade.group(1).replace(",", ""))}
+  assert set(measured("megan_cascade")) == quoted_sizes(cascade.group(2))
+  steps = _search(r"training steps at ([\d,]+) \(LR\) and ([\d,]+) \(HR\) "
+                  r"bytes at (.+?)\.", text)
+  for model, quoted in (("megan_lr_step", steps.group(1)),
+                        ("megan_hr_step", steps.group(2))):
+    assert set(measured(model).values()) == {int(quoted.replace(",", ""))}
+    assert set(measured(model)) == quoted_sizes(steps.group(3))
+  # The baselines' growth per doubling of the side.
+  growth = _search(r"DCGAN ×([\d.]+) then ×([\d.]+), Pix2Pix ×([\d.]+) then "
+                   r"×([\d.]+), PGGAN ×([\d.]+)\.", text).groups()
+  expected = []
+  for model in ("dcgan", "pix2pix", "pggan"):
+    by_size = measured(model)
+    sides = sorted(by_size)
+    assert all(b == 2 * a for a, b in zip(sides, sides[1:])), (model, sides)
+    expected += [by_size[b] / by_size[a] for a, b in zip(sides, sides[1:])]
+  assert len(growth) == len(expected)
+  for quoted, value in zip(growth, expected):
+    assert _agrees(quoted, value), (quoted, value)
+
+
+def test_throughput_gpu_numbers_are_the_jsons():
+  """The HR forward table (ms per patch, 3 significant figures), the 512³
+  cascade, the JAX / PyTorch ratios and the achieved FLOP/s under
+  "### On a GPU", against throughput-gpu.json."""
+  data = _result("throughput-gpu.json")
+  res, ratios = data["results"], data["ratios"]
+  section = _section("### On a GPU", "## ")
+
+  # HR generator forward.
+  forward = [r for r in res["hr_forward"] if not r["error"]]
+  header, rows = _first_table(section)
+  batches = [int(_search(r"^batch (\d+)$", cell).group(1))
+             for cell in header[1:]]
+  seen = set()
+  for label, *cells in rows:
+    jax_row = re.fullmatch(r"JAX \(`impl` (\w+)\) (.+)", label)
+    torch_row = re.fullmatch(r"PyTorch port (.+)", label)
+    assert jax_row or torch_row, label
+    framework, impl, dtypes = (
+        ("jax", jax_row.group(1), jax_row.group(2)) if jax_row
+        else ("torch", "torch_port", torch_row.group(1)))
+    dtypes = dtypes.split(" / ")
+    for batch, cell in zip(batches, cells, strict=True):
+      per_dtype = (cell.split(" / ") if cell != "–"
+                   else [None] * len(dtypes))  # not measured
+      for dtype, ms in zip(dtypes, per_dtype, strict=True):
+        key = (framework, impl, dtype, batch)
+        case = [r for r in forward
+                if (r["framework"], r["impl"], r["dtype"], r["batch"]) == key]
+        if ms is None:
+          assert not case, key
+        else:
+          (r,) = case
+          assert ms == _sig3(r["s_per_patch"] * 1e3), key
+          seen.add(key)
+  assert seen == {(r["framework"], r["impl"], r["dtype"], r["batch"])
+                  for r in forward}
+
+  text = _prose(section)
+  fp32, bf16 = _search(r"JAX over PyTorch per patch, best batch of each: "
+                       r"([\d.]+) in fp32 and ([\d.]+) in bf16", text).groups()
+  assert _agrees(fp32, ratios["jax_over_torch_per_patch"])
+  assert _agrees(bf16, ratios["jax_over_torch_per_patch_bf16"])
+
+  # Achieved FLOP/s, at the batch of the fp32 and the bf16 rows.
+  (f32,) = [r for r in res["flops"] if r["dtype"] == "fp32"]
+  (b16,) = [r for r in res["flops"] if r["dtype"] == "bf16"]
+  (gflop, flops_batch, tflops32, of_peak32, peak32, of_tf32, peak_tf32,
+   tflops16, of_peak16, peak16) = _search(
+       r"Achieved FLOP/s \(([\d.]+) GFLOP per patch, batch (\d+)\): fp32 "
+       r"([\d.]+) TFLOP/s, ([\d.]+) of the plain-fp32 datasheet peak "
+       r"\(([\d.]+)\), i\.e\. it ran as TF32: ([\d.]+) of the TF32 peak "
+       r"\(([\d.]+)\); bf16 ([\d.]+) TFLOP/s, ([\d.]+) of ([\d.]+)\.",
+       text).groups()
+  assert f32["batch"] == b16["batch"] == int(flops_batch)
+  assert b16["flops_per_patch"] == f32["flops_per_patch"]
+  for q, value in (
+      (gflop, f32["flops_per_patch"] / 1e9),
+      (tflops32, f32["achieved_flops"] / 1e12),
+      (of_peak32, f32["fraction_of_peak"]),
+      (peak32, f32["peak_flops"] / 1e12),
+      (of_tf32, f32["achieved_flops"] / f32["peak_tf32_flops"]),
+      (peak_tf32, f32["peak_tf32_flops"] / 1e12),
+      (tflops16, b16["achieved_flops"] / 1e12),
+      (of_peak16, b16["fraction_of_peak"]),
+      (peak16, b16["peak_flops"] / 1e12)):
+    assert _agrees(q, value), (q, value)
+
+  # The whole cascade.
+  size, dtype = _search(r"Whole cascade to (\d+)³ in (\w+)", text).groups()
+  (casc,) = [r for r in res["cascade"] if not r["error"]
+             and r["size"] == int(size) and r["dtype"] == dtype]
+  (casc_batch, edges, lr, n1, hr1, n2, hr2, n3, rate3, hr3, total, run1,
+   run2, compile_s) = _search(
+      r"device memory: (\d+)\): edges \([^)]*\) ([\d.]+) s, LR ([\d.]+), "
+      r"HR1 \(([\d ]+) patches\) ([\d.]+), HR2 \(([\d ]+)\) ([\d.]+), HR3 "
+      r"\(([\d ]+), ([\d ]+) patches/s\) ([\d.]+): \*\*([\d.]+) s\*\* "
+      r"\(runs ([\d.]+) and ([\d.]+)\), compile ([\d.]+) s", text).groups()
+  assert int(casc_batch) == casc["batch"]
+  stages = casc["stages_s"]
+  for q, value in ((edges, stages["edges"]), (lr, stages["lr"]),
+                   (hr1, stages["hr1"]), (hr2, stages["hr2"]),
+                   (hr3, stages["hr3"]), (total, casc["total_s"]),
+                   (compile_s, casc["compile_s"])):
+    assert _agrees(q, value), (q, value)
+  assert len(casc["times_s"]) == 2
+  for q, value in zip((run1, run2), casc["times_s"]):
+    assert _agrees(q, value), (q, value)
+  assert [int(n.replace(" ", "")) for n in (n1, n2, n3)] == [
+      casc["patches"][k] for k in ("hr1", "hr2", "hr3")]
+  rate = casc["hr_patches_per_s"]["hr3"]  # quoted to 3 significant figures
+  assert int(rate3.replace(" ", "")) == int(float(f"{rate:.3g}"))
+
+
+@pytest.mark.parametrize("task", ["t1t2", "kernel"])
+def test_table1_rows_are_the_results(task):
+  """Table 1's caption and rows (header and one per method) of
+  ``table1-<task>.md``, the measured table before the paper's, are in the
+  README verbatim, and in that order."""
+  measured, _, _ = _result(f"table1-{task}.md").partition("\nPaper (")
+  caption = measured.strip().splitlines()[0]
+  assert caption.startswith(f"Task `{task}`") and caption in _readme()
+  lines = [line for line in measured.splitlines() if line.startswith("|")]
+  header, separator, *rows = lines
+  method_rows = {m: [r for r in rows if r.startswith(f"| {m} |")]
+                 for m in TABLE1_METHODS}
+  assert all(len(found) == 1 for found in method_rows.values()), method_rows
+  for line in [header, separator] + [r for (r,) in method_rows.values()]:
+    assert line in _readme(), line
+  assert "\n".join(lines) in _readme()
