@@ -725,10 +725,10 @@ def _merge(old: dict | None, results: list[dict], meta: dict) -> list[dict]:
   new = {(r["model"], r["size"], r["measure"]) for r in results}
   keep = [r for r in old_rows
           if (r["model"], r["size"], r["measure"]) not in new]
+  fields = ("command", "date", "total_s") + tuple(
+      k for k in ("device_kind", "jax_version") if k in old_meta)
   meta["merged_with"] = old_meta.get("merged_with", []) + [
-      {k: old_meta.get(k) for k in ("command", "date", "total_s",
-                                    "device_kind", "jax_version")
-       if k in old_meta or k in ("command", "date", "total_s")}]
+      {k: old_meta.get(k) for k in fields}]
   for model, per_size in old_meta.get("channels", {}).items():
     meta.setdefault("channels", {}).setdefault(model, {})
     for size, text in per_size.items():
