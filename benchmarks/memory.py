@@ -781,6 +781,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   backend = info["backend"]
   stem = os.path.join(args.out, f"memory-{backend}")
   earlier = _load_earlier(stem + ".json") if args.merge else None
+  if earlier is not None and earlier["meta"].get(
+      "device_kind", info["device_kind"]) != info["device_kind"]:
+    print(f"memory: --merge: {stem}.json was measured on "
+          f"{earlier['meta'].get('device_kind')}, not {info['device_kind']}; "
+          "its rows would be read as this device's (use another --out)",
+          file=sys.stderr)
+    return 2
+  clash = _options_clash(earlier, opts)
+  if clash:
+    print(f"memory: --merge: {stem}.json was measured with {clash}; its "
+          "rows would be mixed with this run's under one meta (use another "
+          "--out, or the same options)", file=sys.stderr)
+    return 2
   cases = plan_cases(args)
   if args.only_missing and earlier is not None:
     measured = {(r.get("model"), r.get("size"), r.get("measure"))
@@ -789,6 +802,10 @@ def main(argv: Sequence[str] | None = None) -> int:
              if (c["model"], c["size"], c["measure"]) not in measured]
     print(f"memory: --only-missing: {len(cases)} case(s) to run",
           flush=True)
+    if not cases:  # the file keeps its meta (command, date) and rows
+      print(f"memory: {stem}.json already has every case asked for",
+            flush=True)
+      return 0
   results: list[dict | None] = [None] * len(cases)
 
   def one(i):
@@ -805,20 +822,6 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{_gib(row['bytes']):>10} GiB  compile {row['compile_s']:6.1f} s"
           + (f"  ({row['error']})" if row["error"] else "") + extra,
           flush=True)
-
-  if earlier is not None and earlier["meta"].get(
-      "device_kind", info["device_kind"]) != info["device_kind"]:
-    print(f"memory: --merge: {stem}.json was measured on "
-          f"{earlier['meta'].get('device_kind')}, not {info['device_kind']}; "
-          "its rows would be read as this device's (use another --out)",
-          file=sys.stderr)
-    return 2
-  clash = _options_clash(earlier, opts)
-  if clash:
-    print(f"memory: --merge: {stem}.json was measured with {clash}; its "
-          "rows would be mixed with this run's under one meta (use another "
-          "--out, or the same options)", file=sys.stderr)
-    return 2
 
   def write_results(final: bool) -> str:
     """Writes what is measured so far (a run cut short by an outer time

@@ -259,6 +259,13 @@ def test_only_missing_runs_the_cases_the_file_has_no_bytes_for(
       (m, s): 100 * s for m in ("dcgan", "pix2pix") for s in (16, 32, 64)}
   assert [m["command"] for m in data["meta"]["merged_with"]] and all(
       "device_kind" in m for m in data["meta"]["merged_with"])
+  # Nothing missing: nothing runs and the files (meta, plot) stay as they
+  # were (a GPU script's step for a fresh device is a no-op on a known one).
+  ran.clear()
+  files = {p.name: p.read_bytes() for p in out.iterdir()}
+  assert memory.main(common + ["--sizes", "16", "64"]) == 0
+  assert ran == []
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == files
   with pytest.raises(SystemExit) as e:  # argparse's error
     memory.main(["--only-missing", "--out", str(out)])
   assert e.value.code == 2
