@@ -991,6 +991,8 @@ def bench_cascade(args, on_row: Callable[[list], None] = lambda rows: None
         stages.append(dict(t.timings))
         if out.shape != vol.shape:
           raise RuntimeError(f"output {out.shape} != input {vol.shape}")
+        if args.cascade_budget_s and sum(walls) >= args.cascade_budget_s:
+          break  # times_s says how many ran
       del out
       names = list(stages[0])
       per_stage = {n: _r(statistics.median(s[n] for s in stages))
@@ -1238,8 +1240,8 @@ def markdown(data: dict) -> str:
                 if n not in names and n != "edges_lr"]
     parts += ["", "**Whole cascade** (seconds per stage):", "",
               "| output | widths | dtype | patches | " + " | ".join(names)
-              + " | total | compile |",
-              "|---|---|---|---|" + "---|" * len(names) + "---|---|"]
+              + " | total | runs | compile |",
+              "|---|---|---|---|" + "---|" * len(names) + "---|---|---|"]
     for r in casc:
       pats = ", ".join(f"{k} {v}" for k, v in r["patches"].items()
                        if k != "lr")
@@ -1247,7 +1249,8 @@ def markdown(data: dict) -> str:
           f"| {r['size']}³ | {r['widths']} | {r.get('dtype', 'fp32')} | "
           f"{pats or '–'} | "
           + " | ".join(_fmt(r["stages_s"].get(n)) for n in names)
-          + f" | {_fmt(r['total_s'])} | {_fmt(r['compile_s'])} |")
+          + f" | {_fmt(r['total_s'])} | {len(r.get('times_s') or [])} | "
+          f"{_fmt(r['compile_s'])} |")
   edge_rows = [r for r in res.get("edges") or [] if not r.get("error")]
   if edge_rows:
     parts += ["", "**Edge sketch** (`edges.canny_3d`, its engines called "
@@ -1476,6 +1479,10 @@ def parse_args(argv, backend: str | None = None):
                  "config's, 8, elsewhere)")
   p.add_argument("--cascade-repeats", type=int, default=None,
                  help="timed cascade runs (default: --repeats)")
+  p.add_argument("--cascade-budget-s", type=float, default=None,
+                 help="no further timed cascade run of a size once its runs "
+                 "took this long (at least one runs; for the 1024³ cascade "
+                 "under a time limit)")
   p.add_argument("--cascade-dtype", choices=DTYPES, default=None,
                  help="cascade compute dtype (default: bf16 on a GPU, as "
                  "the 512³ goal, fp32 elsewhere)")
@@ -1551,6 +1558,8 @@ def parse_args(argv, backend: str | None = None):
   for flag, values in counts.items():
     if any(v < 1 for v in values):
       p.error(f"{flag} {values}: must be >= 1")
+  if a.cascade_budget_s is not None and not a.cascade_budget_s > 0:
+    p.error(f"--cascade-budget-s {a.cascade_budget_s:g}: must be > 0")
   return a
 
 

@@ -573,3 +573,29 @@ def test_merge_keeps_sections_of_the_same_device_only(tmp_path, monkeypatch):
   data = _load(out)
   assert not data["results"].get("edges") and data["results"].get("stitch")
   assert set(data["meta"]["sections"]) == {"stitch"}
+
+
+@pytest.mark.slow
+def test_cascade_budget_stops_the_timed_runs(monkeypatch):
+  # The 1024³ cascade on a GPU takes over a minute a run: under a step's
+  # time limit, one timed run is taken instead of --cascade-repeats.
+  runs = []
+  real = infer.Translator.translate_normalised
+
+  def counted(self, *a, **k):
+    runs.append(1)
+    return real(self, *a, **k)
+  monkeypatch.setattr(infer.Translator, "translate_normalised", counted)
+  args = throughput.parse_args(["--quick", "--cascade-repeats", "3",
+                                "--cascade-budget-s", "1e-9"], backend="cpu")
+  (row,) = throughput.bench_cascade(args)
+  assert row["error"] is None, row
+  assert len(runs) == len(row["times_s"]) == 1
+  table = throughput.markdown({
+      "meta": {"backend": "cpu", "device_kind": "cpu", "threads": 2,
+               "jax_version": "x", "command": "c", "repeats": 3},
+      "results": {"cascade": [row]}, "ratios": {}})
+  (line,) = [s for s in table.splitlines() if s.startswith("| 64³ |")]
+  assert line.split("|")[-3].strip() == "1"  # the runs column
+  with pytest.raises(SystemExit):
+    throughput.parse_args(["--cascade-budget-s", "0"], backend="cpu")
