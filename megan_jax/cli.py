@@ -183,6 +183,9 @@ def cmd_demo(args) -> int:
     raise InputError(f"--steps {args.steps}: must be >= 1")
   if os.path.exists(args.out) and not os.path.isdir(args.out):
     raise InputError(f"output folder {args.out}: exists and is not a folder")
+  run = os.path.join(args.out, "run")
+  if os.path.exists(run) and not os.path.isdir(run):
+    raise InputError(f"run folder {run}: exists and is not a folder")
   os.makedirs(args.out, exist_ok=True)
   if not os.access(args.out, os.W_OK):
     raise InputError(f"output folder {args.out}: not writable")
@@ -370,7 +373,8 @@ def _check_translate_jobs(args, jobs, made: list) -> dict:
   Returns ``{input: (shape, affine)}``."""
   from megan_jax import data, io
   if not os.path.isdir(args.workdir):
-    raise InputError(f"workdir {args.workdir}: no such folder")
+    raise InputError(f"workdir {args.workdir}: " + (
+        "not a folder" if os.path.exists(args.workdir) else "no such folder"))
   geometry = {}
   for inp, _, mask in jobs:
     if inp == data.MNI152_NAME:
@@ -472,10 +476,18 @@ def score_pair(pred_path: str, target_path: str, mask_path: str | None = None,
   mask = load_label(mask_path, target)
   if mask is not None and not mask.any():
     raise InputError(f"mask {mask_path}: selects no voxels")
-  lo, hi = value_range or (float(target.data.min()), float(target.data.max()))
+  if value_range is not None:
+    lo, hi = value_range
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+      raise InputError(f"--range {lo:g} {hi:g}: must be finite with HI > LO")
+  else:
+    lo, hi = float(target.data.min()), float(target.data.max())
   norm = Normaliser(lo, hi)
-  scores = metrics.evaluate(to_unit(norm.normalise(pred.data)),
-                            to_unit(norm.normalise(target.data)), mask)
+  try:
+    scores = metrics.evaluate(to_unit(norm.normalise(pred.data)),
+                              to_unit(norm.normalise(target.data)), mask)
+  except InputError as e:  # e.g. smaller than the SSIM window
+    raise InputError(f"prediction {pred_path}: {e}") from None
   return {"pred": pred_path, "target": target_path, "mask": mask_path,
           "range": [lo, hi], **scores}
 
@@ -520,12 +532,11 @@ def cmd_evaluate(args) -> int:
   import json
   import numpy as np
   from megan_jax import io
-  if args.out is not None and not args.out.endswith(".json"):
+  if args.out is not None and not args.out.lower().endswith(".json"):
     raise InputError(f"--out {args.out}: name must end in .json")
   pairs = _evaluate_pairs(args)
   if args.out is not None:
-    if any(os.path.abspath(args.out) == os.path.abspath(p)
-           for pair in pairs for p in pair if p):
+    if any(io.same_file(args.out, p) for pair in pairs for p in pair if p):
       raise InputError(f"--out {args.out}: is an input; refusing to "
                        "overwrite it")
     if os.path.isdir(args.out):

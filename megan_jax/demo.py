@@ -17,6 +17,7 @@ import numpy as np
 
 from megan_jax import configs, data, infer, io, metrics, train, writers
 from megan_jax import state as state_lib
+from megan_jax.errors import InputError
 from megan_jax.normalise import fit_normaliser, normalise, to_unit
 
 
@@ -29,14 +30,36 @@ def _finished(workdir: str, config) -> bool:
              for n in state_lib.scale_names(config))
 
 
-def _other_config(workdir: str, config) -> bool:
-  """Whether ``workdir`` holds a run of another config (e.g. the demo's
-  before an upgrade changed it): the demo then trains its own afresh."""
+# What training writes in a workdir: a folder holding anything else is not
+# the demo's to delete.
+RUN_ENTRIES = frozenset({".lock", "cache", "checkpoints", "config.json",
+                         "intensity.json", "logs", "montages"})
+
+
+def _deletable(workdir: str, config, retrain: bool) -> bool:
+  """Whether the demo deletes ``workdir`` to train afresh: asked to
+  (``retrain``), or it holds a demo run of another config (e.g. the demo's
+  before an upgrade changed it). Raises an ``InputError`` rather than
+  delete a folder the demo did not make (another config's run, other
+  files)."""
   try:
     saved = state_lib.load_config(workdir)
   except Exception:
-    return False
-  return not state_lib.same_run(saved, config)
+    saved = None
+  if saved is not None:
+    if (saved.get("name") != config.name
+        or saved.data.get("path") != config.data.path):
+      raise InputError(
+          f"{workdir}: holds a run of config {saved.get('name')!r} on "
+          f"{saved.data.get('path')!r}, not one `megan demo` made; the demo "
+          "will not delete it (use another --out)")
+    return retrain or not state_lib.same_run(saved, config)
+  others = sorted(set(os.listdir(workdir)) - RUN_ENTRIES)
+  if retrain and others:
+    raise InputError(f"{workdir}: holds {others[0]!r}, not a run `megan "
+                     "demo` made; the demo will not delete it (use another "
+                     "--out)")
+  return retrain
 
 
 def run(out: str, *, steps: int | None = None, retrain: bool = False,
@@ -47,7 +70,7 @@ def run(out: str, *, steps: int | None = None, retrain: bool = False,
   if steps is not None:
     config.steps = int(steps)
   workdir = os.path.join(out, "run")
-  if os.path.isdir(workdir) and (retrain or _other_config(workdir, config)):
+  if os.path.isdir(workdir) and _deletable(workdir, config, retrain):
     shutil.rmtree(workdir)
   reused = _finished(workdir, config)
   if not reused:

@@ -231,7 +231,7 @@ def check_output_path(out: str | os.PathLike,
   for inp in inputs:
     if inp is None:
       continue
-    if _same_file(out, os.fspath(inp)):
+    if same_file(out, os.fspath(inp)):
       raise InputError(f"output {out}: is the input file {inp}; "
                        "refusing to overwrite an input")
   folder = os.path.dirname(os.path.abspath(out))
@@ -241,7 +241,9 @@ def check_output_path(out: str | os.PathLike,
     raise InputError(f"output {out}: folder {folder} is not writable")
 
 
-def _same_file(a: str, b: str) -> bool:
+def same_file(a: str, b: str) -> bool:
+  """Whether paths ``a`` and ``b`` name one file (links followed; by path
+  if either does not exist yet)."""
   if os.path.exists(a) and os.path.exists(b):
     return os.path.samefile(a, b)
   return os.path.abspath(a) == os.path.abspath(b)

@@ -603,7 +603,8 @@ def save_config(workdir: str, config) -> None:
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
   if not os.path.isdir(workdir):
-    raise InputError(f"workdir {workdir}: no such folder")
+    raise InputError(f"workdir {workdir}: " + (
+        "not a folder" if os.path.exists(workdir) else "no such folder"))
   if not os.path.exists(path):
     raise InputError(f"workdir {workdir}: no config.json (not a megan run)")
   try:
@@ -653,6 +654,9 @@ def load_intensity(workdir: str) -> tuple[float, float] | None:
     lo, hi = float(d["lo"]), float(d["hi"])
   except (KeyError, TypeError, ValueError):
     raise InputError(f"{path}: damaged, expected numbers lo and hi") from None
+  if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+    raise InputError(f"{path}: damaged, intensity range [{lo:g}, {hi:g}] is "
+                     "empty or not finite")
   return lo, hi
 
 

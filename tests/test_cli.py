@@ -494,3 +494,50 @@ def test_compile_cache_turned_off(off):
   case) means no cache folder: None, not a folder named after the value."""
   env = {"XDG_CACHE_HOME": "/c", "MEGAN_COMPILE_CACHE": off}
   assert cli.compile_cache_dir(env) is None
+
+
+def test_evaluate_errors_name_what_is_wrong(tmp_path, capsys):
+  a = np.random.default_rng(0).uniform(0, 1, (12, 13, 14)).astype(np.float32)
+  for name, data in (("t.nii", a), ("p.nii", a + 0.1)):
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / name))
+  base = ["evaluate", "--pred", str(tmp_path / "p.nii"), "--target",
+          str(tmp_path / "t.nii")]
+  # An --out that is a link to an input is that input: refused, kept.
+  link = tmp_path / "link.json"
+  link.symlink_to(tmp_path / "p.nii")
+  before = (tmp_path / "p.nii").read_bytes()
+  code, _, err = _run(base + ["--out", str(link)], capsys)
+  assert code == 2 and "is an input" in err
+  assert (tmp_path / "p.nii").read_bytes() == before
+  # An empty --range is named as such.
+  code, _, err = _run(base + ["--range", "5", "5"], capsys)
+  assert code == 2 and err.count("\n") == 1 and "--range 5 5" in err
+  # Too small for SSIM: the prediction is named (folders name no file).
+  tiny = np.random.default_rng(1).uniform(0, 1, (2, 2, 2)).astype(np.float32)
+  for d in ("P", "T"):
+    (tmp_path / d).mkdir()
+    nib.save(nib.Nifti1Image(tiny, np.eye(4)), str(tmp_path / d / "s.nii"))
+  code, _, err = _run(["evaluate", "--pred", str(tmp_path / "P"), "--target",
+                       str(tmp_path / "T")], capsys)
+  assert code == 2 and f"prediction {tmp_path / 'P' / 's.nii'}:" in err
+  # .JSON in capitals is a JSON name too.
+  code, _, _ = _run(base + ["--out", str(tmp_path / "S.JSON")], capsys)
+  assert code == 0 and (tmp_path / "S.JSON").exists()
+
+
+def test_demo_refuses_a_run_folder_that_is_a_file(tmp_path, capsys):
+  (tmp_path / "d").mkdir()
+  (tmp_path / "d" / "run").write_text("")
+  code, _, err = _run(["demo", "--out", str(tmp_path / "d")], capsys)
+  assert code == 2 and "exists and is not a folder" in err
+
+
+def test_a_path_of_the_wrong_kind_is_named_so(tmp_path, capsys):
+  f = tmp_path / "afile"
+  f.write_text("")
+  code, _, err = _run(["translate", "--workdir", str(f), "-i", str(f), "-o",
+                       str(tmp_path / "o.nii")], capsys)
+  assert code == 2 and f"workdir {f}: not a folder" in err
+  code, _, err = _run(["train", "--config", str(tmp_path), "--workdir",
+                       str(tmp_path / "w")], capsys)
+  assert code == 2 and f"config {tmp_path}: not a file" in err

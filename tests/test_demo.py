@@ -90,3 +90,43 @@ def test_demo_ablation_scores_every_scale_of_every_variant(tmp_path):
   md = (results / "demo-ablation.md").read_text()
   assert "| paper |" in md and "| upsampled | – |" in md
   assert (results / "demo-ablation.png").stat().st_size > 0
+
+
+def test_demo_deletes_only_a_run_it_made(tmp_path):
+  # `megan demo --out proj` beside the user's own `megan train` run in
+  # proj/run used to delete it (a run of "another config") and retrain.
+  from megan_jax import configs
+  from megan_jax.errors import InputError
+  demo_config = configs.get_config("demo:smoke")
+  run = tmp_path / "run"
+  run.mkdir()
+  mine = configs.get_config("demo:smoke")
+  mine.data.path = str(tmp_path / "my_volumes")
+  state_lib.save_config(str(run), mine)
+  for retrain in (False, True):
+    with pytest.raises(InputError, match="not one `megan demo` made"):
+      demo._deletable(str(run), demo_config, retrain)
+  with pytest.raises(InputError, match="not one `megan demo` made"):
+    demo.run(str(tmp_path), config_spec="demo:smoke", progress=False)
+  assert state_lib.load_config(str(run)).data.path == mine.data.path
+
+  # A demo run: kept if it is this config's, replaced if another's or
+  # when asked to retrain.
+  os.remove(run / "config.json")
+  state_lib.save_config(str(run), demo_config)
+  assert not demo._deletable(str(run), demo_config, False)
+  assert demo._deletable(str(run), demo_config, True)
+  older = configs.get_config("demo:smoke")
+  older.model.ngf += 2
+  os.remove(run / "config.json")
+  state_lib.save_config(str(run), older)
+  assert demo._deletable(str(run), demo_config, False)
+
+  # No config there: --train deletes only what training writes.
+  os.remove(run / "config.json")
+  (run / "checkpoints").mkdir()
+  assert demo._deletable(str(run), demo_config, True)
+  assert not demo._deletable(str(run), demo_config, False)
+  (run / "notes.txt").write_text("mine")
+  with pytest.raises(InputError, match="'notes.txt'"):
+    demo._deletable(str(run), demo_config, True)

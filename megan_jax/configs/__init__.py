@@ -40,8 +40,9 @@ def get_config(spec: str = "demo") -> ml_collections.ConfigDict:
     module = importlib.import_module(f"megan_jax.configs.{name}")
   else:
     if not os.path.isfile(name):
-      raise InputError(f"config {name}: no such file (built-in names: "
-                       f"{', '.join(BUILTIN)})")
+      raise InputError(f"config {name}: " + (
+          "not a file" if os.path.exists(name) else "no such file")
+          + f" (built-in names: {', '.join(BUILTIN)})")
     mod_spec = importlib.util.spec_from_file_location("_megan_user_config", name)
     module = importlib.util.module_from_spec(mod_spec)
     try:
