@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -112,6 +113,12 @@ def parse_args(argv=None):
             f"{', '.join(paired.TASKS)} (or pass --data DIR)")
   if not args.task.replace("_", "").replace("-", "").isalnum():
     p.error(f"--task {args.task!r}: letters, digits, - and _ only")
+  if not (math.isfinite(args.spacing) and args.spacing > 0):
+    p.error(f"--spacing {args.spacing:g}: must be a positive number of mm")
+  if args.max_side is not None and args.max_side < 1:
+    p.error(f"--max-side {args.max_side}: must be >= 1")
+  if args.seed < 0:
+    p.error(f"--seed {args.seed}: must be >= 0")
   if args.max_side is None:
     args.max_side = 128 if args.spacing >= 1.5 else None
   if args.steps < 1:
@@ -175,7 +182,15 @@ def main(argv=None) -> int:
   from megan_jax.errors import InputError
 
   out = args.out or os.path.join("runs", f"table1-{args.task}")
-  os.makedirs(out, exist_ok=True)
+  made = []  # folders this run made: removed if a failure leaves them empty
+  try:  # both usable before any work (the results come last)
+    for flag, folder in (("--out", out), ("--results", args.results)):
+      if _make_folder(flag, folder):
+        made.append(folder)
+  except InputError as e:
+    print(f"table1: error: {e}", file=sys.stderr)
+    _remove_empty(made)
+    return 2
   progress = not args.no_progress
   t_start = time.perf_counter()
   try:
@@ -327,11 +342,37 @@ def main(argv=None) -> int:
            f"{os.path.basename(sources[0]).split('.')[0]} (test)")
   except InputError as e:
     print(f"table1: error: {e}", file=sys.stderr)
+    _remove_empty(made)
     return 2
   print(markdown(result))
   print(f"[table1] wrote {stem}.json, .md, .png in "
         f"{time.perf_counter() - t_start:.0f} s", file=sys.stderr)
   return 0
+
+
+def _make_folder(flag: str, folder: str) -> bool:
+  """Makes ``folder`` (if missing) and checks a file can be written there;
+  an ``InputError`` naming ``flag`` if not. Returns whether it was made."""
+  import tempfile
+  from megan_jax.errors import InputError
+  made = not os.path.isdir(folder)
+  try:
+    if os.path.exists(folder) and not os.path.isdir(folder):
+      raise NotADirectoryError(0, "exists and is not a folder")
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder):
+      pass
+  except OSError as e:
+    if made and os.path.isdir(folder) and not os.listdir(folder):
+      os.rmdir(folder)
+    raise InputError(f"{flag} {folder}: {e.strerror or e}") from None
+  return made
+
+
+def _remove_empty(folders) -> None:
+  for folder in folders:
+    if os.path.isdir(folder) and not os.listdir(folder):
+      os.rmdir(folder)
 
 
 def figure(volumes: dict, path: str, title: str = "") -> None:

@@ -26,6 +26,29 @@ def test_bad_task_is_a_usage_error(capsys):
   assert e.value.code == 2 and "--n-test 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag,value", [
+    ("--spacing", "-1"), ("--spacing", "nan"), ("--max-side", "0"),
+    ("--seed", "-1")])
+def test_bad_numbers_are_usage_errors(flag, value, capsys):
+  with pytest.raises(SystemExit) as e:
+    _table1().main([flag, value])
+  assert e.value.code == 2 and f"{flag} {value}" in capsys.readouterr().err
+
+
+def test_unusable_folders_are_one_line_before_any_work(tmp_path, capsys):
+  a_file = tmp_path / "f"
+  a_file.write_text("")
+  for argv, named in (
+      (["--out", str(a_file)], "--out"),
+      (["--out", str(tmp_path / "o"), "--results", str(a_file / "r")],
+       "--results")):
+    assert _table1().main(argv + ["--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"table1: error: {named} ") and err.count("\n") == 1
+  # The --out folder the refused run made is gone again.
+  assert sorted(os.listdir(tmp_path)) == ["f"]
+
+
 @pytest.mark.slow
 def test_table1_writes_every_method(tmp_path):
   results = tmp_path / "results"
