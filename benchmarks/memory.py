@@ -59,6 +59,7 @@ import dataclasses
 import datetime
 import glob
 import json
+import math
 import os
 import resource
 import subprocess
@@ -620,8 +621,8 @@ def parse_args(argv):
   args = p.parse_args(argv)
   if any(s < 1 for s in args.sizes + (args.cascade_sizes or [])):
     p.error("--sizes: must be positive")
-  if args.width_scale <= 0:
-    p.error(f"--width-scale {args.width_scale}: must be > 0")
+  if not 0 < args.width_scale < math.inf:  # nan too
+    p.error(f"--width-scale {args.width_scale}: must be a number > 0")
   if args.timeout_s is not None and not args.timeout_s > 0:
     p.error(f"--timeout-s {args.timeout_s:g}: must be > 0")
   if not args.cpu_peak_limit_gib > 0:
@@ -741,8 +742,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.replot:  # redraw the PNG and MD of every JSON in --out
     paths = sorted(glob.glob(os.path.join(args.out, "memory-*.json")))
     for path in paths:
-      with open(path) as f:
-        data = json.load(f)
+      data = _load_earlier(path)  # None if damaged or not a results file
+      if data is None:
+        print(f"memory: --replot: {path}: not a results file (JSON with "
+              "meta and results)", file=sys.stderr)
+        return 2
       stem = path[:-len(".json")]
       write_plot(stem + ".png", data["results"], plot_title(data["meta"]),
                  data["meta"].get("geometry"))
@@ -763,6 +767,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     fast_compile=args.fast_compile)
   opts = dataclasses.asdict(options)
   try:  # an unusable --out: now, not after the whole run
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+      raise NotADirectoryError(0, "exists and is not a folder")
     os.makedirs(args.out, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=args.out):
       pass

@@ -112,6 +112,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -1500,9 +1501,13 @@ def parse_args(argv, backend: str | None = None):
   a = p.parse_args(argv)
 
   q = a.quick
-  a.repeats = a.repeats or (1 if q else 3)
-  a.paired_batch = a.paired_batch or (2 if q else 8)
-  a.paired_rounds = a.paired_rounds or (1 if q else 5)
+  # `is None`, not `or`: a 0 given is refused below, not read as the default.
+  if a.repeats is None:
+    a.repeats = 1 if q else 3
+  if a.paired_batch is None:
+    a.paired_batch = 2 if q else 8
+  if a.paired_rounds is None:
+    a.paired_rounds = 1 if q else 5
   a.batches = a.batches or ([1, 2] if q else list(DEFAULT_BATCHES))
   a.train_batches = a.train_batches or ([1] if q else
                                         list(DEFAULT_TRAIN_BATCHES))
@@ -1570,6 +1575,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   import jax
   backend = jax.default_backend()
   args = parse_args(argv, backend)
+  try:  # an unusable --out: now, not after the first section's minutes
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+      raise NotADirectoryError(0, "exists and is not a folder")
+    os.makedirs(args.out, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=args.out):
+      pass
+  except OSError as e:
+    print(f"throughput: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+    return 2
   start = time.perf_counter()
   threads = args.torch_threads or xla_threads()
   tc = load_torch(threads, backend)
@@ -1597,8 +1611,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = os.path.join(args.out, f"throughput-{backend}.json")
     old = None
     if os.path.exists(path):
-      with open(path) as f:
-        old = json.load(f)
+      try:
+        with open(path) as f:
+          old = json.load(f)
+        if not (isinstance(old, dict) and isinstance(old.get("meta"), dict)
+                and isinstance(old.get("results"), dict)):
+          raise ValueError("no meta and results objects")
+      except (OSError, ValueError) as e:
+        print(f"throughput: --merge: {path}: not a results file ({e}); "
+              "move it away or drop --merge", file=sys.stderr)
+        return 2
       if old["meta"].get("device_kind") != meta["device_kind"]:
         # Times of two devices under one meta would read as one's.
         _log(f"throughput: --merge: {path} was measured on "

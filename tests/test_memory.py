@@ -360,3 +360,21 @@ def test_options_clash_names_every_merge_key():
       "hr_batch=")
   assert memory._options_clash(
       old, dict(opts, fast_compile=not opts["fast_compile"])) is None
+
+
+def test_bad_arguments_and_files_are_one_line(tmp_path, capsys):
+  for value in ("nan", "inf", "0"):
+    with pytest.raises(SystemExit) as e:
+      memory.parse_args(["--width-scale", value])
+    assert e.value.code == 2
+  assert f"--width-scale {value}" in capsys.readouterr().err
+  a_file = tmp_path / "f"
+  a_file.write_text("")
+  assert memory.main(["--out", str(a_file)]) == 2
+  assert "exists and is not a folder" in capsys.readouterr().err
+  out = tmp_path / "results"
+  out.mkdir()
+  (out / "memory-cpu.json").write_text('{"meta": 1')
+  assert memory.main(["--replot", "--out", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert "memory-cpu.json: not a results file" in err and err.count("\n") == 1

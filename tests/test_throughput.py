@@ -599,3 +599,26 @@ def test_cascade_budget_stops_the_timed_runs(monkeypatch):
   assert line.split("|")[-3].strip() == "1"  # the runs column
   with pytest.raises(SystemExit):
     throughput.parse_args(["--cascade-budget-s", "0"], backend="cpu")
+
+
+def test_zero_counts_and_unusable_files_are_refused(tmp_path, monkeypatch,
+                                                    capsys):
+  # A 0 used to read as "the default" (`x or default`): --repeats 0 ran
+  # the whole benchmark.
+  for flag in ("--repeats", "--paired-batch", "--paired-rounds"):
+    with pytest.raises(SystemExit) as e:
+      throughput.parse_args([flag, "0"], backend="cpu")
+    assert e.value.code == 2 and f"{flag} [0]" in capsys.readouterr().err
+  _without_torch(monkeypatch)
+  a_file = tmp_path / "f"
+  a_file.write_text("")
+  assert throughput.main(["--quick", "--only", "stitch", "--out",
+                          str(a_file)]) == 2
+  assert "exists and is not a folder" in capsys.readouterr().err
+  out = tmp_path / "results"
+  out.mkdir()
+  (out / "throughput-cpu.json").write_text('{"meta": 1')
+  assert throughput.main(["--quick", "--only", "stitch", "--merge", "--out",
+                          str(out)]) == 2
+  assert "not a results file" in capsys.readouterr().err
+  assert (out / "throughput-cpu.json").read_text() == '{"meta": 1'
