@@ -169,13 +169,17 @@ def launch(args) -> int:
       if all(c == 0 for c in codes):
         return 0
       time.sleep(0.2)
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:
     _stop(procs)
-    return 130
+    return 143 if isinstance(e, _Terminated) else 130  # 128 + the signal
+
+
+class _Terminated(KeyboardInterrupt):
+  """SIGTERM, stopping the launcher as Ctrl-C does."""
 
 
 def _interrupt(signum, frame):
-  raise KeyboardInterrupt
+  raise _Terminated
 
 
 def _stop(procs) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import sys
@@ -309,6 +310,13 @@ def _translate(args, made: list) -> int:
   except (InputError, OSError) as e:
     error = e
   sharding.agree(error, "megan translate's inputs and outputs")
+  # A list file out of step between nodes, say: each process would run
+  # another job (a wrong output, or a hang in a collective).
+  sharding.assert_same_parts({
+      "the inputs, outputs and masks": json.dumps(jobs),
+      "--batch-size, --dtype, --mask-augment, --skip-existing or --plan":
+          json.dumps([args.batch_size, args.dtype, args.mask_augment,
+                      args.skip_existing, args.plan])}, "megan translate")
   translator = infer.load(args.workdir, batch_size=args.batch_size,
                           dtype=args.dtype)
   report = translator.is_writer  # of several processes, process 0 reports
@@ -529,7 +537,6 @@ def _finite_or_null(x):
 
 
 def cmd_evaluate(args) -> int:
-  import json
   import numpy as np
   from megan_jax import io
   if args.out is not None and not args.out.lower().endswith(".json"):
@@ -617,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--version", action="version",
                       version=f"%(prog)s {__version__}")
   parser.add_argument("--distributed", action="store_true",
-                      help="join a multi-process JAX job first "
+                      help="translate as one of several processes of a "
+                      "JAX job, 'megan translate' only "
                       "(jax.distributed; SLURM is detected, else MEGAN_COORDINATOR, "
                       "MEGAN_NUM_PROCESSES, MEGAN_PROCESS_ID; also MEGAN_DISTRIBUTED=1)")
   sub = parser.add_subparsers(title="commands", dest="command",
@@ -728,6 +736,10 @@ def _main(argv: Sequence[str] | None) -> tuple[int, bool]:
   try:
     _use_compile_cache()
     if args.distributed or sharding.distributed_requested():
+      if args.command != "translate":  # the others would deadlock or clash
+        raise InputError(
+            f"megan {args.command}: runs as one process; --distributed "
+            f"(or {sharding.ENV_REQUEST}=1) is for 'megan translate' only")
       sharding.initialize_distributed()
     code = int(args.func(args) or 0)
     # with several inputs, a failed one was met by all (else raised)

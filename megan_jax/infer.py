@@ -205,6 +205,13 @@ class Translator:
       raise InputError(f"batch size {bs}: must be >= 1")
     self.batch_size = -(-bs // n_dev) * n_dev
     self.intensity = Normaliser(*(intensity or (0.0, 1.0)))
+    if self.multiprocess:  # node-local copies out of step: one line, all
+      sharding.assert_same_parts({
+          "the run's config": json.dumps(json.loads(config.to_json()),
+                                         sort_keys=True),
+          "the intensity range": self.intensity.to_dict(),
+          "the batch size": "auto" if auto else self.batch_size,
+          "the dtype": dtype}, "translation")
     cast = lambda tree: jax.tree.map(
         lambda x: np.asarray(x).astype(self.dtype), tree)
     for n in names:

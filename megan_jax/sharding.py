@@ -18,6 +18,7 @@ host values (e.g. what it read from disk) to the others.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from typing import Callable, Sequence
 
@@ -221,6 +222,27 @@ def assert_same_on_all(x, what: str) -> None:
     error = InputError(f"{what}: differs between the processes of this job "
                        "(each must read the same files)")
     error.agreed = True  # every process sees the same values
+    raise error
+
+
+def assert_same_parts(parts: dict, what: str) -> None:
+  """Raises an ``InputError`` (``agreed``) naming the ``parts`` whose
+  values differ between the processes (each value: a string, compared by
+  its SHA-256). Every process of the job must call it with the same keys;
+  one process: nothing is compared."""
+  if jax.process_count() == 1:
+    return
+  names = list(parts)
+  digests = np.stack([np.frombuffer(hashlib.sha256(
+      str(parts[n]).encode()).digest()[:16], np.uint8) for n in names])
+  every = process_values(digests)  # [processes, parts, 16]
+  differ = [n for i, n in enumerate(names)
+            if not (every[:, i] == digests[i][None]).all()]
+  if differ:
+    error = InputError(f"{what}: not the same on every process of this "
+                       f"job: {'; '.join(differ)} (each must read the same "
+                       "files and be given the same arguments)")
+    error.agreed = True
     raise error
 
 

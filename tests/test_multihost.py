@@ -198,6 +198,80 @@ def test_processes_that_disagree_all_stop_with_an_error(run_dir, tmp_path):
   assert o0.count("wrote") == 1 and o1.count("wrote") == 0  # process 0 writes
 
 
+@pytest.mark.slow
+def test_processes_given_another_job_all_stop_with_an_error(run_dir,
+                                                            tmp_path):
+  # Node-local copies out of step: process 1's list file lacks an input;
+  # then process 1's copy of the run has another edge sigma. Either used to
+  # give a wrong volume with exit 0 or a hang in a collective.
+  import shutil
+  affine = np.diag([4.0, 4.0, 4.0, 1.0])
+  srcs = []
+  for seed in (1, 2):
+    srcs.append(str(tmp_path / f"s{seed}.nii.gz"))
+    nib.save(nib.Nifti1Image(_volume(seed=seed), affine), srcs[-1])
+  folder = tmp_path / "out"
+  outs = _megan_job([
+      ["translate", "--workdir", run_dir, "--quiet", "-o", f"{folder}/",
+       "-i", *srcs],
+      ["translate", "--workdir", run_dir, "--quiet", "-o", f"{folder}/",
+       "-i", srcs[0]]])
+  for code, _, err in outs:
+    assert code == 2, err[-2000:]
+    assert ("megan translate: not the same on every process of this job: "
+            "the inputs, outputs and masks (") in err, err[-2000:]
+    assert "Traceback" not in err
+  assert not folder.exists()
+
+  other = tmp_path / "run_copy"
+  shutil.copytree(run_dir, other)
+  config = json.loads((other / "config.json").read_text())
+  config["edges"]["sigma"] = 2 * config["edges"]["sigma"] + 1
+  (other / "config.json").write_text(json.dumps(config))
+  out = tmp_path / "o.nii.gz"
+  outs = _megan_job([
+      ["translate", "--workdir", wd, "--quiet", "-o", str(out), "-i", srcs[0]]
+      for wd in (run_dir, str(other))])
+  for code, _, err in outs:
+    assert code == 2, err[-2000:]
+    assert ("translation: not the same on every process of this job: the "
+            "run's config (") in err, err
+    assert "Traceback" not in err
+  assert not out.exists()
+
+
+@pytest.mark.slow
+def test_launcher_stopped_by_sigterm_stops_its_processes(run_dir, source,
+                                                         tmp_path):
+  import signal
+  import time
+  cmd = [sys.executable, LAUNCHER, "--workdir", run_dir, "-i", source, "-o",
+         str(tmp_path / "o.nii.gz"), "--processes", "2",
+         "--devices-per-process", "1", "--quiet"]
+  p = subprocess.Popen(cmd, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                       cwd=ROOT, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+  children = lambda: subprocess.run(["pgrep", "-P", str(p.pid)],
+                                    capture_output=True,
+                                    text=True).stdout.split()
+  deadline = time.monotonic() + 60
+  while not children() and time.monotonic() < deadline:
+    time.sleep(0.1)
+  started = children()
+  assert started, "the launcher started no process"
+  p.send_signal(signal.SIGTERM)
+  assert p.wait(timeout=60) == 143  # 128 + SIGTERM, as the shell reports
+  assert not any(os.path.exists(f"/proc/{c}") for c in started)
+
+
+def test_distributed_is_for_translate_only(tmp_path, capsys):
+  from megan_jax import cli
+  assert cli.main(["--distributed", "edges", "-i", "a.nii", "-o",
+                   str(tmp_path / "e.nii")]) == 2
+  err = capsys.readouterr().err
+  assert "megan edges: runs as one process" in err and err.count("\n") == 1
+
+
 AGREE_SCRIPT = """
 import sys
 pid, port, run_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
