@@ -311,9 +311,11 @@ def _translate(args, made: list) -> int:
     error = e
   sharding.agree(error, "megan translate's inputs and outputs")
   # A list file out of step between nodes, say: each process would run
-  # another job (a wrong output, or a hang in a collective).
+  # another job (a hang in a collective). Paths may differ (node-local
+  # copies); each input's voxels, grid and mask are compared as it runs.
   sharding.assert_same_parts({
-      "the inputs, outputs and masks": json.dumps(jobs),
+      "the number of inputs and which have a mask":
+          json.dumps([mask is not None for _, _, mask in jobs]),
       "--batch-size, --dtype, --mask-augment, --skip-existing or --plan":
           json.dumps([args.batch_size, args.dtype, args.mask_augment,
                       args.skip_existing, args.plan])}, "megan translate")

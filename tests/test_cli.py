@@ -366,7 +366,8 @@ def test_edges_thresholds_above_one_are_refused(tmp_path, capsys):
 def test_bad_process_count_in_the_environment(monkeypatch, capsys):
   monkeypatch.setenv("MEGAN_DISTRIBUTED", "1")
   monkeypatch.setenv("MEGAN_NUM_PROCESSES", "abc")
-  code, _, err = _run(["edges", "-i", "a.nii", "-o", "b.nii"], capsys)
+  code, _, err = _run(["translate", "--workdir", "w", "-i", "a.nii", "-o",
+                       "b.nii"], capsys)
   assert code == 2 and "MEGAN_NUM_PROCESSES='abc'" in err
   assert err.count("\n") == 1
 

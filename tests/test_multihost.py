@@ -219,7 +219,7 @@ def test_processes_given_another_job_all_stop_with_an_error(run_dir,
   for code, _, err in outs:
     assert code == 2, err[-2000:]
     assert ("megan translate: not the same on every process of this job: "
-            "the inputs, outputs and masks (") in err, err[-2000:]
+            "the number of inputs and which have a mask (") in err, err[-2000:]
     assert "Traceback" not in err
   assert not folder.exists()
 
