@@ -64,7 +64,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import Sequence
@@ -766,14 +765,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cpu_peak_limit_gib=args.cpu_peak_limit_gib,
                     fast_compile=args.fast_compile)
   opts = dataclasses.asdict(options)
+  from megan_jax import io as megan_io
+  from megan_jax.errors import InputError
   try:  # an unusable --out: now, not after the whole run
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-      raise NotADirectoryError(0, "exists and is not a folder")
-    os.makedirs(args.out, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=args.out):
-      pass
-  except OSError as e:
-    print(f"memory: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+    megan_io.make_folder(args.out, "--out")
+  except InputError as e:
+    print(f"memory: {e}", file=sys.stderr)
     return 2
   run = ((lambda case: run_case(case)) if args.in_process else
          (lambda case: run_isolated(case, args.timeout_s or TIMEOUT_S[

@@ -112,7 +112,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -1575,14 +1574,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   import jax
   backend = jax.default_backend()
   args = parse_args(argv, backend)
+  from megan_jax import io as megan_io
+  from megan_jax.errors import InputError
   try:  # an unusable --out: now, not after the first section's minutes
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-      raise NotADirectoryError(0, "exists and is not a folder")
-    os.makedirs(args.out, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=args.out):
-      pass
-  except OSError as e:
-    print(f"throughput: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+    megan_io.make_folder(args.out, "--out")
+  except InputError as e:
+    print(f"throughput: {e}", file=sys.stderr)
     return 2
   start = time.perf_counter()
   threads = args.torch_threads or xla_threads()

@@ -185,7 +185,7 @@ def main(argv=None) -> int:
   made = []  # folders this run made: removed if a failure leaves them empty
   try:  # both usable before any work (the results come last)
     for flag, folder in (("--out", out), ("--results", args.results)):
-      if _make_folder(flag, folder):
+      if io.make_folder(folder, flag):
         made.append(folder)
   except InputError as e:
     print(f"table1: error: {e}", file=sys.stderr)
@@ -348,25 +348,6 @@ def main(argv=None) -> int:
   print(f"[table1] wrote {stem}.json, .md, .png in "
         f"{time.perf_counter() - t_start:.0f} s", file=sys.stderr)
   return 0
-
-
-def _make_folder(flag: str, folder: str) -> bool:
-  """Makes ``folder`` (if missing) and checks a file can be written there;
-  an ``InputError`` naming ``flag`` if not. Returns whether it was made."""
-  import tempfile
-  from megan_jax.errors import InputError
-  made = not os.path.isdir(folder)
-  try:
-    if os.path.exists(folder) and not os.path.isdir(folder):
-      raise NotADirectoryError(0, "exists and is not a folder")
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder):
-      pass
-  except OSError as e:
-    if made and os.path.isdir(folder) and not os.listdir(folder):
-      os.rmdir(folder)
-    raise InputError(f"{flag} {folder}: {e.strerror or e}") from None
-  return made
 
 
 def _remove_empty(folders) -> None:

@@ -358,6 +358,26 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray,
   return path
 
 
+def make_folder(folder: str | os.PathLike, what: str = "folder") -> bool:
+  """Makes ``folder`` if it is missing and checks that a file can be
+  written there, before any work that ends by writing there; an
+  ``InputError`` ``"{what} {folder}: why"`` if not (a folder the failed
+  check made is removed). Returns whether it made the folder."""
+  folder = os.fspath(folder)
+  made = not os.path.isdir(folder)
+  try:
+    if os.path.exists(folder) and not os.path.isdir(folder):
+      raise NotADirectoryError(0, "exists and is not a folder")
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder):
+      pass
+  except OSError as e:
+    if made and os.path.isdir(folder) and not os.listdir(folder):
+      os.rmdir(folder)
+    raise InputError(f"{what} {folder}: {e.strerror or e}") from None
+  return made
+
+
 def write_text(path: str | os.PathLike, text: str) -> str:
   """Writes ``text`` to ``path`` atomically (`atomic_path`); returns the path."""
   with atomic_path(path) as tmp:

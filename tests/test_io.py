@@ -259,3 +259,18 @@ def test_check_same_grid_tolerance_is_a_hundredth_of_a_voxel():
   tilted[1, 0] += 0.05 * side
   with pytest.raises(InputError, match="m: affine differs"):
     io.check_same_grid("m", (4, 5, 6), tilted, (4, 5, 6), a)
+
+
+def test_make_folder_makes_or_names_why_not(tmp_path):
+  new = tmp_path / "a" / "b"
+  assert io.make_folder(new, "--out") is True and new.is_dir()
+  assert io.make_folder(new) is False
+  assert os.listdir(new) == []  # its probe file is gone
+  a_file = tmp_path / "f"
+  a_file.write_text("")
+  with pytest.raises(InputError, match=f"--out {a_file}: exists and is not "
+                     "a folder"):
+    io.make_folder(a_file, "--out")
+  with pytest.raises(InputError, match=f"folder {a_file / 'x'}: Not a "
+                     "directory"):
+    io.make_folder(a_file / "x")
