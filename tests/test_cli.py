@@ -511,8 +511,9 @@ def test_evaluate_errors_name_what_is_wrong(tmp_path, capsys):
   assert code == 2 and "is an input" in err
   assert (tmp_path / "p.nii").read_bytes() == before
   # An empty --range is named as such.
-  code, _, err = _run(base + ["--range", "5", "5"], capsys)
-  assert code == 2 and err.count("\n") == 1 and "--range 5 5" in err
+  for lo, hi in (("5", "5"), ("0", "inf")):
+    code, _, err = _run(base + ["--range", lo, hi], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"--range {lo} {hi}" in err
   # Too small for SSIM: the prediction is named (folders name no file).
   tiny = np.random.default_rng(1).uniform(0, 1, (2, 2, 2)).astype(np.float32)
   for d in ("P", "T"):
@@ -542,3 +543,6 @@ def test_a_path_of_the_wrong_kind_is_named_so(tmp_path, capsys):
   code, _, err = _run(["train", "--config", str(tmp_path), "--workdir",
                        str(tmp_path / "w")], capsys)
   assert code == 2 and f"config {tmp_path}: not a file" in err
+  from megan_jax import state as state_lib
+  with pytest.raises(InputError, match=f"workdir {f}: not a folder"):
+    state_lib.load_config(str(f))

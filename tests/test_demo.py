@@ -109,6 +109,13 @@ def test_demo_deletes_only_a_run_it_made(tmp_path):
   with pytest.raises(InputError, match="not one `megan demo` made"):
     demo.run(str(tmp_path), config_spec="demo:smoke", progress=False)
   assert state_lib.load_config(str(run)).data.path == mine.data.path
+  # Another config name on the demo's own data: not the demo's either.
+  os.remove(run / "config.json")
+  named = configs.get_config("demo:smoke")
+  named.name = "mine"
+  state_lib.save_config(str(run), named)
+  with pytest.raises(InputError, match="not one `megan demo` made"):
+    demo._deletable(str(run), demo_config, False)
 
   # A demo run: kept if it is this config's, replaced if another's or
   # when asked to retrain.
@@ -128,5 +135,6 @@ def test_demo_deletes_only_a_run_it_made(tmp_path):
   assert demo._deletable(str(run), demo_config, True)
   assert not demo._deletable(str(run), demo_config, False)
   (run / "notes.txt").write_text("mine")
+  assert not demo._deletable(str(run), demo_config, False)  # kept, no error
   with pytest.raises(InputError, match="'notes.txt'"):
     demo._deletable(str(run), demo_config, True)

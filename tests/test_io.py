@@ -274,3 +274,16 @@ def test_make_folder_makes_or_names_why_not(tmp_path):
   with pytest.raises(InputError, match=f"folder {a_file / 'x'}: Not a "
                      "directory"):
     io.make_folder(a_file / "x")
+
+
+def test_make_folder_tries_a_file_and_removes_what_it_made(tmp_path,
+                                                           monkeypatch):
+  # Root passes os.access on any folder; only a real write tells (e.g. /sys).
+  import tempfile
+
+  def refused(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+  monkeypatch.setattr(tempfile, "NamedTemporaryFile", refused)
+  with pytest.raises(InputError, match="--out .*new: Permission denied"):
+    io.make_folder(tmp_path / "new", "--out")
+  assert not (tmp_path / "new").exists()

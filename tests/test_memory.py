@@ -292,6 +292,8 @@ def test_merge_refuses_another_devices_file_and_reads_its_compiled_sizes(
   json_path.write_text(json.dumps(data))
   before = json_path.read_text()
   assert memory.main(common) == 2
+  # Also when it has every case asked for (refused, not "nothing to run").
+  assert memory.main(common + ["--only-missing"]) == 2
   assert json_path.read_text() == before
 
 

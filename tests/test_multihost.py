@@ -342,6 +342,70 @@ def test_single_process_helpers():
   sharding.assert_same_on_all(big, "anything")  # one process: nothing to do
 
 
+def test_assert_same_parts_names_only_what_differs(monkeypatch):
+  # Two processes, faked: the other process's digest of part "b" differs.
+  import hashlib
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+
+  def every(digests):
+    other = digests.copy()
+    other[1] = np.frombuffer(hashlib.sha256(b"z").digest()[:16], np.uint8)
+    return np.stack([digests, other])
+  monkeypatch.setattr(sharding, "process_values", every)
+  from megan_jax.errors import InputError
+  with pytest.raises(InputError, match=(
+      r"^w: not the same on every process of this job: b \(")) as e:
+    sharding.assert_same_parts({"a": "x", "b": "y"}, "w")
+  assert e.value.agreed is True  # every process met it: they go on together
+  monkeypatch.setattr(sharding, "process_values",
+                      lambda d: np.stack([d, d]))
+  sharding.assert_same_parts({"a": "x", "b": "y"}, "w")  # all agree
+
+
+class _Recorded(Exception):
+  pass
+
+
+def _record_parts(monkeypatch):
+  """Makes ``sharding.assert_same_parts`` record its parts and stop."""
+  seen = []
+
+  def record(parts, what):
+    seen.append((what, dict(parts)))
+    raise _Recorded
+  monkeypatch.setattr(sharding, "assert_same_parts", record)
+  return seen
+
+
+def test_what_the_processes_compare(run_dir, source, tmp_path, monkeypatch):
+  from megan_jax import cli
+  import shutil
+  other = str(tmp_path / "other.nii.gz")
+  shutil.copy(source, other)
+  seen = _record_parts(monkeypatch)
+  with pytest.raises(_Recorded):
+    cli._translate(cli.build_parser().parse_args([
+        "translate", "--workdir", run_dir, "-i", source, other, "-o",
+        f"{tmp_path}/out/", "--mask", source, source, "--plan"]), [])
+  (what, parts), = seen
+  assert what == "megan translate"
+  assert json.loads(parts["the number of inputs and which have a mask"]) == [
+      True, True]
+  options = json.loads(parts["--batch-size, --dtype, --mask-augment, "
+                             "--skip-existing or --plan"])
+  assert options[-1] is True  # --plan
+  # A Translator spanning several processes compares the batch size asked
+  # for: "auto" (each process's own pick is agreed on later).
+  seen.clear()
+  monkeypatch.setattr(sharding, "is_local", lambda mesh: False)
+  with pytest.raises(_Recorded):
+    infer.load(run_dir, batch_size="auto")
+  (what, parts), = seen
+  assert what == "translation" and parts["the batch size"] == "auto"
+  assert set(parts) == {"the run's config", "the intensity range",
+                        "the batch size", "the dtype"}
+
+
 @pytest.mark.parametrize("value, expected", [("1", True), ("true", True),
                                              ("0", False), ("", False)])
 def test_distributed_requested(value, expected):

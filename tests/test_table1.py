@@ -27,8 +27,8 @@ def test_bad_task_is_a_usage_error(capsys):
 
 
 @pytest.mark.parametrize("flag,value", [
-    ("--spacing", "-1"), ("--spacing", "nan"), ("--max-side", "0"),
-    ("--seed", "-1")])
+    ("--spacing", "-1"), ("--spacing", "0"), ("--spacing", "nan"),
+    ("--spacing", "inf"), ("--max-side", "0"), ("--seed", "-1")])
 def test_bad_numbers_are_usage_errors(flag, value, capsys):
   with pytest.raises(SystemExit) as e:
     _table1().main([flag, value])
@@ -47,6 +47,22 @@ def test_unusable_folders_are_one_line_before_any_work(tmp_path, capsys):
     assert err.startswith(f"table1: error: {named} ") and err.count("\n") == 1
   # The --out folder the refused run made is gone again.
   assert sorted(os.listdir(tmp_path)) == ["f"]
+
+
+def test_a_run_refused_after_making_its_folders_removes_them(tmp_path):
+  # A --data folder with a source but no target: refused after --out and
+  # --results were made (empty): both are removed again.
+  import nibabel as nib
+  import numpy as np
+  d = tmp_path / "d"
+  (d / "test" / "source").mkdir(parents=True)
+  (d / "test" / "target").mkdir()
+  nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)),
+           str(d / "test" / "source" / "a.nii.gz"))
+  assert _table1().main(["--data", str(d), "--out", str(tmp_path / "o"),
+                         "--results", str(tmp_path / "r"),
+                         "--no-progress"]) == 2
+  assert sorted(os.listdir(tmp_path)) == ["d"]
 
 
 @pytest.mark.slow

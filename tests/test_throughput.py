@@ -617,8 +617,23 @@ def test_zero_counts_and_unusable_files_are_refused(tmp_path, monkeypatch,
   assert "exists and is not a folder" in capsys.readouterr().err
   out = tmp_path / "results"
   out.mkdir()
-  (out / "throughput-cpu.json").write_text('{"meta": 1')
-  assert throughput.main(["--quick", "--only", "stitch", "--merge", "--out",
-                          str(out)]) == 2
-  assert "not a results file" in capsys.readouterr().err
-  assert (out / "throughput-cpu.json").read_text() == '{"meta": 1'
+  for damaged in ('{"meta": 1', '{"meta": {}}'):  # not JSON; no results
+    (out / "throughput-cpu.json").write_text(damaged)
+    assert throughput.main(["--quick", "--only", "stitch", "--merge",
+                            "--out", str(out)]) == 2
+    assert "not a results file" in capsys.readouterr().err
+    assert (out / "throughput-cpu.json").read_text() == damaged
+
+
+def test_the_cascade_table_counts_the_timed_runs():
+  row = {"size": 64, "widths": "paper", "dtype": "fp32", "patches": {},
+         "stages_s": {"lr": 1.0}, "total_s": 1.0, "compile_s": 1.0,
+         "times_s": [1.0, 1.1], "error": None}
+  table = throughput.markdown({
+      "meta": {"backend": "cpu", "device_kind": "cpu", "threads": 2,
+               "jax_version": "x", "command": "c", "repeats": 3},
+      "results": {"cascade": [row]}, "ratios": {}})
+  header = [s for s in table.splitlines() if s.startswith("| output |")]
+  (line,) = [s for s in table.splitlines() if s.startswith("| 64³ |")]
+  runs = [c.strip() for c in header[0].split("|")].index("runs")
+  assert line.split("|")[runs].strip() == "2"

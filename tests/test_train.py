@@ -625,8 +625,9 @@ def test_the_best_checkpoint_is_the_lowest_validation_l1(tmp_path, hr_state):
 
 def test_an_empty_saved_intensity_range_names_its_file(tmp_path):
   path = tmp_path / "intensity.json"
-  path.write_text('{"lo": 5, "hi": 5}')
-  with pytest.raises(InputError, match=f"{path}: damaged, intensity range"):
-    state_lib.load_intensity(str(tmp_path))
+  for bad in ('{"lo": 5, "hi": 5}', '{"lo": 0, "hi": Infinity}'):
+    path.write_text(bad)
+    with pytest.raises(InputError, match=f"{path}: damaged, intensity range"):
+      state_lib.load_intensity(str(tmp_path))
   path.write_text('{"lo": 0, "hi": 255}')
   assert state_lib.load_intensity(str(tmp_path)) == (0.0, 255.0)
