@@ -316,9 +316,10 @@ def _translate(args, made: list) -> int:
   sharding.assert_same_parts({
       "the number of inputs and which have a mask":
           json.dumps([mask is not None for _, _, mask in jobs]),
-      "--batch-size, --dtype, --mask-augment, --skip-existing or --plan":
-          json.dumps([args.batch_size, args.dtype, args.mask_augment,
-                      args.skip_existing, args.plan])}, "megan translate")
+      # (the batch size and dtype: by the Translator, as resolved)
+      "--mask-augment, --skip-existing or --plan":
+          json.dumps([args.mask_augment, args.skip_existing, args.plan])},
+      "megan translate")
   translator = infer.load(args.workdir, batch_size=args.batch_size,
                           dtype=args.dtype)
   report = translator.is_writer  # of several processes, process 0 reports

@@ -211,7 +211,7 @@ class Translator:
                                          sort_keys=True),
           "the intensity range": self.intensity.to_dict(),
           "the batch size": "auto" if auto else self.batch_size,
-          "the dtype": dtype}, "translation")
+          "the dtype": np.dtype(self.dtype).name}, "translation")
     cast = lambda tree: jax.tree.map(
         lambda x: np.asarray(x).astype(self.dtype), tree)
     for n in names:

@@ -391,9 +391,8 @@ def test_what_the_processes_compare(run_dir, source, tmp_path, monkeypatch):
   assert what == "megan translate"
   assert json.loads(parts["the number of inputs and which have a mask"]) == [
       True, True]
-  options = json.loads(parts["--batch-size, --dtype, --mask-augment, "
-                             "--skip-existing or --plan"])
-  assert options[-1] is True  # --plan
+  options = json.loads(parts["--mask-augment, --skip-existing or --plan"])
+  assert options == [None, False, True]
   # A Translator spanning several processes compares the batch size asked
   # for: "auto" (each process's own pick is agreed on later).
   seen.clear()
@@ -402,6 +401,7 @@ def test_what_the_processes_compare(run_dir, source, tmp_path, monkeypatch):
     infer.load(run_dir, batch_size="auto")
   (what, parts), = seen
   assert what == "translation" and parts["the batch size"] == "auto"
+  assert parts["the dtype"] == "float32"
   assert set(parts) == {"the run's config", "the intensity range",
                         "the batch size", "the dtype"}
 
