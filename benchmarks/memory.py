@@ -784,6 +784,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   backend = info["backend"]
   stem = os.path.join(args.out, f"memory-{backend}")
   earlier = _load_earlier(stem + ".json") if args.merge else None
+  if args.merge and earlier is None and os.path.exists(stem + ".json"):
+    print(f"memory: --merge: {stem}.json: not a results file (JSON with "
+          "meta and results); move it away or drop --merge", file=sys.stderr)
+    return 2
   if earlier is not None and earlier["meta"].get(
       "device_kind", info["device_kind"]) != info["device_kind"]:
     print(f"memory: --merge: {stem}.json was measured on "

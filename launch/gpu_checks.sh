@@ -13,6 +13,9 @@
 # benchmarks record a case that timed out or failed in their JSON.
 # Smoke-test on a CPU with GPU_CHECKS_QUICK=1 (tiny sizes, same commands).
 set -uo pipefail
+# The steps' time budget counts from here, the setup checks included.
+budget=${GPU_CHECKS_BUDGET_S:-570}
+t_end=$((SECONDS + budget))
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 log="$out/gpu-checks.log"
@@ -99,8 +102,6 @@ fi
 
 # The benchmarks write their JSON as cases finish, so a step cut short by
 # its limit keeps what it measured (memory: meta.complete says so).
-budget=${GPU_CHECKS_BUDGET_S:-570}
-t_end=$((SECONDS + budget))
 step() {  # step SECONDS|rest NAME COMMAND...: at most what the budget left
   local limit=$1 name=$2 left=$((t_end - SECONDS))
   shift 2

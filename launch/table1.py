@@ -185,11 +185,10 @@ def main(argv=None) -> int:
   made = []  # folders this run made: removed if a failure leaves them empty
   try:  # both usable before any work (the results come last)
     for flag, folder in (("--out", out), ("--results", args.results)):
-      if io.make_folder(folder, flag):
-        made.append(folder)
+      made += io.make_folder(folder, flag)
   except InputError as e:
     print(f"table1: error: {e}", file=sys.stderr)
-    _remove_empty(made)
+    io.remove_empty_folders(made)
     return 2
   progress = not args.no_progress
   t_start = time.perf_counter()
@@ -342,18 +341,12 @@ def main(argv=None) -> int:
            f"{os.path.basename(sources[0]).split('.')[0]} (test)")
   except InputError as e:
     print(f"table1: error: {e}", file=sys.stderr)
-    _remove_empty(made)
+    io.remove_empty_folders(made)
     return 2
   print(markdown(result))
   print(f"[table1] wrote {stem}.json, .md, .png in "
         f"{time.perf_counter() - t_start:.0f} s", file=sys.stderr)
   return 0
-
-
-def _remove_empty(folders) -> None:
-  for folder in folders:
-    if os.path.isdir(folder) and not os.listdir(folder):
-      os.rmdir(folder)
 
 
 def figure(volumes: dict, path: str, title: str = "") -> None:

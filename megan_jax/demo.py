@@ -46,20 +46,20 @@ def _deletable(workdir: str, config, retrain: bool) -> bool:
     saved = state_lib.load_config(workdir)
   except Exception:
     saved = None
-  if saved is not None:
-    if (saved.get("name") != config.name
-        or saved.data.get("path") != config.data.path):
-      raise InputError(
-          f"{workdir}: holds a run of config {saved.get('name')!r} on "
-          f"{saved.data.get('path')!r}, not one `megan demo` made; the demo "
-          "will not delete it (use another --out)")
-    return retrain or not state_lib.same_run(saved, config)
+  if saved is not None and (saved.get("name") != config.name
+                            or saved.data.get("path") != config.data.path):
+    raise InputError(
+        f"{workdir}: holds a run of config {saved.get('name')!r} on "
+        f"{saved.data.get('path')!r}, not one `megan demo` made; the demo "
+        "will not delete it (use another --out)")
+  delete = retrain or (saved is not None
+                       and not state_lib.same_run(saved, config))
   others = sorted(set(os.listdir(workdir)) - RUN_ENTRIES)
-  if retrain and others:
-    raise InputError(f"{workdir}: holds {others[0]!r}, not a run `megan "
-                     "demo` made; the demo will not delete it (use another "
-                     "--out)")
-  return retrain
+  if delete and others:
+    raise InputError(f"{workdir}: holds {others[0]!r}, which `megan demo` "
+                     "did not make; the demo will not delete the folder to "
+                     "train afresh (move it, or use another --out)")
+  return delete
 
 
 def run(out: str, *, steps: int | None = None, retrain: bool = False,

@@ -967,6 +967,10 @@ def load(workdir: str, *, devices=None, batch_size: int | str | None = None,
   error = None
   try:
     config, gens = state_lib.restore_generators(workdir, which)
+    missing = [n for n in state_lib.scale_names(config) if n not in gens]
+    if missing:  # here, so that every process of a job hears of it
+      raise InputError(f"workdir {workdir}: no generator for scale(s) "
+                       f"{', '.join(missing)}; train them first")
     intensity = state_lib.load_intensity(workdir)
     if intensity is None:  # megan train writes it before any checkpoint
       raise InputError(f"workdir {workdir}: no intensity.json (the target "

@@ -358,13 +358,19 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray,
   return path
 
 
-def make_folder(folder: str | os.PathLike, what: str = "folder") -> bool:
-  """Makes ``folder`` if it is missing and checks that a file can be
+def make_folder(folder: str | os.PathLike, what: str = "folder"
+                ) -> list[str]:
+  """Makes ``folder`` (and missing parents) and checks that a file can be
   written there, before any work that ends by writing there; an
-  ``InputError`` ``"{what} {folder}: why"`` if not (a folder the failed
-  check made is removed). Returns whether it made the folder."""
-  folder = os.fspath(folder)
-  made = not os.path.isdir(folder)
+  ``InputError`` ``"{what} {folder}: why"`` if not (the folders the failed
+  check made are removed). Returns the folders it made, outermost first
+  (`remove_empty_folders` takes them away again after a failure)."""
+  given = os.fspath(folder)
+  folder = os.path.abspath(given)
+  made, up = [], folder
+  while not os.path.exists(up):
+    made.insert(0, up)
+    up = os.path.dirname(up)
   try:
     if os.path.exists(folder) and not os.path.isdir(folder):
       raise NotADirectoryError(0, "exists and is not a folder")
@@ -372,10 +378,18 @@ def make_folder(folder: str | os.PathLike, what: str = "folder") -> bool:
     with tempfile.NamedTemporaryFile(dir=folder):
       pass
   except OSError as e:
-    if made and os.path.isdir(folder) and not os.listdir(folder):
-      os.rmdir(folder)
-    raise InputError(f"{what} {folder}: {e.strerror or e}") from None
+    remove_empty_folders(made)
+    raise InputError(f"{what} {given}: {e.strerror or e}") from None
   return made
+
+
+def remove_empty_folders(folders: Iterable[str]) -> None:
+  """Removes those of ``folders`` that exist and are empty, deepest first
+  (so a parent emptied by its child's removal goes too)."""
+  for f in sorted(folders, key=lambda f: f.count(os.sep), reverse=True):
+    with contextlib.suppress(OSError):
+      if os.path.isdir(f) and not os.listdir(f):
+        os.rmdir(f)
 
 
 def write_text(path: str | os.PathLike, text: str) -> str:

@@ -138,3 +138,10 @@ def test_demo_deletes_only_a_run_it_made(tmp_path):
   assert not demo._deletable(str(run), demo_config, False)  # kept, no error
   with pytest.raises(InputError, match="'notes.txt'"):
     demo._deletable(str(run), demo_config, True)
+  # A demo run with the user's files beside it: not deleted either (to
+  # retrain, or because an upgrade changed the demo's config).
+  state_lib.save_config(str(run), older)
+  for cfg, retrain in ((older, True), (demo_config, False)):
+    with pytest.raises(InputError, match="'notes.txt'"):
+      demo._deletable(str(run), cfg, retrain)
+  assert not demo._deletable(str(run), older, False)  # the same run: kept

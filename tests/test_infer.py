@@ -781,3 +781,15 @@ def test_content_digest_follows_voxels_grid_and_mask():
                 infer._content_digest(base, other_mask),
                 infer._content_digest(base, None)):
     assert (other != d).any()
+
+
+def test_load_names_a_scale_without_a_generator(run_dir, tmp_path):
+  # Raised inside load's checks, so every process of a job hears of it
+  # (from the Translator, one process left the others in a collective).
+  import shutil
+  copy = tmp_path / "run"
+  shutil.copytree(run_dir, copy)
+  shutil.rmtree(copy / "checkpoints" / "hr2")
+  with pytest.raises(InputError, match=f"workdir {copy}: no generator for "
+                     "scale.s. hr2; train them first"):
+    infer.load(str(copy))

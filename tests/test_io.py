@@ -263,9 +263,11 @@ def test_check_same_grid_tolerance_is_a_hundredth_of_a_voxel():
 
 def test_make_folder_makes_or_names_why_not(tmp_path):
   new = tmp_path / "a" / "b"
-  assert io.make_folder(new, "--out") is True and new.is_dir()
-  assert io.make_folder(new) is False
+  assert io.make_folder(new, "--out") == [str(tmp_path / "a"), str(new)]
+  assert new.is_dir() and io.make_folder(new) == []
   assert os.listdir(new) == []  # its probe file is gone
+  io.remove_empty_folders([str(tmp_path / "a"), str(new)])  # deepest first
+  assert not (tmp_path / "a").exists()
   a_file = tmp_path / "f"
   a_file.write_text("")
   with pytest.raises(InputError, match=f"--out {a_file}: exists and is not "
@@ -284,6 +286,6 @@ def test_make_folder_tries_a_file_and_removes_what_it_made(tmp_path,
   def refused(*args, **kwargs):
     raise PermissionError(13, "Permission denied")
   monkeypatch.setattr(tempfile, "NamedTemporaryFile", refused)
-  with pytest.raises(InputError, match="--out .*new: Permission denied"):
-    io.make_folder(tmp_path / "new", "--out")
-  assert not (tmp_path / "new").exists()
+  with pytest.raises(InputError, match="--out .*new/er: Permission denied"):
+    io.make_folder(tmp_path / "new" / "er", "--out")
+  assert os.listdir(tmp_path) == []  # both folders it made are gone

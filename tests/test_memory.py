@@ -380,3 +380,8 @@ def test_bad_arguments_and_files_are_one_line(tmp_path, capsys):
   assert memory.main(["--replot", "--out", str(out)]) == 2
   err = capsys.readouterr().err
   assert "memory-cpu.json: not a results file" in err and err.count("\n") == 1
+  # --merge would have replaced it with this run's rows: refused, kept.
+  assert memory.main(["--models", "dcgan", "--sizes", "16", "--merge",
+                      "--out", str(out)]) == 2
+  assert "--merge" in capsys.readouterr().err
+  assert (out / "memory-cpu.json").read_text() == '{"meta": 1'

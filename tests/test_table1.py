@@ -63,6 +63,12 @@ def test_a_run_refused_after_making_its_folders_removes_them(tmp_path):
                          "--results", str(tmp_path / "r"),
                          "--no-progress"]) == 2
   assert sorted(os.listdir(tmp_path)) == ["d"]
+  # Nested and new (parents too; --results inside --out): all removed.
+  assert _table1().main(["--data", str(d), "--out",
+                         str(tmp_path / "x" / "o"), "--results",
+                         str(tmp_path / "x" / "o" / "r"),
+                         "--no-progress"]) == 2
+  assert sorted(os.listdir(tmp_path)) == ["d"]
 
 
 @pytest.mark.slow
