@@ -1567,6 +1567,24 @@ def parse_args(argv, backend: str | None = None):
   return a
 
 
+def load_for_merge(path: str) -> dict | None:
+  """An earlier results file (``{"meta": {...}, "results": {...}}``) for
+  ``--merge``: None where there is none. Raises ValueError, a message naming
+  the file, where it is not such a file (it is left as it is)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      old = json.load(f)
+    if not (isinstance(old, dict) and isinstance(old.get("meta"), dict)
+            and isinstance(old.get("results"), dict)):
+      raise ValueError("no meta and results objects")
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: not a results file ({' '.join(str(e).split())}"
+                     "); move it away or drop --merge") from None
+  return old
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = [str(x) for x in (sys.argv[1:] if argv is None else argv)]
   # JAX must not take 75 % of a GPU before PyTorch gets any.
@@ -1606,18 +1624,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   meta["section_dates"] = {}
   if args.merge:
     path = os.path.join(args.out, f"throughput-{backend}.json")
-    old = None
-    if os.path.exists(path):
-      try:
-        with open(path) as f:
-          old = json.load(f)
-        if not (isinstance(old, dict) and isinstance(old.get("meta"), dict)
-                and isinstance(old.get("results"), dict)):
-          raise ValueError("no meta and results objects")
-      except (OSError, ValueError) as e:
-        print(f"throughput: --merge: {path}: not a results file ({e}); "
-              "move it away or drop --merge", file=sys.stderr)
-        return 2
+    try:
+      old = load_for_merge(path)
+    except ValueError as e:
+      print(f"throughput: --merge: {e}", file=sys.stderr)
+      return 2
+    if old is not None:
       if old["meta"].get("device_kind") != meta["device_kind"]:
         # Times of two devices under one meta would read as one's.
         _log(f"throughput: --merge: {path} was measured on "

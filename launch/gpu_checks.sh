@@ -5,8 +5,9 @@
 #
 #   OUT=/where/results/go bash launch/gpu_checks.sh      # default: benchmarks/results
 #
-# Writes memory-gpu.{json,png,md}, throughput-gpu.{json,md} and
-# gpu-checks.log (at most 6 files, as the device machine returns). On this
+# Writes memory-gpu.{json,png,md}, throughput-gpu.{json,md},
+# profile-gpu.{json,md} and gpu-checks.log (8 files: the most the device
+# machine returns). On this
 # workplace's device machine put the image's python first on the PATH
 # (PATH=/opt/torch/.venv/bin:$PATH; a symlink to it loses its venv) and
 # carry nibabel and ml-collections as wheels (launch/README.md). The
@@ -74,12 +75,17 @@ fi
 #  2. throughput --merge: HR forward fp32/bf16 with achieved FLOP/s
 #     (fraction of the device's peak), and the plain forms (cuDNN's own
 #     convolutions) beside the fast ones (tuned for a CPU) at batch 128 too.
-#  3. memory, compiled: every model to 512³, the cascade to 1024³, every
+#  3. op_profile: where the forward's time goes on the device (per layer
+#     and kind of op, device busy time against the call's; the forward ran
+#     at 11 % of the bf16 peak on the H200) and the edge sketch's phases
+#     at 512³ (host against kernel: 2.15 s there, the kernel should take
+#     milliseconds).
+#  4. memory, compiled: every model to 512³, the cascade to 1024³, every
 #     model's smallest sizes first (session 15 lost these to a bug).
-#  4. memory, measured peak of MEGAN: the cascade at 64³ and 1024³, its
+#  5. memory, measured peak of MEGAN: the cascade at 64³ and 1024³, its
 #     training steps at 32³ and 512³; only what the file lacks (nothing on
 #     the H200, whose committed results have them: flat).
-#  5. memory, measured peak of the baselines, smallest sizes first (those
+#  6. memory, measured peak of the baselines, smallest sizes first (those
 #     the file has are skipped), until each runs out of memory or time.
 if [ "$quick" = 1 ]; then
   mem=(--width-scale 0.0625 --hr-batch 2)
@@ -89,6 +95,7 @@ if [ "$quick" = 1 ]; then
   peak=(--models pix2pix --sizes 16 32)
   thr_cascade=(--quick --cascade-sizes 64)
   thr_forward=(--quick --batches 1 --plain-batches 1)
+  profile=(--quick)
 else
   mem=()
   compiled=(--sizes 32 64 128 256 512 --cascade-sizes 64 128 256 512 1024)
@@ -98,6 +105,7 @@ else
   thr_cascade=(--cascade-sizes 512 1024 --cascade-dtype bf16
                --cascade-repeats 2 --cascade-budget-s 60)
   thr_forward=(--batches 8 32 128 --plain-batches 8 32 128 --repeats 2)
+  profile=(--batch 32 --edge-size 512 --repeats 2)
 fi
 
 # The benchmarks write their JSON as cases finish, so a step cut short by
@@ -120,6 +128,8 @@ step 210 "throughput: cascade" python -m benchmarks.throughput \
   --only cascade "${thr_cascade[@]}" --merge --out "$out"
 step 90 "throughput: forward" python -m benchmarks.throughput \
   --only hr_forward "${thr_forward[@]}" --merge --out "$out"
+step 60 "op profile" python -m benchmarks.op_profile "${profile[@]}" \
+  --out "$out"
 step 120 "memory compiled" python -m benchmarks.memory ${mem[@]+"${mem[@]}"} \
   "${compiled[@]}" --measure compiled --fast-compile --jobs 8 --timeout-s 100 \
   --order size --merge --only-missing --out "$out"

@@ -261,6 +261,63 @@ def test_throughput_gpu_numbers_are_the_jsons():
   assert int(rate3.replace(" ", "")) == int(float(f"{rate:.3g}"))
 
 
+
+def test_profile_cpu_numbers_are_the_jsons():
+  """The shares, FLOP/s and edge phases under "### Where the time goes"
+  against profile-cpu.json."""
+  data = _result("profile-cpu.json")["results"]
+  section = _section("### Where the time goes", "### ")
+  prose = _prose(section)
+  fwd = {r["dtype"]: r for r in data["hr_forward"]}
+  header, rows = _first_table(section)
+  assert header[1:] == ["fp32", "bf16"]
+
+  def share(r, label):
+    groups = {g["group"]: g["share"] for g in r["groups"]}
+    kinds = {k["kind"]: k["share"] for k in r["kinds"]}
+    if label.startswith("the 12 ResNet-block convs"):
+      return groups["block_*/conv_0"] + groups["block_*/conv_1"]
+    if label.startswith("`down_0` + `up_1`"):
+      return groups["down_0"] + groups["up_1"]
+    if label.startswith("kind: convolution or matmul"):
+      return kinds["conv/matmul"]
+    if label.startswith("kind: elementwise"):
+      return kinds["elementwise"]
+    if label.startswith("the 17 instance norms"):
+      return sum(v for k, v in groups.items() if "norm" in k)
+    raise AssertionError(f"unknown row {label!r}")
+
+  for label, *cells in rows:
+    for dtype, cell in zip(header[1:], cells, strict=True):
+      quoted = _search(r"^([\d.]+) %$", cell).group(1)
+      assert _agrees(quoted, 100 * share(fwd[dtype], label)), (label, dtype)
+
+  rates = [g["achieved_flops"] / 1e12 for r in fwd.values()
+           for g in r["groups"] if g["group"].startswith("block_*/conv")]
+  lo, hi = _search(r"block convs run at ([\d.]+)–([\d.]+) nominal", prose
+                   ).groups()
+  assert _agrees(lo, min(rates)) and _agrees(hi, max(rates))
+  rates = [g["achieved_flops"] / 1e12 for r in fwd.values()
+           for g in r["groups"] if g["group"] in ("down_0", "up_1")]
+  lo, hi = _search(r"about half that \(([\d.]+)–([\d.]+)\)", prose).groups()
+  assert _agrees(lo, min(rates)) and _agrees(hi, max(rates))
+
+  edges = {r["engine"]: r for r in data["edges"]}
+  jx, npy = edges["jax"], edges["numpy"]
+  assert f"at {jx['size']}³ with the JAX engine" in prose
+  m = _search(r"JAX engine \(([\d.]+) s\): its kernels ([\d.]+) s of op "
+              r"time, the hysteresis ([\d.]+) s, and ([\d.]+) s after", prose)
+  for quoted, value in zip(m.groups(), (
+      jx["median_s"], jx["kernel_busy_s"],
+      jx["phases_s"]["_hysteresis_sparse"], jx["phases_s"]["rest"])):
+    assert _agrees(quoted, value), (quoted, value)
+  m = _search(r"numpy engine \(([\d.]+) s\) spends ([\d.]+) s smoothing "
+              r"and differentiating, ([\d.]+) s in", prose)
+  for quoted, value in zip(m.groups(), (
+      npy["median_s"], npy["phases_s"]["_smooth_and_differentiate"],
+      npy["phases_s"]["_suppress"])):
+    assert _agrees(quoted, value), (quoted, value)
+
 @pytest.mark.parametrize("task", ["t1t2", "kernel"])
 def test_table1_rows_are_the_results(task):
   """Table 1's caption and rows (header and one per method) of

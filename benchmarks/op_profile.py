@@ -1,0 +1,706 @@
+r"""Where the time goes: the HR generator forward and the edge sketch under
+the JAX profiler.
+
+    python -m benchmarks.op_profile [--only hr_forward edges]
+        [--dtypes fp32 bf16] [--batch 8] [--impl fast] [--repeats 3]
+        [--edge-size 256] [--quick] [--out benchmarks/results]
+
+Sections (``--only`` picks some):
+
+- ``hr_forward``: the HR generator forward (``models.HRGenerator`` at the
+  paper's widths, 32³ patches, ``train=False``, as ``benchmarks.throughput``
+  times it) at ``--batch`` in each of ``--dtypes``, run ``--repeats`` times
+  inside ``jax.profiler.trace``. Every XLA op the trace records (on a GPU
+  the kernels on the device, elsewhere the CPU thunks) is put down to the
+  Flax module it came from, by the ``op_name`` metadata of the compiled
+  HLO: ``conv_in``, ``down_0``, ``block_*/conv_0`` (the six ResNet blocks
+  summed), ``up_norm_1``, ... (``groups``), and to a kind of op: convolution
+  or matmul, reduction, elementwise, layout (copy, transpose), other
+  (``kinds``). Per group the nominal FLOPs of its convolutions (every tap,
+  zero padding included, as ``throughput.hr_forward_flops``) and so its
+  achieved FLOP/s. ``device_busy_s``: the time some op of the program ran
+  (overlaps merged) per call, against the untraced wall time per call
+  (``wall_s``, median of ``--repeats`` after an untimed call):
+  ``busy_fraction`` well under 1 means the device waits on the host
+  (launches, transfers), not on arithmetic.
+- ``edges``: ``edges.canny_3d`` on the cascade's blob volume of
+  ``--edge-size``³, each engine: wall time and its phases, timed by
+  wrapping the module's step functions (``_steps_jax`` or
+  ``_smooth_and_differentiate`` and ``_suppress``, ``_keep_above``,
+  ``_hysteresis_sparse``, input checks ``_as_volume`` + ``_well_scaled``;
+  the rest: maxima, thresholds, writing the sketch); for the jax engine
+  also the device time of its slab kernel from the trace.
+
+Writes ``profile-<backend>.json`` (``{"meta": {...}, "results":
+{"hr_forward": [row, ...], "edges": [row, ...]}}``; a case that fails is
+a row with its ``error``) and ``profile-<backend>.md``; ``--merge`` keeps
+the sections not run now from an existing file of the same device kind.
+``--quick``: ngf 8, 2 blocks, 16³ patches, batch 2, edges 48³, 1 repeat.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from benchmarks import throughput as tp
+
+SECTIONS = ("hr_forward", "edges")
+KINDS = ("conv/matmul", "reduction", "elementwise", "layout", "other")
+# canny_3d's step functions, timed by wrapping them (in call order).
+EDGE_PHASES = ("_as_volume", "_well_scaled", "_steps_jax",
+               "_smooth_and_differentiate", "_suppress", "_keep_above",
+               "_hysteresis_sparse")
+NO_SOURCE = "(no source op)"  # ops XLA made (copies, layout changes)
+TOP_OPS = 12
+
+
+# ---------------------------------------------------------------------------
+# Reading a trace
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class OpEvent:
+  """One run of one XLA op in a trace."""
+  module: str  # ``hlo_module``: the compiled program's name
+  op: str  # ``hlo_op``: the instruction's name in it
+  start_ns: float
+  duration_ns: float
+  on_device: bool  # a device plane's event (a GPU kernel), not a host one
+
+
+def read_trace(folder: str) -> list[OpEvent]:
+  """The XLA op events of the ``.xplane.pb`` under ``folder``.
+
+  A GPU's kernels come from its device planes (``/device:...``; on their
+  ``Stream`` lines where there are such, so derived lines that repeat the
+  same kernels are not counted twice); where no device plane has op events
+  (the CPU backend), the host threads' thunk events. Events without an
+  ``hlo_op`` (the profiler's own, Python's) are left out.
+  """
+  from jax import profiler
+  files = sorted(
+      os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
+      if f.endswith(".xplane.pb"))
+  if not files:
+    raise RuntimeError(f"no .xplane.pb written under {folder}")
+  device, host = [], []
+  for path in files:
+    data = profiler.ProfileData.from_file(path)
+    for plane in data.planes:
+      on_device = plane.name.startswith("/device:")
+      lines = [(line.name, [e for e in line.events
+                            if "hlo_op" in dict(e.stats)])
+               for line in plane.lines]
+      lines = [(n, evs) for n, evs in lines if evs]
+      if on_device and any(n.startswith("Stream") for n, _ in lines):
+        lines = [(n, evs) for n, evs in lines if n.startswith("Stream")]
+      for _, evs in lines:
+        for e in evs:
+          s = dict(e.stats)
+          (device if on_device else host).append(OpEvent(
+              str(s.get("hlo_module", "")), str(s["hlo_op"]),
+              float(e.start_ns), float(e.duration_ns), on_device))
+  return device or host
+
+
+def busy_ns(events: Sequence[OpEvent]) -> float:
+  """Time covered by some of ``events`` (overlapping ones merged)."""
+  spans = sorted((e.start_ns, e.start_ns + e.duration_ns) for e in events)
+  total, lo, hi = 0.0, None, None
+  for s, t in spans:
+    if hi is None or s > hi:
+      if hi is not None:
+        total += hi - lo
+      lo, hi = s, t
+    else:
+      hi = max(hi, t)
+  return total + (hi - lo if hi is not None else 0.0)
+
+
+# ---------------------------------------------------------------------------
+# Reading the compiled HLO
+# ---------------------------------------------------------------------------
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[^\s=]+)\s*=\s*(?P<rest>.*)$")
+_OPCODE = re.compile(r"\s([a-z][a-z0-9\-]*)\(")
+_COMP = re.compile(r"^\s*(?:ENTRY\s+)?%?(?P<name>[^\s(]+)\s*\(.*\{\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class HloOp:
+  opcode: str  # e.g. "fusion", "convolution", "custom-call", "copy"
+  detail: str  # fusion kind ("kLoop") or custom-call target; may be ""
+  op_name: str  # the JAX source op (metadata), "" where XLA made it
+  has_contraction: bool  # a convolution or dot in it (fusions: in its body)
+  has_reduce: bool
+
+
+def module_name(hlo_text: str) -> str:
+  """``HloModule NAME, ...`` of a compiled program's text."""
+  m = re.match(r"\s*HloModule\s+([^\s,]+)", hlo_text)
+  return m.group(1) if m else ""
+
+
+def hlo_ops(hlo_text: str) -> dict[str, HloOp]:
+  """Every instruction of a compiled program's text (``as_text()``) by name.
+
+  A fusion's ``op_name`` is that of the convolution or dot inside it where
+  there is one (the op that costs), else its own (XLA gives a fusion its
+  root's), else, where the root is one XLA made, the first source op in
+  its body; likewise ``has_contraction`` and ``has_reduce`` look inside.
+  """
+  comps: dict[str, list[tuple[str, str, str]]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    m = _COMP.match(line)
+    if m and " = " not in line:
+      current = comps.setdefault(m.group("name"), [])
+      continue
+    m = _INSTR.match(line)
+    if not m or current is None:
+      continue
+    current.append((m.group("name"), m.group("rest"), line))
+
+  def parse(rest):
+    op = _OPCODE.search(" " + rest)
+    opcode = op.group(1) if op else ""
+    name = re.search(r'op_name="([^"]*)"', rest)
+    return opcode, name.group(1) if name else ""
+
+  body = {c: [parse(rest) for _, rest, _ in instrs]
+          for c, instrs in comps.items()}
+
+  def inside(comp, seen=()):  # (opcode, op_name) of a body and its calls
+    out = []
+    for (opcode, op_name), (_, rest, _) in zip(body.get(comp, []),
+                                                comps.get(comp, [])):
+      out.append((opcode, op_name))
+      for called in re.findall(r"calls=%?([\w.\-]+)", rest):
+        if called not in seen:
+          out += inside(called, seen + (comp,))
+    return out
+
+  ops = {}
+  for instrs in comps.values():
+    for name, rest, _ in instrs:
+      opcode, op_name = parse(rest)
+      detail = ""
+      contraction = opcode in ("convolution", "dot")
+      reduce = opcode in ("reduce", "reduce-window")
+      if opcode == "fusion":
+        kind = re.search(r"kind=(k\w+)", rest)
+        detail = kind.group(1) if kind else ""
+        body_ops = []
+        for called in re.findall(r"calls=%?([\w.\-]+)", rest):
+          body_ops += inside(called)
+        costly = [n for o, n in body_ops if o in ("convolution", "dot") and n]
+        contraction = contraction or any(
+            o in ("convolution", "dot") for o, _ in body_ops)
+        reduce = reduce or any(o in ("reduce", "reduce-window")
+                               for o, _ in body_ops)
+        if costly:
+          op_name = costly[0]
+        elif not op_name:  # a root XLA made (a pad): the body's source
+          op_name = next((n for _, n in body_ops if "/" in n), "")
+      elif opcode == "custom-call":
+        target = re.search(r'custom_call_target="([^"]*)"', rest)
+        detail = target.group(1) if target else ""
+        low = detail.lower()
+        contraction = any(w in low for w in ("conv", "gemm", "matmul",
+                                             "dot", "cublas"))
+      ops[name] = HloOp(opcode, detail, op_name, contraction, reduce)
+  return ops
+
+
+def op_kind(op: HloOp | None) -> str:
+  """One of `KINDS` for an instruction (None: not in the program's text)."""
+  if op is None:
+    return "other"
+  if op.has_contraction:
+    return "conv/matmul"
+  if op.has_reduce:
+    return "reduction"
+  if op.opcode in ("copy", "transpose", "bitcast", "copy-start", "copy-done"):
+    return "layout"
+  if op.opcode in ("fusion", "add", "multiply", "subtract", "divide",
+                   "maximum", "tanh", "rsqrt", "convert", "select",
+                   "broadcast", "pad", "slice", "concatenate",
+                   "dynamic-slice", "dynamic-update-slice", "reshape"):
+    return "elementwise"
+  return "other"
+
+
+def layer_of(op_name: str, top: str) -> str:
+  """The Flax module an op came from, under the model's class ``top``:
+  ``"jit(f)/HRGenerator/block_3/norm_0/norm_0._normalise/sub"`` ->
+  ``"block_*/norm_0"`` (the ResNet blocks summed); ops of the model's own
+  body (the ReLUs, the final tanh) -> ``"(HRGenerator)"``; no source op ->
+  `NO_SOURCE`."""
+  if not op_name:
+    return NO_SOURCE
+  parts = op_name.split("/")
+  if top not in parts:
+    return f"({parts[-1] if parts else op_name})"
+  parts = parts[parts.index(top) + 1:-1]  # the modules; the op itself last
+  mods = []
+  for p in parts:
+    if "(" in p or "." in p:  # jit(relu), norm_0._normalise: not modules
+      break
+    mods.append(p)
+  if not mods:
+    return f"({top})"
+  mods = [re.sub(r"^block_\d+$", "block_*", m) for m in mods[:2]]
+  return "/".join(mods if mods[0] == "block_*" else mods[:1])
+
+
+# ---------------------------------------------------------------------------
+# FLOPs per module
+# ---------------------------------------------------------------------------
+def module_flops(model, variables, x) -> dict[str, float]:
+  """Nominal FLOPs of each convolution module of ``model`` on input ``x``
+  (shapes only, nothing computed), by `layer_of` group: 2 per multiply-add,
+  every tap, the zero padding included; a stride-2 transposed conv does
+  k³/8 taps per output voxel."""
+  import flax.linen as nn
+  import jax
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    mod = context.module
+    if context.method_name == "__call__" and "kernel" in (
+        mod.variables.get("params") or {}):
+      seen.append(("/".join(mod.path), args[0].shape, out.shape,
+                   mod.variables["params"]["kernel"].shape))
+    return out
+
+  def run(v, x):
+    with nn.intercept_methods(record):
+      return model.apply(v, x, train=False)
+
+  jax.eval_shape(run, variables, x)
+  flops = collections.Counter()
+  top = type(model).__name__
+  for path, shape_in, shape_out, kernel in seen:
+    k3 = int(np.prod(kernel[:3]))
+    vox_in, vox_out = np.prod(shape_in[1:4]), np.prod(shape_out[1:4])
+    taps = k3 * min(1.0, vox_in / vox_out)  # transposed: fewer per output
+    f = 2 * shape_out[0] * vox_out * taps * kernel[3] * kernel[4]
+    flops[layer_of(f"jit(f)/{top}/{path}/op", top)] += float(f)
+  return dict(flops)
+
+
+# ---------------------------------------------------------------------------
+# hr_forward
+# ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def _trace_dir():
+  with tempfile.TemporaryDirectory(prefix="megan-profile-") as d:
+    yield d
+
+
+def _options():
+  from jax import profiler
+  opts = profiler.ProfileOptions()
+  opts.python_tracer_level = 0  # Python frames would slow the host
+  return opts
+
+
+def traced(fn: Callable[[], Any], repeats: int) -> list[OpEvent]:
+  """``fn()`` (blocked on) ``repeats`` times under the JAX profiler; the
+  op events."""
+  import jax
+  from jax import profiler
+  with _trace_dir() as d:
+    with profiler.trace(d, profiler_options=_options()):
+      for _ in range(repeats):
+        jax.block_until_ready(fn())
+    return read_trace(d)
+
+
+def summarise(events: Sequence[OpEvent], ops: dict[str, HloOp], top: str,
+              calls: int, flops: dict[str, float] | None = None,
+              peak: float | None = None) -> dict:
+  """Per-call times by group, by kind, and the top ops."""
+  total = sum(e.duration_ns for e in events) or 1.0
+  groups = collections.defaultdict(lambda: [0.0, set()])
+  kinds = collections.defaultdict(lambda: [0.0, set()])
+  per_op = collections.defaultdict(float)
+  for e in events:
+    op = ops.get(e.op)
+    g = layer_of(op.op_name if op else "", top)
+    groups[g][0] += e.duration_ns
+    groups[g][1].add(e.op)
+    kinds[op_kind(op)][0] += e.duration_ns
+    kinds[op_kind(op)][1].add(e.op)
+    per_op[e.op] += e.duration_ns
+  flops = flops or {}
+
+  def row(name, ns, names, key):
+    s = ns / 1e9 / calls
+    r = {key: name, "s_per_call": tp._r(s, 9), "share": tp._r(ns / total, 4),
+         "ops": len(names)}
+    if key == "group":
+      f = flops.get(name)
+      r["flops"] = f
+      r["achieved_flops"] = f / s if f and s > 0 else None
+      r["fraction_of_peak"] = (tp._r(f / s / peak, 4)
+                               if f and s > 0 and peak else None)
+    return r
+
+  out = {
+      "groups": sorted((row(g, ns, n, "group") for g, (ns, n) in
+                        groups.items()), key=lambda r: -r["s_per_call"]),
+      "kinds": sorted((row(k, ns, n, "kind") for k, (ns, n) in
+                       kinds.items()), key=lambda r: -r["s_per_call"]),
+      "top_ops": [],
+  }
+  for name, ns in sorted(per_op.items(), key=lambda kv: -kv[1])[:TOP_OPS]:
+    op = ops.get(name)
+    out["top_ops"].append({
+        "op": name, "opcode": op.opcode if op else None,
+        "detail": op.detail if op else None,
+        "group": layer_of(op.op_name if op else "", top),
+        "kind": op_kind(op), "s_per_call": tp._r(ns / 1e9 / calls, 9),
+        "share": tp._r(ns / total, 4)})
+  return out
+
+
+def profile_hr_forward(args, sizes, info: dict) -> list[dict]:
+  import jax
+  p, seed, batch = sizes.patch, args.seed, args.batch
+  init_model = tp.hr_generator(sizes, "fast", "fp32")
+  variables = tp.jit_init(
+      lambda k: init_model.init(k, tp.patch_input(1, p, 2, seed),
+                                train=False), jax.random.key(seed))
+  peaks = tp.peak_flops(info["device_kind"])
+  rows = []
+  for dtype in args.dtypes:
+    row = {"section": "hr_forward", "model": "HRGenerator",
+           "impl": args.impl, "dtype": dtype, "batch": batch, "patch": p,
+           "ngf": sizes.ngf, "n_blocks": sizes.n_blocks}
+
+    def measure(dtype=dtype):
+      g = tp.hr_generator(sizes, tp.model_impl(args.impl), dtype)
+      x = jax.device_put(tp.patch_input(batch, p, 2, seed))
+      t0 = time.perf_counter()
+      with tp.conv_form(args.impl):
+        exe = jax.jit(lambda v, x: g.apply(v, x, train=False)).lower(
+            variables, x).compile()
+      compile_s = time.perf_counter() - t0
+      first, times = tp.time_calls(lambda: exe(variables, x), args.repeats,
+                                   jax.block_until_ready)
+      text = exe.as_text()
+      name = module_name(text)
+      events = traced(lambda: exe(variables, x), args.repeats)
+      mine = [e for e in events if e.module == name]
+      matched = bool(mine)
+      if not matched:  # names differ in some versions: every op event
+        mine = events
+      if not mine:
+        raise RuntimeError("the trace recorded no XLA op events")
+      flops = module_flops(g, variables, x)
+      peak = None
+      if peaks and info["backend"] == "gpu":
+        peak = peaks["bf16" if dtype == "bf16" else "tf32"]
+      wall = statistics.median(times)
+      busy = busy_ns(mine) / 1e9 / args.repeats
+      out = {"compile_s": tp._r(compile_s), "first_call_s": tp._r(first),
+             "wall_s": tp._r(wall), "times_s": [tp._r(t) for t in times],
+             "device_busy_s": tp._r(busy, 9),
+             "op_time_s": tp._r(sum(e.duration_ns for e in mine) / 1e9
+                                / args.repeats, 9),
+             "busy_fraction": tp._r(busy / wall, 4) if wall > 0 else None,
+             "events_from": ("device" if mine[0].on_device else "host"),
+             "module": name, "module_matched": matched,
+             "flops": sum(flops.values()),
+             "achieved_flops": sum(flops.values()) / wall if wall else None,
+             "peak_flops": peak,
+             "peak_assumed": (None if peak is None else
+                              f"{peaks['match']} datasheet, dense, "
+                              f"{'bf16' if dtype == 'bf16' else 'TF32'}"),
+             "s_per_patch": tp._r(wall / batch)}
+      out.update(summarise(mine, hlo_ops(text), "HRGenerator", args.repeats,
+                           flops, peak))
+      return out
+    rows.append(tp._run_case(row, measure))
+  return rows
+
+
+# ---------------------------------------------------------------------------
+# edges
+# ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def timed_phases(module, names: Sequence[str]):
+  """Wraps ``module``'s functions ``names`` to add their wall time (s) to
+  the yielded dict while the context is open."""
+  spent = collections.Counter()
+  saved = {n: getattr(module, n) for n in names if hasattr(module, n)}
+
+  def wrap(name, fn):
+    @functools.wraps(fn)
+    def timed(*a, **k):
+      t0 = time.perf_counter()
+      try:
+        return fn(*a, **k)
+      finally:
+        spent[name] += time.perf_counter() - t0
+    return timed
+
+  for n, fn in saved.items():
+    setattr(module, n, wrap(n, fn))
+  try:
+    yield spent
+  finally:
+    for n, fn in saved.items():
+      setattr(module, n, fn)
+
+
+def profile_edges(args) -> list[dict]:
+  from megan_jax import edges as edges_lib
+  n = args.edge_size
+  vol = tp.blobs(n, args.seed)
+  rows = []
+  for engine in edges_lib.ENGINES:
+    row = {"section": "edges", "engine": engine, "size": n}
+
+    def measure(engine=engine):
+      if engine == "jax":
+        t0 = time.perf_counter()
+        edges_lib.compile_canny(vol.shape)
+        compile_s = time.perf_counter() - t0
+      else:
+        compile_s = None
+      call = lambda: edges_lib.canny_3d(vol, engine=engine)
+      call()  # untimed: first-touch of pages, thread pools
+      walls, phases = [], collections.Counter()
+      for _ in range(args.repeats):
+        with timed_phases(edges_lib, EDGE_PHASES) as spent:
+          t0 = time.perf_counter()
+          call()
+          walls.append(time.perf_counter() - t0)
+        phases.update(spent)
+      out = {"compile_s": tp._r(compile_s), "median_s":
+             tp._r(statistics.median(walls)),
+             "times_s": [tp._r(t) for t in walls],
+             "threads": edges_lib.EDGE_THREADS}
+      mean = {k: v / args.repeats for k, v in phases.items()}
+      mean["rest"] = max(0.0, sum(walls) / args.repeats - sum(mean.values()))
+      out["phases_s"] = {k: tp._r(v) for k, v in mean.items()}
+      if engine == "jax":
+        events = traced(call, 1)
+        on_device = [e for e in events if e.on_device]
+        use = on_device or events
+        out["kernel_busy_s"] = tp._r(busy_ns(use) / 1e9, 6)
+        out["kernel_events_from"] = "device" if on_device else "host"
+      return out
+    rows.append(tp._run_case(row, measure))
+  return rows
+
+
+# ---------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------
+def _fmt(x, spec=".3g"):
+  return "–" if x is None else format(x, spec)
+
+
+def markdown(data: dict) -> str:
+  meta, res = data["meta"], data["results"]
+  parts = [f"Profile on {meta['backend']} ({meta['device_kind']}; jax "
+           f"{meta['jax_version']}; `{meta['command']}`)."]
+  for r in res.get("hr_forward") or []:
+    if r.get("error"):
+      continue
+    parts += [
+        "", f"**HR generator forward**, impl {r['impl']}, {r['dtype']}, "
+        f"batch {r['batch']} of {r['patch']}³ (ngf {r['ngf']}, "
+        f"{r['n_blocks']} blocks): {_fmt(r['wall_s'] * 1e3, '.4g')} ms per "
+        f"call, ops busy {_fmt(r['device_busy_s'] * 1e3, '.4g')} ms "
+        f"({_fmt(r['busy_fraction'], '.0%')} of the call; op events from "
+        f"the {r['events_from']}); "
+        f"{_fmt(r['achieved_flops'] and r['achieved_flops'] / 1e12)} "
+        "TFLOP/s nominal over the call"
+        + (f", {_fmt(r['achieved_flops'] / r['peak_flops'], '.0%')} of "
+           f"the {r['peak_assumed']} peak" if r.get("peak_flops") else "")
+        + ".", "",
+        "| layer | ms per call | share of op time | ops | GFLOP | "
+        "TFLOP/s | of peak |", "|---|---|---|---|---|---|---|"]
+    for g in r["groups"]:
+      parts.append(
+          f"| {g['group']} | {_fmt(g['s_per_call'] * 1e3)} | "
+          f"{_fmt(g['share'], '.1%')} | {g['ops']} | "
+          f"{_fmt(g['flops'] and g['flops'] / 1e9)} | "
+          f"{_fmt(g['achieved_flops'] and g['achieved_flops'] / 1e12)} | "
+          f"{_fmt(g['fraction_of_peak'], '.0%')} |")
+    parts += ["", "| kind of op | ms per call | share | ops |",
+              "|---|---|---|---|"]
+    parts += [f"| {k['kind']} | {_fmt(k['s_per_call'] * 1e3)} | "
+              f"{_fmt(k['share'], '.1%')} | {k['ops']} |" for k in r["kinds"]]
+  edge_rows = [r for r in res.get("edges") or [] if not r.get("error")]
+  if edge_rows:
+    found = {k for r in edge_rows for k, v in r["phases_s"].items()
+             if v is not None}
+    names = [k for k in EDGE_PHASES + ("rest",) if k in found]
+    parts += ["", "**Edge sketch** (`edges.canny_3d`, seconds per call by "
+              "phase; the jax engine's slab kernels also as the trace's "
+              "op time):", "",
+              "| volume | engine | threads | total | " + " | ".join(
+                  n.strip("_") for n in names) + " | kernel ops |",
+              "|---|---|---|---|" + "---|" * len(names) + "---|"]
+    for r in edge_rows:
+      parts.append(
+          f"| {r['size']}³ | {r['engine']} | {r['threads']} | "
+          f"{_fmt(r['median_s'])} | " + " | ".join(
+              _fmt(r["phases_s"].get(n)) for n in names)
+          + f" | {_fmt(r.get('kernel_busy_s'))} |")
+  failed = [r for rows in res.values() for r in rows or [] if r.get("error")]
+  if failed:
+    parts += ["", "Not measured:", ""]
+    parts += [f"- {tp._describe(r)}: {r['error']}" for r in failed]
+  return "\n".join(parts) + "\n"
+
+
+def make_meta(args, argv) -> dict:
+  import jax
+  dev = jax.devices()[0]
+  return {
+      "jax_version": jax.__version__,
+      "backend": jax.default_backend(),
+      "device_kind": dev.device_kind,
+      "device_count": jax.device_count(),
+      "xla_threads": tp.xla_threads(),
+      "cpu": tp._cpu_name(),
+      "cpu_count": os.cpu_count(),
+      "python": platform.python_version(),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "command": "python -m benchmarks.op_profile " + " ".join(argv),
+      "quick": args.quick,
+      "repeats": args.repeats,
+      "options": dict(vars(args)),
+      "notes": {
+          "hr_forward": "op times from jax.profiler.trace of --repeats "
+                        "calls (Python tracer off); groups from the "
+                        "compiled HLO's op_name metadata (a fusion goes "
+                        "to the convolution or dot inside it); FLOPs "
+                        "nominal (every tap), per group and call; wall_s "
+                        "untraced.",
+          "edges": "phases timed by wrapping edges' step functions; rest "
+                   "= the call minus them (maxima, thresholds, the "
+                   "sketch's writing); kernel_busy_s: the jax engine's "
+                   "op time in one traced call.",
+      },
+  }
+
+
+def write_results(out: str, data: dict) -> None:
+  from megan_jax import io
+  stem = os.path.join(out, f"profile-{data['meta']['backend']}")
+  io.write_text(stem + ".json", json.dumps(data, indent=1) + "\n")
+  io.write_text(stem + ".md", markdown(data))
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(
+      prog="python -m benchmarks.op_profile",
+      description="Where the time goes: the HR generator forward's ops by "
+      "layer and kind, and the edge sketch's phases (JAX profiler).")
+  p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+  p.add_argument("--dtypes", nargs="+", choices=tp.DTYPES, default=None,
+                 help="hr_forward dtypes (default fp32 bf16; --quick fp32)")
+  p.add_argument("--batch", type=int, default=None,
+                 help="patches per forward (default 8; --quick 2)")
+  p.add_argument("--impl", choices=("fast", "plain", "fast-im2col"),
+                 default="fast")
+  p.add_argument("--repeats", type=int, default=None,
+                 help="timed (and traced) calls (default 3; --quick 1)")
+  p.add_argument("--edge-size", type=int, default=None,
+                 help="edges volume side (default 256; --quick 48)")
+  p.add_argument("--quick", action="store_true",
+                 help="tiny sizes for tests")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=os.path.join(tp._ROOT, "benchmarks",
+                                               "results"))
+  p.add_argument("--merge", action="store_true",
+                 help="keep the sections not run now from the existing "
+                 "file (same device kind)")
+  a = p.parse_args(argv)
+  q = a.quick
+  a.dtypes = a.dtypes or (["fp32"] if q else list(tp.DTYPES))
+  a.batch = (2 if q else 8) if a.batch is None else a.batch
+  a.repeats = (1 if q else 3) if a.repeats is None else a.repeats
+  a.edge_size = (48 if q else 256) if a.edge_size is None else a.edge_size
+  for flag, v in (("--batch", a.batch), ("--repeats", a.repeats)):
+    if v < 1:
+      p.error(f"{flag} {v}: must be >= 1")
+  if a.edge_size < 2:
+    p.error(f"--edge-size {a.edge_size}: must be >= 2")
+  return a
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = [str(x) for x in (sys.argv[1:] if argv is None else argv)]
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  args = parse_args(argv)
+  from megan_jax import io as megan_io
+  from megan_jax.errors import InputError
+  try:
+    megan_io.make_folder(args.out, "--out")
+  except InputError as e:
+    print(f"op_profile: {e}", file=sys.stderr)
+    return 2
+  meta = make_meta(args, argv)
+  results: dict[str, list | None] = {k: None for k in SECTIONS}
+  meta["sections"] = {k: meta["command"] for k in args.only}
+  if args.merge:
+    path = os.path.join(args.out, f"profile-{meta['backend']}.json")
+    try:
+      old = tp.load_for_merge(path)
+    except ValueError as e:
+      print(f"op_profile: --merge: {e}", file=sys.stderr)
+      return 2
+    if old is not None and old["meta"].get("device_kind") != meta[
+        "device_kind"]:
+      tp._log(f"op_profile: --merge: {path} was measured on "
+              f"{old['meta'].get('device_kind')}, not {meta['device_kind']}"
+              ": its sections are not kept")
+      old = None
+    for k in SECTIONS if old is not None else ():
+      if k not in args.only and old["results"].get(k):
+        results[k] = old["results"][k]
+        meta["sections"][k] = (old["meta"].get("sections") or {}).get(
+            k, old["meta"].get("command"))
+  info = {"backend": meta["backend"], "device_kind": meta["device_kind"]}
+  sizes = tp.QUICK if args.quick else tp.Sizes()
+  data = {"meta": meta, "results": results}
+  start = time.perf_counter()
+  for section in SECTIONS:
+    if section not in args.only:
+      continue
+    tp._log(f"{section}:")
+    results[section] = (profile_hr_forward(args, sizes, info)
+                        if section == "hr_forward" else profile_edges(args))
+    meta["total_s"] = tp._r(time.perf_counter() - start, 1)
+    write_results(args.out, data)
+  print(markdown(data), end="")
+  tp._log(f"wrote {os.path.join(args.out, 'profile-' + meta['backend'])}"
+          f".json and .md in {time.perf_counter() - start:.0f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,160 @@
+"""benchmarks/op_profile.py: the trace reading, the grouping of XLA ops by
+Flax module, the FLOP counts, and a whole --quick run."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import op_profile as op
+from benchmarks import throughput as tp
+
+
+def _ev(start, dur, name="a"):
+  return op.OpEvent("m", name, float(start), float(dur), False)
+
+
+def test_busy_time_merges_overlaps():
+  events = [_ev(0, 10), _ev(5, 10), _ev(30, 5), _ev(31, 1), _ev(40, 0)]
+  assert op.busy_ns(events) == 15 + 5
+  assert op.busy_ns([]) == 0
+
+
+@pytest.mark.parametrize("name, group", [
+    ("jit(f)/HRGenerator/block_3/norm_0/norm_0._normalise/sub",
+     "block_*/norm_0"),
+    ("jit(f)/HRGenerator/block_0/add", "block_*"),
+    ("jit(f)/HRGenerator/conv_out/dot_general", "conv_out"),
+    ("jit(f)/HRGenerator/down_1/jit(_pad)/pad", "down_1"),
+    ("jit(f)/HRGenerator/jit(relu)/max", "(HRGenerator)"),
+    ("jit(f)/HRGenerator/tanh", "(HRGenerator)"),
+    ("jit(f)/other/thing", "(thing)"),
+    ("", op.NO_SOURCE),
+])
+def test_layer_of(name, group):
+  assert op.layer_of(name, "HRGenerator") == group
+
+
+def test_hlo_ops_reads_fusions_and_their_sources():
+  def f(x, w):
+    return jnp.tanh(x @ w).sum() + jnp.sin(x).sum()
+  exe = jax.jit(f).lower(jnp.ones((32, 32)), jnp.ones((32, 32))).compile()
+  text = exe.as_text()
+  ops = op.hlo_ops(text)
+  assert op.module_name(text) and op.module_name(text) in text.splitlines()[0]
+  contracting = [o for o in ops.values() if o.has_contraction]
+  assert contracting, ops
+  # The dot's source is its own op_name, whatever fusion holds it.
+  assert any(o.op_name.endswith("dot_general") for o in contracting)
+  assert all(op.op_kind(o) == "conv/matmul" for o in contracting)
+  assert op.op_kind(None) == "other"
+
+
+@pytest.mark.parametrize("sizes", [tp.QUICK, tp.Sizes()],
+                         ids=["quick", "paper"])
+def test_module_flops_add_up_to_the_nominal_count(sizes):
+  g = tp.hr_generator(sizes, "fast", "fp32")
+  x = jax.ShapeDtypeStruct((3,) + (sizes.patch,) * 3 + (2,), jnp.float32)
+  v = jax.eval_shape(lambda k, x: g.init(k, x, train=False),
+                       jax.random.key(0), x)
+  flops = op.module_flops(g, v, x)
+  nominal = tp.hr_forward_flops(sizes.ngf, sizes.n_blocks, sizes.patch)
+  assert sum(flops.values()) == pytest.approx(3 * nominal, rel=1e-12)
+  assert set(flops) == {"conv_in", "down_0", "down_1", "block_*/conv_0",
+                        "block_*/conv_1", "up_0", "up_1", "conv_out"}
+  # The six (two) blocks are one group each: n_blocks convs of 27 taps.
+  p4, c = sizes.patch // 4, 4 * sizes.ngf
+  assert flops["block_*/conv_0"] == 3 * sizes.n_blocks * 2 * 27 * c * c * p4**3
+
+
+def test_timed_phases_restores_the_functions():
+  import types
+  mod = types.SimpleNamespace(a=lambda: 1, b=lambda: 2)
+  a = mod.a
+  with pytest.raises(RuntimeError):
+    with op.timed_phases(mod, ["a", "missing"]) as spent:
+      assert mod.a() == 1 and mod.a is not a
+      raise RuntimeError
+  assert mod.a is a
+  assert spent["a"] >= 0 and "missing" not in spent
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("profile")
+  assert op.main(["--quick", "--out", str(out)]) == 0
+  return out, json.loads((out / f"profile-{jax.default_backend()}.json")
+                         .read_text())
+
+
+def test_quick_run_profiles_the_forward(quick_run):
+  out, data = quick_run
+  assert data["meta"]["backend"] == jax.default_backend()
+  (row,) = data["results"]["hr_forward"]
+  assert row["error"] is None, row
+  assert row["module_matched"]
+  assert 0 < row["device_busy_s"] <= row["op_time_s"] + 1e-9
+  assert 0 < row["busy_fraction"] < 1.5
+  groups = {g["group"]: g for g in row["groups"]}
+  assert {"conv_in", "conv_out", "block_*/conv_0", "up_1"} <= set(groups)
+  assert sum(g["share"] for g in row["groups"]) == pytest.approx(1, abs=2e-3)
+  assert sum(k["share"] for k in row["kinds"]) == pytest.approx(1, abs=2e-3)
+  assert {k["kind"] for k in row["kinds"]} <= set(op.KINDS)
+  assert "conv/matmul" in {k["kind"] for k in row["kinds"]}
+  s = tp.QUICK
+  assert row["flops"] == pytest.approx(
+      2 * tp.hr_forward_flops(s.ngf, s.n_blocks, s.patch))
+  assert groups["conv_out"]["achieved_flops"] > 0
+  assert len(row["top_ops"]) <= op.TOP_OPS
+  md = (out / f"profile-{jax.default_backend()}.md").read_text()
+  assert "| block_*/conv_0 |" in md and "**Edge sketch**" in md
+
+
+def test_quick_run_times_the_edge_phases(quick_run):
+  _, data = quick_run
+  rows = {r["engine"]: r for r in data["results"]["edges"]}
+  assert set(rows) == {"jax", "numpy"}
+  for engine, r in rows.items():
+    assert r["error"] is None, r
+    phases = r["phases_s"]
+    step = "_steps_jax" if engine == "jax" else "_smooth_and_differentiate"
+    assert phases[step] > 0 and phases["_hysteresis_sparse"] > 0
+    assert sum(phases.values()) == pytest.approx(np.mean(r["times_s"]),
+                                                 rel=0.05, abs=1e-4)
+  assert rows["jax"]["kernel_busy_s"] > 0
+  assert "kernel_busy_s" not in rows["numpy"]
+
+
+def test_merge_keeps_the_other_section(quick_run, tmp_path):
+  out, data = quick_run
+  path = out / f"profile-{jax.default_backend()}.json"
+  target = tmp_path / path.name
+  target.write_text(path.read_text())
+  assert op.main(["--quick", "--only", "edges", "--merge", "--out",
+                  str(tmp_path)]) == 0
+  new = json.loads(target.read_text())
+  assert new["results"]["hr_forward"] == data["results"]["hr_forward"]
+  assert "--only edges" in new["meta"]["sections"]["edges"]
+  assert new["meta"]["sections"]["hr_forward"] == data["meta"]["command"]
+
+
+def test_bad_out_and_damaged_merge_file_are_refused(tmp_path, capsys):
+  not_dir = tmp_path / "file"
+  not_dir.write_text("x")
+  assert op.main(["--quick", "--out", str(not_dir)]) == 2
+  assert "--out" in capsys.readouterr().err
+  bad = tmp_path / f"profile-{jax.default_backend()}.json"
+  bad.write_text("{not json")
+  assert op.main(["--quick", "--only", "edges", "--merge", "--out",
+                  str(tmp_path)]) == 2
+  assert "not a results file" in capsys.readouterr().err
+  assert bad.read_text() == "{not json"
+
+
+@pytest.mark.parametrize("argv", [["--batch", "0"], ["--repeats", "0"],
+                                  ["--edge-size", "1"]])
+def test_bad_options(argv):
+  with pytest.raises(SystemExit) as e:
+    op.parse_args(argv)
+  assert e.value.code == 2
