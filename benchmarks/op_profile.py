@@ -313,9 +313,14 @@ def _trace_dir():
 
 
 def _options():
+  """Profiler options with the Python tracer off (its frames would slow the
+  host); None (the defaults) where this JAX has no such option."""
   from jax import profiler
-  opts = profiler.ProfileOptions()
-  opts.python_tracer_level = 0  # Python frames would slow the host
+  try:
+    opts = profiler.ProfileOptions()
+    opts.python_tracer_level = 0
+  except (AttributeError, TypeError):
+    return None
   return opts
 
 
