@@ -14,15 +14,22 @@ Sections (``--only`` picks some):
   the kernels on the device, elsewhere the CPU thunks) is put down to the
   Flax module it came from, by the ``op_name`` metadata of the compiled
   HLO: ``conv_in``, ``down_0``, ``block_*/conv_0`` (the six ResNet blocks
-  summed), ``up_norm_1``, ... (``groups``), and to a kind of op: convolution
-  or matmul, reduction, elementwise, layout (copy, transpose), other
-  (``kinds``). Per group the nominal FLOPs of its convolutions (every tap,
+  summed), ``up_norm_1``, ... (``groups``; the ReLUs after the norms and
+  the final tanh are the generator's own, ``(HRGenerator)``), and to a kind
+  of op: convolution or matmul, reduction, elementwise, data movement (a
+  fusion of copies, transposes, pads, slices, concatenations, converts
+  only), other (``kinds``); ``unattributed_share``: the op time put down to
+  no module or to kind "other" (near 0 where the attribution works).
+  Events of ops that only run others (while, call) are left out: their
+  ops are counted. Per group the nominal FLOPs of its convolutions (every tap,
   zero padding included, as ``throughput.hr_forward_flops``) and so its
   achieved FLOP/s. ``device_busy_s``: the time some op of the program ran
   (overlaps merged) per call, against the untraced wall time per call
   (``wall_s``, median of ``--repeats`` after an untimed call):
   ``busy_fraction`` well under 1 means the device waits on the host
-  (launches, transfers), not on arithmetic.
+  (launches, transfers), not on arithmetic. ``traced_wall_s``: the call
+  while traced (on a GPU the profiler makes XLA launch the ops of its
+  command buffers, CUDA graphs, one by one; the kernels' times hold).
 - ``edges``: ``edges.canny_3d`` on the cascade's blob volume of
   ``--edge-size``³, each engine: wall time and its phases, timed by
   wrapping the module's step functions (``_steps_jax`` or
@@ -60,12 +67,13 @@ import numpy as np
 from benchmarks import throughput as tp
 
 SECTIONS = ("hr_forward", "edges")
-KINDS = ("conv/matmul", "reduction", "elementwise", "layout", "other")
+KINDS = ("conv/matmul", "reduction", "elementwise", "data movement",
+         "other")
 # canny_3d's step functions, timed by wrapping them (in call order).
 EDGE_PHASES = ("_as_volume", "_well_scaled", "_steps_jax",
                "_smooth_and_differentiate", "_suppress", "_keep_above",
                "_hysteresis_sparse")
-NO_SOURCE = "(no source op)"  # ops XLA made (copies, layout changes)
+NO_SOURCE = "(no source op)"  # ops XLA made with no source op near
 TOP_OPS = 12
 
 
@@ -143,9 +151,70 @@ _COMP = re.compile(r"^\s*(?:ENTRY\s+)?%?(?P<name>[^\s(]+)\s*\(.*\{\s*$")
 class HloOp:
   opcode: str  # e.g. "fusion", "convolution", "custom-call", "copy"
   detail: str  # fusion kind ("kLoop") or custom-call target; may be ""
-  op_name: str  # the JAX source op (metadata), "" where XLA made it
+  op_name: str  # the JAX source op (metadata), "" where none was found
   has_contraction: bool  # a convolution or dot in it (fusions: in its body)
   has_reduce: bool
+  moves_only: bool  # only data movement (copies, pads, slices, converts)
+
+
+# Opcodes that only move, reshape or retype data.
+_MOVES = frozenset((
+    "copy", "transpose", "bitcast", "reshape", "slice", "dynamic-slice",
+    "dynamic-update-slice", "pad", "concatenate", "broadcast", "convert",
+    "reverse", "parameter", "constant", "tuple", "get-tuple-element",
+    "copy-start", "copy-done", "iota"))
+# Ops whose trace events enclose those of the ops they run (counted there).
+CONTAINERS = frozenset(("while", "call", "conditional"))
+
+
+@dataclasses.dataclass
+class _Instr:
+  name: str
+  opcode: str
+  op_name: str
+  operands: list[str]
+  calls: list[str]
+  rest: str
+  root: bool
+
+
+def _split_top(text: str) -> list[str]:
+  """``text`` split at the commas outside brackets."""
+  parts, depth, start = [], 0, 0
+  for i, ch in enumerate(text):
+    if ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    elif ch == "," and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  parts.append(text[start:])
+  return [p.strip() for p in parts if p.strip()]
+
+
+def _parse_instr(line: str) -> _Instr | None:
+  m = _INSTR.match(line)
+  if not m:
+    return None
+  rest = m.group("rest")
+  op = _OPCODE.search(" " + rest)
+  opcode = op.group(1) if op else ""
+  operands = []
+  if op:
+    i = op.end() - 1  # the "(" of the operand list, in " " + rest
+    depth, j = 0, i
+    text = " " + rest
+    for j in range(i, len(text)):
+      depth += {"(": 1, ")": -1}.get(text[j], 0)
+      if depth == 0:
+        break
+    # "f32[2]{0} %a" -> "a": an operand's name is its last word.
+    operands = [p.split()[-1].lstrip("%") for p in _split_top(text[i + 1:j])]
+  name = re.search(r'op_name="([^"]*)"', rest)
+  return _Instr(m.group("name"), opcode, name.group(1) if name else "",
+                operands, re.findall(r"calls=%?([\w.\-]+)", rest), rest,
+                line.lstrip().startswith("ROOT "))
 
 
 def module_name(hlo_text: str) -> str:
@@ -154,74 +223,96 @@ def module_name(hlo_text: str) -> str:
   return m.group(1) if m else ""
 
 
+def _nearest_source(instrs: dict[str, _Instr], start: Sequence[str],
+                    names: dict[str, str]) -> str:
+  """The first source op (an op_name with a scope) met walking back from
+  ``start`` through operands, breadth first; ``names`` gives each
+  instruction's op_name."""
+  queue, seen = list(start), set()
+  while queue:
+    n = queue.pop(0)
+    if n in seen or n not in instrs:
+      continue
+    seen.add(n)
+    if "/" in names.get(n, ""):
+      return names[n]
+    queue += instrs[n].operands
+  return ""
+
+
 def hlo_ops(hlo_text: str) -> dict[str, HloOp]:
   """Every instruction of a compiled program's text (``as_text()``) by name.
 
-  A fusion's ``op_name`` is that of the convolution or dot inside it where
-  there is one (the op that costs), else its own (XLA gives a fusion its
-  root's), else, where the root is one XLA made, the first source op in
-  its body; likewise ``has_contraction`` and ``has_reduce`` look inside.
+  An instruction's ``op_name`` is, for a fusion with a convolution or dot
+  inside, that op's (the one that costs); else its own (XLA gives a fusion
+  its root's); else, where XLA made the root (a pad, a convert), the source
+  op nearest the root of its body; else the one nearest it among its
+  operands. ``has_contraction``, ``has_reduce`` and ``moves_only`` look
+  inside fusions.
   """
-  comps: dict[str, list[tuple[str, str, str]]] = {}
+  comps: dict[str, dict[str, _Instr]] = {}
   current = None
   for line in hlo_text.splitlines():
     m = _COMP.match(line)
     if m and " = " not in line:
-      current = comps.setdefault(m.group("name"), [])
+      current = comps.setdefault(m.group("name"), {})
       continue
-    m = _INSTR.match(line)
-    if not m or current is None:
-      continue
-    current.append((m.group("name"), m.group("rest"), line))
+    ins = _parse_instr(line) if current is not None else None
+    if ins is not None:
+      current[ins.name] = ins
 
-  def parse(rest):
-    op = _OPCODE.search(" " + rest)
-    opcode = op.group(1) if op else ""
-    name = re.search(r'op_name="([^"]*)"', rest)
-    return opcode, name.group(1) if name else ""
-
-  body = {c: [parse(rest) for _, rest, _ in instrs]
-          for c, instrs in comps.items()}
-
-  def inside(comp, seen=()):  # (opcode, op_name) of a body and its calls
+  def inside(comp, seen=()):  # every instruction of a body and its calls
     out = []
-    for (opcode, op_name), (_, rest, _) in zip(body.get(comp, []),
-                                                comps.get(comp, [])):
-      out.append((opcode, op_name))
-      for called in re.findall(r"calls=%?([\w.\-]+)", rest):
+    for ins in comps.get(comp, {}).values():
+      out.append(ins)
+      for called in ins.calls:
         if called not in seen:
           out += inside(called, seen + (comp,))
     return out
 
+  def body_source(comp):  # the source op nearest a body's root
+    instrs = comps.get(comp, {})
+    roots = [n for n, i in instrs.items() if i.root] or list(instrs)[-1:]
+    return _nearest_source(instrs, roots,
+                           {n: i.op_name for n, i in instrs.items()})
+
   ops = {}
   for instrs in comps.values():
-    for name, rest, _ in instrs:
-      opcode, op_name = parse(rest)
-      detail = ""
-      contraction = opcode in ("convolution", "dot")
-      reduce = opcode in ("reduce", "reduce-window")
-      if opcode == "fusion":
-        kind = re.search(r"kind=(k\w+)", rest)
+    names = {}
+    for name, ins in instrs.items():
+      op_name, detail = ins.op_name, ""
+      contraction = ins.opcode in ("convolution", "dot")
+      reduce = ins.opcode in ("reduce", "reduce-window")
+      moves = ins.opcode in _MOVES
+      if ins.opcode == "fusion":
+        kind = re.search(r"kind=(k\w+)", ins.rest)
         detail = kind.group(1) if kind else ""
-        body_ops = []
-        for called in re.findall(r"calls=%?([\w.\-]+)", rest):
-          body_ops += inside(called)
-        costly = [n for o, n in body_ops if o in ("convolution", "dot") and n]
-        contraction = contraction or any(
-            o in ("convolution", "dot") for o, _ in body_ops)
-        reduce = reduce or any(o in ("reduce", "reduce-window")
-                               for o, _ in body_ops)
+        body = [b for c in ins.calls for b in inside(c)]
+        costly = [b.op_name for b in body
+                  if b.opcode in ("convolution", "dot") and b.op_name]
+        contraction = bool(costly) or any(
+            b.opcode in ("convolution", "dot") for b in body)
+        reduce = any(b.opcode in ("reduce", "reduce-window") for b in body)
+        moves = bool(body) and all(b.opcode in _MOVES for b in body)
         if costly:
           op_name = costly[0]
-        elif not op_name:  # a root XLA made (a pad): the body's source
-          op_name = next((n for _, n in body_ops if "/" in n), "")
-      elif opcode == "custom-call":
-        target = re.search(r'custom_call_target="([^"]*)"', rest)
+        elif "/" not in op_name:
+          op_name = next((n for n in map(body_source, ins.calls) if n), "")
+      elif ins.opcode == "custom-call":
+        target = re.search(r'custom_call_target="([^"]*)"', ins.rest)
         detail = target.group(1) if target else ""
         low = detail.lower()
         contraction = any(w in low for w in ("conv", "gemm", "matmul",
                                              "dot", "cublas"))
-      ops[name] = HloOp(opcode, detail, op_name, contraction, reduce)
+      names[name] = op_name
+      ops[name] = (ins.opcode, detail, contraction, reduce, moves)
+    for name, ins in instrs.items():  # none found: the operands' source
+      if "/" not in names[name]:
+        names[name] = _nearest_source(instrs, ins.operands, names)
+    for name in instrs:
+      opcode, detail, contraction, reduce, moves = ops[name]
+      ops[name] = HloOp(opcode, detail, names[name], contraction, reduce,
+                        moves and not contraction and not reduce)
   return ops
 
 
@@ -233,14 +324,17 @@ def op_kind(op: HloOp | None) -> str:
     return "conv/matmul"
   if op.has_reduce:
     return "reduction"
-  if op.opcode in ("copy", "transpose", "bitcast", "copy-start", "copy-done"):
-    return "layout"
-  if op.opcode in ("fusion", "add", "multiply", "subtract", "divide",
-                   "maximum", "tanh", "rsqrt", "convert", "select",
-                   "broadcast", "pad", "slice", "concatenate",
-                   "dynamic-slice", "dynamic-update-slice", "reshape"):
+  if op.moves_only:
+    return "data movement"
+  if op.opcode == "fusion" or op.opcode in _ELEMENTWISE:
     return "elementwise"
   return "other"
+
+
+_ELEMENTWISE = frozenset((
+    "add", "multiply", "subtract", "divide", "maximum", "minimum", "tanh",
+    "rsqrt", "sqrt", "exponential", "log", "negate", "abs", "select",
+    "compare", "clamp", "power", "and", "or", "not"))
 
 
 def layer_of(op_name: str, top: str) -> str:
@@ -324,16 +418,33 @@ def _options():
   return opts
 
 
-def traced(fn: Callable[[], Any], repeats: int) -> list[OpEvent]:
-  """``fn()`` (blocked on) ``repeats`` times under the JAX profiler; the
-  op events."""
+def traced(fn: Callable[[], Any], repeats: int
+           ) -> tuple[list[OpEvent], list[float]]:
+  """``fn()`` (blocked on) ``repeats`` times under the JAX profiler: the op
+  events, and each call's wall time while traced (on a GPU XLA runs its
+  command buffers, CUDA graphs, op by op while a profiler is active)."""
   import jax
   from jax import profiler
+  times = []
   with _trace_dir() as d:
     with profiler.trace(d, profiler_options=_options()):
       for _ in range(repeats):
+        t0 = time.perf_counter()
         jax.block_until_ready(fn())
-    return read_trace(d)
+        times.append(time.perf_counter() - t0)
+    return read_trace(d), times
+
+
+def program_events(events: Sequence[OpEvent], module: str,
+                   ops: dict[str, HloOp]) -> tuple[list[OpEvent], bool]:
+  """The events of program ``module`` (every event where none has that
+  name: names differ in some versions), without those of `CONTAINERS`
+  (their ops' own events are there); and whether the name matched."""
+  mine = [e for e in events if e.module == module]
+  matched = bool(mine)
+  mine = [e for e in (mine if matched else events)
+          if e.op not in ops or ops[e.op].opcode not in CONTAINERS]
+  return mine, matched
 
 
 def summarise(events: Sequence[OpEvent], ops: dict[str, HloOp], top: str,
@@ -344,9 +455,12 @@ def summarise(events: Sequence[OpEvent], ops: dict[str, HloOp], top: str,
   groups = collections.defaultdict(lambda: [0.0, set()])
   kinds = collections.defaultdict(lambda: [0.0, set()])
   per_op = collections.defaultdict(float)
+  unattributed = 0.0
   for e in events:
     op = ops.get(e.op)
     g = layer_of(op.op_name if op else "", top)
+    if g == NO_SOURCE or op_kind(op) == "other":
+      unattributed += e.duration_ns
     groups[g][0] += e.duration_ns
     groups[g][1].add(e.op)
     kinds[op_kind(op)][0] += e.duration_ns
@@ -372,6 +486,7 @@ def summarise(events: Sequence[OpEvent], ops: dict[str, HloOp], top: str,
       "kinds": sorted((row(k, ns, n, "kind") for k, (ns, n) in
                        kinds.items()), key=lambda r: -r["s_per_call"]),
       "top_ops": [],
+      "unattributed_share": tp._r(unattributed / total, 4),
   }
   for name, ns in sorted(per_op.items(), key=lambda kv: -kv[1])[:TOP_OPS]:
     op = ops.get(name)
@@ -409,12 +524,9 @@ def profile_hr_forward(args, sizes, info: dict) -> list[dict]:
       first, times = tp.time_calls(lambda: exe(variables, x), args.repeats,
                                    jax.block_until_ready)
       text = exe.as_text()
-      name = module_name(text)
-      events = traced(lambda: exe(variables, x), args.repeats)
-      mine = [e for e in events if e.module == name]
-      matched = bool(mine)
-      if not matched:  # names differ in some versions: every op event
-        mine = events
+      name, ops = module_name(text), hlo_ops(text)
+      events, traced_times = traced(lambda: exe(variables, x), args.repeats)
+      mine, matched = program_events(events, name, ops)
       if not mine:
         raise RuntimeError("the trace recorded no XLA op events")
       flops = module_flops(g, variables, x)
@@ -429,6 +541,7 @@ def profile_hr_forward(args, sizes, info: dict) -> list[dict]:
              "op_time_s": tp._r(sum(e.duration_ns for e in mine) / 1e9
                                 / args.repeats, 9),
              "busy_fraction": tp._r(busy / wall, 4) if wall > 0 else None,
+             "traced_wall_s": tp._r(statistics.median(traced_times)),
              "events_from": ("device" if mine[0].on_device else "host"),
              "module": name, "module_matched": matched,
              "flops": sum(flops.values()),
@@ -438,8 +551,8 @@ def profile_hr_forward(args, sizes, info: dict) -> list[dict]:
                               f"{peaks['match']} datasheet, dense, "
                               f"{'bf16' if dtype == 'bf16' else 'TF32'}"),
              "s_per_patch": tp._r(wall / batch)}
-      out.update(summarise(mine, hlo_ops(text), "HRGenerator", args.repeats,
-                           flops, peak))
+      out.update(summarise(mine, ops, "HRGenerator", args.repeats, flops,
+                           peak))
       return out
     rows.append(tp._run_case(row, measure))
   return rows
@@ -506,11 +619,12 @@ def profile_edges(args) -> list[dict]:
       mean["rest"] = max(0.0, sum(walls) / args.repeats - sum(mean.values()))
       out["phases_s"] = {k: tp._r(v) for k, v in mean.items()}
       if engine == "jax":
-        events = traced(call, 1)
+        events, _ = traced(call, 1)
         on_device = [e for e in events if e.on_device]
         use = on_device or events
-        out["kernel_busy_s"] = tp._r(busy_ns(use) / 1e9, 6)
-        out["kernel_events_from"] = "device" if on_device else "host"
+        out["kernel_busy_s"] = tp._r(busy_ns(use) / 1e9, 6) if use else None
+        out["kernel_events_from"] = (("device" if on_device else "host")
+                                     if use else "none: no op events traced")
       return out
     rows.append(tp._run_case(row, measure))
   return rows
@@ -530,18 +644,21 @@ def markdown(data: dict) -> str:
   for r in res.get("hr_forward") or []:
     if r.get("error"):
       continue
+    traced_ms = r.get("traced_wall_s") and r["traced_wall_s"] * 1e3
     parts += [
         "", f"**HR generator forward**, impl {r['impl']}, {r['dtype']}, "
         f"batch {r['batch']} of {r['patch']}³ (ngf {r['ngf']}, "
         f"{r['n_blocks']} blocks): {_fmt(r['wall_s'] * 1e3, '.4g')} ms per "
         f"call, ops busy {_fmt(r['device_busy_s'] * 1e3, '.4g')} ms "
         f"({_fmt(r['busy_fraction'], '.0%')} of the call; op events from "
-        f"the {r['events_from']}); "
+        f"the {r['events_from']}; {_fmt(traced_ms, '.4g')} ms per call "
+        "while traced); "
         f"{_fmt(r['achieved_flops'] and r['achieved_flops'] / 1e12)} "
         "TFLOP/s nominal over the call"
         + (f", {_fmt(r['achieved_flops'] / r['peak_flops'], '.0%')} of "
            f"the {r['peak_assumed']} peak" if r.get("peak_flops") else "")
-        + ".", "",
+        + f"; op time put down to no layer or kind: "
+        f"{_fmt(r.get('unattributed_share'), '.1%')}.", "",
         "| layer | ms per call | share of op time | ops | GFLOP | "
         "TFLOP/s | of peak |", "|---|---|---|---|---|---|---|"]
     for g in r["groups"]:

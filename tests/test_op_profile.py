@@ -36,6 +36,50 @@ def test_layer_of(name, group):
   assert op.layer_of(name, "HRGenerator") == group
 
 
+def test_instruction_lines_of_either_text_format():
+  ins = op._parse_instr(
+      "  ROOT %custom-call.3 = (bf16[8,16,16,16,64]{4,3,2,1,0}, u8[0]{0}) "
+      "custom-call(bf16[8,18,18,18,2]{4,3,2,1,0} %pad.1, bf16[3,3,3,2,64]"
+      "{4,3,2,1,0} %p.2), window={size=3x3x3}, custom_call_target="
+      '"__cudnn$convForward", metadata={op_name="jit(f)/HRGenerator/conv_in/'
+      'conv_general_dilated"}')
+  assert (ins.name, ins.opcode, ins.root) == ("custom-call.3", "custom-call",
+                                              True)
+  assert ins.operands == ["pad.1", "p.2"]
+  assert ins.op_name.endswith("conv_in/conv_general_dilated")
+  plain = op._parse_instr("  add.4 = f32[2]{0} add(f32[2]{0} a, f32[2]{0} b)")
+  assert (plain.opcode, plain.operands, plain.root) == ("add", ["a", "b"],
+                                                        False)
+  text = """HloModule m, entry_computation_layout={()->f32[2]}
+
+%fused (p0: f32[2]) -> f32[2] {
+  %p0 = f32[2]{0} parameter(0)
+  %neg = f32[2]{0} negate(%p0), metadata={op_name="jit(f)/G/conv_in/neg"}
+  ROOT %pad.9 = f32[2]{0} pad(%neg, %c), padding=0_0
+}
+
+ENTRY %main (x: f32[2]) -> f32[2] {
+  %x = f32[2]{0} parameter(0), metadata={op_name="x"}
+  %f = f32[2]{0} fusion(%x), kind=kLoop, calls=%fused
+  %w = f32[2]{0} while(%f), condition=%c, body=%b
+  ROOT %copy.1 = f32[2]{0} copy(%f)
+}
+"""
+  ops = op.hlo_ops(text)
+  assert op.module_name(text) == "m"
+  # The fusion's root (a pad) has no source: the one nearest it in its body.
+  assert ops["f"].op_name == "jit(f)/G/conv_in/neg"
+  assert op.op_kind(ops["f"]) == "elementwise"
+  # A copy without a source op: its operand's.
+  assert ops["copy.1"].op_name == "jit(f)/G/conv_in/neg"
+  assert op.op_kind(ops["copy.1"]) == "data movement"
+  events = [op.OpEvent("m", n, 0.0, 1.0, False) for n in ("f", "w", "copy.1")]
+  mine, matched = op.program_events(events, "m", ops)
+  assert matched and [e.op for e in mine] == ["f", "copy.1"]
+  mine, matched = op.program_events(events, "other", ops)
+  assert not matched and len(mine) == 2
+
+
 def test_hlo_ops_reads_fusions_and_their_sources():
   def f(x, w):
     return jnp.tanh(x @ w).sum() + jnp.sin(x).sum()
@@ -83,7 +127,8 @@ def test_timed_phases_restores_the_functions():
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("profile")
-  assert op.main(["--quick", "--out", str(out)]) == 0
+  assert op.main(["--quick", "--dtypes", "fp32", "bf16", "--repeats", "2",
+                  "--out", str(out)]) == 0
   return out, json.loads((out / f"profile-{jax.default_backend()}.json")
                          .read_text())
 
@@ -91,14 +136,31 @@ def quick_run(tmp_path_factory):
 def test_quick_run_profiles_the_forward(quick_run):
   out, data = quick_run
   assert data["meta"]["backend"] == jax.default_backend()
-  (row,) = data["results"]["hr_forward"]
+  rows = data["results"]["hr_forward"]
+  assert [r["dtype"] for r in rows] == ["fp32", "bf16"]
+  for row in rows:
+    _check_forward_row(row)
+  md = (out / f"profile-{jax.default_backend()}.md").read_text()
+  assert "| block_*/conv_0 |" in md and "**Edge sketch**" in md
+
+
+def _check_forward_row(row):
   assert row["error"] is None, row
   assert row["module_matched"]
   assert 0 < row["device_busy_s"] <= row["op_time_s"] + 1e-9
+  # Per call: the busy time fits in a traced call (2 calls were traced).
+  assert row["device_busy_s"] <= 1.05 * max(row["traced_wall_s"], 1e-6)
   assert 0 < row["busy_fraction"] < 1.5
+  # Every op put down to a layer and a kind.
+  assert row["unattributed_share"] < 0.01, row["top_ops"]
+  kinds = {k["kind"]: k["share"] for k in row["kinds"]}
+  assert kinds.get("other", 0) == 0 and kinds["data movement"] > 0
   groups = {g["group"]: g for g in row["groups"]}
   assert {"conv_in", "conv_out", "block_*/conv_0", "up_1"} <= set(groups)
   assert sum(g["share"] for g in row["groups"]) == pytest.approx(1, abs=2e-3)
+  for part in ("groups", "kinds"):  # per call, as op_time_s
+    assert sum(g["s_per_call"] for g in row[part]) == pytest.approx(
+        row["op_time_s"], rel=1e-3)
   assert sum(k["share"] for k in row["kinds"]) == pytest.approx(1, abs=2e-3)
   assert {k["kind"] for k in row["kinds"]} <= set(op.KINDS)
   assert "conv/matmul" in {k["kind"] for k in row["kinds"]}
@@ -107,8 +169,6 @@ def test_quick_run_profiles_the_forward(quick_run):
       2 * tp.hr_forward_flops(s.ngf, s.n_blocks, s.patch))
   assert groups["conv_out"]["achieved_flops"] > 0
   assert len(row["top_ops"]) <= op.TOP_OPS
-  md = (out / f"profile-{jax.default_backend()}.md").read_text()
-  assert "| block_*/conv_0 |" in md and "**Edge sketch**" in md
 
 
 def test_quick_run_times_the_edge_phases(quick_run):

@@ -283,6 +283,8 @@ def test_profile_cpu_numbers_are_the_jsons():
       return kinds["conv/matmul"]
     if label.startswith("kind: elementwise"):
       return kinds["elementwise"]
+    if label.startswith("kind: data movement"):
+      return kinds["data movement"]
     if label.startswith("the 17 instance norms"):
       return sum(v for k, v in groups.items() if "norm" in k)
     raise AssertionError(f"unknown row {label!r}")
@@ -301,6 +303,15 @@ def test_profile_cpu_numbers_are_the_jsons():
            for g in r["groups"] if g["group"] in ("down_0", "up_1")]
   lo, hi = _search(r"about half that \(([\d.]+)–([\d.]+)\)", prose).groups()
   assert _agrees(lo, min(rates)) and _agrees(hi, max(rates))
+  share = _search(r"the share it could not put down \(([\d.]+) % here\)",
+                  prose).group(1)
+  for r in fwd.values():
+    assert _agrees(share, 100 * r["unattributed_share"])
+  bf16 = fwd["bf16"]
+  m = _search(r"the bf16 forward took ([\d.]+) s per call untraced and "
+              r"([\d.]+) s traced", prose)
+  assert _agrees(m.group(1), bf16["wall_s"])
+  assert _agrees(m.group(2), bf16["traced_wall_s"])
 
   edges = {r["engine"]: r for r in data["edges"]}
   jx, npy = edges["jax"], edges["numpy"]
