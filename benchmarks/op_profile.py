@@ -529,6 +529,11 @@ def profile_hr_forward(args, sizes, info: dict) -> list[dict]:
       mine, matched = program_events(events, name, ops)
       if not mine:
         raise RuntimeError("the trace recorded no XLA op events")
+      if info["backend"] != "cpu" and not mine[0].on_device:
+        # Host events there time the launches, not the kernels.
+        raise RuntimeError(
+            f"the trace has no {info['backend']} device events (the "
+            "profiler's device tracer, e.g. CUPTI, missing?)")
       flops = module_flops(g, variables, x)
       peak = None
       if peaks and info["backend"] == "gpu":
@@ -587,7 +592,7 @@ def timed_phases(module, names: Sequence[str]):
       setattr(module, n, fn)
 
 
-def profile_edges(args) -> list[dict]:
+def profile_edges(args, info: dict) -> list[dict]:
   from megan_jax import edges as edges_lib
   n = args.edge_size
   vol = tp.blobs(n, args.seed)
@@ -621,7 +626,8 @@ def profile_edges(args) -> list[dict]:
       if engine == "jax":
         events, _ = traced(call, 1)
         on_device = [e for e in events if e.on_device]
-        use = on_device or events
+        # Off the CPU, host events time the launches, not the kernels.
+        use = on_device or (events if info["backend"] == "cpu" else [])
         out["kernel_busy_s"] = tp._r(busy_ns(use) / 1e9, 6) if use else None
         out["kernel_events_from"] = (("device" if on_device else "host")
                                      if use else "none: no op events traced")
@@ -815,7 +821,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       continue
     tp._log(f"{section}:")
     results[section] = (profile_hr_forward(args, sizes, info)
-                        if section == "hr_forward" else profile_edges(args))
+                        if section == "hr_forward"
+                        else profile_edges(args, info))
     meta["total_s"] = tp._r(time.perf_counter() - start, 1)
     write_results(args.out, data)
   print(markdown(data), end="")

@@ -218,3 +218,18 @@ def test_bad_options(argv):
   with pytest.raises(SystemExit) as e:
     op.parse_args(argv)
   assert e.value.code == 2
+
+
+def test_off_the_cpu_host_events_are_not_taken_for_kernels():
+  """Where a GPU's trace lacks device events (no CUPTI), host events would
+  time the launches: the forward's row says so, the edges have no kernel
+  time."""
+  args = op.parse_args(["--quick", "--only", "hr_forward"])
+  info = {"backend": "gpu", "device_kind": "test"}  # the events stay host's
+  (row,) = op.profile_hr_forward(args, tp.QUICK, info)
+  assert "no gpu device events" in row["error"]
+  args.edge_size = 24
+  rows = {r["engine"]: r for r in op.profile_edges(args, info)}
+  assert rows["jax"]["error"] is None
+  assert rows["jax"]["kernel_busy_s"] is None
+  assert rows["jax"]["kernel_events_from"].startswith("none")
