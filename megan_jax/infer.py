@@ -480,7 +480,10 @@ class Translator:
       waited = time.perf_counter()
       sketch = self._edges(arrays, k)
       t0 += time.perf_counter() - waited  # the wait counts as "edges"
-      edges, _ = resample.pad_to(sketch, even, 0.0, low=(0, 0, 0))
+      # Padded only where the scale is odd-sized: the pad copies the
+      # whole sketch (512³: 0.07 s here after a canny_3d, 8x that at 1024³).
+      edges = (np.ascontiguousarray(sketch) if sketch.shape == even else
+               resample.pad_to(sketch, even, 0.0, low=(0, 0, 0))[0])
       bar = tqdm(total=plan.num_patches, initial=done, unit="patch",
                  desc=f"hr{k} {'x'.join(map(str, shape_k))}",
                  disable=not progress, leave=False, dynamic_ncols=True)

@@ -81,12 +81,15 @@ def test_hr_residual_cascade_upsamples_where_the_generator_adds_nothing(
     assert not np.allclose(got[inner], 0.0)
 
 
-def test_each_hr_scale_is_fed_its_own_scales_sketch(params, monkeypatch):
+@pytest.mark.parametrize("shape", [SHAPE, (32, 40, 24)],
+                         ids=["odd", "even"])
+def test_each_hr_scale_is_fed_its_own_scales_sketch(params, monkeypatch,
+                                                    shape):
   """Each HR scale k's generator gets scale k's edge sketch (``edges_k``,
-  padded as the loop pads), not another scale's: with an HR step that
-  returns its edge patch, every HR scale's output is its own sketch
-  exactly (patches cut and stitched back), and every cut is from that
-  scale's padded sketch."""
+  padded as the loop pads, where a scale is odd-sized; as it is where
+  even), not another scale's: with an HR step that returns its edge patch,
+  every HR scale's output is its own sketch exactly (patches cut and
+  stitched back), and every cut is from that scale's padded sketch."""
   from megan_jax import dataset, resample, tiling
   config = _config()
   t = infer.Translator(config, params, batch_size=4)
@@ -99,10 +102,14 @@ def test_each_hr_scale_is_fed_its_own_scales_sketch(params, monkeypatch):
     return real(volume, *args, **kwargs)
   monkeypatch.setattr(tiling, "extract_batch", extract_batch)
   t.keep_scales = True
-  image = t._normalise_source(_volume())
+  image = t._normalise_source(_volume(shape))
   t.translate_normalised(image, progress=False)
   arrays = dataset.preprocess(image, config, foreground=False)
   scales = t.scale_outputs["scales"]
+  evens = [tuple(2 * n for n in arrays[f"image_{k - 1}"].shape)
+           == arrays[f"image_{k}"].shape
+           for k in range(1, config.num_hr_scales + 1)]
+  assert all(evens) if shape != SHAPE else not any(evens)
   for k in range(1, config.num_hr_scales + 1):
     own = arrays[f"edges_{k}"]
     below = scales["lr" if k == 1 else f"hr{k - 1}"]
