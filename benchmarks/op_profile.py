@@ -455,16 +455,18 @@ def summarise(events: Sequence[OpEvent], ops: dict[str, HloOp], top: str,
   groups = collections.defaultdict(lambda: [0.0, set()])
   kinds = collections.defaultdict(lambda: [0.0, set()])
   per_op = collections.defaultdict(float)
+  group_kinds = collections.defaultdict(collections.Counter)
   unattributed = 0.0
   for e in events:
     op = ops.get(e.op)
-    g = layer_of(op.op_name if op else "", top)
-    if g == NO_SOURCE or op_kind(op) == "other":
+    g, kind = layer_of(op.op_name if op else "", top), op_kind(op)
+    if g == NO_SOURCE or kind == "other":
       unattributed += e.duration_ns
     groups[g][0] += e.duration_ns
     groups[g][1].add(e.op)
-    kinds[op_kind(op)][0] += e.duration_ns
-    kinds[op_kind(op)][1].add(e.op)
+    group_kinds[g][kind] += e.duration_ns
+    kinds[kind][0] += e.duration_ns
+    kinds[kind][1].add(e.op)
     per_op[e.op] += e.duration_ns
   flops = flops or {}
 
@@ -472,7 +474,9 @@ def summarise(events: Sequence[OpEvent], ops: dict[str, HloOp], top: str,
     s = ns / 1e9 / calls
     r = {key: name, "s_per_call": tp._r(s, 9), "share": tp._r(ns / total, 4),
          "ops": len(names)}
-    if key == "group":
+    if key == "group":  # its time by kind of op, and its FLOP/s
+      r["kinds"] = {k: tp._r(v / ns, 4) for k, v in
+                    group_kinds[name].most_common()}
       f = flops.get(name)
       r["flops"] = f
       r["achieved_flops"] = f / s if f and s > 0 else None
@@ -643,6 +647,13 @@ def _fmt(x, spec=".3g"):
   return "–" if x is None else format(x, spec)
 
 
+def conv_share(group: dict) -> float | None:
+  """The share of a group's time in convolutions or dots (None where its
+  row has no split by kind: results of the first version)."""
+  kinds = group.get("kinds")
+  return None if kinds is None else kinds.get("conv/matmul", 0.0)
+
+
 def markdown(data: dict) -> str:
   meta, res = data["meta"], data["results"]
   parts = [f"Profile on {meta['backend']} ({meta['device_kind']}; jax "
@@ -665,12 +676,15 @@ def markdown(data: dict) -> str:
            f"the {r['peak_assumed']} peak" if r.get("peak_flops") else "")
         + f"; op time put down to no layer or kind: "
         f"{_fmt(r.get('unattributed_share'), '.1%')}.", "",
-        "| layer | ms per call | share of op time | ops | GFLOP | "
-        "TFLOP/s | of peak |", "|---|---|---|---|---|---|---|"]
+        "| layer | ms per call | share of op time | of it in convs or "
+        "dots | ops | GFLOP | TFLOP/s | of peak |",
+        "|---|---|---|---|---|---|---|---|"]
     for g in r["groups"]:
       parts.append(
           f"| {g['group']} | {_fmt(g['s_per_call'] * 1e3)} | "
-          f"{_fmt(g['share'], '.1%')} | {g['ops']} | "
+          f"{_fmt(g['share'], '.1%')} | "
+          f"{_fmt(conv_share(g), '.0%')} | "
+          f"{g['ops']} | "
           f"{_fmt(g['flops'] and g['flops'] / 1e9)} | "
           f"{_fmt(g['achieved_flops'] and g['achieved_flops'] / 1e12)} | "
           f"{_fmt(g['fraction_of_peak'], '.0%')} |")

@@ -158,6 +158,10 @@ def _check_forward_row(row):
   groups = {g["group"]: g for g in row["groups"]}
   assert {"conv_in", "conv_out", "block_*/conv_0", "up_1"} <= set(groups)
   assert sum(g["share"] for g in row["groups"]) == pytest.approx(1, abs=2e-3)
+  for g in row["groups"]:  # each layer's time split by kind
+    assert sum(g["kinds"].values()) == pytest.approx(1, abs=1e-3)
+    assert set(g["kinds"]) <= set(op.KINDS)
+  assert groups["block_*/conv_0"]["kinds"]["conv/matmul"] > 0
   for part in ("groups", "kinds"):  # per call, as op_time_s
     assert sum(g["s_per_call"] for g in row[part]) == pytest.approx(
         row["op_time_s"], rel=1e-3)

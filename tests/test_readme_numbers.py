@@ -303,6 +303,14 @@ def test_profile_cpu_numbers_are_the_jsons():
            for g in r["groups"] if g["group"] in ("down_0", "up_1")]
   lo, hi = _search(r"about half that \(([\d.]+)–([\d.]+)\)", prose).groups()
   assert _agrees(lo, min(rates)) and _agrees(hi, max(rates))
+  fp32 = {g["group"]: g for g in fwd["fp32"]["groups"]}
+  m = _search(r"in fp32 `down_0` spends (\d+) % of its time in its dots, the "
+              r"block convs (\d+)–(\d+) %", prose)
+  blocks = [g["kinds"]["conv/matmul"] for n, g in fp32.items()
+            if n.startswith("block_*/conv")]
+  for quoted, value in zip(m.groups(), (
+      fp32["down_0"]["kinds"]["conv/matmul"], min(blocks), max(blocks))):
+    assert _agrees(quoted, 100 * value), (quoted, value)
   share = _search(r"the share it could not put down \(([\d.]+) % here\)",
                   prose).group(1)
   for r in fwd.values():
