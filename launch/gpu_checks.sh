@@ -128,7 +128,7 @@ step 210 "throughput: cascade" python -m benchmarks.throughput \
   --only cascade "${thr_cascade[@]}" --merge --out "$out"
 step 90 "throughput: forward" python -m benchmarks.throughput \
   --only hr_forward "${thr_forward[@]}" --merge --out "$out"
-step 60 "op profile" python -m benchmarks.op_profile "${profile[@]}" \
+step 75 "op profile" python -m benchmarks.op_profile "${profile[@]}" \
   --out "$out"
 step 120 "memory compiled" python -m benchmarks.memory ${mem[@]+"${mem[@]}"} \
   "${compiled[@]}" --measure compiled --fast-compile --jobs 8 --timeout-s 100 \
