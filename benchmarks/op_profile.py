@@ -2,14 +2,15 @@ r"""Where the time goes: the HR generator forward and the edge sketch under
 the JAX profiler.
 
     python -m benchmarks.op_profile [--only hr_forward edges]
-        [--dtypes fp32 bf16] [--batch 8] [--impl fast] [--repeats 3]
+        [--dtypes fp32 bf16] [--batch 8] [--impl fast ...] [--repeats 3]
         [--edge-size 256] [--quick] [--out benchmarks/results]
 
 Sections (``--only`` picks some):
 
 - ``hr_forward``: the HR generator forward (``models.HRGenerator`` at the
   paper's widths, 32³ patches, ``train=False``, as ``benchmarks.throughput``
-  times it) at ``--batch`` in each of ``--dtypes``, run ``--repeats`` times
+  times it) at ``--batch`` in each of ``--dtypes`` and ``--impl`` (conv
+  forms: ``benchmarks.throughput.conv_form``), run ``--repeats`` times
   inside ``jax.profiler.trace``. Every XLA op the trace records (on a GPU
   the kernels on the device, elsewhere the CPU thunks) is put down to the
   Flax module it came from, by the ``op_name`` metadata of the compiled
@@ -512,16 +513,16 @@ def profile_hr_forward(args, sizes, info: dict) -> list[dict]:
                                 train=False), jax.random.key(seed))
   peaks = tp.peak_flops(info["device_kind"])
   rows = []
-  for dtype in args.dtypes:
+  for impl, dtype in [(i, d) for i in args.impl for d in args.dtypes]:
     row = {"section": "hr_forward", "model": "HRGenerator",
-           "impl": args.impl, "dtype": dtype, "batch": batch, "patch": p,
+           "impl": impl, "dtype": dtype, "batch": batch, "patch": p,
            "ngf": sizes.ngf, "n_blocks": sizes.n_blocks}
 
-    def measure(dtype=dtype):
-      g = tp.hr_generator(sizes, tp.model_impl(args.impl), dtype)
+    def measure(impl=impl, dtype=dtype):
+      g = tp.hr_generator(sizes, tp.model_impl(impl), dtype)
       x = jax.device_put(tp.patch_input(batch, p, 2, seed))
       t0 = time.perf_counter()
-      with tp.conv_form(args.impl):
+      with tp.conv_form(impl):
         exe = jax.jit(lambda v, x: g.apply(v, x, train=False)).lower(
             variables, x).compile()
       compile_s = time.perf_counter() - t0
@@ -766,8 +767,11 @@ def parse_args(argv):
                  help="hr_forward dtypes (default fp32 bf16; --quick fp32)")
   p.add_argument("--batch", type=int, default=None,
                  help="patches per forward (default 8; --quick 2)")
-  p.add_argument("--impl", choices=("fast", "plain", "fast-im2col"),
-                 default="fast")
+  p.add_argument("--impl", nargs="+", default=["fast"],
+                 choices=("fast", "plain", "fast-im2col", "fast-skinny"),
+                 help="the forward's conv forms, one profile each (default "
+                 "fast; fast-skinny: the skinny convs as dots on any "
+                 "backend, see benchmarks.throughput.conv_form)")
   p.add_argument("--repeats", type=int, default=None,
                  help="timed (and traced) calls (default 3; --quick 1)")
   p.add_argument("--edge-size", type=int, default=None,

@@ -361,15 +361,18 @@ def conv_form(impl: str):
   Winograd and narrow-input convs off (`layers.TAPS_RATIO`,
   `layers.WINOGRAD_MIN_TILES` infinite, `layers.NARROW_CHANNELS` -1): every
   stride-1 conv but the 7³ output conv as im2col, the fast form before
-  those were added. (Trace a fresh jitted function inside it: a cached
-  trace would ignore it.)"""
+  those were added; ``impl="fast-skinny"`` as the fast form with the skinny
+  convs (the first, on the sketch; the 7³ output conv) as dots on any
+  backend (`layers.SKINNY_DOTS`; on the CPU the same as "fast"). (Trace a
+  fresh jitted function inside it: a cached trace would ignore it.)"""
   from megan_jax.models import layers
-  off = {"TAPS_RATIO": float("inf"), "WINOGRAD_MIN_TILES": float("inf"),
-         "NARROW_CHANNELS": -1}
-  old = {n: getattr(layers, n) for n in off}
-  if impl == "fast-im2col":
-    for n, v in off.items():
-      setattr(layers, n, v)
+  changes = {"fast-im2col": {"TAPS_RATIO": float("inf"),
+                             "WINOGRAD_MIN_TILES": float("inf"),
+                             "NARROW_CHANNELS": -1},
+             "fast-skinny": {"SKINNY_DOTS": True}}.get(impl, {})
+  old = {n: getattr(layers, n) for n in changes}
+  for n, v in changes.items():
+    setattr(layers, n, v)
   try:
     yield
   finally:
@@ -378,7 +381,7 @@ def conv_form(impl: str):
 
 
 def model_impl(impl: str) -> str:
-  return "fast" if impl == "fast-im2col" else impl
+  return "fast" if impl in ("fast-im2col", "fast-skinny") else impl
 
 
 def hr_generator(sizes: Sizes, impl: str, dtype: str):

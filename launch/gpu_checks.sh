@@ -79,7 +79,9 @@ fi
 #     and kind of op, device busy time against the call's; the forward ran
 #     at 11 % of the bf16 peak on the H200) and the edge sketch's phases
 #     at 512³ (host against kernel: 2.15 s there, the kernel should take
-#     milliseconds).
+#     milliseconds); also impl fast-skinny (the first conv, on 2 channels,
+#     and the 7³ conv to 1 channel as dots, GEMMs cuDNN's tensor cores
+#     may run better than those skinny convs).
 #  4. memory, compiled: every model to 512³, the cascade to 1024³, every
 #     model's smallest sizes first (session 15 lost these to a bug).
 #  5. memory, measured peak of MEGAN: the cascade at 64³ and 1024³, its
@@ -95,7 +97,7 @@ if [ "$quick" = 1 ]; then
   peak=(--models pix2pix --sizes 16 32)
   thr_cascade=(--quick --cascade-sizes 64)
   thr_forward=(--quick --batches 1 --plain-batches 1)
-  profile=(--quick)
+  profile=(--quick --impl fast fast-skinny)
 else
   mem=()
   compiled=(--sizes 32 64 128 256 512 --cascade-sizes 64 128 256 512 1024)
@@ -105,7 +107,7 @@ else
   thr_cascade=(--cascade-sizes 512 1024 --cascade-dtype bf16
                --cascade-repeats 2 --cascade-budget-s 60)
   thr_forward=(--batches 8 32 128 --plain-batches 8 32 128 --repeats 2)
-  profile=(--batch 32 --edge-size 512 --repeats 2)
+  profile=(--batch 32 --edge-size 512 --repeats 2 --impl fast fast-skinny)
 fi
 
 # The benchmarks write their JSON as cases finish, so a step cut short by

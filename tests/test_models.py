@@ -630,3 +630,39 @@ def test_own_backwards_run_in_bfloat16(name):
   for a, b in zip(grads[jnp.bfloat16], grads[jnp.float32]):
     assert a.dtype == jnp.float32
     np.testing.assert_allclose(a, b, rtol=0.1, atol=0.05 * float(jnp.abs(b).max()))
+
+
+def _conv_count(fn, *args) -> int:
+  """The conv_general_dilated equations in ``fn``'s jaxpr, nested ones too
+  (traced afresh: make_jaxpr caches traces by function)."""
+  from jax.extend.core import jaxprs_in_params
+
+  def count(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      n += eqn.primitive.name == "conv_general_dilated"
+      for sub in jaxprs_in_params(eqn.params):
+        n += count(sub)
+    return n
+  return count(jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr)
+
+
+def test_skinny_dots_off_the_cpu_rewrite_only_the_skinny_convs(monkeypatch):
+  """`layers.SKINNY_DOTS` (a GPU experiment): where the fast forms keep
+  lax convs (``use_dots`` false, as on a GPU), True writes the first conv
+  (2 input channels) and the 7³ output conv as dots, the same function;
+  every other conv stays a lax conv."""
+  monkeypatch.setattr(layers, "use_dots", lambda: False)  # as on a GPU
+  g = HRGenerator(ngf=8, n_blocks=1, dropout_rate=0.5)
+  x = _rand(0, (2, 16, 16, 16, 2))
+  v = jax.jit(lambda k: g.init(k, x, train=False))(jax.random.key(0))
+  run = lambda v, x: g.apply(v, x, train=False)
+  lax_convs = _conv_count(run, v, x)
+  want = run(v, x)
+  monkeypatch.setattr(layers, "SKINNY_DOTS", True)
+  assert layers.skinny_dots()
+  assert _conv_count(run, v, x) == lax_convs - 2
+  _close(run(v, x), want)
+  monkeypatch.setattr(layers, "SKINNY_DOTS", None)  # follows use_dots
+  assert not layers.skinny_dots()
+  assert _conv_count(run, v, x) == lax_convs

@@ -128,7 +128,7 @@ def test_timed_phases_restores_the_functions():
 def quick_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("profile")
   assert op.main(["--quick", "--dtypes", "fp32", "bf16", "--repeats", "2",
-                  "--out", str(out)]) == 0
+                  "--impl", "fast", "fast-skinny", "--out", str(out)]) == 0
   return out, json.loads((out / f"profile-{jax.default_backend()}.json")
                          .read_text())
 
@@ -137,7 +137,9 @@ def test_quick_run_profiles_the_forward(quick_run):
   out, data = quick_run
   assert data["meta"]["backend"] == jax.default_backend()
   rows = data["results"]["hr_forward"]
-  assert [r["dtype"] for r in rows] == ["fp32", "bf16"]
+  assert [(r["impl"], r["dtype"]) for r in rows] == [
+      ("fast", "fp32"), ("fast", "bf16"), ("fast-skinny", "fp32"),
+      ("fast-skinny", "bf16")]
   for row in rows:
     _check_forward_row(row)
   md = (out / f"profile-{jax.default_backend()}.md").read_text()
@@ -217,7 +219,7 @@ def test_bad_out_and_damaged_merge_file_are_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--batch", "0"], ["--repeats", "0"],
-                                  ["--edge-size", "1"]])
+                                  ["--edge-size", "1"], ["--impl", "slow"]])
 def test_bad_options(argv):
   with pytest.raises(SystemExit) as e:
     op.parse_args(argv)

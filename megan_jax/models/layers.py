@@ -265,6 +265,19 @@ def use_dots() -> bool:
   return jax.default_backend() == "cpu"
 
 
+# The skinny convs (at most NARROW_CHANNELS input channels: the first conv,
+# on the edge sketch; `OutConv`, to one channel) as dots (im2col, tap
+# matmul) or as `lax` convs: None follows `use_dots`; True takes the dots on
+# any backend too (a GPU experiment: cuDNN may leave its tensor cores idle
+# on one output channel, where the tap matmul is a GEMM 343 wide).
+SKINNY_DOTS = None
+
+
+def skinny_dots() -> bool:
+  """Whether `conv3d_fast` and `OutConv` write the skinny convs as dots."""
+  return use_dots() if SKINNY_DOTS is None else bool(SKINNY_DOTS)
+
+
 WINOGRAD_MIN_TILES = 256  # 2³ output tiles from which 3³/2³ convs go Winograd
 WINOGRAD_MIN_CHANNELS = 32  # and at least this many input and output channels
 TAPS_RATIO = 4  # C_in / C_out from which `conv3d_fast` takes the taps form
@@ -315,6 +328,10 @@ def conv3d_fast(x: Array, kernel: Array, padding: int = 0) -> Array:
   ``"fast-im2col"``: everything as im2col).
   """
   if not use_dots():
+    k = kernel.shape[0]
+    if (skinny_dots() and kernel.shape[3] <= NARROW_CHANNELS
+        and padding <= k - 1):
+      return conv3d_im2col_narrow(x, kernel, padding)
     return conv3d(x, kernel, padding)
   if _takes_winograd(x.shape, kernel.shape, padding):
     return conv3d_winograd(x, kernel, padding)
@@ -905,7 +922,8 @@ class OutConv(_ConvBase):
   ``impl="fast"``: on CPU (`use_dots`) `conv3d_taps` (one matmul to the
   k³ taps, then shift-and-add in float32, cast back to ``dtype``), since XLA
   CPU runs the direct 7³ conv to one channel at ~0.3 GFLOP/s; elsewhere a
-  plain conv (the tap tensor is k³ × the output, 45 MB per 32³ patch).
+  plain conv (the tap tensor is k³ × the output, 45 MB per 32³ patch),
+  unless `SKINNY_DOTS` says otherwise.
   """
   features: int = 1
   kernel_size: int = 7
@@ -914,7 +932,7 @@ class OutConv(_ConvBase):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x, kernel, bias = self._params(x, self.kernel_size)
-    if self.impl == "plain" or not use_dots():
+    if self.impl == "plain" or not skinny_dots():
       return conv3d(x, kernel, self.padding) + bias
     y = conv3d_taps(x, kernel, self.padding)
     return y.astype(self.dtype) + bias
