@@ -50,7 +50,9 @@ Sections (``--only`` picks some):
   volume (Gaussian blobs) of each of ``--cascade-sizes``; per-stage seconds
   from ``Translator.timings``, patches per scale. ``--cascade-widths demo``
   uses the demo config's generator widths (ngf 8, 2 ResNet blocks) on the
-  paper's geometry, so a CPU finishes.
+  paper's geometry, so a CPU finishes. ``--cascade-skinny-sizes``: sizes
+  run a second time with impl ``"fast-skinny"`` (`conv_form`; rows carry
+  their ``impl``).
 
 - ``edges``: ``edges.canny_3d`` (the sketch every scale is conditioned on,
   the cascade's host-side stage) on the cascade's blob volume at each of
@@ -974,8 +976,15 @@ def bench_cascade(args, on_row: Callable[[list], None] = lambda rows: None
   from megan_jax import infer
   rows = []
   repeats = args.cascade_repeats or args.repeats
-  for size in args.cascade_sizes:
-    def measure(size=size):
+  cases = [(size, impl) for size in args.cascade_sizes
+           for impl in ["fast"] + (["fast-skinny"] if size in
+                                   args.cascade_skinny_sizes else [])]
+  for size, impl in cases:
+    def measure(size=size, impl=impl):
+      with conv_form(impl):  # traced (in plan, or later) with its forms
+        return measure_cascade(size)
+
+    def measure_cascade(size):
       c = cascade_config(args, size)
       t = infer.Translator(c, random_generators(c, args.seed),
                            batch_size=("auto" if args.cascade_batch == "auto"
@@ -1019,7 +1028,7 @@ def bench_cascade(args, on_row: Callable[[list], None] = lambda rows: None
               "compile_s": _r(compile_s)}
     rows.append(_run_case({"section": "cascade", "framework": "jax",
                            "size": size, "widths": args.cascade_widths,
-                           "dtype": args.cascade_dtype},
+                           "dtype": args.cascade_dtype, "impl": impl},
                           measure))
     on_row(rows)
   return rows
@@ -1241,15 +1250,19 @@ def markdown(data: dict) -> str:
     for r in casc:
       names += [n for n in r["stages_s"]
                 if n not in names and n != "edges_lr"]
+    impls = any(r.get("impl", "fast") != "fast" for r in casc)
     parts += ["", "**Whole cascade** (seconds per stage):", "",
-              "| output | widths | dtype | patches | " + " | ".join(names)
+              "| output | widths | dtype | " + ("impl | " if impls else "")
+              + "patches | " + " | ".join(names)
               + " | total | runs | compile |",
-              "|---|---|---|---|" + "---|" * len(names) + "---|---|---|"]
+              "|---|---|---|---|" + "---|" * (len(names) + impls)
+              + "---|---|---|"]
     for r in casc:
       pats = ", ".join(f"{k} {v}" for k, v in r["patches"].items()
                        if k != "lr")
       parts.append(
           f"| {r['size']}³ | {r['widths']} | {r.get('dtype', 'fp32')} | "
+          + (f"{r.get('impl', 'fast')} | " if impls else "") +
           f"{pats or '–'} | "
           + " | ".join(_fmt(r["stages_s"].get(n)) for n in names)
           + f" | {_fmt(r['total_s'])} | {len(r.get('times_s') or [])} | "
@@ -1486,6 +1499,9 @@ def parse_args(argv, backend: str | None = None):
                  help="no further timed cascade run of a size once its runs "
                  "took this long (at least one runs; for the 1024³ cascade "
                  "under a time limit)")
+  p.add_argument("--cascade-skinny-sizes", type=int, nargs="*", default=[],
+                 help="cascade sizes also run with impl fast-skinny (the "
+                 "skinny convs as dots on any backend; see conv_form)")
   p.add_argument("--cascade-dtype", choices=DTYPES, default=None,
                  help="cascade compute dtype (default: bf16 on a GPU, as "
                  "the 512³ goal, fp32 elsewhere)")

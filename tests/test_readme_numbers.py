@@ -238,7 +238,8 @@ def test_throughput_gpu_numbers_are_the_jsons():
   # The whole cascade.
   size, dtype = _search(r"Whole cascade to (\d+)³ in (\w+)", text).groups()
   (casc,) = [r for r in res["cascade"] if not r["error"]
-             and r["size"] == int(size) and r["dtype"] == dtype]
+             and r["size"] == int(size) and r["dtype"] == dtype
+             and r.get("impl", "fast") == "fast"]
   (casc_batch, edges, lr, n1, hr1, n2, hr2, n3, rate3, hr3, total, run1,
    run2, compile_s) = _search(
       r"device memory: (\d+)\): edges \([^)]*\) ([\d.]+) s, LR ([\d.]+), "

@@ -196,6 +196,34 @@ def test_a_run_cut_short_keeps_the_cascade_sizes_it_finished(
 
 
 @pytest.mark.slow
+def test_cascade_skinny_sizes_add_a_fast_skinny_row(monkeypatch):
+  """--cascade-skinny-sizes: those sizes run again with impl fast-skinny,
+  traced with `layers.SKINNY_DOTS` on (and off again after); the table
+  gets an impl column."""
+  from megan_jax import infer
+  from megan_jax.models import layers
+  seen = []
+  plan = infer.Translator.plan
+
+  def spy(self, shape):
+    seen.append(layers.SKINNY_DOTS)
+    return plan(self, shape)
+  monkeypatch.setattr(infer.Translator, "plan", spy)
+  args = throughput.parse_args(["--quick", "--cascade-skinny-sizes", "64"],
+                               backend="cpu")
+  rows = throughput.bench_cascade(args)
+  assert [(r["size"], r["impl"], r["error"]) for r in rows] == [
+      (64, "fast", None), (64, "fast-skinny", None)]
+  assert seen == [None, True] and layers.SKINNY_DOTS is None
+  text = throughput.markdown({
+      "meta": {"backend": "cpu", "device_kind": "cpu", "threads": 2,
+               "jax_version": "x", "command": "c", "repeats": 1},
+      "results": {"cascade": rows}, "ratios": {}})
+  lines = [line for line in text.splitlines() if line.startswith("| ")]
+  assert "| impl |" in lines[0] and len({line.count("|") for line in lines}) == 1
+  assert any("| fast-skinny |" in line for line in lines)
+
+
 def test_cascade_auto_batch_uses_the_translators_pick(monkeypatch):
   # The Translator's auto pick is stubbed to a batch no config uses (3), so
   # the row shows whether the benchmark asked for it and ran with it.
