@@ -32,12 +32,14 @@ Sections (``--only`` picks some):
   while traced (on a GPU the profiler makes XLA launch the ops of its
   command buffers, CUDA graphs, one by one; the kernels' times hold).
 - ``edges``: ``edges.canny_3d`` on the cascade's blob volume of
-  ``--edge-size``³, each engine: wall time and its phases, timed by
-  wrapping the module's step functions (``_steps_jax`` or
-  ``_smooth_and_differentiate`` and ``_suppress``, ``_keep_above``,
-  ``_hysteresis_sparse``, input checks ``_as_volume`` + ``_well_scaled``;
-  the rest: maxima, thresholds, writing the sketch); for the jax engine
-  also the device time of its slab kernel from the trace.
+  ``--edge-size``³, each engine (and the jax engine with
+  ``edges.JAX_SPARSE_TRANSFER``: ``jax-sparse``): wall time and its
+  phases, timed by wrapping the module's step functions (``_steps_jax``,
+  ``_candidates_jax_sparse`` or ``_smooth_and_differentiate`` and
+  ``_suppress``; ``_keep_above``, ``_hysteresis``, input checks
+  ``_as_volume`` + ``_well_scaled``; the rest: maxima, thresholds, the weak
+  voxels' indices, writing the sketch); for the jax engine also the device
+  time of its slab kernels from the trace.
 
 Writes ``profile-<backend>.json`` (``{"meta": {...}, "results":
 {"hr_forward": [row, ...], "edges": [row, ...]}}``; a case that fails is
@@ -70,10 +72,14 @@ from benchmarks import throughput as tp
 SECTIONS = ("hr_forward", "edges")
 KINDS = ("conv/matmul", "reduction", "elementwise", "data movement",
          "other")
-# canny_3d's step functions, timed by wrapping them (in call order).
+# canny_3d's step functions, timed by wrapping them (in call order; none
+# calls another).
 EDGE_PHASES = ("_as_volume", "_well_scaled", "_steps_jax",
-               "_smooth_and_differentiate", "_suppress", "_keep_above",
-               "_hysteresis_sparse")
+               "_candidates_jax_sparse", "_smooth_and_differentiate",
+               "_suppress", "_keep_above", "_hysteresis")
+# The edges section's rows: (label, engine, edges.JAX_SPARSE_TRANSFER).
+EDGE_VARIANTS = (("jax", "jax", False), ("jax-sparse", "jax", True),
+                 ("numpy", "numpy", False))
 NO_SOURCE = "(no source op)"  # ops XLA made with no source op near
 TOP_OPS = 12
 
@@ -572,6 +578,16 @@ def profile_hr_forward(args, sizes, info: dict) -> list[dict]:
 # edges
 # ---------------------------------------------------------------------------
 @contextlib.contextmanager
+def _sparse_transfer(edges_lib, on: bool):
+  old = edges_lib.JAX_SPARSE_TRANSFER
+  edges_lib.JAX_SPARSE_TRANSFER = on
+  try:
+    yield
+  finally:
+    edges_lib.JAX_SPARSE_TRANSFER = old
+
+
+@contextlib.contextmanager
 def timed_phases(module, names: Sequence[str]):
   """Wraps ``module``'s functions ``names`` to add their wall time (s) to
   the yielded dict while the context is open."""
@@ -602,10 +618,15 @@ def profile_edges(args, info: dict) -> list[dict]:
   n = args.edge_size
   vol = tp.blobs(n, args.seed)
   rows = []
-  for engine in edges_lib.ENGINES:
-    row = {"section": "edges", "engine": engine, "size": n}
+  # (row label, engine, edges.JAX_SPARSE_TRANSFER)
+  for label, engine, sparse in EDGE_VARIANTS:
+    row = {"section": "edges", "engine": label, "size": n}
 
-    def measure(engine=engine):
+    def measure(engine=engine, sparse=sparse):
+      with _sparse_transfer(edges_lib, sparse):
+        return measure_engine(engine)
+
+    def measure_engine(engine):
       if engine == "jax":
         t0 = time.perf_counter()
         edges_lib.compile_canny(vol.shape)
@@ -613,7 +634,9 @@ def profile_edges(args, info: dict) -> list[dict]:
       else:
         compile_s = None
       call = lambda: edges_lib.canny_3d(vol, engine=engine)
-      call()  # untimed: first-touch of pages, thread pools
+      t0 = time.perf_counter()
+      call()  # untimed: first-touch of pages, thread pools (and compiles)
+      first = time.perf_counter() - t0
       walls, phases = [], collections.Counter()
       for _ in range(args.repeats):
         with timed_phases(edges_lib, EDGE_PHASES) as spent:
@@ -621,14 +644,14 @@ def profile_edges(args, info: dict) -> list[dict]:
           call()
           walls.append(time.perf_counter() - t0)
         phases.update(spent)
-      out = {"compile_s": tp._r(compile_s), "median_s":
-             tp._r(statistics.median(walls)),
+      out = {"compile_s": tp._r(compile_s), "first_call_s": tp._r(first),
+             "median_s": tp._r(statistics.median(walls)),
              "times_s": [tp._r(t) for t in walls],
              "threads": edges_lib.EDGE_THREADS}
       mean = {k: v / args.repeats for k, v in phases.items()}
       mean["rest"] = max(0.0, sum(walls) / args.repeats - sum(mean.values()))
       out["phases_s"] = {k: tp._r(v) for k, v in mean.items()}
-      if engine == "jax":
+      if engine == "jax":  # (the first call compiled the sparse kernels)
         events, _ = traced(call, 1)
         on_device = [e for e in events if e.on_device]
         # Off the CPU, host events time the launches, not the kernels.

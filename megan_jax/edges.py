@@ -40,6 +40,7 @@ An optional label (e.g. a tumour) can be written onto the sketch
 (:func:`add_label`), and augmented by random scaling and mirroring
 (:func:`augment_label`), as in the paper.
 """
+import math
 import os
 from collections.abc import Sequence
 
@@ -71,6 +72,15 @@ SPARSE_HYSTERESIS_DENSITY = 1 / 256
 ENGINE = "jax"
 ENGINES = ("jax", "numpy")
 JAX_SLAB_PLANES = {"cpu": 32, "gpu": 128}  # planes per jitted slab call
+# What the JAX engine brings back to the host (a GPU experiment; the same
+# sketch either way): False, every slab's magnitude and local maxima
+# (640 MB at 512³) for the host's thresholds; True, a first pass of the
+# slab kernels finds the largest magnitude, a second sends back only the
+# candidates' flat indices and magnitudes, compacted on the device (a few
+# MB), when they fit `SPARSE_CAPACITY` of a slab (else that slab's dense
+# pair). Where there is a mask or quantile thresholds: always dense.
+JAX_SPARSE_TRANSFER = False
+SPARSE_CAPACITY = 1 / 16  # of a slab's voxels
 _JAX_BUCKET = 16  # slab sides are rounded up to this (fewer compiles)
 
 
@@ -376,7 +386,10 @@ def compile_canny(shape, sigma: float = 1.0) -> None:
   first `canny_3d` (which otherwise compiles it then: ~0.6 s on a CPU)."""
   import jax
   device = jax.local_devices()[0]
-  _slab_executable(sigma, _jax_geometry(tuple(shape), sigma, device), device)
+  geometry = _jax_geometry(tuple(shape), sigma, device)
+  _slab_executable(sigma, geometry, device)
+  if JAX_SPARSE_TRANSFER:
+    _sparse_executables(sigma, geometry, device)
 
 
 def _steps_jax(vol: np.ndarray, sigma: float
@@ -401,34 +414,162 @@ def _steps_jax(vol: np.ndarray, sigma: float
   buffers = [np.empty((planes + 2 * halo, rows + 2 * halo, cols + 2 * halo),
                       np.float32) for _ in range(2)]
 
-  def fill(buf, lo):
-    inner = buf[:, halo:halo + h, halo:halo + w]
-    for i, z in enumerate(np.clip(np.arange(lo - halo, lo + planes + halo),
-                                  0, depth - 1)):
-      inner[i] = vol[z]
-    buf[:, :halo, halo:halo + w] = buf[:, halo:halo + 1, halo:halo + w]
-    buf[:, halo + h:, halo:halo + w] = buf[:, halo + h - 1:halo + h,
-                                           halo:halo + w]
-    buf[:, :, :halo] = buf[:, :, halo:halo + 1]
-    buf[:, :, halo + w:] = buf[:, :, halo + w - 1:halo + w]
-
   def collect(result, lo):
     n = min(planes, depth - lo)
     m, k = (np.asarray(a) for a in result)
     magnitude[lo:lo + n] = m[:n, :h, :w]
     local_max[lo:lo + n] = k[:n, :h, :w]
 
-  starts = list(range(0, depth - planes, planes)) + [max(depth - planes, 0)]
+  starts = _slab_starts(depth, planes)
   pending = None
   for i, lo in enumerate(starts):
     buf = buffers[i % 2]
-    fill(buf, lo)
+    _fill_slab(buf, vol, lo, planes, halo)
     result = run(jax.device_put(buf, device), np.int32(lo), dims)  # async
     if pending is not None:
       collect(*pending)
     pending = (result, lo)
   collect(*pending)
   return magnitude, local_max
+
+
+def _slab_starts(depth: int, planes: int) -> list[int]:
+  """First planes of the JAX engine's slabs (the last may overlap the one
+  before it, ending at ``depth``)."""
+  return list(range(0, depth - planes, planes)) + [max(depth - planes, 0)]
+
+
+def _fill_slab(buf: np.ndarray, vol: np.ndarray, lo: int, planes: int,
+               halo: int) -> None:
+  """Planes ``lo - halo .. lo + planes + halo`` of ``vol`` into ``buf``,
+  its edge values replicated beyond the volume (rows and columns too)."""
+  depth, h, w = vol.shape
+  inner = buf[:, halo:halo + h, halo:halo + w]
+  for i, z in enumerate(np.clip(np.arange(lo - halo, lo + planes + halo),
+                                0, depth - 1)):
+    inner[i] = vol[z]
+  buf[:, :halo, halo:halo + w] = buf[:, halo:halo + 1, halo:halo + w]
+  buf[:, halo + h:, halo:halo + w] = buf[:, halo + h - 1:halo + h,
+                                         halo:halo + w]
+  buf[:, :, :halo] = buf[:, :, halo:halo + 1]
+  buf[:, :, halo + w:] = buf[:, :, halo + w - 1:halo + w]
+
+
+def _sparse_kernels(sigma: float, capacity: int):
+  """``(peak, candidates)`` slab functions over `_slab_kernel`: the largest
+  magnitude of a slab's voxels inside the volume; and, for thresholds
+  ``low``, ``high``, the voxels with a local maximum above ``low`` from
+  plane ``first`` on: ``(count, slab-flat indices [capacity], magnitudes
+  [capacity])``, indices ascending, the tail past ``count`` padding."""
+  import jax.numpy as jnp
+  kernel = _slab_kernel(sigma)
+
+  def inside(shape, z0, dims, first=0):
+    z = z0 + jnp.arange(shape[0])[:, None, None]
+    y = jnp.arange(shape[1])[None, :, None]
+    x = jnp.arange(shape[2])[None, None, :]
+    return (z >= z0 + first) & (z < dims[0]) & (y < dims[1]) & (x < dims[2])
+
+  def peak(x, z0, dims):
+    m, _ = kernel(x, z0, dims)
+    return jnp.max(jnp.where(inside(m.shape, z0, dims), m, 0.0))
+
+  def candidates(x, z0, dims, low, first):
+    m, local_max = kernel(x, z0, dims)
+    keep = local_max & (m > low) & inside(m.shape, z0, dims, first)
+    flat = keep.reshape(-1)
+    (idx,) = jnp.nonzero(flat, size=capacity, fill_value=0)
+    return flat.sum(), idx.astype(jnp.int32), m.reshape(-1)[idx]
+
+  return peak, candidates
+
+
+_SPARSE_EXECUTABLES = {}
+
+
+def _sparse_executables(sigma: float, geometry, device):
+  """The compiled `_sparse_kernels` for ``geometry`` on ``device``."""
+  capacity = max(1, int(SPARSE_CAPACITY * geometry[0] * geometry[1]
+                        * geometry[2]))
+  key = (float(sigma), geometry, device, capacity)
+  if key not in _SPARSE_EXECUTABLES:
+    import jax
+    planes, rows, cols, halo = geometry
+    x = jax.ShapeDtypeStruct(
+        (planes + 2 * halo, rows + 2 * halo, cols + 2 * halo), np.float32,
+        sharding=jax.sharding.SingleDeviceSharding(device))
+    i32 = jax.ShapeDtypeStruct((), np.int32)
+    f32 = jax.ShapeDtypeStruct((), np.float32)
+    dims = jax.ShapeDtypeStruct((3,), np.int32)
+    peak, cands = _sparse_kernels(sigma, capacity)
+    _SPARSE_EXECUTABLES[key] = (
+        jax.jit(peak).lower(x, i32, dims).compile(),
+        jax.jit(cands).lower(x, i32, dims, f32, i32).compile(), capacity)
+  return _SPARSE_EXECUTABLES[key]
+
+
+def _candidates_jax_sparse(vol: np.ndarray, sigma: float, low_fraction: float
+                           ) -> tuple[float, np.ndarray, np.ndarray]:
+  """`JAX_SPARSE_TRANSFER`: ``(peak, idx, values)``, the largest gradient
+  magnitude and the sorted flat indices and magnitudes of the voxels that
+  are local maxima above ``low_fraction · peak``: what the dense path finds
+  with `_steps_jax` and `_keep_above`, bit for bit, from two passes of the
+  slab kernels (the volume goes to the device twice; a few MB come back).
+  A slab with more candidates than the capacity sends its dense pair."""
+  import jax
+  device = jax.local_devices()[0]
+  depth, h, w = vol.shape
+  geometry = _jax_geometry(vol.shape, sigma, device)
+  planes, rows, cols, halo = geometry
+  peak_fn, cands_fn, capacity = _sparse_executables(sigma, geometry, device)
+  dims = np.array(vol.shape, np.int32)
+  starts = _slab_starts(depth, planes)
+  buffers = [np.empty((planes + 2 * halo, rows + 2 * halo, cols + 2 * halo),
+                      np.float32) for _ in range(2)]
+
+  def each_slab(run):  # fills and sends the next slab while one runs
+    results = []
+    for i, lo in enumerate(starts):
+      buf = buffers[i % 2]
+      if i >= 2:
+        jax.block_until_ready(results[i - 2])  # its buffer is reused now
+      _fill_slab(buf, vol, lo, planes, halo)
+      results.append(run(jax.device_put(buf, device), np.int32(lo), i))
+    return results
+
+  peaks = each_slab(lambda x, lo, i: peak_fn(x, lo, dims))
+  peak = float(max(float(p) for p in peaks))
+  if peak <= 0:
+    return peak, np.zeros(0, np.int64), np.zeros(0, np.float32)
+  low = np.float32(low_fraction * peak)
+  firsts = [0] + [starts[i - 1] + planes - lo
+                  for i, lo in enumerate(starts) if i]
+  parts = jax.block_until_ready(each_slab(
+      lambda x, lo, i: cands_fn(x, lo, dims, low, np.int32(firsts[i]))))
+  idx, values = [], []
+  slab = (planes, rows, cols)
+  for (count, got, mag), lo, first in zip(parts, starts, firsts):
+    count = int(count)
+    if count > capacity:  # too many: this slab's dense pair, as before
+      buf = buffers[0]  # (the slab's own may alias a refilled buffer)
+      _fill_slab(buf, vol, lo, planes, halo)
+      m, k = (np.asarray(a) for a in _slab_executable(
+          sigma, geometry, device)(jax.device_put(buf, device),
+                                   np.int32(lo), dims))
+      keep = k & (m > low)
+      keep[:first] = False
+      keep[:, h:] = False
+      keep[:, :, w:] = False
+      keep[depth - lo:] = False
+      got = np.flatnonzero(keep)
+      mag = m.reshape(-1)[got]
+    else:
+      got, mag = np.asarray(got)[:count], np.asarray(mag)[:count]
+    z, rest = np.divmod(got.astype(np.int64), slab[1] * slab[2])
+    y, xx = np.divmod(rest, slab[2])
+    idx.append(((lo + z) * h + y) * w + xx)
+    values.append(np.asarray(mag, np.float32))
+  return peak, np.concatenate(idx), np.concatenate(values)
 
 
 def _label_slabs(weak: np.ndarray):
@@ -522,25 +663,40 @@ def _hysteresis_sparse(weak: np.ndarray, magnitude: np.ndarray, high: float
 
   ``skimage.filters.apply_hysteresis_threshold`` labels with face
   (6-)connectivity only, which breaks diagonal runs of a thin 3D surface.
-  Returns the flat indices of ``weak`` and, per index, whether it is kept.
-  Components come from `_components_of` where the weak voxels are at most
-  `SPARSE_HYSTERESIS_DENSITY` of the volume (their neighbours looked up
-  among their indices), else from labelling slabs of the whole volume.
+  Returns the flat indices of ``weak`` and, per index, whether it is kept
+  (`_hysteresis`).
   """
   idx = np.flatnonzero(weak)
+  return idx, _hysteresis(idx, magnitude.reshape(-1)[idx], high, weak.shape,
+                          weak)
+
+
+def _hysteresis(idx: np.ndarray, values: np.ndarray, high: float, shape,
+                weak: np.ndarray | None = None) -> np.ndarray:
+  """Per weak voxel (sorted flat indices ``idx`` of a ``shape`` volume, their
+  magnitudes ``values``), whether it is 26-connected through weak voxels to
+  one above ``high``. Components come from `_components_of` where the weak
+  voxels are at most `SPARSE_HYSTERESIS_DENSITY` of the volume (their
+  neighbours looked up among their indices), else from labelling slabs of
+  the whole volume (``weak``, the weak voxels as a volume, made from
+  ``idx`` where not given)."""
   if idx.size == 0:
-    return idx, np.zeros(0, bool)
-  if idx.size <= SPARSE_HYSTERESIS_DENSITY * weak.size:
-    lab = _components_of(idx, weak.shape)
+    return np.zeros(0, bool)
+  size = math.prod(shape)
+  if idx.size <= SPARSE_HYSTERESIS_DENSITY * size:
+    lab = _components_of(idx, shape)
   else:
+    if weak is None:
+      weak = np.zeros(shape, bool)
+      weak.reshape(-1)[idx] = True
     labels, offsets, cuts, total = _label_slabs(weak)
-    plane = weak.shape[1] * weak.shape[2]
+    plane = shape[1] * shape[2]
     lab = labels.reshape(-1)[idx] + offsets[idx // plane].astype(np.int32)
     if len(cuts):
       lab = _join_slabs(labels, offsets, cuts, total)[lab]
   strong = np.zeros(lab.max() + 1, dtype=bool)
-  strong[lab[magnitude.reshape(-1)[idx] > high]] = True
-  return idx, strong[lab]
+  strong[lab[values > high]] = True
+  return strong[lab]
 
 
 def _smooth_and_differentiate(vol: np.ndarray, sigma: float
@@ -670,6 +826,9 @@ def canny_3d(volume,
   if engine not in ENGINES:
     raise InputError(f"engine: expected one of {', '.join(ENGINES)}, "
                      f"got {engine!r}")
+  if (engine == "jax" and JAX_SPARSE_TRANSFER and roi is None
+      and not use_quantiles):
+    return _canny_jax_sparse(vol, sigma, low, high)
   if engine == "jax":
     magnitude, local_max = _steps_jax(vol, sigma)
   else:
@@ -699,6 +858,22 @@ def canny_3d(volume,
   values = magnitude.reshape(-1)[idx[keep]]
   if values.size and values.max() > 0:
     sketch.reshape(-1)[idx[keep]] = values / values.max()
+  return sketch
+
+
+def _canny_jax_sparse(vol: np.ndarray, sigma: float, low: float,
+                      high: float) -> np.ndarray:
+  """`canny_3d` with `JAX_SPARSE_TRANSFER`, no mask, fractions of the
+  largest magnitude as thresholds: the same sketch, from the candidates
+  the device compacted (`_candidates_jax_sparse`)."""
+  peak, idx, values = _candidates_jax_sparse(vol, sigma, low)
+  sketch = np.zeros(vol.shape, np.float32)
+  if peak <= 0 or idx.size == 0:
+    return sketch
+  keep = _hysteresis(idx, values, high * peak, vol.shape)
+  kept = values[keep]
+  if kept.size and kept.max() > 0:
+    sketch.reshape(-1)[idx[keep]] = kept / kept.max()
   return sketch
 
 

@@ -505,6 +505,43 @@ def test_jax_engine_slabs_are_bitwise_one_slab(monkeypatch, sigma, shape):
         edges.canny_3d(v, sigma=sigma, engine="jax"), want)
 
 
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
+@pytest.mark.parametrize("shape,planes,bucket", [
+    ((70, 33, 41), 16, 16), ((70, 33, 41), 3, 1), ((5, 19, 2), 32, 16)])
+def test_jax_sparse_transfer_is_bitwise_the_dense_one(monkeypatch, sigma,
+                                                      shape, planes, bucket):
+  """`edges.JAX_SPARSE_TRANSFER`: candidates compacted on the device, in
+  two passes over slabs (overlapping last slab, padded rows and columns),
+  a slab over `SPARSE_CAPACITY` sent dense: the same sketch, bit for bit;
+  with a mask or quantiles the dense path runs."""
+  rng = np.random.default_rng(11)
+  vols = [rng.random(shape).astype(np.float32),  # dense hysteresis
+          _blobs(4, max(shape))[:shape[0], :shape[1], :shape[2]]]  # sparse
+  monkeypatch.setattr(edges, "JAX_SLAB_PLANES", {"cpu": planes,
+                                                 "gpu": planes})
+  monkeypatch.setattr(edges, "_JAX_BUCKET", bucket)
+  for v in vols:
+    want = edges.canny_3d(v, sigma=sigma, engine="jax")
+    monkeypatch.setattr(edges, "JAX_SPARSE_TRANSFER", True)
+    for capacity in (1 / 16, 1e-4):  # 1e-4: every slab over it
+      monkeypatch.setattr(edges, "SPARSE_CAPACITY", capacity)
+      np.testing.assert_array_equal(
+          edges.canny_3d(v, sigma=sigma, engine="jax"), want)
+    monkeypatch.setattr(edges, "JAX_SPARSE_TRANSFER", False)
+  monkeypatch.setattr(edges, "JAX_SPARSE_TRANSFER", True)
+  np.testing.assert_array_equal(edges.canny_3d(np.zeros(shape), engine="jax"),
+                                np.zeros(shape))
+  monkeypatch.setattr(edges, "_SPARSE_EXECUTABLES", {})
+  edges.compile_canny(shape, sigma)  # the cascade's plan compiles them too
+  assert len(edges._SPARSE_EXECUTABLES) == 1
+
+  def refuse(*a, **k):
+    raise AssertionError("the sparse path ran")
+  monkeypatch.setattr(edges, "_candidates_jax_sparse", refuse)
+  edges.canny_3d(vols[1], engine="jax", mask=np.ones(vols[1].shape))
+  edges.canny_3d(vols[1], engine="jax", use_quantiles=True)
+
+
 def test_jax_engine_compiles_once_per_bucket(monkeypatch):
   monkeypatch.setattr(edges, "_EXECUTABLES", {})
   rng = np.random.default_rng(10)
@@ -578,6 +615,9 @@ def test_hysteresis_joins_components_across_slabs(monkeypatch, threads,
     got.reshape(-1)[idx[keep]] = True
     want = _hysteresis_reference(weak, magnitude, 0.8)
     np.testing.assert_array_equal(got, want)
+    # From the indices alone (the weak volume made from them if needed).
+    np.testing.assert_array_equal(edges._hysteresis(
+        idx, magnitude.reshape(-1)[idx], 0.8, shape), keep)
   # The U and the line are single components: kept whole from one voxel.
   for weak in (u, diag):
     magnitude = np.where(weak, 0.5, 0).astype(np.float32)

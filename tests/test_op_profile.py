@@ -180,16 +180,23 @@ def _check_forward_row(row):
 def test_quick_run_times_the_edge_phases(quick_run):
   _, data = quick_run
   rows = {r["engine"]: r for r in data["results"]["edges"]}
-  assert set(rows) == {"jax", "numpy"}
+  assert list(rows) == ["jax", "jax-sparse", "numpy"]
   for engine, r in rows.items():
     assert r["error"] is None, r
     phases = r["phases_s"]
-    step = "_steps_jax" if engine == "jax" else "_smooth_and_differentiate"
-    assert phases[step] > 0 and phases["_hysteresis_sparse"] > 0
+    step = {"jax": "_steps_jax", "jax-sparse": "_candidates_jax_sparse",
+            "numpy": "_smooth_and_differentiate"}[engine]
+    assert phases[step] > 0 and phases["_hysteresis"] > 0
+    others = {"_steps_jax", "_candidates_jax_sparse",
+              "_smooth_and_differentiate"} - {step}
+    assert not others & set(phases)
     assert sum(phases.values()) == pytest.approx(np.mean(r["times_s"]),
                                                  rel=0.05, abs=1e-4)
   assert rows["jax"]["kernel_busy_s"] > 0
+  assert rows["jax-sparse"]["kernel_busy_s"] > 0
   assert "kernel_busy_s" not in rows["numpy"]
+  from megan_jax import edges
+  assert edges.JAX_SPARSE_TRANSFER is False  # set back
 
 
 def test_merge_keeps_the_other_section(quick_run, tmp_path):
@@ -236,6 +243,7 @@ def test_off_the_cpu_host_events_are_not_taken_for_kernels():
   assert "no gpu device events" in row["error"]
   args.edge_size = 24
   rows = {r["engine"]: r for r in op.profile_edges(args, info)}
-  assert rows["jax"]["error"] is None
-  assert rows["jax"]["kernel_busy_s"] is None
-  assert rows["jax"]["kernel_events_from"].startswith("none")
+  for engine in ("jax", "jax-sparse"):
+    assert rows[engine]["error"] is None
+    assert rows[engine]["kernel_busy_s"] is None
+    assert rows[engine]["kernel_events_from"].startswith("none")
