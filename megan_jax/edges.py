@@ -365,17 +365,23 @@ def _jax_geometry(shape, sigma: float, device) -> tuple[int, int, int, int]:
 _EXECUTABLES = {}
 
 
+def _slab_args(geometry, device):
+  """Abstract ``(slab, z0, dims)`` arguments of the slab kernels."""
+  import jax
+  planes, rows, cols, halo = geometry
+  x = jax.ShapeDtypeStruct(
+      (planes + 2 * halo, rows + 2 * halo, cols + 2 * halo), np.float32,
+      sharding=jax.sharding.SingleDeviceSharding(device))
+  return (x, jax.ShapeDtypeStruct((), np.int32),
+          jax.ShapeDtypeStruct((3,), np.int32))
+
+
 def _slab_executable(sigma: float, geometry, device):
   """The compiled slab kernel for ``geometry`` on ``device`` (cached)."""
   key = (float(sigma), geometry, device)
   if key not in _EXECUTABLES:
     import jax
-    planes, rows, cols, halo = geometry
-    x = jax.ShapeDtypeStruct(
-        (planes + 2 * halo, rows + 2 * halo, cols + 2 * halo), np.float32,
-        sharding=jax.sharding.SingleDeviceSharding(device))
-    scalar = jax.ShapeDtypeStruct((), np.int32)
-    dims = jax.ShapeDtypeStruct((3,), np.int32)
+    x, scalar, dims = _slab_args(geometry, device)
     _EXECUTABLES[key] = jax.jit(_slab_kernel(sigma)).lower(
         x, scalar, dims).compile()
   return _EXECUTABLES[key]
@@ -494,13 +500,8 @@ def _sparse_executables(sigma: float, geometry, device):
   key = (float(sigma), geometry, device, capacity)
   if key not in _SPARSE_EXECUTABLES:
     import jax
-    planes, rows, cols, halo = geometry
-    x = jax.ShapeDtypeStruct(
-        (planes + 2 * halo, rows + 2 * halo, cols + 2 * halo), np.float32,
-        sharding=jax.sharding.SingleDeviceSharding(device))
-    i32 = jax.ShapeDtypeStruct((), np.int32)
+    x, i32, dims = _slab_args(geometry, device)
     f32 = jax.ShapeDtypeStruct((), np.float32)
-    dims = jax.ShapeDtypeStruct((3,), np.int32)
     peak, cands = _sparse_kernels(sigma, capacity)
     _SPARSE_EXECUTABLES[key] = (
         jax.jit(peak).lower(x, i32, dims).compile(),
