@@ -82,7 +82,8 @@ fi
 #     at 512³ (host against kernel: 2.15 s there, the kernel should take
 #     milliseconds); also impl fast-skinny (the first conv, on 2 channels,
 #     and the 7³ conv to 1 channel as dots, GEMMs cuDNN's tensor cores
-#     may run better than those skinny convs).
+#     may run better than those skinny convs) and the sketch with only its
+#     candidates sent back (edges.JAX_SPARSE_TRANSFER, row jax-sparse).
 #  4. memory, compiled: every model to 512³, the cascade to 1024³, every
 #     model's smallest sizes first (session 15 lost these to a bug).
 #  5. memory, measured peak of MEGAN: the cascade at 64³ and 1024³, its

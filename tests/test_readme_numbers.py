@@ -329,7 +329,14 @@ def test_profile_cpu_numbers_are_the_jsons():
               r"time, the hysteresis ([\d.]+) s, and ([\d.]+) s after", prose)
   for quoted, value in zip(m.groups(), (
       jx["median_s"], jx["kernel_busy_s"],
-      jx["phases_s"]["_hysteresis_sparse"], jx["phases_s"]["rest"])):
+      jx["phases_s"]["_hysteresis"], jx["phases_s"]["rest"])):
+    assert _agrees(quoted, value), (quoted, value)
+  sp = edges["jax-sparse"]
+  m = _search(r"jax-sparse ([\d.]+) s against ([\d.]+) s at 512³; its host "
+              r"share after the kernels ([\d.]+) s against ([\d.]+) s", prose)
+  for quoted, value in zip(m.groups(), (
+      sp["median_s"], jx["median_s"], sp["phases_s"]["rest"],
+      jx["phases_s"]["rest"])):
     assert _agrees(quoted, value), (quoted, value)
   m = _search(r"numpy engine \(([\d.]+) s\) spends ([\d.]+) s smoothing "
               r"and differentiating, ([\d.]+) s in", prose)
