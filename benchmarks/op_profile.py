@@ -618,15 +618,16 @@ def profile_edges(args, info: dict) -> list[dict]:
   n = args.edge_size
   vol = tp.blobs(n, args.seed)
   rows = []
+  dense = {}  # the dense jax engine's sketch, which jax-sparse must equal
   # (row label, engine, edges.JAX_SPARSE_TRANSFER)
   for label, engine, sparse in EDGE_VARIANTS:
     row = {"section": "edges", "engine": label, "size": n}
 
-    def measure(engine=engine, sparse=sparse):
+    def measure(label=label, engine=engine, sparse=sparse):
       with _sparse_transfer(edges_lib, sparse):
-        return measure_engine(engine)
+        return measure_engine(label, engine)
 
-    def measure_engine(engine):
+    def measure_engine(label, engine):
       if engine == "jax":
         t0 = time.perf_counter()
         edges_lib.compile_canny(vol.shape)
@@ -635,8 +636,10 @@ def profile_edges(args, info: dict) -> list[dict]:
         compile_s = None
       call = lambda: edges_lib.canny_3d(vol, engine=engine)
       t0 = time.perf_counter()
-      call()  # untimed: first-touch of pages, thread pools (and compiles)
+      sketch = call()  # untimed: first-touch of pages, thread pools
       first = time.perf_counter() - t0
+      if label == "jax":
+        dense["sketch"] = sketch
       walls, phases = [], collections.Counter()
       for _ in range(args.repeats):
         with timed_phases(edges_lib, EDGE_PHASES) as spent:
@@ -645,6 +648,11 @@ def profile_edges(args, info: dict) -> list[dict]:
           walls.append(time.perf_counter() - t0)
         phases.update(spent)
       out = {"compile_s": tp._r(compile_s), "first_call_s": tp._r(first),
+             "edge_voxels": int(np.count_nonzero(sketch)),
+             # voxels where the sketch differs from the dense jax one's
+             "differ_voxels": (int(np.count_nonzero(sketch != dense["sketch"]))
+                               if engine == "jax" and "sketch" in dense
+                               else None),
              "median_s": tp._r(statistics.median(walls)),
              "times_s": [tp._r(t) for t in walls],
              "threads": edges_lib.EDGE_THREADS}
@@ -725,14 +733,17 @@ def markdown(data: dict) -> str:
               "phase; the jax engine's slab kernels also as the trace's "
               "op time):", "",
               "| volume | engine | threads | total | " + " | ".join(
-                  n.strip("_") for n in names) + " | kernel ops |",
-              "|---|---|---|---|" + "---|" * len(names) + "---|"]
+                  n.strip("_") for n in names) + " | kernel ops | edge "
+              "voxels | differ from jax |",
+              "|---|---|---|---|" + "---|" * len(names) + "---|---|---|"]
     for r in edge_rows:
       parts.append(
           f"| {r['size']}³ | {r['engine']} | {r['threads']} | "
           f"{_fmt(r['median_s'])} | " + " | ".join(
               _fmt(r["phases_s"].get(n)) for n in names)
-          + f" | {_fmt(r.get('kernel_busy_s'))} |")
+          + f" | {_fmt(r.get('kernel_busy_s'))} | "
+          f"{r.get('edge_voxels', '–')} | "
+          f"{_fmt(r.get('differ_voxels'), 'd')} |")
   failed = [r for rows in res.values() for r in rows or [] if r.get("error")]
   if failed:
     parts += ["", "Not measured:", ""]

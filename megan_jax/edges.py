@@ -73,12 +73,16 @@ ENGINE = "jax"
 ENGINES = ("jax", "numpy")
 JAX_SLAB_PLANES = {"cpu": 32, "gpu": 128}  # planes per jitted slab call
 # What the JAX engine brings back to the host (a GPU experiment; the same
-# sketch either way): False, every slab's magnitude and local maxima
-# (640 MB at 512³) for the host's thresholds; True, a first pass of the
-# slab kernels finds the largest magnitude, a second sends back only the
-# candidates' flat indices and magnitudes, compacted on the device (a few
-# MB), when they fit `SPARSE_CAPACITY` of a slab (else that slab's dense
-# pair). Where there is a mask or quantile thresholds: always dense.
+# sketch either way, bit for bit on the CPU; a GPU compiles the passes
+# apart, so a magnitude might differ in its last bit there): False, every
+# slab's magnitude and local maxima (640 MB at 512³) for the host's
+# thresholds; True, a first pass of the slab kernels finds the largest
+# magnitude, a second sends back only the candidates' flat indices and
+# magnitudes, compacted on the device (8 bytes each, up to twice the count:
+# a few MB), when they fit `SPARSE_CAPACITY` of a slab, else that slab's
+# dense pair (a noisy volume, 40 % local maxima: every slab, three kernel
+# passes). With a mask or quantile thresholds, or slabs of 2³¹ voxels:
+# dense.
 JAX_SPARSE_TRANSFER = False
 SPARSE_CAPACITY = 1 / 16  # of a slab's voxels
 _JAX_BUCKET = 16  # slab sides are rounded up to this (fewer compiles)
@@ -565,7 +569,11 @@ def _candidates_jax_sparse(vol: np.ndarray, sigma: float, low_fraction: float
       got = np.flatnonzero(keep)
       mag = m.reshape(-1)[got]
     else:
-      got, mag = np.asarray(got)[:count], np.asarray(mag)[:count]
+      # Only what was found comes back: the first n >= count entries, n a
+      # power of two (one compiled slice per n).
+      n = min(capacity, 1 << max(count - 1, 0).bit_length()) if count else 0
+      got, mag = (np.asarray(a)[:count] for a in jax.device_get(
+          (got[:n], mag[:n])))
     z, rest = np.divmod(got.astype(np.int64), slab[1] * slab[2])
     y, xx = np.divmod(rest, slab[2])
     idx.append(((lo + z) * h + y) * w + xx)
@@ -829,7 +837,9 @@ def canny_3d(volume,
                      f"got {engine!r}")
   if (engine == "jax" and JAX_SPARSE_TRANSFER and roi is None
       and not use_quantiles):
-    return _canny_jax_sparse(vol, sigma, low, high)
+    sketch = _canny_jax_sparse(vol, sigma, low, high)
+    if sketch is not None:
+      return sketch
   if engine == "jax":
     magnitude, local_max = _steps_jax(vol, sigma)
   else:
@@ -863,10 +873,16 @@ def canny_3d(volume,
 
 
 def _canny_jax_sparse(vol: np.ndarray, sigma: float, low: float,
-                      high: float) -> np.ndarray:
+                      high: float) -> np.ndarray | None:
   """`canny_3d` with `JAX_SPARSE_TRANSFER`, no mask, fractions of the
   largest magnitude as thresholds: the same sketch, from the candidates
-  the device compacted (`_candidates_jax_sparse`)."""
+  the device compacted (`_candidates_jax_sparse`); None where a slab has
+  2³¹ voxels or more (the device's int32 indices; the dense path runs)."""
+  import jax
+  planes, rows, cols, _ = _jax_geometry(vol.shape, sigma,
+                                        jax.local_devices()[0])
+  if planes * rows * cols >= 2**31:
+    return None
   peak, idx, values = _candidates_jax_sparse(vol, sigma, low)
   sketch = np.zeros(vol.shape, np.float32)
   if peak <= 0 or idx.size == 0:

@@ -515,15 +515,18 @@ def test_jax_sparse_transfer_is_bitwise_the_dense_one(monkeypatch, sigma,
   a slab over `SPARSE_CAPACITY` sent dense: the same sketch, bit for bit;
   with a mask or quantiles the dense path runs."""
   rng = np.random.default_rng(11)
-  vols = [rng.random(shape).astype(np.float32),  # dense hysteresis
-          _blobs(4, max(shape))[:shape[0], :shape[1], :shape[2]]]  # sparse
+  n = max(shape)
+  ball, _ = _ball((0.4 * n, 0.5 * n, 0.55 * n), 0.3 * n, n=n)
+  vols = [rng.random(shape).astype(np.float32),  # 40 % local maxima
+          _blobs(4, n)[:shape[0], :shape[1], :shape[2]],
+          ball[:shape[0], :shape[1], :shape[2]]]  # a thin surface
   monkeypatch.setattr(edges, "JAX_SLAB_PLANES", {"cpu": planes,
                                                  "gpu": planes})
   monkeypatch.setattr(edges, "_JAX_BUCKET", bucket)
   for v in vols:
     want = edges.canny_3d(v, sigma=sigma, engine="jax")
     monkeypatch.setattr(edges, "JAX_SPARSE_TRANSFER", True)
-    for capacity in (1 / 16, 1e-4):  # 1e-4: every slab over it
+    for capacity in (1.0, 1 / 16, 1e-4):  # 1e-4: every slab over it
       monkeypatch.setattr(edges, "SPARSE_CAPACITY", capacity)
       np.testing.assert_array_equal(
           edges.canny_3d(v, sigma=sigma, engine="jax"), want)
@@ -540,6 +543,30 @@ def test_jax_sparse_transfer_is_bitwise_the_dense_one(monkeypatch, sigma,
   monkeypatch.setattr(edges, "_candidates_jax_sparse", refuse)
   edges.canny_3d(vols[1], engine="jax", mask=np.ones(vols[1].shape))
   edges.canny_3d(vols[1], engine="jax", use_quantiles=True)
+
+
+def test_jax_sparse_transfer_brings_back_what_it_found(monkeypatch):
+  """Per slab the first n >= count candidates (n a power of two), not the
+  whole capacity; slabs of 2³¹ voxels or more take the dense path."""
+  import jax
+  monkeypatch.setattr(edges, "JAX_SPARSE_TRANSFER", True)
+  monkeypatch.setattr(edges, "JAX_SLAB_PLANES", {"cpu": 16, "gpu": 16})
+  got = []
+  real = jax.device_get
+
+  def device_get(x):
+    got.append([a.shape for a in x])
+    return real(x)
+  monkeypatch.setattr(jax, "device_get", device_get)
+  v, _ = _ball((23.6, 24.2, 24.9), 15.0, n=48)
+  sketch = edges.canny_3d(v, engine="jax")
+  assert sketch.any() and len(got) == 3  # 48 planes: 3 slabs
+  capacity = int(edges.SPARSE_CAPACITY * 16 * 48 * 48)
+  for (n,), (m,) in got:
+    assert n == m and 0 < n < capacity and n & (n - 1) == 0
+  monkeypatch.setattr(edges, "_jax_geometry",
+                      lambda *a: (128, 4096, 4096, 5))
+  assert edges._canny_jax_sparse(v, 1.0, 0.1, 0.2) is None
 
 
 def test_jax_engine_compiles_once_per_bucket(monkeypatch):

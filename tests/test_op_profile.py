@@ -194,6 +194,10 @@ def test_quick_run_times_the_edge_phases(quick_run):
                                                  rel=0.05, abs=1e-4)
   assert rows["jax"]["kernel_busy_s"] > 0
   assert rows["jax-sparse"]["kernel_busy_s"] > 0
+  assert rows["jax"]["differ_voxels"] == 0  # itself
+  assert rows["jax-sparse"]["differ_voxels"] == 0  # bit for bit
+  assert rows["numpy"]["differ_voxels"] is None
+  assert rows["jax-sparse"]["edge_voxels"] == rows["jax"]["edge_voxels"] > 0
   assert "kernel_busy_s" not in rows["numpy"]
   from megan_jax import edges
   assert edges.JAX_SPARSE_TRANSFER is False  # set back
