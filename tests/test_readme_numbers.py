@@ -332,6 +332,11 @@ def test_profile_cpu_numbers_are_the_jsons():
       jx["phases_s"]["_hysteresis"], jx["phases_s"]["rest"])):
     assert _agrees(quoted, value), (quoted, value)
   sp = edges["jax-sparse"]
+  m = _search(r"the same sketch bit for bit here \((\d+) edge voxels, (\d+) "
+              r"differing\)", prose)
+  assert (int(m.group(1)), int(m.group(2))) == (sp["edge_voxels"],
+                                                sp["differ_voxels"])
+  assert sp["differ_voxels"] == 0
   m = _search(r"jax-sparse ([\d.]+) s against ([\d.]+) s at 512³; its host "
               r"share after the kernels ([\d.]+) s against ([\d.]+) s", prose)
   for quoted, value in zip(m.groups(), (
