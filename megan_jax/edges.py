@@ -467,10 +467,11 @@ def _fill_slab(buf: np.ndarray, vol: np.ndarray, lo: int, planes: int,
 
 def _sparse_kernels(sigma: float, capacity: int):
   """``(peak, candidates)`` slab functions over `_slab_kernel`: the largest
-  magnitude of a slab's voxels inside the volume; and, for thresholds
-  ``low``, ``high``, the voxels with a local maximum above ``low`` from
-  plane ``first`` on: ``(count, slab-flat indices [capacity], magnitudes
-  [capacity])``, indices ascending, the tail past ``count`` padding."""
+  magnitude of a slab's voxels inside the volume; and, for the threshold
+  ``low``, the slab's voxels inside the volume, from its plane ``first``
+  on, that are local maxima above ``low``: ``(count, slab-flat indices
+  [capacity], magnitudes [capacity])``, indices ascending, the tail past
+  ``count`` padding."""
   import jax.numpy as jnp
   kernel = _slab_kernel(sigma)
 
