@@ -117,15 +117,14 @@ def read_trace(folder: str) -> list[OpEvent]:
     data = profiler.ProfileData.from_file(path)
     for plane in data.planes:
       on_device = plane.name.startswith("/device:")
-      lines = [(line.name, [e for e in line.events
-                            if "hlo_op" in dict(e.stats)])
+      lines = [(line.name, [(e, s) for e in line.events
+                            if "hlo_op" in (s := dict(e.stats))])
                for line in plane.lines]
       lines = [(n, evs) for n, evs in lines if evs]
       if on_device and any(n.startswith("Stream") for n, _ in lines):
         lines = [(n, evs) for n, evs in lines if n.startswith("Stream")]
       for _, evs in lines:
-        for e in evs:
-          s = dict(e.stats)
+        for e, s in evs:
           (device if on_device else host).append(OpEvent(
               str(s.get("hlo_module", "")), str(s["hlo_op"]),
               float(e.start_ns), float(e.duration_ns), on_device))
@@ -323,6 +322,12 @@ def hlo_ops(hlo_text: str) -> dict[str, HloOp]:
   return ops
 
 
+_ELEMENTWISE = frozenset((
+    "add", "multiply", "subtract", "divide", "maximum", "minimum", "tanh",
+    "rsqrt", "sqrt", "exponential", "log", "negate", "abs", "select",
+    "compare", "clamp", "power", "and", "or", "not"))
+
+
 def op_kind(op: HloOp | None) -> str:
   """One of `KINDS` for an instruction (None: not in the program's text)."""
   if op is None:
@@ -336,12 +341,6 @@ def op_kind(op: HloOp | None) -> str:
   if op.opcode == "fusion" or op.opcode in _ELEMENTWISE:
     return "elementwise"
   return "other"
-
-
-_ELEMENTWISE = frozenset((
-    "add", "multiply", "subtract", "divide", "maximum", "minimum", "tanh",
-    "rsqrt", "sqrt", "exponential", "log", "negate", "abs", "select",
-    "compare", "clamp", "power", "and", "or", "not"))
 
 
 def layer_of(op_name: str, top: str) -> str:
@@ -407,12 +406,6 @@ def module_flops(model, variables, x) -> dict[str, float]:
 # ---------------------------------------------------------------------------
 # hr_forward
 # ---------------------------------------------------------------------------
-@contextlib.contextmanager
-def _trace_dir():
-  with tempfile.TemporaryDirectory(prefix="megan-profile-") as d:
-    yield d
-
-
 def _options():
   """Profiler options with the Python tracer off (its frames would slow the
   host); None (the defaults) where this JAX has no such option."""
@@ -433,7 +426,7 @@ def traced(fn: Callable[[], Any], repeats: int
   import jax
   from jax import profiler
   times = []
-  with _trace_dir() as d:
+  with tempfile.TemporaryDirectory(prefix="megan-profile-") as d:
     with profiler.trace(d, profiler_options=_options()):
       for _ in range(repeats):
         t0 = time.perf_counter()
@@ -675,10 +668,6 @@ def profile_edges(args, info: dict) -> list[dict]:
 # ---------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------
-def _fmt(x, spec=".3g"):
-  return "–" if x is None else format(x, spec)
-
-
 def conv_share(group: dict) -> float | None:
   """The share of a group's time in convolutions or dots (None where its
   row has no split by kind: results of the first version)."""
@@ -697,33 +686,33 @@ def markdown(data: dict) -> str:
     parts += [
         "", f"**HR generator forward**, impl {r['impl']}, {r['dtype']}, "
         f"batch {r['batch']} of {r['patch']}³ (ngf {r['ngf']}, "
-        f"{r['n_blocks']} blocks): {_fmt(r['wall_s'] * 1e3, '.4g')} ms per "
-        f"call, ops busy {_fmt(r['device_busy_s'] * 1e3, '.4g')} ms "
-        f"({_fmt(r['busy_fraction'], '.0%')} of the call; op events from "
-        f"the {r['events_from']}; {_fmt(traced_ms, '.4g')} ms per call "
+        f"{r['n_blocks']} blocks): {tp._fmt(r['wall_s'] * 1e3, '.4g')} ms per "
+        f"call, ops busy {tp._fmt(r['device_busy_s'] * 1e3, '.4g')} ms "
+        f"({tp._fmt(r['busy_fraction'], '.0%')} of the call; op events from "
+        f"the {r['events_from']}; {tp._fmt(traced_ms, '.4g')} ms per call "
         "while traced); "
-        f"{_fmt(r['achieved_flops'] and r['achieved_flops'] / 1e12)} "
+        f"{tp._fmt(r['achieved_flops'] and r['achieved_flops'] / 1e12)} "
         "TFLOP/s nominal over the call"
-        + (f", {_fmt(r['achieved_flops'] / r['peak_flops'], '.0%')} of "
+        + (f", {tp._fmt(r['achieved_flops'] / r['peak_flops'], '.0%')} of "
            f"the {r['peak_assumed']} peak" if r.get("peak_flops") else "")
         + f"; op time put down to no layer or kind: "
-        f"{_fmt(r.get('unattributed_share'), '.1%')}.", "",
+        f"{tp._fmt(r.get('unattributed_share'), '.1%')}.", "",
         "| layer | ms per call | share of op time | of it in convs or "
         "dots | ops | GFLOP | TFLOP/s | of peak |",
         "|---|---|---|---|---|---|---|---|"]
     for g in r["groups"]:
       parts.append(
-          f"| {g['group']} | {_fmt(g['s_per_call'] * 1e3)} | "
-          f"{_fmt(g['share'], '.1%')} | "
-          f"{_fmt(conv_share(g), '.0%')} | "
+          f"| {g['group']} | {tp._fmt(g['s_per_call'] * 1e3)} | "
+          f"{tp._fmt(g['share'], '.1%')} | "
+          f"{tp._fmt(conv_share(g), '.0%')} | "
           f"{g['ops']} | "
-          f"{_fmt(g['flops'] and g['flops'] / 1e9)} | "
-          f"{_fmt(g['achieved_flops'] and g['achieved_flops'] / 1e12)} | "
-          f"{_fmt(g['fraction_of_peak'], '.0%')} |")
+          f"{tp._fmt(g['flops'] and g['flops'] / 1e9)} | "
+          f"{tp._fmt(g['achieved_flops'] and g['achieved_flops'] / 1e12)} | "
+          f"{tp._fmt(g['fraction_of_peak'], '.0%')} |")
     parts += ["", "| kind of op | ms per call | share | ops |",
               "|---|---|---|---|"]
-    parts += [f"| {k['kind']} | {_fmt(k['s_per_call'] * 1e3)} | "
-              f"{_fmt(k['share'], '.1%')} | {k['ops']} |" for k in r["kinds"]]
+    parts += [f"| {k['kind']} | {tp._fmt(k['s_per_call'] * 1e3)} | "
+              f"{tp._fmt(k['share'], '.1%')} | {k['ops']} |" for k in r["kinds"]]
   edge_rows = [r for r in res.get("edges") or [] if not r.get("error")]
   if edge_rows:
     found = {k for r in edge_rows for k, v in r["phases_s"].items()
@@ -739,11 +728,11 @@ def markdown(data: dict) -> str:
     for r in edge_rows:
       parts.append(
           f"| {r['size']}³ | {r['engine']} | {r['threads']} | "
-          f"{_fmt(r['median_s'])} | " + " | ".join(
-              _fmt(r["phases_s"].get(n)) for n in names)
-          + f" | {_fmt(r.get('kernel_busy_s'))} | "
+          f"{tp._fmt(r['median_s'])} | " + " | ".join(
+              tp._fmt(r["phases_s"].get(n)) for n in names)
+          + f" | {tp._fmt(r.get('kernel_busy_s'))} | "
           f"{r.get('edge_voxels', '–')} | "
-          f"{_fmt(r.get('differ_voxels'), 'd')} |")
+          f"{tp._fmt(r.get('differ_voxels'), 'd')} |")
   failed = [r for rows in res.values() for r in rows or [] if r.get("error")]
   if failed:
     parts += ["", "Not measured:", ""]
