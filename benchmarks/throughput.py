@@ -52,7 +52,10 @@ Sections (``--only`` picks some):
   uses the demo config's generator widths (ngf 8, 2 ResNet blocks) on the
   paper's geometry, so a CPU finishes. ``--cascade-skinny-sizes``: sizes
   run a second time with impl ``"fast-skinny"`` (`conv_form`; rows carry
-  their ``impl``).
+  their ``impl``); ``--cascade-sparse-edges-sizes``: sizes run again (impl
+  ``"fast"``) with the JAX edge engine sending back only its candidates
+  (`edges.JAX_SPARSE_TRANSFER`; rows carry their ``edges`` engine,
+  ``"jax"`` or ``"jax-sparse"``).
 
 - ``edges``: ``edges.canny_3d`` (the sketch every scale is conditioned on,
   the cascade's host-side stage) on the cascade's blob volume at each of
@@ -976,13 +979,22 @@ def bench_cascade(args, on_row: Callable[[list], None] = lambda rows: None
   from megan_jax import infer
   rows = []
   repeats = args.cascade_repeats or args.repeats
-  cases = [(size, impl) for size in args.cascade_sizes
-           for impl in ["fast"] + (["fast-skinny"] if size in
-                                   args.cascade_skinny_sizes else [])]
-  for size, impl in cases:
-    def measure(size=size, impl=impl):
-      with conv_form(impl):  # traced (in plan, or later) with its forms
-        return measure_cascade(size)
+  from megan_jax import edges as edges_lib
+  cases = [(size, impl, sparse) for size in args.cascade_sizes
+           for impl, sparse in [("fast", False)]
+           + ([("fast-skinny", False)]
+              if size in args.cascade_skinny_sizes else [])
+           + ([("fast", True)]
+              if size in args.cascade_sparse_edges_sizes else [])]
+  for size, impl, sparse in cases:
+    def measure(size=size, impl=impl, sparse=sparse):
+      old = edges_lib.JAX_SPARSE_TRANSFER
+      edges_lib.JAX_SPARSE_TRANSFER = sparse
+      try:
+        with conv_form(impl):  # traced (in plan, or later) with its forms
+          return measure_cascade(size)
+      finally:
+        edges_lib.JAX_SPARSE_TRANSFER = old
 
     def measure_cascade(size):
       c = cascade_config(args, size)
@@ -1028,7 +1040,9 @@ def bench_cascade(args, on_row: Callable[[list], None] = lambda rows: None
               "compile_s": _r(compile_s)}
     rows.append(_run_case({"section": "cascade", "framework": "jax",
                            "size": size, "widths": args.cascade_widths,
-                           "dtype": args.cascade_dtype, "impl": impl},
+                           "dtype": args.cascade_dtype, "impl": impl,
+                           "edges": ("jax-sparse" if sparse
+                                     else edges_lib.ENGINE)},
                           measure))
     on_row(rows)
   return rows
@@ -1251,18 +1265,21 @@ def markdown(data: dict) -> str:
       names += [n for n in r["stages_s"]
                 if n not in names and n != "edges_lr"]
     impls = any(r.get("impl", "fast") != "fast" for r in casc)
+    engines = any(r.get("edges", "jax") != "jax" for r in casc)
     parts += ["", "**Whole cascade** (seconds per stage):", "",
               "| output | widths | dtype | " + ("impl | " if impls else "")
+              + ("edges engine | " if engines else "")
               + "patches | " + " | ".join(names)
               + " | total | runs | compile |",
-              "|---|---|---|---|" + "---|" * (len(names) + impls)
+              "|---|---|---|---|" + "---|" * (len(names) + impls + engines)
               + "---|---|---|"]
     for r in casc:
       pats = ", ".join(f"{k} {v}" for k, v in r["patches"].items()
                        if k != "lr")
       parts.append(
           f"| {r['size']}³ | {r['widths']} | {r.get('dtype', 'fp32')} | "
-          + (f"{r.get('impl', 'fast')} | " if impls else "") +
+          + (f"{r.get('impl', 'fast')} | " if impls else "")
+          + (f"{r.get('edges', 'jax')} | " if engines else "") +
           f"{pats or '–'} | "
           + " | ".join(_fmt(r["stages_s"].get(n)) for n in names)
           + f" | {_fmt(r['total_s'])} | {len(r.get('times_s') or [])} | "
@@ -1502,6 +1519,11 @@ def parse_args(argv, backend: str | None = None):
   p.add_argument("--cascade-skinny-sizes", type=int, nargs="*", default=[],
                  help="cascade sizes also run with impl fast-skinny (the "
                  "skinny convs as dots on any backend; see conv_form)")
+  p.add_argument("--cascade-sparse-edges-sizes", type=int, nargs="*",
+                 default=[],
+                 help="cascade sizes also run with the JAX edge engine "
+                 "sending back only its candidates "
+                 "(edges.JAX_SPARSE_TRANSFER)")
   p.add_argument("--cascade-dtype", choices=DTYPES, default=None,
                  help="cascade compute dtype (default: bf16 on a GPU, as "
                  "the 512³ goal, fp32 elsewhere)")

@@ -72,7 +72,7 @@ fi
 #     coarser scales) then 1024³, the patch batch picked from the device
 #     memory (the GPU default --cascade-batch auto); each size is saved as
 #     it finishes; 1024³ (over a minute a run) is timed once; 512³ also
-#     with impl fast-skinny (see step 3).
+#     with impl fast-skinny and with the sparse edge transfer (see step 3).
 #  2. throughput --merge: HR forward fp32/bf16 with achieved FLOP/s
 #     (fraction of the device's peak), and the plain forms (cuDNN's own
 #     convolutions) beside the fast ones (tuned for a CPU) at batch 128 too.
@@ -97,7 +97,8 @@ if [ "$quick" = 1 ]; then
   megan_peak=(--models megan_cascade megan_hr_step --sizes 16 32
               --cascade-sizes 64)
   peak=(--models pix2pix --sizes 16 32)
-  thr_cascade=(--quick --cascade-sizes 64 --cascade-skinny-sizes 64)
+  thr_cascade=(--quick --cascade-sizes 64 --cascade-skinny-sizes 64
+               --cascade-sparse-edges-sizes 64)
   thr_forward=(--quick --batches 1 --plain-batches 1)
   profile=(--quick --impl fast fast-skinny)
 else
@@ -107,7 +108,7 @@ else
               --sizes 32 512 --cascade-sizes 64 1024)
   peak=(--models dcgan pix2pix pggan --sizes 32 64 128 256 512)
   thr_cascade=(--cascade-sizes 512 1024 --cascade-skinny-sizes 512
-               --cascade-dtype bf16 --cascade-repeats 2 --cascade-budget-s 60)
+               --cascade-sparse-edges-sizes 512 --cascade-dtype bf16 --cascade-repeats 2 --cascade-budget-s 60)
   thr_forward=(--batches 8 32 128 --plain-batches 8 32 128 --repeats 2)
   profile=(--batch 32 --edge-size 512 --repeats 2 --impl fast fast-skinny)
 fi

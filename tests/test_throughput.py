@@ -196,32 +196,46 @@ def test_a_run_cut_short_keeps_the_cascade_sizes_it_finished(
 
 
 @pytest.mark.slow
-def test_cascade_skinny_sizes_add_a_fast_skinny_row(monkeypatch):
+def test_cascade_skinny_and_sparse_edges_sizes_add_rows(monkeypatch):
   """--cascade-skinny-sizes: those sizes run again with impl fast-skinny,
-  traced with `layers.SKINNY_DOTS` on (and off again after); the table
-  gets an impl column."""
-  from megan_jax import infer
+  traced with `layers.SKINNY_DOTS` on; --cascade-sparse-edges-sizes: again
+  with `edges.JAX_SPARSE_TRANSFER` on (each off again after); the table
+  gets impl and edges engine columns."""
+  from megan_jax import edges, infer
   from megan_jax.models import layers
   seen = []
   plan = infer.Translator.plan
 
   def spy(self, shape):
-    seen.append(layers.SKINNY_DOTS)
+    seen.append((layers.SKINNY_DOTS, edges.JAX_SPARSE_TRANSFER))
     return plan(self, shape)
   monkeypatch.setattr(infer.Translator, "plan", spy)
-  args = throughput.parse_args(["--quick", "--cascade-skinny-sizes", "64"],
+  sparse_calls = []
+  real_sparse = edges._canny_jax_sparse
+
+  def sparse_spy(*a, **k):
+    sparse_calls.append(1)
+    return real_sparse(*a, **k)
+  monkeypatch.setattr(edges, "_canny_jax_sparse", sparse_spy)
+  args = throughput.parse_args(["--quick", "--cascade-skinny-sizes", "64",
+                                "--cascade-sparse-edges-sizes", "64"],
                                backend="cpu")
   rows = throughput.bench_cascade(args)
-  assert [(r["size"], r["impl"], r["error"]) for r in rows] == [
-      (64, "fast", None), (64, "fast-skinny", None)]
-  assert seen == [None, True] and layers.SKINNY_DOTS is None
+  assert [(r["size"], r["impl"], r["edges"], r["error"]) for r in rows] == [
+      (64, "fast", "jax", None), (64, "fast-skinny", "jax", None),
+      (64, "fast", "jax-sparse", None)]
+  assert seen == [(None, False), (True, False), (None, True)]
+  assert layers.SKINNY_DOTS is None and edges.JAX_SPARSE_TRANSFER is False
+  assert sparse_calls  # the sparse row's sketches went the sparse way
   text = throughput.markdown({
       "meta": {"backend": "cpu", "device_kind": "cpu", "threads": 2,
                "jax_version": "x", "command": "c", "repeats": 1},
       "results": {"cascade": rows}, "ratios": {}})
   lines = [line for line in text.splitlines() if line.startswith("| ")]
-  assert "| impl |" in lines[0] and len({line.count("|") for line in lines}) == 1
-  assert any("| fast-skinny |" in line for line in lines)
+  assert "| impl | edges engine |" in lines[0]
+  assert len({line.count("|") for line in lines}) == 1
+  assert any("| fast-skinny | jax |" in line for line in lines)
+  assert any("| fast | jax-sparse |" in line for line in lines)
 
 
 def test_cascade_auto_batch_uses_the_translators_pick(monkeypatch):
