@@ -7,7 +7,8 @@
 #
 # Writes memory-gpu.{json,png,md}, throughput-gpu.{json,md},
 # profile-gpu.{json,md} and gpu-checks.log (8 files: the most the device
-# machine returns). On this
+# machine returns); commit them with the card in the name where another
+# card's are there (session 18: *-gpu-h100.*, beside the H200's *-gpu.*). On this
 # workplace's device machine put the image's python first on the PATH
 # (PATH=/opt/torch/.venv/bin:$PATH; a symlink to it loses its venv) and
 # carry nibabel and ml-collections as wheels (launch/README.md). The
@@ -44,22 +45,26 @@ print("python", platform.python_version(), "|", ", ".join(
 print("jax", jax.__version__, jax.default_backend(), jax.devices())
 EOF
 
-# Both benchmarks add to the committed GPU results (benchmarks/results/
-# {memory,throughput}-gpu.json, session 15, H200): the memory suite runs
-# only what they lack (--merge --only-missing), so sessions' runs under a
-# time limit add up; the throughput benchmark replaces the sections it
-# runs and keeps the others only if the same kind of device measured them.
-# Only results of the same kind of device are added to (the memory suite
-# refuses another's), and a file already in $OUT is kept.
+# Both benchmarks add to the committed GPU results of this kind of device
+# (benchmarks/results/{memory,throughput}-gpu.json: session 15's H200;
+# {memory,throughput}-gpu-h100.json: session 18's H100; copied into $OUT
+# under the plain name): the memory suite runs only what they lack
+# (--merge --only-missing), so sessions' runs under a time limit add up;
+# the throughput benchmark replaces the sections it runs and keeps the
+# others only if the same kind of device measured them. Only results of
+# the same kind of device are added to (the memory suite refuses
+# another's), and a file already in $OUT is kept.
 if [ "$quick" != 1 ] && \
    [ "$(realpath "$out")" != "$(realpath benchmarks/results)" ]; then
-  for f in memory-gpu.json throughput-gpu.json; do
-    [ -f "benchmarks/results/$f" ] && [ ! -e "$out/$f" ] || continue
-    python - "benchmarks/results/$f" <<'EOF' && cp "benchmarks/results/$f" "$out/"
+  for name in memory-gpu throughput-gpu; do
+    for f in benchmarks/results/"$name".json benchmarks/results/"$name"-*.json; do
+      [ -f "$f" ] && [ ! -e "$out/$name.json" ] || continue
+      python - "$f" <<'EOF2' && cp "$f" "$out/$name.json"
 import json, sys, jax
 kind = json.load(open(sys.argv[1]))["meta"].get("device_kind")
 sys.exit(kind != jax.devices()[0].device_kind)
-EOF
+EOF2
+    done
   done
 fi
 
