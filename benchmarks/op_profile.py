@@ -29,8 +29,13 @@ Sections (``--only`` picks some):
   (``wall_s``, median of ``--repeats`` after an untimed call):
   ``busy_fraction`` well under 1 means the device waits on the host
   (launches, transfers), not on arithmetic. ``traced_wall_s``: the call
-  while traced (on a GPU the profiler makes XLA launch the ops of its
-  command buffers, CUDA graphs, one by one; the kernels' times hold).
+  while traced. On a GPU, XLA's command buffers (CUDA graphs) are turned
+  off (``--xla_gpu_enable_command_buffer=`` added to ``XLA_FLAGS``, in
+  ``meta.xla_flags``) unless ``--command-buffers``: a command buffer is one
+  trace event for many kernels, with no op to put it down to (session 18,
+  H100: 11 % of the bf16 forward's op time, 59 % with fast-skinny); without
+  them every kernel is launched on its own, which can only add launch time
+  to ``wall_s``.
 - ``edges``: ``edges.canny_3d`` on the cascade's blob volume of
   ``--edge-size``³, each engine (and the jax engine with
   ``edges.JAX_SPARSE_TRANSFER``: ``jax-sparse``): wall time and its
@@ -755,6 +760,7 @@ def make_meta(args, argv) -> dict:
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       "command": "python -m benchmarks.op_profile " + " ".join(argv),
+      "xla_flags": os.environ.get("XLA_FLAGS"),
       "quick": args.quick,
       "repeats": args.repeats,
       "options": dict(vars(args)),
@@ -791,12 +797,17 @@ def parse_args(argv):
   p.add_argument("--batch", type=int, default=None,
                  help="patches per forward (default 8; --quick 2)")
   p.add_argument("--impl", nargs="+", default=["fast"],
-                 choices=("fast", "plain", "fast-im2col", "fast-skinny"),
+                 choices=("fast", "plain") + tp.FAST_VARIANTS,
                  help="the forward's conv forms, one profile each (default "
                  "fast; fast-skinny: the skinny convs as dots on any "
-                 "backend, see benchmarks.throughput.conv_form)")
+                 "backend; fast-blocked: as convs over blocks off the CPU; "
+                 "see benchmarks.throughput.conv_form)")
   p.add_argument("--repeats", type=int, default=None,
                  help="timed (and traced) calls (default 3; --quick 1)")
+  p.add_argument("--command-buffers", action="store_true",
+                 help="keep XLA's GPU command buffers (CUDA graphs; by "
+                 "default off here: one trace event for many kernels, put "
+                 "down to no op)")
   p.add_argument("--edge-size", type=int, default=None,
                  help="edges volume side (default 256; --quick 48)")
   p.add_argument("--quick", action="store_true",
@@ -821,10 +832,27 @@ def parse_args(argv):
   return a
 
 
+def _no_command_buffers() -> None:
+  """Adds ``--xla_gpu_enable_command_buffer=`` to ``XLA_FLAGS`` where no
+  backend has started yet (XLA reads the flags then; a process that runs
+  jax already, as the tests, keeps its flags)."""
+  try:
+    from jax._src import xla_bridge
+    started = xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):  # a jax without it: leave the flags
+    return
+  flags = os.environ.get("XLA_FLAGS", "")
+  if not started and "xla_gpu_enable_command_buffer" not in flags:
+    os.environ["XLA_FLAGS"] = (
+        f"{flags} --xla_gpu_enable_command_buffer=".strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = [str(x) for x in (sys.argv[1:] if argv is None else argv)]
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   args = parse_args(argv)
+  if not args.command_buffers:
+    _no_command_buffers()
   from megan_jax import io as megan_io
   from megan_jax.errors import InputError
   try:

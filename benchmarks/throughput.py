@@ -52,7 +52,8 @@ Sections (``--only`` picks some):
   uses the demo config's generator widths (ngf 8, 2 ResNet blocks) on the
   paper's geometry, so a CPU finishes. ``--cascade-skinny-sizes``: sizes
   run a second time with impl ``"fast-skinny"`` (`conv_form`; rows carry
-  their ``impl``); ``--cascade-sparse-edges-sizes``: sizes run again (impl
+  their ``impl``), as ``--cascade-blocked-sizes`` with ``"fast-blocked"``;
+  ``--cascade-sparse-edges-sizes``: sizes run again (impl
   ``"fast"``) with the JAX edge engine sending back only its candidates
   (`edges.JAX_SPARSE_TRANSFER`; rows carry their ``edges`` engine,
   ``"jax"`` or ``"jax-sparse"``).
@@ -368,13 +369,19 @@ def conv_form(impl: str):
   stride-1 conv but the 7³ output conv as im2col, the fast form before
   those were added; ``impl="fast-skinny"`` as the fast form with the skinny
   convs (the first, on the sketch; the 7³ output conv) as dots on any
-  backend (`layers.SKINNY_DOTS`; on the CPU the same as "fast"). (Trace a
-  fresh jitted function inside it: a cached trace would ignore it.)"""
+  backend (`layers.SKINNY_DOTS`; on the CPU the same as "fast");
+  ``impl="fast-blocked"`` with those two as lax convs over blocks
+  (`layers.conv3d_blocked`: the 7³ output conv over 4³ blocks, the first
+  over 2³; `layers.OUT_CONV_BLOCK`, `NARROW_CONV_BLOCK`; off the CPU only,
+  on it the same as "fast"). (Trace a fresh jitted function inside it: a
+  cached trace would ignore it.)"""
   from megan_jax.models import layers
   changes = {"fast-im2col": {"TAPS_RATIO": float("inf"),
                              "WINOGRAD_MIN_TILES": float("inf"),
                              "NARROW_CHANNELS": -1},
-             "fast-skinny": {"SKINNY_DOTS": True}}.get(impl, {})
+             "fast-skinny": {"SKINNY_DOTS": True},
+             "fast-blocked": {"OUT_CONV_BLOCK": 4,
+                              "NARROW_CONV_BLOCK": 2}}.get(impl, {})
   old = {n: getattr(layers, n) for n in changes}
   for n, v in changes.items():
     setattr(layers, n, v)
@@ -386,7 +393,11 @@ def conv_form(impl: str):
 
 
 def model_impl(impl: str) -> str:
-  return "fast" if impl in ("fast-im2col", "fast-skinny") else impl
+  return "fast" if impl in FAST_VARIANTS else impl
+
+
+# Impls traced as "fast" with other forms (`conv_form`).
+FAST_VARIANTS = ("fast-im2col", "fast-skinny", "fast-blocked")
 
 
 def hr_generator(sizes: Sizes, impl: str, dtype: str):
@@ -984,6 +995,8 @@ def bench_cascade(args, on_row: Callable[[list], None] = lambda rows: None
            for impl, sparse in [("fast", False)]
            + ([("fast-skinny", False)]
               if size in args.cascade_skinny_sizes else [])
+           + ([("fast-blocked", False)]
+              if size in args.cascade_blocked_sizes else [])
            + ([("fast", True)]
               if size in args.cascade_sparse_edges_sizes else [])]
   for size, impl, sparse in cases:
@@ -1519,6 +1532,10 @@ def parse_args(argv, backend: str | None = None):
   p.add_argument("--cascade-skinny-sizes", type=int, nargs="*", default=[],
                  help="cascade sizes also run with impl fast-skinny (the "
                  "skinny convs as dots on any backend; see conv_form)")
+  p.add_argument("--cascade-blocked-sizes", type=int, nargs="*", default=[],
+                 help="cascade sizes also run with impl fast-blocked (the "
+                 "skinny convs as convs over blocks off the CPU; see "
+                 "conv_form)")
   p.add_argument("--cascade-sparse-edges-sizes", type=int, nargs="*",
                  default=[],
                  help="cascade sizes also run with the JAX edge engine "

@@ -72,50 +72,48 @@ fi
 # limit (seconds), so one that overruns does not cost the others; all of
 # them within GPU_CHECKS_BUDGET_S (default 570, for a 595-s call), the last
 # step taking what the others left:
-#  1. throughput: the bf16 cascade at 512³ (goal: under 10 s on an H100;
-#     9.7 s on the H200 in session 15, before the sketches overlapped the
-#     coarser scales) then 1024³, the patch batch picked from the device
-#     memory (the GPU default --cascade-batch auto); each size is saved as
-#     it finishes; 1024³ (over a minute a run) is timed once; 512³ also
-#     with impl fast-skinny and with the sparse edge transfer (see step 3).
-#  2. throughput --merge: HR forward fp32/bf16 with achieved FLOP/s
-#     (fraction of the device's peak), and the plain forms (cuDNN's own
-#     convolutions) beside the fast ones (tuned for a CPU) at batch 128 too.
-#  3. op_profile: where the forward's time goes on the device (per layer
-#     and kind of op, device busy time against the call's; the forward ran
-#     at 11 % of the bf16 peak on the H200) and the edge sketch's phases
-#     at 512³ (host against kernel: 2.15 s there, the kernel should take
-#     milliseconds); also impl fast-skinny (the first conv, on 2 channels,
-#     and the 7³ conv to 1 channel as dots, GEMMs cuDNN's tensor cores
-#     may run better than those skinny convs) and the sketch with only its
-#     candidates sent back (edges.JAX_SPARSE_TRANSFER, row jax-sparse).
-#  4. memory, compiled: every model to 512³, the cascade to 1024³, every
-#     model's smallest sizes first (session 15 lost these to a bug).
-#  5. memory, measured peak of MEGAN: the cascade at 64³ and 1024³, its
-#     training steps at 32³ and 512³; only what the file lacks (nothing on
-#     the H200, whose committed results have them: flat).
-#  6. memory, measured peak of the baselines, smallest sizes first (those
-#     the file has are skipped), until each runs out of memory or time.
+#  1. throughput: the bf16 cascade at 1024³ (timed once, over a minute a
+#     run; cut by the step's limit in sessions 15 and 18) then 512³ (8.85 s
+#     on an H100 in session 18: the < 10 s goal met), the patch batch picked
+#     from the device memory (the GPU default --cascade-batch auto); each
+#     case is saved as it finishes; 512³ also with impl fast-blocked (the
+#     two skinny convs as convs over blocks, see step 2) and with the
+#     sparse edge transfer (1.46 s against 2.05 for the 512³ sketch on the
+#     H100; not yet timed in the cascade).
+#  2. op_profile: where the bf16 forward's time goes on the device (session
+#     18, H100: the 7³ conv to 1 channel took 58 % of it, at 1 % of the
+#     peak), impl fast against fast-blocked (that conv over 4³ blocks, a 3³
+#     conv 4096 -> 64 channels; the first conv, on 2 channels, over 2³),
+#     and the edge sketch's phases at 512³ per engine.
+#  3. memory, compiled: every model to 512³, the cascade to 1024³, every
+#     model's smallest sizes first; only what the card's file lacks.
+#  4. memory, measured peak of MEGAN: the cascade at 64³ and 1024³, its
+#     training steps at 32³ and 512³; only what the file lacks (both cards'
+#     committed results have them all: flat).
+#  5. memory, measured peak of the baselines, smallest sizes first (those
+#     the file has are skipped), until each runs out of memory or time
+#     (120 s a case: the 256³ ones did not compile and run in 45 s).
+# (The HR forward against PyTorch, `--only hr_forward`, ran on both cards
+# in sessions 15 and 18; it is no longer a step.)
 if [ "$quick" = 1 ]; then
   mem=(--width-scale 0.0625 --hr-batch 2)
   compiled=(--sizes 16 32 --cascade-sizes 64)
   megan_peak=(--models megan_cascade megan_hr_step --sizes 16 32
               --cascade-sizes 64)
   peak=(--models pix2pix --sizes 16 32)
-  thr_cascade=(--quick --cascade-sizes 64 --cascade-skinny-sizes 64
+  thr_cascade=(--quick --cascade-sizes 64 --cascade-blocked-sizes 64
                --cascade-sparse-edges-sizes 64)
-  thr_forward=(--quick --batches 1 --plain-batches 1)
-  profile=(--quick --impl fast fast-skinny)
+  profile=(--quick --impl fast fast-blocked)
 else
   mem=()
   compiled=(--sizes 32 64 128 256 512 --cascade-sizes 64 128 256 512 1024)
   megan_peak=(--models megan_cascade megan_lr_step megan_hr_step
               --sizes 32 512 --cascade-sizes 64 1024)
   peak=(--models dcgan pix2pix pggan --sizes 32 64 128 256 512)
-  thr_cascade=(--cascade-sizes 512 1024 --cascade-skinny-sizes 512
-               --cascade-sparse-edges-sizes 512 --cascade-dtype bf16 --cascade-repeats 2 --cascade-budget-s 60)
-  thr_forward=(--batches 8 32 128 --plain-batches 8 32 128 --repeats 2)
-  profile=(--batch 32 --edge-size 512 --repeats 2 --impl fast fast-skinny)
+  thr_cascade=(--cascade-sizes 1024 512 --cascade-blocked-sizes 512
+               --cascade-sparse-edges-sizes 512 --cascade-dtype bf16
+               --cascade-repeats 2 --cascade-budget-s 60)
+  profile=(--batch 32 --edge-size 512 --repeats 2 --impl fast fast-blocked)
 fi
 
 # The benchmarks write their JSON as cases finish, so a step cut short by
@@ -134,19 +132,17 @@ step() {  # step SECONDS|rest NAME COMMAND...: at most what the budget left
   echo "== $name rc=${PIPESTATUS[0]} ($((t_end - SECONDS)) s left)" \
     | tee -a "$log"
 }
-step 210 "throughput: cascade" python -m benchmarks.throughput \
+step 240 "throughput: cascade" python -m benchmarks.throughput \
   --only cascade "${thr_cascade[@]}" --merge --out "$out"
-step 90 "throughput: forward" python -m benchmarks.throughput \
-  --only hr_forward "${thr_forward[@]}" --merge --out "$out"
 step 75 "op profile" python -m benchmarks.op_profile "${profile[@]}" \
   --out "$out"
-step 120 "memory compiled" python -m benchmarks.memory ${mem[@]+"${mem[@]}"} \
+step 100 "memory compiled" python -m benchmarks.memory ${mem[@]+"${mem[@]}"} \
   "${compiled[@]}" --measure compiled --fast-compile --jobs 8 --timeout-s 100 \
   --order size --merge --only-missing --out "$out"
-step 90 "memory peak: MEGAN" python -m benchmarks.memory \
-  ${mem[@]+"${mem[@]}"} "${megan_peak[@]}" --measure peak --timeout-s 45 \
+step 45 "memory peak: MEGAN" python -m benchmarks.memory \
+  ${mem[@]+"${mem[@]}"} "${megan_peak[@]}" --measure peak --timeout-s 30 \
   --merge --only-missing --out "$out"
 step rest "memory peak: baselines" python -m benchmarks.memory \
-  ${mem[@]+"${mem[@]}"} "${peak[@]}" --measure peak --timeout-s 60 \
+  ${mem[@]+"${mem[@]}"} "${peak[@]}" --measure peak --timeout-s 120 \
   --order size --merge --only-missing --out "$out"
 ls -l "$out" | tee -a "$log"

@@ -231,6 +231,26 @@ def test_down_conv_fast_equals_plain_any_size(n, k, padding):
   _close(fast(x, kernel, padding), layers.conv3d(x, kernel, padding, stride=2))
 
 
+@hypothesis.settings(deadline=None, max_examples=8)
+@hypothesis.given(n=st.integers(3, 10), k=st.sampled_from([1, 3, 4, 7]),
+                  padding=st.integers(0, 3), block=st.integers(2, 4),
+                  cout=st.sampled_from([1, 3]))
+def test_conv3d_blocked_equals_conv3d_and_its_gradients(n, k, padding, block,
+                                                          cout):
+  """The blocked form (a GPU candidate for the skinny convs) is the same
+  function as the lax conv, its gradients too, for sizes the blocks do not
+  divide."""
+  hypothesis.assume(n + 2 * padding >= k)
+  x = _rand(n, (2, n, n + 2, max(n - 1, k - 2 * padding), 2))
+  kernel = _rand(k, (k, k, k, 2, cout))
+  direct = lambda x, w: layers.conv3d(x, w, padding)
+  blocked = lambda x, w: layers.conv3d_blocked(x, w, padding, block)
+  _close(jax.jit(blocked)(x, kernel), direct(x, kernel))
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  _close_tree(jax.jit(jax.grad(loss(blocked), (0, 1)))(x, kernel),
+              jax.grad(loss(direct), (0, 1))(x, kernel))
+
+
 def _numpy_norm(x, axes, scale, bias, eps=1e-5):
   x = np.asarray(x, np.float64)
   mean = x.mean(axis=axes, keepdims=True)
@@ -666,3 +686,51 @@ def test_skinny_dots_off_the_cpu_rewrite_only_the_skinny_convs(monkeypatch):
   monkeypatch.setattr(layers, "SKINNY_DOTS", None)  # follows use_dots
   assert not layers.skinny_dots()
   assert _conv_count(run, v, x) == lax_convs
+
+
+def _conv_input_channels(fn, *args) -> list[int]:
+  """The input channels (lhs's last axis) of ``fn``'s lax convs."""
+  from jax.extend.core import jaxprs_in_params
+
+  def walk(jaxpr):
+    out = []
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "conv_general_dilated":
+        out.append(eqn.invars[0].aval.shape[-1])
+      for sub in jaxprs_in_params(eqn.params):
+        out += walk(sub)
+    return out
+  return walk(jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr)
+
+
+def test_blocked_skinny_convs_off_the_cpu(monkeypatch):
+  """`layers.OUT_CONV_BLOCK` / `NARROW_CONV_BLOCK` (a GPU experiment): where
+  the skinny convs stay lax convs (off the CPU), the 7³ output conv and the
+  first conv (2 channels) become convs over b³ blocks (b³× the input
+  channels), the same network function and gradients; `SKINNY_DOTS` goes
+  first; "plain" never changes."""
+  monkeypatch.setattr(layers, "use_dots", lambda: False)  # as on a GPU
+  g = HRGenerator(ngf=8, n_blocks=1, dropout_rate=0.5)
+  x = _rand(0, (2, 16, 16, 16, 2))
+  v = jax.jit(lambda k: g.init(k, x, train=False))(jax.random.key(0))
+  run = lambda v, x: g.apply(v, x, train=False)
+  loss = lambda v, x: jnp.sum(run(v, x) ** 2)
+  channels = _conv_input_channels(run, v, x)
+  assert channels[0] == 2 and channels[-1] == 8  # sketch in, ngf to 1 out
+  want, want_grad = run(v, x), jax.grad(loss)(v, x)
+  monkeypatch.setattr(layers, "OUT_CONV_BLOCK", 4)
+  monkeypatch.setattr(layers, "NARROW_CONV_BLOCK", 2)
+  got = _conv_input_channels(run, v, x)
+  assert got[0] == 8 * 2 and got[-1] == 64 * 8 and got[1:-1] == channels[1:-1]
+  _close(jax.jit(run)(v, x), want)
+  # Against the largest gradient: biases before a norm have none but noise.
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want_grad))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=0, atol=1e-5 * scale), jax.jit(jax.grad(loss))(v, x),
+      want_grad)
+  monkeypatch.setattr(layers, "SKINNY_DOTS", True)  # the dots go first
+  assert len(_conv_input_channels(run, v, x)) == len(channels) - 2
+  plain = HRGenerator(ngf=8, n_blocks=1, dropout_rate=0.5, impl="plain")
+  monkeypatch.setattr(layers, "SKINNY_DOTS", None)
+  assert _conv_input_channels(
+      lambda v, x: plain.apply(v, x, train=False), v, x)[-1] == 8

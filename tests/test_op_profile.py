@@ -251,3 +251,25 @@ def test_off_the_cpu_host_events_are_not_taken_for_kernels():
     assert rows[engine]["error"] is None
     assert rows[engine]["kernel_busy_s"] is None
     assert rows[engine]["kernel_events_from"].startswith("none")
+
+
+def test_command_buffers_are_off_unless_asked(tmp_path):
+  """A fresh process turns XLA's GPU command buffers off before its backend
+  starts (a command buffer is one trace event for many kernels, put down
+  to no op) and says so in meta; a flag the user set is kept."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["XLA_FLAGS"] = "--xla_cpu_enable_fast_math=false"  # the user's own
+  subprocess.run([sys.executable, "-m", "benchmarks.op_profile", "--quick",
+                  "--only", "edges", "--out", str(tmp_path)], cwd=root,
+                 env=env, check=True, capture_output=True, timeout=300)
+  meta = json.loads((tmp_path / "profile-cpu.json").read_text())["meta"]
+  assert meta["xla_flags"].split() == [
+      "--xla_cpu_enable_fast_math=false", "--xla_gpu_enable_command_buffer="]
+  before = os.environ.get("XLA_FLAGS")
+  jax.devices()  # this process's backend runs: its flags are left alone
+  op._no_command_buffers()
+  assert os.environ.get("XLA_FLAGS") == before

@@ -196,9 +196,10 @@ def test_a_run_cut_short_keeps_the_cascade_sizes_it_finished(
 
 
 @pytest.mark.slow
-def test_cascade_skinny_and_sparse_edges_sizes_add_rows(monkeypatch):
+def test_cascade_variant_sizes_add_rows(monkeypatch):
   """--cascade-skinny-sizes: those sizes run again with impl fast-skinny,
-  traced with `layers.SKINNY_DOTS` on; --cascade-sparse-edges-sizes: again
+  traced with `layers.SKINNY_DOTS` on; --cascade-blocked-sizes: with
+  fast-blocked (`layers.OUT_CONV_BLOCK` 4); --cascade-sparse-edges-sizes: again
   with `edges.JAX_SPARSE_TRANSFER` on (each off again after); the table
   gets impl and edges engine columns."""
   from megan_jax import edges, infer
@@ -207,7 +208,8 @@ def test_cascade_skinny_and_sparse_edges_sizes_add_rows(monkeypatch):
   plan = infer.Translator.plan
 
   def spy(self, shape):
-    seen.append((layers.SKINNY_DOTS, edges.JAX_SPARSE_TRANSFER))
+    seen.append((layers.SKINNY_DOTS, layers.OUT_CONV_BLOCK,
+                 edges.JAX_SPARSE_TRANSFER))
     return plan(self, shape)
   monkeypatch.setattr(infer.Translator, "plan", spy)
   sparse_calls = []
@@ -218,14 +220,17 @@ def test_cascade_skinny_and_sparse_edges_sizes_add_rows(monkeypatch):
     return real_sparse(*a, **k)
   monkeypatch.setattr(edges, "_canny_jax_sparse", sparse_spy)
   args = throughput.parse_args(["--quick", "--cascade-skinny-sizes", "64",
+                                "--cascade-blocked-sizes", "64",
                                 "--cascade-sparse-edges-sizes", "64"],
                                backend="cpu")
   rows = throughput.bench_cascade(args)
   assert [(r["size"], r["impl"], r["edges"], r["error"]) for r in rows] == [
       (64, "fast", "jax", None), (64, "fast-skinny", "jax", None),
-      (64, "fast", "jax-sparse", None)]
-  assert seen == [(None, False), (True, False), (None, True)]
-  assert layers.SKINNY_DOTS is None and edges.JAX_SPARSE_TRANSFER is False
+      (64, "fast-blocked", "jax", None), (64, "fast", "jax-sparse", None)]
+  assert seen == [(None, None, False), (True, None, False),
+                  (None, 4, False), (None, None, True)]
+  assert layers.SKINNY_DOTS is None and layers.OUT_CONV_BLOCK is None
+  assert edges.JAX_SPARSE_TRANSFER is False
   assert sparse_calls  # the sparse row's sketches went the sparse way
   text = throughput.markdown({
       "meta": {"backend": "cpu", "device_kind": "cpu", "threads": 2,

@@ -278,6 +278,16 @@ def skinny_dots() -> bool:
   return use_dots() if SKINNY_DOTS is None else bool(SKINNY_DOTS)
 
 
+# Where the skinny convs stay lax convs (off the CPU, `skinny_dots` false):
+# as `conv3d_blocked` over blocks of this side (None: the direct lax conv).
+# A GPU experiment, off by default until a GPU measures it
+# (``throughput.conv_form("fast-blocked")``): `OutConv` (the 7³ conv to one
+# channel: 58 % of the bf16 HR forward on an H100, at 1 % of the peak) and
+# the convs on at most NARROW_CHANNELS input channels (the first).
+OUT_CONV_BLOCK = None
+NARROW_CONV_BLOCK = None
+
+
 WINOGRAD_MIN_TILES = 256  # 2³ output tiles from which 3³/2³ convs go Winograd
 WINOGRAD_MIN_CHANNELS = 32  # and at least this many input and output channels
 TAPS_RATIO = 4  # C_in / C_out from which `conv3d_fast` takes the taps form
@@ -329,9 +339,11 @@ def conv3d_fast(x: Array, kernel: Array, padding: int = 0) -> Array:
   """
   if not use_dots():
     k = kernel.shape[0]
-    if (skinny_dots() and kernel.shape[3] <= NARROW_CHANNELS
-        and padding <= k - 1):
+    narrow = kernel.shape[3] <= NARROW_CHANNELS
+    if skinny_dots() and narrow and padding <= k - 1:
       return conv3d_im2col_narrow(x, kernel, padding)
+    if NARROW_CONV_BLOCK and narrow:
+      return conv3d_blocked(x, kernel, padding, NARROW_CONV_BLOCK)
     return conv3d(x, kernel, padding)
   if _takes_winograd(x.shape, kernel.shape, padding):
     return conv3d_winograd(x, kernel, padding)
@@ -557,6 +569,71 @@ def _winograd_bwd(padding, residuals, dy):
 
 
 conv3d_winograd.defvjp(_winograd_fwd, _winograd_bwd)
+
+
+def conv3d_blocked(x: Array, kernel: Array, padding: int = 0,
+                   block: int = 4) -> Array:
+  """A stride-1 conv as a conv over ``block³`` blocks (same result).
+
+  For the skinny convs off the CPU (`OUT_CONV_BLOCK`, `NARROW_CONV_BLOCK`):
+  cuDNN runs the 7³ conv to one channel at 1 % of a GPU's bf16 peak
+  (``op_profile``, H100), where its ResNet convs (256 channels) run at 60 %. Output voxel ``o = b·q
+  + r`` (``r`` in ``[0, b)³``) reads input ``b·q + r + t``; written as ``b·(q
+  + s) + u``, it is a valid stride-1 conv with kernel ``S³`` (``S =
+  (b + k - 2)//b + 1``) from the space-to-depth input (``b³·C_in``
+  channels) to ``b³·C_out`` channels (one per ``r``), followed by
+  depth-to-space; the blocked kernel ``W[s, (u, c), (r, f)] = kernel[b·s +
+  u - r, c, f]`` (zero where that tap is outside ``[0, k)``) is gathered
+  from the ordinary one inside the function, so parameters and gradients
+  keep their layout. It multiplies ``(S·b/k)³`` times as much: for the 7³
+  conv to one channel with ``b=4``, ``S=3``, a 3³ conv 64·64 -> 64
+  channels on an 8³ grid per 32³ patch, 5.0× the direct conv's multiplies,
+  in the shape tensor cores run well (as the ResNet convs).
+
+  Args:
+    x: ``[B, D, H, W, C_in]``.
+    kernel: ``[k, k, k, C_in, C_out]``.
+    padding: zero padding per side.
+    block: ``b``.
+
+  Returns:
+    ``[B, D', H', W', C_out]`` with ``D' = D + 2p - k + 1``, as `conv3d`.
+  """
+  k, cin, cout = kernel.shape[0], kernel.shape[3], kernel.shape[4]
+  b = int(block)
+  taps = (b + k - 2) // b + 1  # S
+  config, outs = [(0, 0, 0)], []
+  for n in x.shape[1:4]:
+    out = n + 2 * padding - k + 1
+    if out < 1:
+      raise ValueError(f"conv: input size {n} too small for kernel {k}")
+    q = -(-out // b)  # output blocks
+    # Blocks q + s for s < S: b·(q + S - 1) padded input voxels.
+    config.append((padding, b * (q + taps - 1) - n - padding, 0))
+    outs.append(out)
+  config.append((0, 0, 0))
+  x = lax.pad(x, jnp.zeros((), x.dtype), config)  # a negative hi crops
+  x = space_to_depth(x, b)
+  # t[s, u, r] = b·s + u - r per axis, and whether it is a tap.
+  s_, u_, r_ = jnp.meshgrid(jnp.arange(taps), jnp.arange(b), jnp.arange(b),
+                            indexing="ij")
+  t = b * s_ + u_ - r_
+  valid = (t >= 0) & (t < k)
+  t = jnp.clip(t, 0, k - 1)
+  # Axes (sd, ud, rd) x (sh, uh, rh) x (sw, uw, rw), then C_in, C_out.
+  td = t[:, :, :, None, None, None, None, None, None]
+  th = t[None, None, None, :, :, :, None, None, None]
+  tw = t[None, None, None, None, None, None, :, :, :]
+  mask = (valid[:, :, :, None, None, None, None, None, None]
+          & valid[None, None, None, :, :, :, None, None, None]
+          & valid[None, None, None, None, None, None, :, :, :])
+  w = jnp.where(mask[..., None, None], kernel[td, th, tw],
+                jnp.zeros((), kernel.dtype))
+  # -> (sd, sh, sw, ud, uh, uw, C_in, rd, rh, rw, C_out).
+  w = w.transpose(0, 3, 6, 1, 4, 7, 9, 2, 5, 8, 10)
+  w = w.reshape(taps, taps, taps, b**3 * cin, b**3 * cout)
+  y = depth_to_space(conv3d(x, w), b)
+  return y[:, :outs[0], :outs[1], :outs[2]]
 
 
 def down_conv_fast(x: Array, kernel: Array, padding: int) -> Array:
@@ -923,7 +1000,8 @@ class OutConv(_ConvBase):
   k³ taps, then shift-and-add in float32, cast back to ``dtype``), since XLA
   CPU runs the direct 7³ conv to one channel at ~0.3 GFLOP/s; elsewhere a
   plain conv (the tap tensor is k³ × the output, 45 MB per 32³ patch),
-  unless `SKINNY_DOTS` says otherwise.
+  unless `SKINNY_DOTS` says otherwise, or `conv3d_blocked` with
+  `OUT_CONV_BLOCK`.
   """
   features: int = 1
   kernel_size: int = 7
@@ -932,6 +1010,8 @@ class OutConv(_ConvBase):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x, kernel, bias = self._params(x, self.kernel_size)
+    if self.impl != "plain" and not skinny_dots() and OUT_CONV_BLOCK:
+      return conv3d_blocked(x, kernel, self.padding, OUT_CONV_BLOCK) + bias
     if self.impl == "plain" or not skinny_dots():
       return conv3d(x, kernel, self.padding) + bias
     y = conv3d_taps(x, kernel, self.padding)
