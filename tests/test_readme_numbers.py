@@ -105,7 +105,7 @@ def test_memory_gpu_table_and_bytes_are_the_jsons():
   factors quoted below it, against memory-gpu.json's peak rows."""
   peak = [r for r in _result("memory-gpu.json")["results"]
           if r["measure"] == "peak"]
-  section = _section("**Measured on a GPU**", "## ")
+  section = _section("**Measured on a GPU**", "**Measured on an H100**")
   header, rows = _first_table(section)
   assert header[0] == "model"
   sizes = [int(_search(r"^(\d+)³$", cell).group(1)) for cell in header[1:]]
@@ -167,13 +167,115 @@ def test_memory_gpu_table_and_bytes_are_the_jsons():
     assert _agrees(quoted, value), (quoted, value)
 
 
+def test_memory_gpu_h100_table_and_bytes_are_the_jsons():
+  """The H100 table (cells "compiled / peak") and the bytes and growth
+  factors quoted below it, against memory-gpu-h100.json."""
+  data = _result("memory-gpu-h100.json")
+  assert data["meta"]["device_kind"] == "NVIDIA H100 80GB HBM3"
+  rows_json = data["results"]
+  section = _section("**Measured on an H100**", "## ")
+  header, rows = _first_table(section)
+  sizes = [int(_search(r"^(\d+)³$", cell).group(1)) for cell in header[1:]]
+  models = [row[0].split()[0] for row in rows]
+
+  def expected(model, size, measure):
+    case = [r for r in rows_json if (r["model"], r["size"], r["measure"])
+            == (model, size, measure)]
+    got = [r["bytes"] for r in case if r["bytes"] is not None]
+    if got:
+      (nbytes,) = set(got)
+      return f"{nbytes / GIB:.2f}"
+    timeouts = [r["error"] for r in case
+                if (r["error"] or "").startswith("timeout")]
+    if timeouts:
+      limit = _search(r"(\d+) s", timeouts[-1]).group(1)
+      return f"timed out ({limit} s)"
+    return ""
+
+  assert {(r["model"], r["size"]) for r in rows_json} <= {
+      (m, z) for m in models for z in sizes}
+  for model, row in zip(models, rows):
+    assert len(row) == 1 + len(sizes), row
+    for size, cell in zip(sizes, row[1:]):
+      want = [expected(model, size, m) for m in ("compiled", "peak")]
+      assert cell == ("" if want == ["", ""] else " / ".join(want).strip()), (
+          model, size, cell, want)
+
+  text = _prose(section)
+
+  def measured(model, measure):
+    return {r["size"]: r["bytes"] for r in rows_json if r["model"] == model
+            and r["measure"] == measure and r["bytes"] is not None}
+
+  def quoted_sizes(text):
+    return {int(z) for z in re.findall(r"(\d+)³", text)}
+
+  m = _search(r"cascade peaked at ([\d,]+) bytes at (.+?) here too, the same "
+              r"to the byte as on the H200, and its compiled figure is "
+              r"([\d,]+) bytes at every size that compiled \((\d+)³ to "
+              r"(\d+)³\)", text)
+  peak = measured("megan_cascade", "peak")
+  assert set(peak.values()) == {int(m.group(1).replace(",", ""))}
+  assert set(peak) == quoted_sizes(m.group(2))
+  h200 = {r["bytes"] for r in _result("memory-gpu.json")["results"]
+          if r["model"] == "megan_cascade" and r["measure"] == "peak"
+          and r["bytes"]}
+  assert h200 == set(peak.values())
+  compiled = measured("megan_cascade", "compiled")
+  assert set(compiled.values()) == {int(m.group(3).replace(",", ""))}
+  assert (min(compiled), max(compiled)) == (int(m.group(4)), int(m.group(5)))
+  steps = _search(r"training steps peaked at ([\d,]+) \(LR\) and ([\d,]+) "
+                  r"\(HR\) bytes at (.+?) \(the H200's within ([\d.]+) %",
+                  text)
+  h200 = _result("memory-gpu.json")["results"]
+  for model, quoted in (("megan_lr_step", steps.group(1)),
+                        ("megan_hr_step", steps.group(2))):
+    ours = measured(model, "peak")
+    assert set(ours.values()) == {int(quoted.replace(",", ""))}
+    assert set(ours) == quoted_sizes(steps.group(3))
+    (theirs,) = {r["bytes"] for r in h200 if r["model"] == model
+                 and r["measure"] == "peak" and r["bytes"]}
+    assert abs(ours[min(ours)] / theirs - 1) * 100 < float(steps.group(4))
+  growth = _search(r"compiled memory grows per doubling of the side: DCGAN "
+                   r"×([\d.]+) then ×([\d.]+), Pix2Pix ×([\d.]+) then "
+                   r"×([\d.]+), PGGAN ×([\d.]+)\.", text).groups()
+  want = []
+  for model in ("dcgan", "pix2pix", "pggan"):
+    by_size = measured(model, "compiled")
+    sides = sorted(by_size)
+    want += [by_size[b] / by_size[a] for a, b in zip(sides, sides[1:])]
+  assert len(growth) == len(want)
+  for quoted, value in zip(growth, want):
+    assert _agrees(quoted, value), (quoted, value)
+
+
 def test_throughput_gpu_numbers_are_the_jsons():
   """The HR forward table (ms per patch, 3 significant figures), the 512³
   cascade, the JAX / PyTorch ratios and the achieved FLOP/s under
-  "### On a GPU", against throughput-gpu.json."""
-  data = _result("throughput-gpu.json")
+  "### On a GPU" (H200) against throughput-gpu.json, and under "### On an
+  H100" against throughput-gpu-h100.json."""
+  _check_gpu_throughput(_result("throughput-gpu.json"),
+                        _section("### On a GPU", "### "))
+  data = _result("throughput-gpu-h100.json")
+  assert data["meta"]["device_kind"] == "NVIDIA H100 80GB HBM3"
+  section = _section("### On an H100", "## ")
+  casc = _check_gpu_throughput(data, section)
+  text = _prose(section)
+  assert casc["size"] == 512 and casc["dtype"] == "bf16"
+  of_goal = _search(r"under 10 s on one H100 in bf16, is met\*\* \(([\d.]+) "
+                    r"of it\)", text).group(1)
+  assert _agrees(of_goal, casc["total_s"] / 10) and casc["total_s"] < 10
+  total, hr3 = _search(r"With impl `fast-skinny` ([\d.]+) s \(HR3 ([\d.]+) s",
+                       text).groups()
+  (skinny,) = [r for r in data["results"]["cascade"]
+               if r.get("impl") == "fast-skinny" and not r["error"]]
+  assert _agrees(total, skinny["total_s"])
+  assert _agrees(hr3, skinny["stages_s"]["hr3"])
+
+
+def _check_gpu_throughput(data, section):
+  """Checks one GPU section against its JSON; returns the cascade row."""
   res, ratios = data["results"], data["ratios"]
-  section = _section("### On a GPU", "## ")
 
   # HR generator forward.
   forward = [r for r in res["hr_forward"] if not r["error"]]
@@ -239,7 +341,8 @@ def test_throughput_gpu_numbers_are_the_jsons():
   size, dtype = _search(r"Whole cascade to (\d+)³ in (\w+)", text).groups()
   (casc,) = [r for r in res["cascade"] if not r["error"]
              and r["size"] == int(size) and r["dtype"] == dtype
-             and r.get("impl", "fast") == "fast"]
+             and r.get("impl", "fast") == "fast"
+             and r.get("edges", "jax") == "jax"]
   (casc_batch, edges, lr, n1, hr1, n2, hr2, n3, rate3, hr3, total, run1,
    run2, compile_s) = _search(
       r"device memory: (\d+)\): edges \([^)]*\) ([\d.]+) s, LR ([\d.]+), "
@@ -260,6 +363,7 @@ def test_throughput_gpu_numbers_are_the_jsons():
       casc["patches"][k] for k in ("hr1", "hr2", "hr3")]
   rate = casc["hr_patches_per_s"]["hr3"]  # quoted to 3 significant figures
   assert int(rate3.replace(" ", "")) == int(float(f"{rate:.3g}"))
+  return casc
 
 
 
@@ -349,6 +453,80 @@ def test_profile_cpu_numbers_are_the_jsons():
       npy["median_s"], npy["phases_s"]["_smooth_and_differentiate"],
       npy["phases_s"]["_suppress"])):
     assert _agrees(quoted, value), (quoted, value)
+
+def test_profile_gpu_h100_numbers_are_the_jsons():
+  """The "On an H100" paragraph under "### Where the time goes" against
+  profile-gpu-h100.json (and the cascade's skinny row, throughput's)."""
+  data = _result("profile-gpu-h100.json")
+  assert data["meta"]["device_kind"] == "NVIDIA H100 80GB HBM3"
+  res = data["results"]
+  fwd = {(r["impl"], r["dtype"]): r for r in res["hr_forward"]}
+  prose = _prose(_section("**On an H100** (session 18", "### "))
+
+  def group(impl, dtype, name):
+    (g,) = [g for g in fwd[impl, dtype]["groups"] if g["group"] == name]
+    return g
+
+  def check(pattern, *values):
+    m = _search(pattern, prose)
+    assert len(m.groups()) == len(values)
+    for quoted, value in zip(m.groups(), values):
+      assert _agrees(quoted, value), (pattern, quoted, value)
+
+  bf16, out = fwd["fast", "bf16"], group("fast", "bf16", "conv_out")
+  check(r"the bf16 forward took ([\d.]+) ms per call, the device busy "
+        r"(\d+) % of it", 1e3 * bf16["wall_s"], 100 * bf16["busy_fraction"])
+  check(r"\(`conv_out`\) took ([\d.]+) % of the op time\*\* \(([\d.]+) ms: "
+        r"its ([\d.]+) GFLOP at ([\d.]+) TFLOP/s, ([\d.]+) % of the bf16 "
+        r"peak\)", 100 * out["share"], 1e3 * out["s_per_call"],
+        out["flops"] / 1e9, out["achieved_flops"] / 1e12,
+        100 * out["fraction_of_peak"])
+  blocks = [g for g in bf16["groups"] if g["group"].startswith("block_*/conv")]
+  check(r"the 12 block convs ran at (\d+)–(\d+) TFLOP/s \((\d+)–(\d+) % of "
+        r"it\)", *(f(g[k] * m for g in blocks) for k, m in (
+            ("achieved_flops", 1e-12), ("fraction_of_peak", 100))
+            for f in (min, max)))
+  check(r"the first conv, on 2 channels, ([\d.]+) %; in fp32 `conv_out` took "
+        r"([\d.]+) %", 100 * group("fast", "bf16", "conv_in")["share"],
+        100 * group("fast", "fp32", "conv_out")["share"])
+  check(r"\(([\d.]+) % of the bf16 op time was put down to no op",
+        100 * group("fast", "bf16", "(no source op)")["share"])
+  sk, sk32, f32 = (fwd["fast-skinny", "bf16"], fwd["fast-skinny", "fp32"],
+                   fwd["fast", "fp32"])
+  check(r"forward to ([\d.]+) ms per call \(([\d.]+)× fast; fp32 ([\d.]+) "
+        r"against ([\d.]+) ms\)", 1e3 * sk["wall_s"],
+        sk["wall_s"] / bf16["wall_s"], 1e3 * sk32["wall_s"],
+        1e3 * f32["wall_s"])
+  casc = {r["impl"]: r for r in
+          _result("throughput-gpu-h100.json")["results"]["cascade"]
+          if r["size"] == 512 and not r["error"]}
+  check(r"HR3 ([\d.]+) s against ([\d.]+) \(the tap tensor is 343 × the "
+        r"output: ([\d.]+) GB a scale's batch against ([\d.]+),",
+        casc["fast-skinny"]["stages_s"]["hr3"], casc["fast"]["stages_s"]["hr3"],
+        casc["fast-skinny"]["device_bytes"]["hr3"] / 1e9,
+        casc["fast"]["device_bytes"]["hr3"] / 1e9)
+  assert casc["fast-skinny"]["batch"] == casc["fast"]["batch"] == int(
+      _search(r"at its automatic batch of (\d+) patches", prose).group(1))
+  assert "21.45GiB" in _result("gpu-checks-h100.log")
+  per_patch = out["flops"] / bf16["batch"] / 1e9
+  check(r"for ([\d.]+)× the multiplies \(([\d.]+) GFLOP a patch instead of "
+        r"([\d.]+);", (12 / 7) ** 3, per_patch * (12 / 7) ** 3, per_patch)
+  edges = {r["engine"]: r for r in res["edges"]}
+  jx, sp, npy = edges["jax"], edges["jax-sparse"], edges["numpy"]
+  check(r"JAX engine ([\d.]+) s \(`_steps_jax`.*?, ([\d.]+) s; the hysteresis "
+        r"([\d.]+) s\), with `JAX_SPARSE_TRANSFER` ([\d.]+) s \(([\d.]+)×: the "
+        r"two-pass candidates ([\d.]+) s, the hysteresis ([\d.]+) s\)",
+        jx["median_s"], jx["phases_s"]["_steps_jax"],
+        jx["phases_s"]["_hysteresis"], sp["median_s"],
+        sp["median_s"] / jx["median_s"],
+        sp["phases_s"]["_candidates_jax_sparse"], sp["phases_s"]["_hysteresis"])
+  m = _search(r"the same sketch \((\d+) edge voxels, (\d+) differing\), the "
+              r"numpy engine ([\d.]+) s", prose)
+  assert (int(m.group(1)), int(m.group(2))) == (sp["edge_voxels"],
+                                                sp["differ_voxels"]) == (
+      jx["edge_voxels"], 0)
+  assert _agrees(m.group(3), npy["median_s"])
+
 
 @pytest.mark.parametrize("task", ["t1t2", "kernel"])
 def test_table1_rows_are_the_results(task):
