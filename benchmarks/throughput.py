@@ -965,21 +965,36 @@ def cascade_config(args, size: int):
   return c
 
 
+# Random generator parameters by what they depend on (see random_generators).
+_GENERATORS: dict = {}
+
+
 def random_generators(config, seed: int) -> dict:
-  """Random generator parameters for every scale of ``config``."""
+  """Random generator parameters for every scale of ``config``.
+
+  Kept per scale name, kind, widths and input shapes (every impl creates
+  the same parameters), so the cascade's cases reuse them: a 512³ case
+  after the 1024³ one, and each variant of a size, skip the initialisers'
+  compiles (set-up time that counted against the GPU step's limit)."""
+  import json
   import jax
   import jax.numpy as jnp
   from megan_jax import state as state_lib
   params = {}
   for i, name in enumerate(state_lib.scale_names(config)):
     kind = "lr" if name == "lr" else "hr"
-    g = state_lib.build_generator(config, kind)
-    dummy = {k: jnp.zeros(s, jnp.float32)
-             for k, s in state_lib.input_shapes(config, kind).items()}
-    x = state_lib.generator_input(dummy, config, kind)
-    key = jax.random.fold_in(jax.random.key(seed), i)
-    params[name] = jit_init(lambda k, g=g, x=x: g.init(
-        {"params": k, "dropout": k}, x, train=False), key)
+    shapes = state_lib.input_shapes(config, kind)
+    key = (name, kind, seed, json.dumps(config.model.to_dict(),
+                                        sort_keys=True, default=str),
+           tuple(sorted((k, tuple(v)) for k, v in shapes.items())))
+    if key not in _GENERATORS:
+      g = state_lib.build_generator(config, kind)
+      dummy = {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()}
+      x = state_lib.generator_input(dummy, config, kind)
+      rng = jax.random.fold_in(jax.random.key(seed), i)
+      _GENERATORS[key] = jit_init(lambda k, g=g, x=x: g.init(
+          {"params": k, "dropout": k}, x, train=False), rng)
+    params[name] = _GENERATORS[key]
   return params
 
 

@@ -684,3 +684,25 @@ def test_the_cascade_table_counts_the_timed_runs():
   (line,) = [s for s in table.splitlines() if s.startswith("| 64³ |")]
   runs = [c.strip() for c in header[0].split("|")].index("runs")
   assert line.split("|")[runs].strip() == "2"
+
+
+def test_random_generators_are_reused_by_scale_and_seed():
+  """The cascade's cases share their scales' random parameters (the
+  initialisers' compiles were set-up time inside the GPU step's limit),
+  but never across seeds or widths."""
+  import jax
+  args = throughput.parse_args(["--quick"], backend="cpu")
+  small, large = (throughput.cascade_config(args, n) for n in (64, 128))
+  a = throughput.random_generators(small, 0)
+  b = throughput.random_generators(large, 0)
+  assert list(a) == ["lr", "hr1"] and list(b) == ["lr", "hr1", "hr2"]
+  assert a["lr"] is b["lr"] and a["hr1"] is b["hr1"]
+  other = throughput.random_generators(small, 1)
+  assert not all(np.array_equal(x, y) for x, y in zip(
+      jax.tree.leaves(other["hr1"]), jax.tree.leaves(a["hr1"])))
+  narrow = throughput.cascade_config(args, 64)
+  narrow.unlock()
+  narrow.model.ngf //= 2
+  c = throughput.random_generators(narrow, 0)
+  assert ([x.shape for x in jax.tree.leaves(c["hr1"])]
+          != [x.shape for x in jax.tree.leaves(a["hr1"])])
