@@ -972,8 +972,9 @@ _GENERATORS: dict = {}
 def random_generators(config, seed: int) -> dict:
   """Random generator parameters for every scale of ``config``.
 
-  Kept per scale name, kind, widths and input shapes (every impl creates
-  the same parameters), so the cascade's cases reuse them: a 512³ case
+  Kept per scale name, kind, widths and the generator input's shape (its
+  channels follow ``config.hr_condition``; every impl creates the same
+  parameters), so the cascade's cases reuse them: a 512³ case
   after the 1024³ one, and each variant of a size, skip the initialisers'
   compiles (set-up time that counted against the GPU step's limit)."""
   import json
@@ -983,14 +984,14 @@ def random_generators(config, seed: int) -> dict:
   params = {}
   for i, name in enumerate(state_lib.scale_names(config)):
     kind = "lr" if name == "lr" else "hr"
-    shapes = state_lib.input_shapes(config, kind)
+    dummy = {k: jnp.zeros(s, jnp.float32)
+             for k, s in state_lib.input_shapes(config, kind).items()}
+    x = state_lib.generator_input(dummy, config, kind)  # its channels too
     key = (name, kind, seed, json.dumps(config.model.to_dict(),
                                         sort_keys=True, default=str),
-           tuple(sorted((k, tuple(v)) for k, v in shapes.items())))
+           x.shape, str(x.dtype))
     if key not in _GENERATORS:
       g = state_lib.build_generator(config, kind)
-      dummy = {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()}
-      x = state_lib.generator_input(dummy, config, kind)
       rng = jax.random.fold_in(jax.random.key(seed), i)
       _GENERATORS[key] = jit_init(lambda k, g=g, x=x: g.init(
           {"params": k, "dropout": k}, x, train=False), rng)
@@ -1070,6 +1071,7 @@ def bench_cascade(args, on_row: Callable[[list], None] = lambda rows: None
                            "size": size, "widths": args.cascade_widths,
                            "dtype": args.cascade_dtype, "impl": impl,
                            "edges": ("jax-sparse" if sparse
+                                     and edges_lib.ENGINE == "jax"
                                      else edges_lib.ENGINE)},
                           measure))
     on_row(rows)
@@ -1312,6 +1314,16 @@ def markdown(data: dict) -> str:
           + " | ".join(_fmt(r["stages_s"].get(n)) for n in names)
           + f" | {_fmt(r['total_s'])} | {len(r.get('times_s') or [])} | "
           f"{_fmt(r['compile_s'])} |")
+    kept = [r for r in casc if r.get("kept_from")]
+    if kept:
+      parts += ["", "Cascade rows kept from earlier runs (`--merge`): "
+                + "; ".join(
+                    f"{r['size']}³ {r.get('impl', 'fast')} "
+                    f"{r.get('edges', 'jax')}"
+                    + (f" ({r['kept_from']['date'][:10]})"
+                       if r["kept_from"].get("date") else "")
+                    + f": `{r['kept_from']['command']}`" for r in kept)
+                + "."]
   edge_rows = [r for r in res.get("edges") or [] if not r.get("error")]
   if edge_rows:
     parts += ["", "**Edge sketch** (`edges.canny_3d`, its engines called "
@@ -1569,7 +1581,8 @@ def parse_args(argv, backend: str | None = None):
   p.add_argument("--merge", action="store_true",
                  help="keep the sections not run now from the existing "
                  "results file (each section records the command that "
-                 "measured it)")
+                 "measured it), and the cascade rows not run again (by "
+                 "size, widths, dtype, impl, edges engine; kept_from)")
   a = p.parse_args(argv)
 
   q = a.quick
@@ -1640,6 +1653,13 @@ def parse_args(argv, backend: str | None = None):
   return a
 
 
+def cascade_key(row: dict) -> tuple:
+  """What a cascade row measured: a later run's row of the same key
+  replaces it under ``--merge``; the others are kept (``kept_from``)."""
+  return (row.get("size"), row.get("widths"), row.get("dtype", "fp32"),
+          row.get("impl", "fast"), row.get("edges", "jax"))
+
+
 def load_for_merge(path: str) -> dict | None:
   """An earlier results file (``{"meta": {...}, "results": {...}}``) for
   ``--merge``: None where there is none. Raises ValueError, a message naming
@@ -1695,6 +1715,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   # sections).
   meta["sections"] = {k: meta["command"] for k in args.only}
   meta["section_dates"] = {}
+  old_cascade: list[dict] = []
   if args.merge:
     path = os.path.join(args.out, f"throughput-{backend}.json")
     try:
@@ -1712,6 +1733,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if old is not None:
       old_cmds = old["meta"].get("sections") or {
           k: old["meta"]["command"] for k in SECTIONS + ("flops",)}
+      if "cascade" in args.only:  # its rows are kept until run again
+        since = {"command": old_cmds.get("cascade", old["meta"]["command"]),
+                 "date": (old["meta"].get("section_dates") or {}).get(
+                     "cascade")}
+        old_cascade = [dict(r, kept_from=r.get("kept_from") or since)
+                       for r in old["results"].get("cascade") or []]
       for k in SECTIONS + ("flops",):
         if k in args.only or (k == "flops" and "hr_forward" in args.only):
           continue
@@ -1729,6 +1756,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   def keep(section):  # saves a section's rows as they come
     def on_row(rows):
       results[section] = list(rows)
+      if section == "cascade":  # --merge: the earlier rows not run again
+        ran = {cascade_key(r) for r in rows}
+        results[section] += [r for r in old_cascade
+                             if cascade_key(r) not in ran]
       save()
     return on_row
 
@@ -1751,7 +1782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif section == "edges":
       results["edges"] = bench_edges(args, keep("edges"))
     else:
-      results["cascade"] = bench_cascade(args, keep("cascade"))
+      keep("cascade")(bench_cascade(args, keep("cascade")))
     data = save()
   data = save()
   print(markdown(data), end="")

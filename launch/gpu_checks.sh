@@ -50,21 +50,16 @@ EOF
 # {memory,throughput}-gpu-h100.json: session 18's H100; copied into $OUT
 # under the plain name): the memory suite runs only what they lack
 # (--merge --only-missing), so sessions' runs under a time limit add up;
-# the throughput benchmark replaces the sections it runs and keeps the
-# others only if the same kind of device measured them. Only results of
+# the throughput benchmark replaces the sections it runs (the cascade's
+# rows it runs again) and keeps the others only if the same kind of device
+# measured them. Only results of
 # the same kind of device are added to (the memory suite refuses
 # another's), and a file already in $OUT is kept.
 if [ "$quick" != 1 ] && \
    [ "$(realpath "$out")" != "$(realpath benchmarks/results)" ]; then
-  for name in memory-gpu throughput-gpu; do
-    for f in benchmarks/results/"$name".json benchmarks/results/"$name"-*.json; do
-      [ -f "$f" ] && [ ! -e "$out/$name.json" ] || continue
-      python - "$f" <<'EOF2' && cp "$f" "$out/$name.json"
-import json, sys, jax
-kind = json.load(open(sys.argv[1]))["meta"].get("device_kind")
-sys.exit(kind != jax.devices()[0].device_kind)
-EOF2
-    done
+  python -m benchmarks.same_card benchmarks/results memory-gpu \
+      throughput-gpu | while read -r name f; do
+    [ -e "$out/$name.json" ] || cp "$f" "$out/$name.json"
   done
 fi
 
@@ -72,14 +67,15 @@ fi
 # limit (seconds), so one that overruns does not cost the others; all of
 # them within GPU_CHECKS_BUDGET_S (default 570, for a 595-s call), the last
 # step taking what the others left:
-#  1. throughput: the bf16 cascade at 1024³ (timed once, over a minute a
-#     run; cut by the step's limit in sessions 15 and 18) then 512³ (8.85 s
-#     on an H100 in session 18: the < 10 s goal met), the patch batch picked
-#     from the device memory (the GPU default --cascade-batch auto); each
-#     case is saved as it finishes; 512³ also with impl fast-blocked (the
-#     two skinny convs as convs over blocks, see step 2) and with the
-#     sparse edge transfer (1.46 s against 2.05 for the 512³ sketch on the
-#     H100; not yet timed in the cascade).
+#  1. throughput: the bf16 cascade at 512³ (8.85 s on an H100 in session
+#     18: the < 10 s goal met), again with impl fast-blocked (the two
+#     skinny convs as convs over blocks, see step 2) and with the sparse
+#     edge transfer (1.46 s against 2.05 for the 512³ sketch on the H100,
+#     not yet timed in the cascade), then 1024³ (timed once, over a minute
+#     a run; cut by the step's limit in sessions 15 and 18); the patch batch
+#     picked from the device memory (the GPU default --cascade-batch auto);
+#     each case is saved as it finishes, the cases share their random
+#     weights, and --merge keeps the committed rows not run again.
 #  2. op_profile: where the bf16 forward's time goes on the device (session
 #     18, H100: the 7³ conv to 1 channel took 58 % of it, at 1 % of the
 #     peak), impl fast against fast-blocked (that conv over 4³ blocks, a 3³
@@ -92,7 +88,7 @@ fi
 #     committed results have them all: flat).
 #  5. memory, measured peak of the baselines, smallest sizes first (those
 #     the file has are skipped), until each runs out of memory or time
-#     (120 s a case: the 256³ ones did not compile and run in 45 s).
+#     (100 s a case: the 256³ ones did not compile and run in 45 s).
 # (The HR forward against PyTorch, `--only hr_forward`, ran on both cards
 # in sessions 15 and 18; it is no longer a step.)
 if [ "$quick" = 1 ]; then
@@ -110,7 +106,7 @@ else
   megan_peak=(--models megan_cascade megan_lr_step megan_hr_step
               --sizes 32 512 --cascade-sizes 64 1024)
   peak=(--models dcgan pix2pix pggan --sizes 32 64 128 256 512)
-  thr_cascade=(--cascade-sizes 1024 512 --cascade-blocked-sizes 512
+  thr_cascade=(--cascade-sizes 512 1024 --cascade-blocked-sizes 512
                --cascade-sparse-edges-sizes 512 --cascade-dtype bf16
                --cascade-repeats 2 --cascade-budget-s 60)
   profile=(--batch 32 --edge-size 512 --repeats 2 --impl fast fast-blocked)
@@ -137,12 +133,12 @@ step 240 "throughput: cascade" python -m benchmarks.throughput \
 step 75 "op profile" python -m benchmarks.op_profile "${profile[@]}" \
   --out "$out"
 step 100 "memory compiled" python -m benchmarks.memory ${mem[@]+"${mem[@]}"} \
-  "${compiled[@]}" --measure compiled --fast-compile --jobs 8 --timeout-s 100 \
+  "${compiled[@]}" --measure compiled --fast-compile --jobs 8 --timeout-s 90 \
   --order size --merge --only-missing --out "$out"
 step 45 "memory peak: MEGAN" python -m benchmarks.memory \
   ${mem[@]+"${mem[@]}"} "${megan_peak[@]}" --measure peak --timeout-s 30 \
   --merge --only-missing --out "$out"
 step rest "memory peak: baselines" python -m benchmarks.memory \
-  ${mem[@]+"${mem[@]}"} "${peak[@]}" --measure peak --timeout-s 120 \
+  ${mem[@]+"${mem[@]}"} "${peak[@]}" --measure peak --timeout-s 100 \
   --order size --merge --only-missing --out "$out"
 ls -l "$out" | tee -a "$log"

@@ -32,3 +32,33 @@ def test_steps_past_the_budget_are_skipped_and_logged(tmp_path):
   assert len(skipped) == 5, log
   assert "s left of the 5 s budget" in skipped[-1]
   assert not list(out.glob("*.json"))  # no step ran
+
+
+def test_same_card_picks_the_results_of_this_kind_of_device(tmp_path):
+  """gpu_checks.sh adds to the committed results of the card it runs on:
+  per name, the plain file or a suffixed one, by meta.device_kind."""
+  import json
+  from benchmarks import same_card
+
+  def write(name, kind):
+    (tmp_path / name).write_text(json.dumps({"meta": {"device_kind": kind},
+                                             "results": {}}))
+  write("memory-gpu.json", "NVIDIA H200")
+  write("memory-gpu-h100.json", "NVIDIA H100 80GB HBM3")
+  write("throughput-gpu.json", "NVIDIA H200")
+  (tmp_path / "throughput-gpu-broken.json").write_text("{")
+  d = str(tmp_path)
+  assert same_card.pick(d, ["memory-gpu", "throughput-gpu"],
+                        "NVIDIA H100 80GB HBM3") == {
+      "memory-gpu": os.path.join(d, "memory-gpu-h100.json")}
+  assert same_card.pick(d, ["memory-gpu", "throughput-gpu"],
+                        "NVIDIA H200") == {
+      "memory-gpu": os.path.join(d, "memory-gpu.json"),
+      "throughput-gpu": os.path.join(d, "throughput-gpu.json")}
+  write("throughput-gpu-cpu.json", "cpu")  # the command, on this machine
+  r = subprocess.run([sys.executable, "-m", "benchmarks.same_card", d,
+                      "memory-gpu", "throughput-gpu"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split() == ["throughput-gpu",
+                              os.path.join(d, "throughput-gpu-cpu.json")]

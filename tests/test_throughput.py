@@ -195,6 +195,34 @@ def test_a_run_cut_short_keeps_the_cascade_sizes_it_finished(
   assert "cascade" in data["meta"]["section_dates"]
 
 
+def test_merge_keeps_the_cascade_rows_not_run_again(tmp_path, monkeypatch):
+  """--merge: a cascade row of the same size, widths, dtype, impl and edges
+  engine is replaced; the others stay, marked with the run that measured
+  them (a GPU step cut short must not drop the rows it did not reach)."""
+  _without_torch(monkeypatch)
+  argv = ["--quick", "--out", str(tmp_path), "--only", "cascade",
+          "--cascade-sizes", "64", "--merge"]
+  assert throughput.main(argv) == 0
+  path = tmp_path / "throughput-cpu.json"
+  data = json.loads(path.read_text())
+  (first,) = data["results"]["cascade"]
+  other = dict(first, impl="fast-blocked", total_s=123.0)
+  stale = dict(first, total_s=456.0)
+  data["results"]["cascade"] = [stale, other]
+  data["meta"]["section_dates"]["cascade"] = "2000-01-02T00:00:00+00:00"
+  path.write_text(json.dumps(data))
+  assert throughput.main(argv) == 0
+  data = json.loads(path.read_text())
+  rows = data["results"]["cascade"]
+  assert [(r["impl"], r.get("kept_from") is not None) for r in rows] == [
+      ("fast", False), ("fast-blocked", True)]
+  assert rows[0]["total_s"] != 456.0 and rows[1]["total_s"] == 123.0
+  assert rows[1]["kept_from"]["date"].startswith("2000-01-02")
+  text = (tmp_path / "throughput-cpu.md").read_text()
+  assert "Cascade rows kept from earlier runs" in text
+  assert "64³ fast-blocked jax (2000-01-02)" in text
+
+
 @pytest.mark.slow
 def test_cascade_variant_sizes_add_rows(monkeypatch):
   """--cascade-skinny-sizes: those sizes run again with impl fast-skinny,
@@ -700,9 +728,14 @@ def test_random_generators_are_reused_by_scale_and_seed():
   other = throughput.random_generators(small, 1)
   assert not all(np.array_equal(x, y) for x, y in zip(
       jax.tree.leaves(other["hr1"]), jax.tree.leaves(a["hr1"])))
+  shapes = lambda p: [x.shape for x in jax.tree.leaves(p)]
   narrow = throughput.cascade_config(args, 64)
   narrow.unlock()
   narrow.model.ngf //= 2
-  c = throughput.random_generators(narrow, 0)
-  assert ([x.shape for x in jax.tree.leaves(c["hr1"])]
-          != [x.shape for x in jax.tree.leaves(a["hr1"])])
+  assert (shapes(throughput.random_generators(narrow, 0)["hr1"])
+          != shapes(a["hr1"]))
+  alone = throughput.cascade_config(args, 64)  # HR input: its sketch only
+  alone.unlock()
+  alone.hr_condition = "none"
+  assert (shapes(throughput.random_generators(alone, 0)["hr1"])
+          != shapes(a["hr1"]))
