@@ -473,6 +473,12 @@ def test_profile_gpu_h100_numbers_are_the_jsons():
     for quoted, value in zip(m.groups(), values):
       assert _agrees(quoted, value), (pattern, quoted, value)
 
+  for dtype in ("fp32", "bf16"):  # "On a GPU": the norms and adds < 2 %
+    assert sum(g["share"] for g in fwd["fast", dtype]["groups"]
+               if "norm" in g["group"] or g["group"] in (
+                   "block_*", "(HRGenerator)")) < 0.02
+  assert "(under 2 % of the op time put down to them)" in _prose(
+      _section("### On a GPU", "### "))
   bf16, out = fwd["fast", "bf16"], group("fast", "bf16", "conv_out")
   check(r"the bf16 forward took ([\d.]+) ms per call, the device busy "
         r"(\d+) % of it", 1e3 * bf16["wall_s"], 100 * bf16["busy_fraction"])
