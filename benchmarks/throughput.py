@@ -1650,6 +1650,14 @@ def parse_args(argv, backend: str | None = None):
       p.error(f"{flag} {values}: must be >= 1")
   if a.cascade_budget_s is not None and not a.cascade_budget_s > 0:
     p.error(f"--cascade-budget-s {a.cascade_budget_s:g}: must be > 0")
+  for flag, sizes in (("--cascade-skinny-sizes", a.cascade_skinny_sizes),
+                      ("--cascade-blocked-sizes", a.cascade_blocked_sizes),
+                      ("--cascade-sparse-edges-sizes",
+                       a.cascade_sparse_edges_sizes)):
+    if "cascade" in a.only and set(sizes) - set(a.cascade_sizes):
+      p.error(f"{flag} {sorted(set(sizes) - set(a.cascade_sizes))}: not in "
+              f"--cascade-sizes {a.cascade_sizes} (they add runs of those "
+              "sizes)")
   return a
 
 

@@ -195,6 +195,21 @@ def test_a_run_cut_short_keeps_the_cascade_sizes_it_finished(
   assert "cascade" in data["meta"]["section_dates"]
 
 
+def test_cascade_variant_sizes_must_be_cascade_sizes(capsys):
+  # They add runs of sizes the cascade runs; others would be ignored.
+  with pytest.raises(SystemExit) as e:
+    throughput.parse_args(["--quick", "--cascade-sizes", "64",
+                           "--cascade-blocked-sizes", "64", "128"],
+                          backend="cpu")
+  assert e.value.code == 2
+  assert "--cascade-blocked-sizes [128]: not in --cascade-sizes [64]" in (
+      capsys.readouterr().err)
+  args = throughput.parse_args(["--quick", "--only", "edges",
+                                "--cascade-sparse-edges-sizes", "128"],
+                               backend="cpu")  # no cascade run: no matter
+  assert args.cascade_sparse_edges_sizes == [128]
+
+
 def test_merge_keeps_the_cascade_rows_not_run_again(tmp_path, monkeypatch):
   """--merge: a cascade row of the same size, widths, dtype, impl and edges
   engine is replaced; the others stay, marked with the run that measured
