@@ -577,18 +577,19 @@ def conv3d_blocked(x: Array, kernel: Array, padding: int = 0,
 
   For the skinny convs off the CPU (`OUT_CONV_BLOCK`, `NARROW_CONV_BLOCK`):
   cuDNN runs the 7³ conv to one channel at 1 % of a GPU's bf16 peak
-  (``op_profile``, H100), where its ResNet convs (256 channels) run at 60 %. Output voxel ``o = b·q
-  + r`` (``r`` in ``[0, b)³``) reads input ``b·q + r + t``; written as ``b·(q
-  + s) + u``, it is a valid stride-1 conv with kernel ``S³`` (``S =
-  (b + k - 2)//b + 1``) from the space-to-depth input (``b³·C_in``
-  channels) to ``b³·C_out`` channels (one per ``r``), followed by
-  depth-to-space; the blocked kernel ``W[s, (u, c), (r, f)] = kernel[b·s +
-  u - r, c, f]`` (zero where that tap is outside ``[0, k)``) is built
-  from the ordinary one inside the function, so parameters and gradients
-  keep their layout. It multiplies ``(S·b/k)³`` times as much: for the 7³
-  conv to one channel with ``b=4``, ``S=3``, a 3³ conv 64·64 -> 64
-  channels on an 8³ grid per 32³ patch, 5.0× the direct conv's multiplies,
-  in the shape tensor cores run well (as the ResNet convs).
+  (``op_profile``, H100), where its ResNet convs (256 channels) run at
+  60 %. Output voxel ``o = b·q + r`` (``r`` in ``[0, b)³``) reads input
+  ``b·q + r + t``; written as ``b·(q + s) + u``, it is a valid stride-1
+  conv with kernel ``S³`` (``S = (b + k - 2)//b + 1``) from the
+  space-to-depth input (``b³·C_in`` channels) to ``b³·C_out`` channels (one
+  per ``r``), followed by depth-to-space; the blocked kernel ``W[s, (u,
+  c), (r, f)] = kernel[b·s + u - r, c, f]`` (zero where that tap is
+  outside ``[0, k)``) is built from the ordinary one inside the function,
+  so parameters and gradients keep their layout. It multiplies
+  ``(S·b/k)³`` times as much: for the 7³ conv to one channel with ``b=4``,
+  ``S=3``, a 3³ conv 64·64 -> 64 channels on an 8³ grid per 32³ patch,
+  5.0× the direct conv's multiplies, in the shape tensor cores run well
+  (as the ResNet convs).
 
   Args:
     x: ``[B, D, H, W, C_in]``.
