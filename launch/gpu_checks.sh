@@ -14,6 +14,9 @@
 # carry nibabel and ml-collections as wheels (launch/README.md). The
 # benchmarks record a case that timed out or failed in their JSON.
 # Smoke-test on a CPU with GPU_CHECKS_QUICK=1 (tiny sizes, same commands).
+# GPU_CHECKS_STEPS picks steps (default "1 2 3 4 5"; e.g. "3 5" for a
+# second, memory-only call), the last one picked taking the budget's rest;
+# GPU_CHECKS_CASE_S: step 5's limit per baseline case (default 100 s).
 set -uo pipefail
 # The steps' time budget counts from here, the setup checks included.
 budget=${GPU_CHECKS_BUDGET_S:-570}
@@ -114,9 +117,18 @@ fi
 
 # The benchmarks write their JSON as cases finish, so a step cut short by
 # its limit keeps what it measured (memory: meta.complete says so).
-step() {  # step SECONDS|rest NAME COMMAND...: at most what the budget left
-  local limit=$1 name=$2 left=$((t_end - SECONDS))
-  shift 2
+steps=" ${GPU_CHECKS_STEPS:-1 2 3 4 5} "
+last_step=$(echo $steps | tr ' ' '\n' | sort -n | tail -1)
+case_s=${GPU_CHECKS_CASE_S:-100}
+step() {  # step N SECONDS|rest NAME COMMAND...: at most what the budget left
+  local n=$1 limit=$2 name=$3 left=$((t_end - SECONDS))
+  shift 3
+  if [ "${steps/ $n /}" = "$steps" ]; then
+    echo "== $name: not picked (GPU_CHECKS_STEPS=$(echo $steps))" \
+      | tee -a "$log"
+    return
+  fi
+  if [ "$n" = "$last_step" ]; then limit=rest; fi
   if [ "$limit" = rest ] || [ "$limit" -gt "$left" ]; then limit=$left; fi
   if [ "$limit" -lt 15 ]; then
     echo "== $name: skipped, $left s left of the $budget s budget" \
@@ -128,17 +140,17 @@ step() {  # step SECONDS|rest NAME COMMAND...: at most what the budget left
   echo "== $name rc=${PIPESTATUS[0]} ($((t_end - SECONDS)) s left)" \
     | tee -a "$log"
 }
-step 240 "throughput: cascade" python -m benchmarks.throughput \
+step 1 240 "throughput: cascade" python -m benchmarks.throughput \
   --only cascade "${thr_cascade[@]}" --merge --out "$out"
-step 75 "op profile" python -m benchmarks.op_profile "${profile[@]}" \
+step 2 75 "op profile" python -m benchmarks.op_profile "${profile[@]}" \
   --out "$out"
-step 100 "memory compiled" python -m benchmarks.memory ${mem[@]+"${mem[@]}"} \
+step 3 100 "memory compiled" python -m benchmarks.memory ${mem[@]+"${mem[@]}"} \
   "${compiled[@]}" --measure compiled --fast-compile --jobs 8 --timeout-s 90 \
   --order size --merge --only-missing --out "$out"
-step 45 "memory peak: MEGAN" python -m benchmarks.memory \
+step 4 45 "memory peak: MEGAN" python -m benchmarks.memory \
   ${mem[@]+"${mem[@]}"} "${megan_peak[@]}" --measure peak --timeout-s 30 \
   --merge --only-missing --out "$out"
-step rest "memory peak: baselines" python -m benchmarks.memory \
-  ${mem[@]+"${mem[@]}"} "${peak[@]}" --measure peak --timeout-s 100 \
+step 5 rest "memory peak: baselines" python -m benchmarks.memory \
+  ${mem[@]+"${mem[@]}"} "${peak[@]}" --measure peak --timeout-s "$case_s" \
   --order size --merge --only-missing --out "$out"
 ls -l "$out" | tee -a "$log"
