@@ -711,23 +711,25 @@ def test_blocked_skinny_convs_off_the_cpu(monkeypatch):
   first; "plain" never changes."""
   monkeypatch.setattr(layers, "use_dots", lambda: False)  # as on a GPU
   g = HRGenerator(ngf=8, n_blocks=1, dropout_rate=0.5)
-  x = _rand(0, (2, 16, 16, 16, 2))
+  x = _rand(0, (1, 16, 16, 16, 2))
   v = jax.jit(lambda k: g.init(k, x, train=False))(jax.random.key(0))
   run = lambda v, x: g.apply(v, x, train=False)
   loss = lambda v, x: jnp.sum(run(v, x) ** 2)
   channels = _conv_input_channels(run, v, x)
   assert channels[0] == 2 and channels[-1] == 8  # sketch in, ngf to 1 out
-  want, want_grad = run(v, x), jax.grad(loss)(v, x)
+  # Fresh lambdas jitted: each traces with the flags of its call.
+  want = jax.jit(lambda v, x: run(v, x))(v, x)
+  want_grad = jax.jit(lambda v, x: jax.grad(loss)(v, x))(v, x)
   monkeypatch.setattr(layers, "OUT_CONV_BLOCK", 4)
   monkeypatch.setattr(layers, "NARROW_CONV_BLOCK", 2)
   got = _conv_input_channels(run, v, x)
   assert got[0] == 8 * 2 and got[-1] == 64 * 8 and got[1:-1] == channels[1:-1]
-  _close(jax.jit(run)(v, x), want)
+  _close(jax.jit(lambda v, x: run(v, x))(v, x), want)
   # Against the largest gradient: biases before a norm have none but noise.
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want_grad))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=0, atol=1e-5 * scale), jax.jit(jax.grad(loss))(v, x),
-      want_grad)
+      a, b, rtol=0, atol=1e-5 * scale),
+      jax.jit(lambda v, x: jax.grad(loss)(v, x))(v, x), want_grad)
   monkeypatch.setattr(layers, "SKINNY_DOTS", True)  # the dots go first
   assert len(_conv_input_channels(run, v, x)) == len(channels) - 2
   plain = HRGenerator(ngf=8, n_blocks=1, dropout_rate=0.5, impl="plain")
