@@ -576,16 +576,6 @@ def profile_hr_forward(args, sizes, info: dict) -> list[dict]:
 # edges
 # ---------------------------------------------------------------------------
 @contextlib.contextmanager
-def _sparse_transfer(edges_lib, on: bool):
-  old = edges_lib.JAX_SPARSE_TRANSFER
-  edges_lib.JAX_SPARSE_TRANSFER = on
-  try:
-    yield
-  finally:
-    edges_lib.JAX_SPARSE_TRANSFER = old
-
-
-@contextlib.contextmanager
 def timed_phases(module, names: Sequence[str]):
   """Wraps ``module``'s functions ``names`` to add their wall time (s) to
   the yielded dict while the context is open."""
@@ -622,7 +612,7 @@ def profile_edges(args, info: dict) -> list[dict]:
     row = {"section": "edges", "engine": label, "size": n}
 
     def measure(label=label, engine=engine, sparse=sparse):
-      with _sparse_transfer(edges_lib, sparse):
+      with tp.sparse_transfer(sparse):
         return measure_engine(label, engine)
 
     def measure_engine(label, engine):

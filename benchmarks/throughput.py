@@ -392,6 +392,18 @@ def conv_form(impl: str):
       setattr(layers, n, v)
 
 
+@contextlib.contextmanager
+def sparse_transfer(on: bool):
+  """`edges.JAX_SPARSE_TRANSFER` set to ``on`` inside, set back after."""
+  from megan_jax import edges
+  old = edges.JAX_SPARSE_TRANSFER
+  edges.JAX_SPARSE_TRANSFER = on
+  try:
+    yield
+  finally:
+    edges.JAX_SPARSE_TRANSFER = old
+
+
 def model_impl(impl: str) -> str:
   return "fast" if impl in FAST_VARIANTS else impl
 
@@ -1017,13 +1029,9 @@ def bench_cascade(args, on_row: Callable[[list], None] = lambda rows: None
               if size in args.cascade_sparse_edges_sizes else [])]
   for size, impl, sparse in cases:
     def measure(size=size, impl=impl, sparse=sparse):
-      old = edges_lib.JAX_SPARSE_TRANSFER
-      edges_lib.JAX_SPARSE_TRANSFER = sparse
-      try:
-        with conv_form(impl):  # traced (in plan, or later) with its forms
-          return measure_cascade(size)
-      finally:
-        edges_lib.JAX_SPARSE_TRANSFER = old
+      # Traced (in plan, or later) with its forms.
+      with conv_form(impl), sparse_transfer(sparse):
+        return measure_cascade(size)
 
     def measure_cascade(size):
       c = cascade_config(args, size)
