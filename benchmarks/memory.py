@@ -44,6 +44,15 @@ compiles to 9.6 GiB instead of 2.2 GiB), so they would measure the CPU
 rewrite instead of the networks; on GPUs they use plain stride-1
 convolutions. ``--impl fast`` measures them anyway.
 
+On a GPU, XLA autotunes while compiling: it runs candidate kernels of
+each convolution on buffers of its full size, taken from the allocator whose
+peak is measured. ``--no-autotune`` turns that off in each case's process
+(``Options.autotune``): the large baselines' compiles should then be
+quicker, and a measured peak holds only the step; such rows say ``"autotune": false``
+(marked † in the tables). A GPU peak row also records
+``compile_peak_bytes``, the high-water mark after compiling, before the
+step ran: the peak is the step's own where it is larger.
+
 Every case runs in its own subprocess with a timeout (``--timeout-s``): a
 case that fails, crashes or times out is recorded with ``"bytes": null`` and
 the reason in ``"error"``, never dropped. Writes ``memory-<backend>.json``
@@ -100,6 +109,16 @@ class Options:
       optimisation level 0: about twice as fast to compile, the same buffer
       assignment and so the same bytes (checked on MEGAN's HR step, Pix2Pix
       and PGGAN); the code it generates is slower, so not for ``peak``.
+    autotune: XLA's GPU autotuning (on: XLA's default). Off
+      (``--no-autotune``) each case's process runs with
+      ``--xla_gpu_autotune_level=0``: convolutions take cuDNN's default
+      algorithm instead of the fastest of candidates run on full-size
+      buffers during the compile. On a GPU that should let the large
+      baselines compile in time (their 256³ cases, autotuned, did not
+      compile and run in 45 s on an H100; not yet measured off) and keeps the candidates' buffers, allocated by the same
+      allocator, out of a measured peak; the algorithms' workspaces may
+      differ. No effect on a CPU. Rows measured so carry ``"autotune":
+      false``.
   """
   config: str = "default"
   width_scale: float = 1.0
@@ -108,6 +127,11 @@ class Options:
   cascade_batch: int = 1
   cpu_peak_limit_gib: float = 4.0
   fast_compile: bool = False
+  autotune: bool = True
+
+
+NO_AUTOTUNE_FLAG = "--xla_gpu_autotune_level=0"
+UNTUNED_MARK = "†"  # in the tables: a case measured with autotuning off
 
 
 def _compile(lowered, options: Options):
@@ -284,6 +308,10 @@ def measure_peak(model: str, size: int, options: Options) -> dict:
     compiled = fn.lower(*args).compile()
     estimate = compiled_bytes(compiled) or 0
   seconds = time.perf_counter() - t0
+  # The high-water mark before anything of the step is on the device: what
+  # compiling took (autotuning runs candidate kernels on buffers from the
+  # same allocator). The final peak is only the step's where it is larger.
+  compile_peak = _device_peak()
   if not has_stats and estimate > limit:
     return {"bytes": None, "compile_s": seconds,
             "error": (f"skipped: too large for CPU run (compiled "
@@ -306,8 +334,9 @@ def measure_peak(model: str, size: int, options: Options) -> dict:
     jax.block_until_ready(compiled(*_materialise(args)))
   peak = _device_peak()
   if peak is None:
-    peak = _max_rss_bytes()
-  return {"bytes": int(peak), "compile_s": seconds, "error": None}
+    return {"bytes": _max_rss_bytes(), "compile_s": seconds, "error": None}
+  return {"bytes": int(peak), "compile_s": seconds, "error": None,
+          "compile_peak_bytes": int(compile_peak)}
 
 
 def probe() -> dict:
@@ -350,6 +379,9 @@ def run_isolated(case: dict, timeout_s: float) -> dict:
   # A GPU child should not grab 75 % of the device up front; the allocator's
   # peak counts what is in use either way.
   env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  if not case.get("options", {}).get("autotune", True):
+    env["XLA_FLAGS"] = " ".join(
+        [env.get("XLA_FLAGS", ""), NO_AUTOTUNE_FLAG]).strip()
   cmd = [sys.executable, "-m", "benchmarks.memory", "--case",
          json.dumps(case)]
   t0 = time.perf_counter()
@@ -377,6 +409,10 @@ def run_isolated(case: dict, timeout_s: float) -> dict:
 # Output
 # ---------------------------------------------------------------------------
 ROW_KEYS = ("model", "size", "measure", "bytes", "compile_s", "error")
+# Written where a row has them: ``autotune`` (false where the case ran with
+# XLA's GPU autotuning off) and ``compile_peak_bytes`` (a GPU peak case:
+# the device's high-water mark after compiling, before the step ran).
+OPTIONAL_ROW_KEYS = ("autotune", "compile_peak_bytes")
 
 
 def _atomic_write(path: str, write) -> None:
@@ -387,8 +423,10 @@ def _atomic_write(path: str, write) -> None:
 
 def write_json(path: str, meta: dict, results: Sequence[dict]) -> None:
   """Writes ``{"meta": {...}, "results": [{model, size, measure, bytes,
-  compile_s, error}, ...]}`` atomically."""
-  rows = [{k: r[k] for k in ROW_KEYS} for r in results]
+  compile_s, error}, ...]}`` atomically (with ``OPTIONAL_ROW_KEYS`` where
+  a row has them)."""
+  rows = [{k: r[k] for k in ROW_KEYS + OPTIONAL_ROW_KEYS if k in r}
+          for r in results]
 
   def write(tmp):
     with open(tmp, "w") as f:
@@ -491,12 +529,14 @@ def markdown_table(results: Sequence[dict], measure: str = "compiled") -> str:
   """GiB per model and size, and each baseline's ratio to MEGAN at 256³ and
   512³ (where both are known): to its cascade (inference) and to its larger
   training step (the like-for-like figure: a baseline's is a training
-  step)."""
+  step). ``UNTUNED_MARK`` marks bytes measured with autotuning off."""
   rows = [r for r in results if r["measure"] == measure]
   if not rows:
     return ""
   sizes = sorted({r["size"] for r in rows})
   value = {(r["model"], r["size"]): r["bytes"] for r in rows}
+  untuned = {(r["model"], r["size"]) for r in rows
+             if r.get("autotune") is False and r["bytes"] is not None}
   ratio_sizes = [s for s in RATIO_SIZES if s in sizes]
   head = (["model"] + [f"{s}³" for s in sizes]
           + [f"× cascade at {s}³" for s in ratio_sizes]
@@ -506,7 +546,8 @@ def markdown_table(results: Sequence[dict], measure: str = "compiled") -> str:
   for model in MODELS:
     if not any(m == model for m, _ in value):
       continue
-    cells = [model] + [_gib(value.get((model, s))) for s in sizes]
+    cells = [model] + [_gib(value.get((model, s))) + (
+        UNTUNED_MARK if (model, s) in untuned else "") for s in sizes]
     for den_of in (lambda s: value.get(("megan_cascade", s)),
                    lambda s: _megan_training(value, s)):
       for s in ratio_sizes:
@@ -532,6 +573,12 @@ def write_markdown(path: str, results: Sequence[dict], meta: dict) -> str:
     table = markdown_table(results, measure)
     if table:
       parts += ["", f"**{measure}** ({what}):", "", table]
+  if any(r.get("autotune") is False and r["bytes"] is not None
+         for r in results):
+    parts += ["", f"{UNTUNED_MARK} measured with XLA's GPU autotuning off "
+              f"(`--no-autotune`, {NO_AUTOTUNE_FLAG}): cuDNN's default "
+              "convolution algorithms, no candidate kernels run during the "
+              "compile."]
   failed = [f"- {r['model']} {r['size']}³ {r['measure']}: {r['error']}"
             for r in results if r["bytes"] is None]
   # A table's empty cells with no row at all: say so, not a bare "–". The
@@ -604,6 +651,11 @@ def parse_args(argv):
   p.add_argument("--fast-compile", action="store_true",
                  help="XLA backend optimisation level 0 for the compiled "
                  "measure (same bytes, ~2x faster compiles)")
+  p.add_argument("--no-autotune", dest="autotune", action="store_false",
+                 help="XLA's GPU autotuning off in each case's process "
+                 f"({NO_AUTOTUNE_FLAG}): no candidate kernels run on "
+                 "full-size buffers while compiling (time, and a peak's "
+                 "bytes); rows say autotune false (no effect on a CPU)")
   p.add_argument("--jobs", type=int, default=1,
                  help="compiled cases run this many at a time")
   p.add_argument("--in-process", action="store_true",
@@ -644,6 +696,9 @@ def parse_args(argv):
     p.error("--fast-compile: only with --measure compiled")
   if args.only_missing and not args.merge:
     p.error("--only-missing: only with --merge")
+  if args.in_process and not args.autotune:
+    p.error("--no-autotune: not with --in-process (XLA reads its flags "
+            "when a process starts JAX; each case needs its own)")
   if args.in_process and args.measure != "compiled":
     p.error("--in-process: only --measure compiled (a peak needs a fresh "
             "process)")
@@ -763,7 +818,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     impl=args.impl, hr_batch=args.hr_batch,
                     cascade_batch=args.cascade_batch,
                     cpu_peak_limit_gib=args.cpu_peak_limit_gib,
-                    fast_compile=args.fast_compile)
+                    fast_compile=args.fast_compile, autotune=args.autotune)
   opts = dataclasses.asdict(options)
   from megan_jax import io as megan_io
   from megan_jax.errors import InputError
@@ -821,6 +876,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     row = {**cases[i], "bytes": r.get("bytes"),
            "compile_s": round(float(r.get("compile_s") or 0.0), 2),
            "error": r.get("error")}
+    if not options.autotune:
+      row["autotune"] = False
+    if r.get("compile_peak_bytes") is not None:
+      row["compile_peak_bytes"] = r["compile_peak_bytes"]
     results[i] = row
     extra = ""
     if r.get("scales"):

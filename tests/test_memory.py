@@ -8,6 +8,7 @@ repeated programs into look-ups.
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -385,3 +386,69 @@ def test_bad_arguments_and_files_are_one_line(tmp_path, capsys):
                       "--out", str(out)]) == 2
   assert "--merge" in capsys.readouterr().err
   assert (out / "memory-cpu.json").read_text() == '{"meta": 1'
+
+
+def test_no_autotune_reaches_each_case_and_marks_its_rows(
+    tmp_path, monkeypatch, capsys):
+  # The flag goes into each case's own process (XLA reads XLA_FLAGS when
+  # JAX starts there), after any the user set.
+  seen = {}
+
+  def fake_run(cmd, env, **kw):
+    seen["flags"] = env.get("XLA_FLAGS")
+    return subprocess.CompletedProcess(
+        cmd, 0, memory._RESULT + json.dumps(
+            {"bytes": 7, "compile_s": 0.1, "error": None}) + "\n", "")
+
+  monkeypatch.setattr(memory.subprocess, "run", fake_run)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+  case = {"model": "dcgan", "size": 16, "measure": "compiled",
+          "options": dataclasses.asdict(TINY)}
+  assert memory.run_isolated(case, 10)["bytes"] == 7
+  assert seen["flags"] == "--xla_dump_to=/tmp/x"  # autotune on: untouched
+  untuned = dict(case, options=dataclasses.asdict(
+      dataclasses.replace(TINY, autotune=False)))
+  memory.run_isolated(untuned, 10)
+  assert seen["flags"] == "--xla_dump_to=/tmp/x " + memory.NO_AUTOTUNE_FLAG
+  monkeypatch.undo()
+
+  # A real run: the child starts with the flag (a real XLA flag: an
+  # unknown one would abort it) and the rows and table say so.
+  out = tmp_path / "results"
+  assert memory.main(["--sizes", "16", "--models", "dcgan", "--out", str(out),
+                      "--config", "demo:smoke", "--width-scale", "0.015625",
+                      "--fast-compile", "--no-autotune"]) == 0
+  (json_path,) = out.glob("memory-*.json")
+  data = json.loads(json_path.read_text())
+  (row,) = data["results"]
+  assert row["error"] is None and row["bytes"] > 0
+  assert row["autotune"] is False and data["meta"]["options"]["autotune"] is False
+  md = json_path.with_suffix(".md").read_text()
+  assert f"{memory._gib(row['bytes'])}{memory.UNTUNED_MARK} |" in md
+  assert memory.NO_AUTOTUNE_FLAG in md
+  capsys.readouterr()
+  # An autotuned row is not marked, nor is the note there.
+  table = memory.markdown_table([dict(row, autotune=True)])
+  assert memory.UNTUNED_MARK not in table
+  # In one process the flag could not reach XLA: refused.
+  with pytest.raises(SystemExit) as e:
+    memory.parse_args(["--no-autotune", "--in-process"])
+  assert e.value.code == 2
+  assert "--no-autotune" in capsys.readouterr().err
+
+
+def test_a_gpu_peak_records_the_high_water_mark_left_by_compiling(
+    tmp_path, monkeypatch):
+  # Device stats are read three times: whether there are any, after the
+  # compile (autotuning allocates there too) and after the step ran.
+  readings = iter([100, 200, 300])
+  monkeypatch.setattr(memory, "_device_peak", lambda: next(readings))
+  r = memory.measure_peak("megan_hr_step", 16, TINY)
+  assert r["error"] is None
+  assert (r["bytes"], r["compile_peak_bytes"]) == (300, 200)
+  # Written with the row's other keys.
+  row = {"model": "megan_hr_step", "size": 16, "measure": "peak",
+         "compile_s": 1.0, "error": None, **r}
+  memory.write_json(str(tmp_path / "m.json"), {}, [row])
+  (written,) = json.loads((tmp_path / "m.json").read_text())["results"]
+  assert written == row
