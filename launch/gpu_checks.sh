@@ -14,9 +14,9 @@
 # carry nibabel and ml-collections as wheels (launch/README.md). The
 # benchmarks record a case that timed out or failed in their JSON.
 # Smoke-test on a CPU with GPU_CHECKS_QUICK=1 (tiny sizes, same commands).
-# GPU_CHECKS_STEPS picks steps (default "1 2 3 4 5"; e.g. "3 5" for a
+# GPU_CHECKS_STEPS picks steps (default "1 2 3 4"; e.g. "2 3" for a
 # second, memory-only call), the last one picked taking the budget's rest;
-# GPU_CHECKS_CASE_S: step 5's limit per baseline case (default 100 s).
+# GPU_CHECKS_CASE_S: step 3's limit per baseline case (default 100 s).
 set -uo pipefail
 # The steps' time budget counts from here, the setup checks included.
 budget=${GPU_CHECKS_BUDGET_S:-570}
@@ -69,29 +69,36 @@ fi
 # Steps in order of what the open goals need most, each with its own time
 # limit (seconds), so one that overruns does not cost the others; all of
 # them within GPU_CHECKS_BUDGET_S (default 570, for a 595-s call), the last
-# step taking what the others left:
-#  1. throughput: the bf16 cascade at 512³ (8.85 s on an H100 in session
-#     18: the < 10 s goal met), again with impl fast-blocked (the two
-#     skinny convs as convs over blocks, see step 2) and with the sparse
-#     edge transfer (1.46 s against 2.05 for the 512³ sketch on the H100,
-#     not yet timed in the cascade), then 1024³ (timed once, over a minute
-#     a run; cut by the step's limit in sessions 15 and 18); the patch batch
+# step picked taking what the others left:
+#  1. throughput: the bf16 cascade at 1024³ first (#9's last GPU size: cut
+#     by the step's limit in sessions 15 and 18, when it came last; timed
+#     once, --cascade-budget-s), then 512³ (8.85 s on an H100 in session
+#     18: the < 10 s goal met) as the same run's baseline, again with impl
+#     fast-blocked (the two skinny convs as convs over blocks, see step 4)
+#     and with the sparse edge transfer (1.46 s against 2.05 for the 512³
+#     sketch on the H100, not yet timed in the cascade); the patch batch
 #     picked from the device memory (the GPU default --cascade-batch auto);
 #     each case is saved as it finishes, the cases share their random
 #     weights, and --merge keeps the committed rows not run again.
-#  2. op_profile: where the bf16 forward's time goes on the device (session
+#  2. memory, compiled: every model to 512³, the cascade to 1024³, every
+#     model's smallest sizes first; only what the card's file lacks (on
+#     the H100: from 256³, the cascade from 512³); XLA's autotuning off
+#     (--no-autotune: with it on, 8 parallel compiles took 30-80 s a case
+#     at 64³-128³ on the H100; rows marked).
+#  3. memory, measured peak of the baselines from 128³ (the H200's file has
+#     them from 32³; compiled covers the small sizes), smallest sizes
+#     first, until each runs out of memory or time (GPU_CHECKS_CASE_S a
+#     case, default 100); autotuning off (their 256³ peaks, autotuned, did
+#     not compile and run in 45 s on the H100; the compile's own high-water
+#     mark is recorded beside each peak).
+#  4. op_profile: where the bf16 forward's time goes on the device (session
 #     18, H100: the 7³ conv to 1 channel took 58 % of it, at 1 % of the
 #     peak), impl fast against fast-blocked (that conv over 4³ blocks, a 3³
 #     conv 4096 -> 64 channels; the first conv, on 2 channels, over 2³),
 #     and the edge sketch's phases at 512³ per engine.
-#  3. memory, compiled: every model to 512³, the cascade to 1024³, every
-#     model's smallest sizes first; only what the card's file lacks.
-#  4. memory, measured peak of MEGAN: the cascade at 64³ and 1024³, its
-#     training steps at 32³ and 512³; only what the file lacks (both cards'
-#     committed results have them all: flat).
-#  5. memory, measured peak of the baselines, smallest sizes first (those
-#     the file has are skipped), until each runs out of memory or time
-#     (100 s a case: the 256³ ones did not compile and run in 45 s).
+#  5. (not run by default: both cards' files have them, flat) memory,
+#     measured peak of MEGAN: the cascade at 64³ and 1024³, its training
+#     steps at 32³ and 512³; only what the file lacks.
 # (The HR forward against PyTorch, `--only hr_forward`, ran on both cards
 # in sessions 15 and 18; it is no longer a step.)
 if [ "$quick" = 1 ]; then
@@ -108,8 +115,8 @@ else
   compiled=(--sizes 32 64 128 256 512 --cascade-sizes 64 128 256 512 1024)
   megan_peak=(--models megan_cascade megan_lr_step megan_hr_step
               --sizes 32 512 --cascade-sizes 64 1024)
-  peak=(--models dcgan pix2pix pggan --sizes 32 64 128 256 512)
-  thr_cascade=(--cascade-sizes 512 1024 --cascade-blocked-sizes 512
+  peak=(--models dcgan pix2pix pggan --sizes 128 256 512)
+  thr_cascade=(--cascade-sizes 1024 512 --cascade-blocked-sizes 512
                --cascade-sparse-edges-sizes 512 --cascade-dtype bf16
                --cascade-repeats 2 --cascade-budget-s 60)
   profile=(--batch 32 --edge-size 512 --repeats 2 --impl fast fast-blocked)
@@ -117,7 +124,7 @@ fi
 
 # The benchmarks write their JSON as cases finish, so a step cut short by
 # its limit keeps what it measured (memory: meta.complete says so).
-steps=" ${GPU_CHECKS_STEPS:-1 2 3 4 5} "
+steps=" ${GPU_CHECKS_STEPS:-1 2 3 4} "
 last_step=$(echo $steps | tr ' ' '\n' | sort -n | tail -1)
 case_s=${GPU_CHECKS_CASE_S:-100}
 step() {  # step N SECONDS|rest NAME COMMAND...: at most what the budget left
@@ -142,15 +149,15 @@ step() {  # step N SECONDS|rest NAME COMMAND...: at most what the budget left
 }
 step 1 240 "throughput: cascade" python -m benchmarks.throughput \
   --only cascade "${thr_cascade[@]}" --merge --out "$out"
-step 2 75 "op profile" python -m benchmarks.op_profile "${profile[@]}" \
+step 2 100 "memory compiled" python -m benchmarks.memory ${mem[@]+"${mem[@]}"} \
+  "${compiled[@]}" --measure compiled --fast-compile --no-autotune --jobs 8 \
+  --timeout-s 90 --order size --merge --only-missing --out "$out"
+step 3 150 "memory peak: baselines" python -m benchmarks.memory \
+  ${mem[@]+"${mem[@]}"} "${peak[@]}" --measure peak --no-autotune \
+  --timeout-s "$case_s" --order size --merge --only-missing --out "$out"
+step 4 75 "op profile" python -m benchmarks.op_profile "${profile[@]}" \
   --out "$out"
-step 3 100 "memory compiled" python -m benchmarks.memory ${mem[@]+"${mem[@]}"} \
-  "${compiled[@]}" --measure compiled --fast-compile --jobs 8 --timeout-s 90 \
-  --order size --merge --only-missing --out "$out"
-step 4 45 "memory peak: MEGAN" python -m benchmarks.memory \
+step 5 45 "memory peak: MEGAN" python -m benchmarks.memory \
   ${mem[@]+"${mem[@]}"} "${megan_peak[@]}" --measure peak --timeout-s 30 \
   --merge --only-missing --out "$out"
-step 5 rest "memory peak: baselines" python -m benchmarks.memory \
-  ${mem[@]+"${mem[@]}"} "${peak[@]}" --measure peak --timeout-s "$case_s" \
-  --order size --merge --only-missing --out "$out"
 ls -l "$out" | tee -a "$log"
