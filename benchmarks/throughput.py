@@ -331,7 +331,9 @@ def _run_case(row: dict, measure: Callable[[], dict]) -> dict:
       per = f"{row[key]:.4g} " + ("s" if key in ("median_s", "total_s") else
                                   key.replace("_", " "))
     if row.get("compile_s") is not None:
-      per += f" (compile {row['compile_s']:.1f} s)"
+      per += f" (compile {row['compile_s']:.1f} s" + (
+          f", set-up {row['setup_s']:.1f} s, input {row['input_s']:.1f} s"
+          if row.get("setup_s") is not None else "") + ")"
     _log(f"  {what}: {per}")
   return row
 
@@ -1034,6 +1036,7 @@ def bench_cascade(args, on_row: Callable[[list], None] = lambda rows: None
         return measure_cascade(size)
 
     def measure_cascade(size):
+      t_setup = time.perf_counter()
       c = cascade_config(args, size)
       t = infer.Translator(c, random_generators(c, args.seed),
                            batch_size=("auto" if args.cascade_batch == "auto"
@@ -1041,9 +1044,14 @@ def bench_cascade(args, on_row: Callable[[list], None] = lambda rows: None
                            dtype={"fp32": "float32",
                                   "bf16": "bfloat16"}[args.cascade_dtype])
       t0 = time.perf_counter()
+      # Weights (random, or reused from an earlier case) and the batch
+      # pick (compiles at two batch sizes and the pick's, for "auto").
+      setup_s = t0 - t_setup
       reports = t.plan((size,) * 3)  # compiles every scale, reused below
       compile_s = time.perf_counter() - t0
+      t0 = time.perf_counter()
       vol = blobs(size, args.seed)
+      input_s = time.perf_counter() - t0
       walls, stages = [], []
       for _ in range(repeats):
         t0 = time.perf_counter()
@@ -1074,7 +1082,10 @@ def bench_cascade(args, on_row: Callable[[list], None] = lambda rows: None
                   if n.startswith("hr") and per_stage[n]},
               "total_s": _r(statistics.median(walls)),
               "times_s": [_r(w) for w in walls],
-              "compile_s": _r(compile_s)}
+              "compile_s": _r(compile_s),
+              # Time a case takes beyond its runs and compiles (a GPU
+              # step's limit counts it too).
+              "setup_s": _r(setup_s), "input_s": _r(input_s)}
     rows.append(_run_case({"section": "cascade", "framework": "jax",
                            "size": size, "widths": args.cascade_widths,
                            "dtype": args.cascade_dtype, "impl": impl,

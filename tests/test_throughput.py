@@ -169,6 +169,7 @@ def test_cascade_row(no_torch_run):
             if line.startswith("| output | widths |")]
   assert header and "edges_lr" not in header[0] and "| edges |" in header[0]
   assert row["total_s"] > 0 and row["compile_s"] > 0
+  assert row["setup_s"] > 0 and row["input_s"] > 0  # outside the runs
   assert row["patches"] == {
       "lr": 1, "hr1": tiling.make_plan((64,) * 3, row["patch"],
                                        row["border"]).num_patches}
