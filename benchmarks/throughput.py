@@ -945,18 +945,30 @@ def bench_stitch(args, sizes: Sizes, tc: Torch) -> list[dict]:
 # ---------------------------------------------------------------------------
 def blobs(size: int, seed: int, count: int = 6) -> np.ndarray:
   """A smooth ``size³`` float32 volume in [-1, 1]: Gaussian blobs on a -1
-  background (edges where they fall off). Built from separable outer products,
-  so a 1024³ volume needs no more than two volumes of memory."""
+  background (edges where they fall off). Built from separable outer
+  products, slab by slab through one reused buffer: a 1024³ volume needs one
+  volume of memory (a whole-volume temporary per blob took 29 s at 1024³
+  on 2 cores, 17 s now), and the same float32 products and sums in the
+  same order as before, so the same volume to the bit."""
   rng = np.random.default_rng([seed, size])
   ax = np.arange(size, dtype=np.float32)
-  vol = np.zeros((size,) * 3, np.float32)
+  factors = []
   for _ in range(count):
     centre = rng.uniform(0.25, 0.75, 3) * size
     sigma = rng.uniform(0.08, 0.2) * size
     g = [np.exp(-0.5 * ((ax - c) / sigma) ** 2).astype(np.float32)
          for c in centre]
     g[0] *= np.float32(rng.uniform(0.4, 1.0))  # the blob's height
-    vol += np.multiply.outer(np.multiply.outer(g[0], g[1]), g[2])
+    factors.append((np.multiply.outer(g[0], g[1]), g[2]))  # (g0 g1) g2
+  vol = np.empty((size,) * 3, np.float32)
+  slab = max(1, min(size, 2**20 // max(1, size * size)))  # planes, ~4 MiB
+  tmp = np.empty((slab, size, size), np.float32)
+  for lo in range(0, size, slab):  # a slab's blobs added while in cache
+    out, t = vol[lo:lo + slab], tmp[:min(slab, size - lo)]
+    out.fill(0.0)
+    for g01, g2 in factors:  # in the blobs' order: the same sums
+      np.multiply(g01[lo:lo + len(t), :, None], g2, out=t)
+      out += t
   np.clip(vol, 0.0, 1.0, out=vol)
   vol *= 2.0
   vol -= 1.0
