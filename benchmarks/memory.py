@@ -291,7 +291,9 @@ def measure_peak(model: str, size: int, options: Options) -> dict:
 
   Returns ``{"bytes", "compile_s", "error"}``: the device's
   ``peak_bytes_in_use``, or where the device has no memory stats the
-  process's peak RSS (``error`` says when the case was skipped instead).
+  process's peak RSS (``error`` says when the case was skipped instead);
+  with device stats also ``compile_peak_bytes``, the device's high-water
+  mark once compiled, before the step's arrays went onto it.
   """
   import jax
   import numpy as np
@@ -876,7 +878,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     row = {**cases[i], "bytes": r.get("bytes"),
            "compile_s": round(float(r.get("compile_s") or 0.0), 2),
            "error": r.get("error")}
-    if not options.autotune:
+    if not options.autotune and backend == "gpu":  # a GPU flag
       row["autotune"] = False
     if r.get("compile_peak_bytes") is not None:
       row["compile_peak_bytes"] = r["compile_peak_bytes"]

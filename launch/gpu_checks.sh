@@ -82,7 +82,8 @@ fi
 #     weights, and --merge keeps the committed rows not run again.
 #  2. memory, compiled: every model to 512³, the cascade to 1024³, every
 #     model's smallest sizes first; only what the card's file lacks (on
-#     the H100: from 256³, the cascade from 512³); XLA's autotuning off
+#     the H100 mostly from 256³: PGGAN from 128³, the LR step and the
+#     cascade from 512³; the H200's file has none); XLA's autotuning off
 #     (--no-autotune: with it on, 8 parallel compiles took 30-80 s a case
 #     at 64³-128³ on the H100; rows marked).
 #  3. memory, measured peak of the baselines from 128³ (the H200's file has
@@ -152,7 +153,7 @@ step 1 240 "throughput: cascade" python -m benchmarks.throughput \
 step 2 100 "memory compiled" python -m benchmarks.memory ${mem[@]+"${mem[@]}"} \
   "${compiled[@]}" --measure compiled --fast-compile --no-autotune --jobs 8 \
   --timeout-s 90 --order size --merge --only-missing --out "$out"
-step 3 150 "memory peak: baselines" python -m benchmarks.memory \
+step 3 135 "memory peak: baselines" python -m benchmarks.memory \
   ${mem[@]+"${mem[@]}"} "${peak[@]}" --measure peak --no-autotune \
   --timeout-s "$case_s" --order size --merge --only-missing --out "$out"
 step 4 75 "op profile" python -m benchmarks.op_profile "${profile[@]}" \

@@ -42,9 +42,10 @@ def test_steps_not_picked_are_logged_and_not_run(tmp_path):
             "GPU_CHECKS_BUDGET_S": "5", "GPU_CHECKS_STEPS": "2 3"}, tmp_path)
   assert r.returncode == 0, r.stderr
   log = (out / "gpu-checks.log").read_text().splitlines()
-  picked = [line.split(":")[0] for line in log if ": skipped," in line]
+  picked = [line.split(": skipped,")[0] for line in log
+            if ": skipped," in line]
   not_picked = [line for line in log if "not picked" in line]
-  assert picked == ["== memory compiled", "== memory peak"]
+  assert picked == ["== memory compiled", "== memory peak: baselines"]
   assert len(not_picked) == 3 and all(
       "(GPU_CHECKS_STEPS=2 3)" in line for line in not_picked)
 
@@ -77,3 +78,36 @@ def test_same_card_picks_the_results_of_this_kind_of_device(tmp_path):
   assert r.returncode == 0, r.stderr
   assert r.stdout.split() == ["throughput-gpu",
                               os.path.join(d, "throughput-gpu-cpu.json")]
+
+
+def test_each_step_gets_its_limit_and_the_last_picked_the_rest(tmp_path):
+  # A `timeout` that only says what it was asked: the steps' limits, not
+  # their runs.
+  shim = tmp_path / "bin"
+  shim.mkdir()
+  (shim / "timeout").write_text('#!/bin/sh\necho "ran with limit $1"\n')
+  (shim / "timeout").chmod(0o755)
+  path = os.pathsep.join([str(shim), os.path.dirname(sys.executable),
+                          os.environ["PATH"]])
+
+  def limits(steps):
+    out = tmp_path / f"out{steps.replace(' ', '')}"
+    env = {"GPU_CHECKS_QUICK": "1", "OUT": str(out), "PATH": path,
+           "GPU_CHECKS_BUDGET_S": "1000"}
+    if steps:
+      env["GPU_CHECKS_STEPS"] = steps
+    r = _run(env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    log = (out / "gpu-checks.log").read_text().splitlines()
+    return {line.split(" (")[0][3:]: int(line.split(" (")[1].split(" s)")[0])
+            for line in log if line.startswith("== ") and " s): " in line}
+
+  got = limits("")  # the defaults: 1-4, the last taking the rest
+  assert [got[k] for k in ("throughput: cascade", "memory compiled",
+                           "memory peak: baselines")] == [240, 100, 135]
+  assert got["op profile"] > 1000 - 240 - 100 - 135 - 60
+  assert "memory peak: MEGAN" not in got
+  got = limits("2 3")
+  assert got["memory compiled"] == 100
+  assert got["memory peak: baselines"] > 1000 - 100 - 60
+  assert set(got) == {"memory compiled", "memory peak: baselines"}

@@ -413,23 +413,34 @@ def test_no_autotune_reaches_each_case_and_marks_its_rows(
   monkeypatch.undo()
 
   # A real run: the child starts with the flag (a real XLA flag: an
-  # unknown one would abort it) and the rows and table say so.
+  # unknown one would abort it); on a CPU it changes nothing, so no mark.
   out = tmp_path / "results"
-  assert memory.main(["--sizes", "16", "--models", "dcgan", "--out", str(out),
-                      "--config", "demo:smoke", "--width-scale", "0.015625",
-                      "--fast-compile", "--no-autotune"]) == 0
+  common = ["--sizes", "16", "--models", "dcgan", "--config", "demo:smoke",
+            "--width-scale", "0.015625", "--fast-compile", "--no-autotune"]
+  assert memory.main(common + ["--out", str(out)]) == 0
   (json_path,) = out.glob("memory-*.json")
   data = json.loads(json_path.read_text())
   (row,) = data["results"]
   assert row["error"] is None and row["bytes"] > 0
-  assert row["autotune"] is False and data["meta"]["options"]["autotune"] is False
-  md = json_path.with_suffix(".md").read_text()
-  assert f"{memory._gib(row['bytes'])}{memory.UNTUNED_MARK} |" in md
+  assert "autotune" not in row and data["meta"]["options"]["autotune"] is False
+  assert memory.UNTUNED_MARK not in json_path.with_suffix(".md").read_text()
+  # On a GPU the rows and the table say so.
+  monkeypatch.setattr(memory, "run_isolated", lambda case, timeout_s: (
+      {**memory.run_case(case), "backend": "gpu", "device_kind": "GPU 1"}
+      if case["model"] == "probe" else
+      {"bytes": 5 * memory.GIB, "compile_s": 0.1, "error": None}))
+  gpu_out = tmp_path / "gpu"
+  assert memory.main(common + ["--out", str(gpu_out)]) == 0
+  data = json.loads((gpu_out / "memory-gpu.json").read_text())
+  (row,) = data["results"]
+  assert row["autotune"] is False
+  md = (gpu_out / "memory-gpu.md").read_text()
+  assert f"| dcgan | 5.00{memory.UNTUNED_MARK} |" in md
   assert memory.NO_AUTOTUNE_FLAG in md
   capsys.readouterr()
-  # An autotuned row is not marked, nor is the note there.
+  # An autotuned row is not marked.
   table = memory.markdown_table([dict(row, autotune=True)])
-  assert memory.UNTUNED_MARK not in table
+  assert memory.UNTUNED_MARK not in table and "| dcgan | 5.00 |" in table
   # In one process the flag could not reach XLA: refused.
   with pytest.raises(SystemExit) as e:
     memory.parse_args(["--no-autotune", "--in-process"])
@@ -439,13 +450,31 @@ def test_no_autotune_reaches_each_case_and_marks_its_rows(
 
 def test_a_gpu_peak_records_the_high_water_mark_left_by_compiling(
     tmp_path, monkeypatch):
-  # Device stats are read three times: whether there are any, after the
-  # compile (autotuning allocates there too) and after the step ran.
-  readings = iter([100, 200, 300])
-  monkeypatch.setattr(memory, "_device_peak", lambda: next(readings))
-  r = memory.measure_peak("megan_hr_step", 16, TINY)
-  assert r["error"] is None
-  assert (r["bytes"], r["compile_peak_bytes"]) == (300, 200)
+  # A fake device: its high-water mark is 1 until something compiled,
+  # then 200 (what compiling left), then 300 (the step ran). A reading
+  # taken before the compile, or after the run, would not give 200.
+  import jax
+  state = {"compiled": False, "reads": 0}
+  compile_ = jax.stages.Lowered.compile
+
+  def compile_and_note(self, *a, **k):
+    out = compile_(self, *a, **k)
+    state["compiled"] = True
+    return out
+
+  def device_peak():
+    if not state["compiled"]:
+      return 1
+    state["reads"] += 1
+    return 200 if state["reads"] == 1 else 300
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", compile_and_note)
+  monkeypatch.setattr(memory, "_device_peak", device_peak)
+  for model in ("megan_hr_step", "megan_cascade"):
+    state.update(compiled=False, reads=0)
+    r = memory.measure_peak(model, 16, TINY)
+    assert r["error"] is None, r
+    assert (r["bytes"], r["compile_peak_bytes"]) == (300, 200), model
   # Written with the row's other keys.
   row = {"model": "megan_hr_step", "size": 16, "measure": "peak",
          "compile_s": 1.0, "error": None, **r}
