@@ -380,11 +380,22 @@ def check_config(config) -> None:
   size constraints (`lr_size_multiple`, `min_patch_size`), the patch grid's
   (``tiling.make_plan``: ``0 <= border``, ``2 * border < patch_size``), the
   samplers' (``seed`` a non-negative 32-bit integer), and each option's
-  values. Writes nothing; cheap (no arrays).
+  values. Writes nothing; cheap (no arrays). The fields a translation
+  reads are `check_inference_config`'s.
   """
   _str(config, "name", default="")
   _int(config, "seed", 0, MAX_SEED)
   _int(config, "steps", 1)
+  check_inference_config(config)
+  _check_training_config(config)
+
+
+def check_inference_config(config) -> None:
+  """`check_config` for the fields a translation reads (the cascade's
+  networks and geometry, how a volume is read, its edges, ``infer``): what
+  a trained run's saved config is held to when it is loaded, so a damaged
+  one is one error naming the field, and a field only training reads never
+  makes a trained run unreadable."""
   _int(config, "num_hr_scales", 0)
 
   # The networks first: the sizes below depend on them.
@@ -421,9 +432,7 @@ def check_config(config) -> None:
     raise InputError("config model.hr_residual needs the previous scale; "
                      "hr_condition='none' has none")
 
-  # Data.
-  _str(config, "data.path")
-  _str(config, "data.val_path", default="")
+  # Data: how a volume is read and normalised.
   suffix = _str(config, "data.label_suffix", default="")
   from megan_jax import grid
   grid.check_orientation(_str(config, "data.orientation", default=""))
@@ -436,9 +445,6 @@ def check_config(config) -> None:
   if not (isinstance(window, (tuple, list)) and not window) and not _pair(
       window):
     _fail("data.window", "() or a pair (lo, hi) with lo < hi", window)
-  _number(config, "data.foreground", -1.0, 1.0, hi_open=True,
-          why="images are in [-1, 1]")
-  _number(config, "data.uniform_patch_fraction", 0.0, 1.0)
 
   # Edges: thresholds are fractions of the largest gradient magnitude.
   _number(config, "edges.sigma", 0.0)
@@ -449,6 +455,18 @@ def check_config(config) -> None:
   if _bool(config, "edges.use_label") and not suffix:
     raise InputError("config edges.use_label needs data.label_suffix (the "
                      "label of x.nii.gz is x{suffix}.nii.gz, e.g. '_seg')")
+  _int(config, "infer.batch_size", 1, default=1)
+  _int(config, "infer.memmap_bytes", 0, default=0)
+  _bool(config, "infer.overlap_edges", True)
+
+
+def _check_training_config(config) -> None:
+  """`check_config`'s fields that only training reads."""
+  _str(config, "data.path")
+  _str(config, "data.val_path", default="")
+  _number(config, "data.foreground", -1.0, 1.0, hi_open=True,
+          why="images are in [-1, 1]")
+  _number(config, "data.uniform_patch_fraction", 0.0, 1.0)
 
   _choice(config, "loss.gan", losses.GAN_KINDS)
   l1 = _number(config, "loss.l1_weight", 0.0)
@@ -475,9 +493,6 @@ def check_config(config) -> None:
                "checkpoint_every", "eval_every", "montage_every",
                "val_patches"):
     _int(config, f"train.{name}", 1)
-  _int(config, "infer.batch_size", 1)
-  _int(config, "infer.memmap_bytes", 0)
-  _bool(config, "infer.overlap_edges", True)
 
 
 # ---------------------------------------------------------------------------
@@ -608,9 +623,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise InputError(f"workdir {workdir}: no config.json (not a megan run)")
   try:
-    return config_from_json(json.dumps(_read_json(path)))
-  except (KeyError, TypeError) as e:
+    config = config_from_json(json.dumps(_read_json(path)))
+  except KeyError as e:
     raise InputError(f"{path}: not a megan config (no field {e})") from None
+  except (TypeError, ValueError) as e:
+    raise InputError(f"{path}: not a megan config ({e})") from None
+  try:  # the fields a translation reads (not training's: see the check)
+    check_inference_config(config)
+  except InputError as e:
+    raise InputError(f"{path}: {e}") from None
+  return config
 
 
 def _read_json(path: str) -> dict:

@@ -229,3 +229,44 @@ def test_a_saved_config_restores_whatever_later_rules_say():
   with pytest.raises(InputError):
     state_lib.check_config(c)
   assert state_lib.abstract_state(c, "hr").step.shape == ()
+
+
+def test_a_config_file_of_any_name_loads_or_is_one_line(tmp_path, capsys):
+  # Read as Python whatever its suffix (spec_from_file_location has no
+  # loader for ".txt" or none: that was a traceback).
+  for name in ("cfg.txt", "cfg"):
+    path = tmp_path / name
+    path.write_text("from megan_jax.configs import demo\n"
+                    "def get_config(arg=None):\n"
+                    "  return demo.get_config('smoke')\n")
+    assert configs.get_config(str(path)).lr_size == smoke().lr_size
+  not_python = tmp_path / "image.nii"
+  not_python.write_bytes(b"\x5c\x01\x00\x00 not python \xff")
+  with pytest.raises(InputError, match=r"image\.nii: failed to load") as e:
+    configs.get_config(str(not_python))
+  assert "\n" not in str(e.value)
+  code = cli.main(["train", "--config", str(not_python), "--workdir",
+                   str(tmp_path / "run")])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and len(err.splitlines()) == 1 and "image.nii" in err
+  assert not (tmp_path / "run").exists()
+
+
+def test_overrides_read_true_false_words_and_keep_names_as_text():
+  c = smoke()
+  for word, value in (("true", True), ("False", False), ("1", True),
+                      ("no", False), ("ON", True), ("True", True)):
+    configs.apply_overrides(c, [f"--config.model.hr_residual={word}"])
+    assert c.model.hr_residual is value, word
+  for word in ("ture", "yes please", "2", "None"):  # was silently False
+    with pytest.raises(InputError, match="hr_residual") as e:
+      configs.apply_overrides(c, [f"--config.model.hr_residual={word}"])
+    assert "\n" not in str(e.value)
+  # A string field takes a name that reads as a number, as text.
+  configs.apply_overrides(c, ["--config.data.path=123", "--config.name=0.5"])
+  assert (c.data.path, c.name) == ("123", "0.5")
+  configs.apply_overrides(c, ["--config.data.path=brains/t1"])
+  assert c.data.path == "brains/t1"
+  # Numbers still go to numeric fields, as numbers.
+  configs.apply_overrides(c, ["--config.steps=7", "--config.optim.lr=1"])
+  assert c.steps == 7 and c.optim.lr == 1.0 and isinstance(c.optim.lr, float)

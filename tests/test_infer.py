@@ -231,9 +231,18 @@ def test_cli_plan_and_translate(run_dir, tmp_path, capsys):
   assert nib.load(out).shape == SHAPE
 
 
+CONFIG_EDITS = {  # a run's config.json, valid JSON, edited by hand
+    "config_ngf_text": ("model", "ngf", "x"),
+    "config_patch_negative": (None, "patch_size", -4),
+    "config_spacing_text": ("data", "spacing", "x"),
+    "config_no_model": (None, "model", None),
+}
+
+
 @pytest.mark.parametrize("case", ["no_checkpoint", "no_intensity",
                                   "bad_json", "damaged_checkpoint",
-                                  "mask_shape", "same_file"])
+                                  "mask_shape", "same_file",
+                                  *CONFIG_EDITS])
 def test_cli_translate_errors(case, run_dir, tmp_path, capsys):
   src = _nifti(tmp_path / "src.nii.gz", _volume())
   argv = ["translate", "-i", src, "-o", str(tmp_path / "o.nii.gz"), "--workdir", run_dir]
@@ -242,7 +251,8 @@ def test_cli_translate_errors(case, run_dir, tmp_path, capsys):
     empty.mkdir()
     argv[-1] = str(empty)
     name = str(empty)
-  elif case in ("no_intensity", "bad_json", "damaged_checkpoint"):
+  elif case in ("no_intensity", "bad_json", "damaged_checkpoint",
+                *CONFIG_EDITS):
     import shutil
     copy = tmp_path / "copied_run"
     shutil.copytree(run_dir, copy)
@@ -252,6 +262,15 @@ def test_cli_translate_errors(case, run_dir, tmp_path, capsys):
     elif case == "bad_json":  # an editor's crash, say
       text = (copy / "config.json").read_text()
       (copy / "config.json").write_text(text[: len(text) // 2])
+    elif case in CONFIG_EDITS:  # was a traceback of 34-71 lines
+      section, key, value = CONFIG_EDITS[case]
+      saved = json.loads((copy / "config.json").read_text())
+      node = saved[section] if section else saved
+      if value is None:
+        del node[key]
+      else:
+        node[key] = value
+      (copy / "config.json").write_text(json.dumps(saved))
     else:  # every file of one scale's checkpoint cut in half
       for root, _, files in os.walk(copy / "checkpoints" / "hr1"):
         for f in files:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 from typing import Sequence
@@ -21,6 +22,9 @@ import ml_collections
 from megan_jax.errors import InputError
 
 BUILTIN = ("default", "demo", "brats_t2", "copd_ct")
+# What a true/false override may say (any case).
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
 
 
 def _one_line(e: BaseException) -> str:
@@ -43,7 +47,10 @@ def get_config(spec: str = "demo") -> ml_collections.ConfigDict:
       raise InputError(f"config {name}: " + (
           "not a file" if os.path.exists(name) else "no such file")
           + f" (built-in names: {', '.join(BUILTIN)})")
-    mod_spec = importlib.util.spec_from_file_location("_megan_user_config", name)
+    # Any name: a file without ".py" is read as Python too (the import
+    # system has no loader for other suffixes).
+    loader = importlib.machinery.SourceFileLoader("_megan_user_config", name)
+    mod_spec = importlib.util.spec_from_loader(loader.name, loader)
     module = importlib.util.module_from_spec(mod_spec)
     try:
       mod_spec.loader.exec_module(module)
@@ -93,8 +100,15 @@ def apply_overrides(config: ml_collections.ConfigDict,
       value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
       value = raw  # a bare string
-    if isinstance(old, bool) and isinstance(value, str):
-      value = value.lower() in ("1", "true", "yes")
+    if isinstance(old, bool) and not isinstance(value, bool):
+      word = str(value).lower()
+      if word not in TRUE_WORDS + FALSE_WORDS:
+        raise InputError(f"override {item!r}: {field} is true or false "
+                         f"(one of {', '.join(TRUE_WORDS + FALSE_WORDS)})")
+      value = word in TRUE_WORDS
+    elif isinstance(old, str) and value is not None and not isinstance(
+        value, str):
+      value = raw  # a name that reads as a number: the text as given
     elif isinstance(old, float) and isinstance(value, int):
       value = float(value)
     elif isinstance(old, tuple) and isinstance(value, list):
