@@ -62,6 +62,11 @@ def _deletable(workdir: str, config, retrain: bool) -> bool:
   return delete
 
 
+# The files a demo writes in its --out folder.
+OUTPUTS = ("source.nii.gz", "target.nii.gz", "translated.nii.gz",
+           "brain_mask.nii.gz", "metrics.json", "montage.png")
+
+
 def run(out: str, *, steps: int | None = None, retrain: bool = False,
         config_spec: str = "demo", progress: bool = True) -> dict:
   """Trains (unless a finished run is there) and translates; returns paths
@@ -69,6 +74,10 @@ def run(out: str, *, steps: int | None = None, retrain: bool = False,
   config = configs.get_config(config_spec)
   if steps is not None:
     config.steps = int(steps)
+  for name in OUTPUTS:  # now, not after minutes of training
+    path = os.path.join(out, name)
+    if os.path.isdir(path):
+      raise InputError(f"output {path}: is a folder")
   workdir = os.path.join(out, "run")
   if os.path.isdir(workdir) and _deletable(workdir, config, retrain):
     shutil.rmtree(workdir)

@@ -145,3 +145,18 @@ def test_demo_deletes_only_a_run_it_made(tmp_path):
     with pytest.raises(InputError, match="'notes.txt'"):
       demo._deletable(str(run), cfg, retrain)
   assert not demo._deletable(str(run), older, False)  # the same run: kept
+
+
+def test_demo_refuses_an_output_name_taken_by_a_folder_before_training(
+    tmp_path, capsys):
+  # Was found only after training and translating, with half the outputs
+  # written.
+  from megan_jax import cli
+  for name in demo.OUTPUTS:
+    out = tmp_path / name.split(".")[0]
+    (out / name).mkdir(parents=True)
+    assert cli.main(["demo", "--out", str(out), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out / name) in err, err
+    assert "is a folder" in err
+    assert sorted(os.listdir(out)) == [name]  # no run, nothing written
