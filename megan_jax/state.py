@@ -8,10 +8,12 @@ L1, the checkpoint inference uses, as in the public code).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import math
 import os
+import shutil
 from typing import Any
 
 import flax
@@ -682,13 +684,22 @@ def load_intensity(workdir: str) -> tuple[float, float] | None:
   return lo, hi
 
 
+# A checkpoint save is refused where the disk has less room than
+# (factor x its arrays' bytes + bytes): orbax's metadata and zarr chunks.
+SAVE_SPACE_MARGIN = (1.1, 4 * 2**20)
+
+
 class Checkpoints:
   """``latest`` and ``best`` orbax managers of one scale of a workdir."""
 
   def __init__(self, workdir: str, scale: str):
     import orbax.checkpoint as ocp
     self._ocp = ocp
+    # A save that fails (a full disk) leaves the same closed-loop reports
+    # as a failed read.
+    _drop_closed_loop_reports()
     root = os.path.abspath(os.path.join(workdir, "checkpoints", scale))
+    self.root = root
     self.latest = ocp.CheckpointManager(
         os.path.join(root, "latest"),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
@@ -699,11 +710,31 @@ class Checkpoints:
             best_mode="min"))
 
   def save_latest(self, step: int, state: GanState) -> None:
+    self.check_space(state)
     self.latest.save(step, args=self._ocp.args.StandardSave(state))
 
   def save_best(self, step: int, state: GanState, val_l1: float) -> None:
+    self.check_space(state)
     self.best.save(step, args=self._ocp.args.StandardSave(state),
                    metrics={"val_l1": float(val_l1)})
+
+  def check_space(self, state: GanState) -> None:
+    """An ``OSError`` (ENOSPC) naming the checkpoint folder where its disk
+    has less room than a save of ``state`` takes (its arrays' bytes, with
+    ``SAVE_SPACE_MARGIN``). Orbax writes in background threads; where the
+    disk fills up under them, their failures reach stderr as hundreds of
+    lines of tracebacks before ours."""
+    need = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(state) if hasattr(x, "dtype"))
+    need = int(need * SAVE_SPACE_MARGIN[0]) + SAVE_SPACE_MARGIN[1]
+    try:
+      free = shutil.disk_usage(self.root).free
+    except OSError:  # not made yet, or no such call: orbax will say
+      return
+    if free < need:
+      raise OSError(errno.ENOSPC, (
+          f"No space left on device for a checkpoint ({free / 2**20:,.1f} "
+          f"MiB free, a save takes ~{need / 2**20:,.1f} MiB)"), self.root)
 
   def _step(self, which: str):
     """``(manager, step)`` of the ``latest`` or ``best`` checkpoint (step
@@ -776,6 +807,22 @@ class Checkpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+  def finish(self) -> None:
+    """Waits for both managers' saves and closes both, each even where
+    another failed (a full disk: a save left running in the background
+    outlives the process's event loop and floods stderr), then raises the
+    first error."""
+    first = None
+    for call in (self.latest.wait_until_finished,
+                 self.best.wait_until_finished, self.latest.close,
+                 self.best.close):
+      try:
+        call()
+      except Exception as e:
+        first = first or e
+    if first is not None:
+      raise first
 
 
 def unreadable_checkpoint(path: str, error: BaseException) -> InputError:

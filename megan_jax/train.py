@@ -282,8 +282,7 @@ def train_scale(config, workdir: str, scale: str, subjects, val_subjects, *,
   finally:
     bar.close()
     try:  # interrupted too: a save under way ends before the process does
-      ckpt.wait()
-      ckpt.close()
+      ckpt.finish()
     except Exception:
       if finished:
         raise  # else what stopped the steps is the error to report

@@ -631,3 +631,40 @@ def test_an_empty_saved_intensity_range_names_its_file(tmp_path):
       state_lib.load_intensity(str(tmp_path))
   path.write_text('{"lo": 0, "hi": 255}')
   assert state_lib.load_intensity(str(tmp_path)) == (0.0, 255.0)
+
+
+def test_a_full_disk_stops_training_with_one_line_before_orbax_writes(
+    tmp_path, monkeypatch, capsys):
+  # On a disk without room for a save, orbax's background writers failed
+  # with hundreds of lines of tracebacks (tmpfs of 2.5 MB: 1 378 lines).
+  # Now the save is refused first, naming the checkpoint folder.
+  import collections
+  import shutil
+  usage = collections.namedtuple("usage", "total used free")
+  real = shutil.disk_usage
+  free = {"bytes": 10**12}
+
+  def disk_usage(path):
+    return usage(*real(path)[:2], free["bytes"])
+  monkeypatch.setattr(state_lib.shutil, "disk_usage", disk_usage)
+  state = state_lib.create_state(jax.random.key(0), tiny_config(), "lr")
+  need = sum(x.nbytes for x in jax.tree.leaves(state))
+  ckpt = state_lib.Checkpoints(str(tmp_path / "run"), "lr")
+  try:
+    ckpt.check_space(state)  # room: nothing said
+    free["bytes"] = need  # the arrays alone, no margin: refused
+    with pytest.raises(OSError) as e:
+      ckpt.save_latest(1, state)
+    assert e.value.errno == __import__("errno").ENOSPC
+    assert e.value.filename == ckpt.root and "MiB free" in e.value.strerror
+    assert ckpt.latest.latest_step() is None  # nothing was started
+  finally:
+    ckpt.finish()
+  code = cli.main(["train", "--config", "demo:smoke", "--workdir",
+                   str(tmp_path / "cli"), "--quiet"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1, err
+  assert "checkpoints" in err[0] and "No space left on device" in err[0]
+  # Failed saves' closed-loop reports are dropped (as a failed read's).
+  import sys
+  assert getattr(sys.unraisablehook, "_megan_drops_closed_loop", False)
