@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import tempfile
+import warnings
 from typing import Iterable, Iterator
 
 import nibabel as nib
@@ -161,7 +162,7 @@ def from_image(img, *, what: str = "image", allow_constant: bool = True,
     raise InputError(f"{name}: complex voxels ({dtype}); expected real "
                      "values (e.g. the magnitude image)")
   try:
-    data = np.asarray(img.dataobj, dtype=np.float32)
+    data = _as_float32(img.dataobj)
   except MemoryError:
     raise InputError(
         f"{name}: too large to read ({'x'.join(map(str, shape))} voxels, "
@@ -172,7 +173,11 @@ def from_image(img, *, what: str = "image", allow_constant: bool = True,
         f"{name}: truncated or corrupt data ({_one_line(e)})") from None
   if squeeze:
     data = data[..., 0]
-  check_finite(data, path, what=what)
+  try:
+    check_finite(data, path, what=what)
+  except InputError:
+    _check_float32_range(img, data, name)  # the better reason, if so
+    raise
   if not allow_constant:
     check_not_constant(data, path, what=what)
   header = img.header.copy()
@@ -202,6 +207,32 @@ def check_same_grid(name: str, shape, affine, ref_shape, ref_affine,
         f"{name}: affine differs from the {ref}'s (by up to {diff:.3g} mm; "
         f"it must be on the {ref}'s voxel grid: same orientation, voxel "
         "size and origin)")
+
+
+def _as_float32(dataobj) -> np.ndarray:
+  """The voxels (scaled) as float32; values beyond its range become inf
+  silently (`_check_float32_range` says so, not numpy's warning)."""
+  with np.errstate(over="ignore", invalid="ignore"), warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return np.asarray(dataobj, dtype=np.float32)
+
+
+def _check_float32_range(img, data: np.ndarray, name: str) -> None:
+  """Where ``data`` (float32) has infinities its file does not: an
+  ``InputError`` saying the values are beyond float32's range."""
+  try:
+    with np.errstate(over="ignore", invalid="ignore"):
+      raw = np.asarray(img.dataobj, dtype=np.float64)
+  except Exception:  # too large to read twice, say: the first error stands
+    return
+  raw = raw.reshape(data.shape)
+  over = np.isinf(data) & np.isfinite(raw)
+  if over.any():
+    big = float(np.abs(raw[over]).max())
+    raise InputError(
+        f"{name}: {int(over.sum())} voxel(s) beyond float32's range "
+        f"(up to {big:.3g}; float32 ends at {float(np.finfo(np.float32).max):.3g}"
+        "): rescale the image (or its scl_slope)")
 
 
 def check_finite(data: np.ndarray, path: str | None, *, what: str = "image"):

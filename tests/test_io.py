@@ -289,3 +289,25 @@ def test_make_folder_tries_a_file_and_removes_what_it_made(tmp_path,
   with pytest.raises(InputError, match="--out .*new/er: Permission denied"):
     io.make_folder(tmp_path / "new" / "er", "--out")
   assert os.listdir(tmp_path) == []  # both folders it made are gone
+
+
+def test_values_beyond_float32_are_named_so_without_numpy_warnings(
+    tmp_path, recwarn):
+  # A float64 voxel past float32's range, and an int16 file whose scale
+  # factor takes it there: both read as inf, which is not in the files
+  # (the message said "NaN or inf" after two lines of numpy's warning).
+  big = np.ones((4, 4, 4))
+  big[1, 1, 1] = 1e39
+  msg = _err(_write(tmp_path / "f64.nii", big, dtype=np.float64))
+  assert "1 voxel(s) beyond float32's range (up to 1e+39" in msg
+  img = nib.Nifti1Image(np.full((4, 4, 4), 300, np.int16), _affine())
+  img.header.set_slope_inter(1e38, 0)
+  nib.save(img, tmp_path / "scaled.nii")
+  msg = _err(tmp_path / "scaled.nii")
+  assert "64 voxel(s) beyond float32's range" in msg and "scl_slope" in msg
+  assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+  # A real inf is still called that.
+  inf = np.ones((4, 4, 4), np.float32)
+  inf[0, 0, 0] = np.inf
+  assert "non-finite" in _err(_write(tmp_path / "inf.nii", inf,
+                                     dtype=np.float32))
