@@ -438,8 +438,17 @@ def _add_train(sub):
 
 def cmd_train(args) -> int:
   from megan_jax import configs, train
+  from megan_jax import state as state_lib
   config = configs.get_config(args.config)
   configs.apply_overrides(config, args.overrides)
+  name = args.config.partition(":")[0]
+  try:  # (train checks it too) here to name the user's file
+    state_lib.check_config(config)
+  except InputError as e:
+    if name in configs.BUILTIN:
+      raise
+    raise InputError(f"{e} (the config of {name}" + (
+        ", with the overrides)" if args.overrides else ")")) from None
   if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
     raise InputError(f"workdir {args.workdir}: exists and is not a folder")
   states = train.train(config, args.workdir, args.scale,

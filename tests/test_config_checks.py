@@ -270,3 +270,19 @@ def test_overrides_read_true_false_words_and_keep_names_as_text():
   # Numbers still go to numeric fields, as numbers.
   configs.apply_overrides(c, ["--config.steps=7", "--config.optim.lr=1"])
   assert c.steps == 7 and c.optim.lr == 1.0 and isinstance(c.optim.lr, float)
+
+
+def test_a_users_config_file_missing_a_field_is_named(tmp_path, capsys):
+  # Was "config seed: missing", with no word of which file.
+  path = tmp_path / "mine.py"
+  path.write_text("from megan_jax.configs import demo\n"
+                  "def get_config(arg=None):\n"
+                  "  c = demo.get_config('smoke')\n"
+                  "  del c['seed']\n"
+                  "  return c\n")
+  code = cli.main(["train", "--config", str(path), "--workdir",
+                   str(tmp_path / "run")])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and len(err.splitlines()) == 1, err
+  assert "config seed: missing" in err and f"the config of {path})" in err
+  assert not (tmp_path / "run").exists()
