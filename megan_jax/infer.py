@@ -821,7 +821,11 @@ def lock_workspace(out: str) -> int | None:
   ``os.close`` of it, or the process ending, frees it."""
   import fcntl
   folder = workspace_path(out)
-  os.makedirs(folder, exist_ok=True)
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:  # the output is what the user named
+    raise OSError(e.errno, f"{e.strerror or e} (making its resume folder "
+                  f"{os.path.basename(folder)})", out) from None
   fd = os.open(folder, os.O_RDONLY)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -819,3 +819,19 @@ def test_load_names_a_scale_without_a_generator(run_dir, tmp_path):
   with pytest.raises(InputError, match=f"workdir {copy}: no generator for "
                      "scale.s. hr2; train them first"):
     infer.load(str(copy))
+
+
+def test_a_resume_folder_that_cannot_be_made_names_the_output(tmp_path,
+                                                              monkeypatch):
+  # Was the internal ".o.nii.gz.partial: Operation not permitted".
+  import errno
+
+  def refuse(path, exist_ok=False):
+    raise PermissionError(errno.EPERM, "Operation not permitted", path)
+  monkeypatch.setattr(infer.os, "makedirs", refuse)
+  out = str(tmp_path / "o.nii.gz")
+  with pytest.raises(OSError) as e:
+    infer.lock_workspace(out)
+  assert e.value.filename == out and e.value.errno == errno.EPERM
+  assert e.value.strerror == ("Operation not permitted (making its resume "
+                              "folder .o.nii.gz.partial)")
