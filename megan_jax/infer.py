@@ -937,7 +937,11 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
     if writer:
       try:
         io.save_nifti(out_path, y, like=vol, inputs=[mask_path])
-      except (InputError, OSError) as e:  # a full disk, say
+      except OSError as e:  # a full disk, say: the work is kept
+        error = OSError(e.errno, f"{e.strerror or e} (the translated "
+                        f"scales are kept in {workspace_path(out_path)}: "
+                        "the same command resumes from them)", e.filename)
+      except InputError as e:
         error = e
       else:
         shutil.rmtree(folder, ignore_errors=True)

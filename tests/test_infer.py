@@ -835,3 +835,29 @@ def test_a_resume_folder_that_cannot_be_made_names_the_output(tmp_path,
   assert e.value.filename == out and e.value.errno == errno.EPERM
   assert e.value.strerror == ("Operation not permitted (making its resume "
                               "folder .o.nii.gz.partial)")
+
+
+def test_an_output_that_cannot_be_written_keeps_the_work_and_says_so(
+    run_dir, tmp_path, monkeypatch):
+  # A full disk at the very end: the message names the output and the
+  # resume folder kept, and the same command then finishes from it.
+  import errno
+  t = infer.load(run_dir, batch_size=8)
+  src = _nifti(tmp_path / "src.nii.gz", _volume())
+  out = str(tmp_path / "o.nii.gz")
+  real = infer.io.save_nifti
+
+  def full(path, *a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device", path)
+  monkeypatch.setattr(infer.io, "save_nifti", full)
+  with pytest.raises(OSError) as e:
+    infer.translate_file(t, src, out, progress=False)
+  assert e.value.filename == out and e.value.errno == errno.ENOSPC
+  kept = infer.workspace_path(out)
+  assert f"kept in {kept}: the same command resumes" in e.value.strerror
+  assert os.path.isdir(kept) and not os.path.exists(out)
+  monkeypatch.setattr(infer.io, "save_nifti", real)
+  seen = []
+  infer.translate_file(t, src, out, progress=False,
+                       on_batch=lambda s, d: seen.append(s))
+  assert seen == [] and os.path.exists(out) and not os.path.exists(kept)
