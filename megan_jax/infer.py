@@ -383,6 +383,7 @@ class Translator:
   # -- running ----------------------------------------------------------------
   def translate_normalised(self, image: np.ndarray, label=None, *,
                            progress: bool = True, workspace: str | None = None,
+                           workspace_key: str | None = None,
                            on_batch: Callable | None = None) -> np.ndarray:
     """Translates a volume already in [-1, 1]; returns [-1, 1], same shape.
 
@@ -391,10 +392,18 @@ class Translator:
       label: optional mask written onto every scale's sketch.
       progress: tqdm bars per scale.
       workspace: folder for resumable memory-mapped outputs (see module doc).
+        What another translation left there is cleared first.
+      workspace_key: what identifies this translation in ``workspace``
+        (default: a digest of ``image``, ``label``, the config, dtype and
+        weights; `translate_file` passes its own, from the files).
       on_batch: called as ``on_batch(scale, patches_done)`` after each batch
         (tests use it to interrupt a run).
     """
     c = self.config
+    if workspace and self.is_writer:  # never another input's outputs
+      claim_workspace(workspace, workspace_key or _fingerprint(
+          _array_digest(image, label), c.to_dict(), str(self.dtype),
+          self.fingerprint))
     # The finer scales' sketches are made on a second thread while the
     # coarser scales are generated (their jax-engine kernels share the
     # device; the rest of `canny_3d` is host work); "edges" times what the
@@ -788,7 +797,12 @@ def mask_on(vol: io.Volume, mask, grid: bool = True) -> np.ndarray:
 def workspace_for(out: str, fingerprint: str) -> str:
   """The resume folder beside ``out``; a stale one (other arguments) is
   cleared (its contents: the folder is what ``lock_workspace`` locks)."""
-  folder = workspace_path(out)
+  return claim_workspace(workspace_path(out), fingerprint)
+
+
+def claim_workspace(folder: str, fingerprint: str) -> str:
+  """``folder`` as the resume folder of the translation ``fingerprint``
+  names: what another one left there is cleared first."""
   meta = os.path.join(folder, "meta.json")
   os.makedirs(folder, exist_ok=True)
   try:
@@ -926,7 +940,8 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
     settle(error, f"output {out_path}")
     try:
       y = translator.translate_volume(vol, label, progress=progress,
-                                      workspace=folder, on_batch=on_batch)
+                                      workspace=folder, workspace_key=fp,
+                                      on_batch=on_batch)
     except InputError as e:
       # This input cannot be translated: no resume state to keep.
       if folder:
@@ -955,16 +970,29 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
   return out_path
 
 
+def _digest(image, label, *extra: bytes):
+  """A blake2b hash of an array's voxels and shape, a label mask and
+  ``extra`` bytes."""
+  h = hashlib.blake2b(digest_size=16)
+  data = np.ascontiguousarray(image)
+  h.update(repr((data.shape, data.dtype.str)).encode())
+  h.update(data.reshape(-1).view(np.uint8))  # no copy
+  for b in extra:
+    h.update(b)
+  if label is not None:
+    h.update(np.packbits(np.asarray(label, bool)).tobytes())
+  return h
+
+
+def _array_digest(image, label) -> str:
+  """A hex digest of an array's voxels and shape, and of a label mask."""
+  return _digest(image, label).hexdigest()
+
+
 def _content_digest(vol: io.Volume, label) -> np.ndarray:
   """A digest of a source's voxels, grid and label mask (16 bytes as int32s,
   what the processes of a job compare)."""
-  h = hashlib.blake2b(digest_size=16)
-  data = np.ascontiguousarray(vol.data)
-  h.update(repr((data.shape, data.dtype.str)).encode())
-  h.update(data.reshape(-1).view(np.uint8))  # no copy
-  h.update(np.asarray(vol.affine, np.float64).tobytes())
-  if label is not None:
-    h.update(np.packbits(np.asarray(label, bool)).tobytes())
+  h = _digest(vol.data, label, np.asarray(vol.affine, np.float64).tobytes())
   return np.frombuffer(h.digest(), np.int32)
 
 

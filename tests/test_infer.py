@@ -861,3 +861,34 @@ def test_an_output_that_cannot_be_written_keeps_the_work_and_says_so(
   infer.translate_file(t, src, out, progress=False,
                        on_batch=lambda s, d: seen.append(s))
   assert seen == [] and os.path.exists(out) and not os.path.exists(kept)
+
+
+def test_a_workspace_never_returns_another_inputs_translation(
+    run_dir, tmp_path, monkeypatch):
+  # translate_normalised's workspace held no record of its input: a second
+  # volume of the same shape got the first one's output back.
+  monkeypatch.setattr(infer, "RECORD_EVERY_S", 0.0)
+  t = megan_jax.load(run_dir, batch_size=4)
+  a = np.clip(_volume() / 100.0 - 1.0, -1, 1).astype(np.float32)
+  b = np.ascontiguousarray(a[::-1])
+  ws = str(tmp_path / "ws")
+  ya = t.translate_normalised(a, progress=False, workspace=ws)
+  yb = t.translate_normalised(b, progress=False, workspace=ws)
+  np.testing.assert_allclose(yb, t.translate_normalised(b, progress=False),
+                             atol=1e-5)
+  assert not np.allclose(ya, yb)
+
+  # The same input still resumes where it was stopped.
+  class Killed(Exception):
+    pass
+
+  def kill(scale, done):
+    if scale == 2 and done >= 12:
+      raise Killed()
+  with pytest.raises(Killed):
+    t.translate_normalised(a, progress=False, workspace=ws, on_batch=kill)
+  seen = []
+  again = t.translate_normalised(a, progress=False, workspace=ws,
+                                 on_batch=lambda s, d: seen.append((s, d)))
+  assert seen[0][0] == 2 and seen[0][1] > 12
+  np.testing.assert_allclose(again, ya, atol=1e-5)
