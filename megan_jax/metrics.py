@@ -71,6 +71,13 @@ def _as_mask(mask, shape) -> jax.Array | None:
   return (mask != 0).astype(jnp.result_type(float))
 
 
+def _finite(value: float, what: str) -> float:
+  if not math.isfinite(value):
+    raise InputError(f"{what}: the volumes hold non-finite values (NaN or "
+                     "inf)")
+  return value
+
+
 def _masked_mean(plane_sums, plane_counts, what: str) -> float:
   """Finishes a mean from per-plane sums, in float64 on the host.
 
@@ -79,11 +86,11 @@ def _masked_mean(plane_sums, plane_counts, what: str) -> float:
   """
   total = float(np.sum(np.asarray(plane_sums, np.float64)))
   if plane_counts is None:
-    return total  # already divided on the device side (unmasked case)
+    return _finite(total, what)  # divided on the device side (unmasked)
   count = float(np.sum(np.asarray(plane_counts, np.float64)))
   if count == 0:
     raise InputError(f"{what}: the mask selects no voxels")
-  return total / count
+  return _finite(total / count, what)
 
 
 # ---------------------------------------------------------------------------
@@ -201,6 +208,8 @@ def ssim(a: Array, b: Array, mask: Array | None = None, *,
   """
   if not sigma > 0:
     raise InputError(f"sigma must be positive, got {sigma}")
+  if not data_range > 0:
+    raise InputError(f"data_range must be positive, got {data_range}")
   a, b = _as_pair(a, b)
   win = 2 * _radius(sigma) + 1
   if min(a.shape) < win:
@@ -291,6 +300,10 @@ def psnr(a: Array, b: Array, mask: Array | None = None,
   return _psnr_from_mse(mse(a, b, mask), data_range)
 
 
+# How far past [0, 1] `evaluate` lets values go (float rounding).
+UNIT_SLACK = 1e-5
+
+
 def evaluate(pred: Array, target: Array,
              mask: Array | None = None) -> dict[str, float]:
   """All metrics of a prediction against its target, intensities in [0, 1].
@@ -303,7 +316,22 @@ def evaluate(pred: Array, target: Array,
   Returns:
     ``{"ssim", "psnr", "mae", "mse"}`` -> Python floats (``psnr`` may be
     ``inf``), ready for ``json.dumps``.
+
+  Raises:
+    InputError: for values outside [0, 1] (beyond ``UNIT_SLACK``) or not
+      finite: PSNR's peak is 1 and SSIM's constants assume that range.
   """
+  for name, v in (("pred", pred), ("target", target)):
+    lo, hi = float(jnp.min(v)), float(jnp.max(v))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+      raise InputError(f"evaluate: {name} holds non-finite values (NaN or "
+                       "inf)")
+    if lo < -UNIT_SLACK or hi > 1.0 + UNIT_SLACK:
+      raise InputError(
+          f"evaluate: {name} spans [{lo:.4g}, {hi:.4g}], not [0, 1] (the "
+          "metrics are on [0, 1] intensities: map both volumes with one "
+          "range first, e.g. normalise.to_unit of [-1, 1] volumes, or "
+          "`megan evaluate --range`)")
   mae_value, mse_value = _errors(pred, target, mask, "evaluate")
   return {
       "ssim": ssim(pred, target, mask),

@@ -227,3 +227,30 @@ def test_seam_score_single_patch_and_bad_input():
     metrics.seam_score(v)
   with pytest.raises(InputError, match="not inside"):
     metrics.seam_score(v, boundaries=((8,), (), ()))
+
+
+def test_evaluate_refuses_volumes_outside_unit_range_or_not_finite():
+  # Scanner intensities or int volumes gave meaningless scores (PSNR -34 dB
+  # for two close int16 volumes); an inf voxel a "math domain error".
+  rng = np.random.default_rng(3)
+  a = rng.uniform(0, 1, (12, 12, 12)).astype(np.float32)
+  b = np.clip(a + rng.normal(0, 0.05, a.shape), 0, 1).astype(np.float32)
+  ok = metrics.evaluate(a, b)
+  assert 0 < ok["ssim"] < 1 and ok["psnr"] > 20
+  with pytest.raises(InputError, match=r"pred spans \[0, 999\], not \[0, 1\]"):
+    metrics.evaluate((a * 1000).astype(np.int16).clip(0, 1000), b)
+  with pytest.raises(InputError, match="target spans"):
+    metrics.evaluate(a, b - 0.5)
+  metrics.evaluate(a, b + metrics.UNIT_SLACK / 2)  # rounding is let pass
+  for bad in (np.inf, np.nan):
+    c = b.copy()
+    c[1, 2, 3] = bad
+    with pytest.raises(InputError, match="target holds non-finite"):
+      metrics.evaluate(a, c)
+    # The single metrics say so too (no "math domain error", no NaN).
+    for fn in (metrics.mae, metrics.mse, metrics.psnr):
+      with pytest.raises(InputError, match="non-finite"):
+        fn(a, c)
+  for rng_ in (0, -1):
+    with pytest.raises(InputError, match="data_range must be positive"):
+      metrics.ssim(a, b, data_range=rng_)
