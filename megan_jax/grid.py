@@ -85,6 +85,9 @@ class Working:
   def restore(self, y: np.ndarray) -> np.ndarray:
     """An array on the working grid → on the input's grid."""
     y = np.asarray(y)
+    if y.shape != self.volume.data.shape:  # resized silently before
+      raise ValueError(f"restore: expected an array on the working grid, "
+                       f"{tuple(self.volume.data.shape)}; got {y.shape}")
     if y.shape != self.oriented_shape:
       y = np.asarray(resample.resize(y, self.oriented_shape, "linear"))
     if self.transform is not None:

@@ -53,6 +53,7 @@ from megan_jax import edges as edges_lib
 from megan_jax import state as state_lib
 from megan_jax.errors import InputError
 from megan_jax.normalise import Normaliser, fit_normaliser
+from megan_jax.types import as_shape3
 
 RECORD_EVERY_S = 2.0  # how often a resumable run records its progress
 
@@ -325,6 +326,12 @@ class Translator:
     Compiles every scale's generator step and edge kernel for a run on a
     volume of ``shape`` (the run reuses them)."""
     c = self.config
+    from megan_jax import grid
+    try:  # what a translation checks: whole sizes the scales can halve
+      shape = as_shape3(shape)
+      grid.check_size(shape, c)
+    except ValueError as e:
+      raise InputError(f"plan: shape {shape!r}: {e}") from None
     shapes = resample.scale_shapes(shape, c.num_hr_scales)
     resample.check_lr_size(shapes[0], c.lr_size,
                            state_lib.lr_size_multiple(c))
@@ -630,6 +637,10 @@ class Translator:
       if x.ndim != 3:
         raise InputError(f"array: expected 3D (or [D, H, W, 1]), got shape "
                          f"{x.shape}")
+      if x.dtype.kind not in "biuf":  # complex, strings, objects
+        raise InputError(f"array: expected real numbers, got dtype "
+                         f"{x.dtype}" + (" (e.g. the magnitude image)"
+                                         if x.dtype.kind == "c" else ""))
       # An array has no geometry: it is taken to be at the run's spacing.
       spacing = self.config.data.spacing or 1.0
       vol = io.Volume(np.asarray(x, np.float32),

@@ -17,8 +17,19 @@ BACKGROUND = -1.0  # network intensity of empty space; patches are padded with i
 
 
 def as_shape3(shape) -> Shape3:
-  """Returns ``shape`` as a tuple of three Python ints, or raises ValueError."""
-  shape = tuple(int(s) for s in np.atleast_1d(np.asarray(shape)))
+  """Returns ``shape`` as a tuple of three Python ints, or raises ValueError
+  (sizes that are not whole numbers too: they were truncated)."""
+  given = shape
+  try:
+    values = np.atleast_1d(np.asarray(shape))
+    ok = (values.ndim == 1 and values.dtype.kind in "iuf"
+          and bool(np.all(np.mod(values, 1) == 0)))
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ValueError(f"expected a 3D shape of positive whole sizes, got "
+                     f"{given!r}")
+  shape = tuple(int(s) for s in values)
   if len(shape) == 1:
     shape = shape * 3
   if len(shape) != 3 or min(shape) < 1:

@@ -79,6 +79,10 @@ def test_spacing_after_orientation_and_restore_to_the_input_shape():
   np.testing.assert_allclose(zooms, 2.0)
   back = work.restore(work.volume.data)
   assert back.shape == vol.data.shape
+  # Only an array on the working grid goes back (another was resized).
+  with pytest.raises(ValueError, match=r"working grid, \(4, 10, 12\); "
+                     r"got \(3, 10, 12\)"):
+    work.restore(work.volume.data[:-1])
   # the same resampling done on the RAS volume, then stored like the input
   ras_work = grid.to_working(ras, config)
   np.testing.assert_allclose(ras_work.volume.data, work.volume.data,

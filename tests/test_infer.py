@@ -892,3 +892,22 @@ def test_a_workspace_never_returns_another_inputs_translation(
                                  on_batch=lambda s, d: seen.append((s, d)))
   assert seen[0][0] == 2 and seen[0][1] > 12
   np.testing.assert_allclose(again, ya, atol=1e-5)
+
+
+def test_plan_and_translate_refuse_what_a_translation_cannot_take(params):
+  # plan((4, 4, 4)) returned a plan that translate then refused; fractional
+  # sizes were truncated; a complex array lost its imaginary part silently.
+  t = infer.Translator(_config(), params, batch_size=4)
+  for shape, why in (((4, 4, 4), "need at least"),
+                     ((30.5, 37, 26), "whole sizes"),
+                     ("30x37x26", "whole sizes")):
+    with pytest.raises(InputError, match=why) as e:
+      t.plan(shape)
+    assert str(e.value).startswith("plan: shape ") and "\n" not in str(e.value)
+  assert [r.shape for r in t.plan(np.array(SHAPE))][-1] == SHAPE
+  x = _volume().astype(np.complex64)
+  with pytest.raises(InputError, match="expected real numbers, got dtype "
+                     "complex64 \\(e.g. the magnitude image\\)"):
+    t.translate(x)
+  with pytest.raises(InputError, match="got dtype <U1"):
+    t.translate(np.full(SHAPE, "a"))
