@@ -184,11 +184,6 @@ class Translator:
     if dtype not in DTYPES:
       raise InputError(f"dtype {dtype!r}: choose float32 or bfloat16")
     self.dtype = DTYPES[dtype]
-    if devices is not None:
-      devices = [devices] if isinstance(devices, jax.Device) else list(devices)
-      if not devices:
-        raise InputError("devices: an empty list (give None for all "
-                         "devices)")
     self.mesh = sharding.make_mesh(devices)
     # A mesh over several processes (multi-host): see the module doc.
     self.multiprocess = not sharding.is_local(self.mesh)
@@ -1014,6 +1009,7 @@ def load(workdir: str, *, devices=None, batch_size: int | str | None = None,
   read; in a multi-process job each process reads them onto its own first
   device (orbax would otherwise place them as saved, on device 0, which only
   process 0 has)."""
+  devices = sharding.as_devices(devices)  # once: an iterator is read here
   error = None
   try:
     config, gens = state_lib.restore_generators(workdir, which)

@@ -34,10 +34,29 @@ DATA = "data"
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh over ``devices`` (default: every device of every process;
   one ``jax.Device`` stands for a list of it)."""
+  devices = as_devices(devices)
+  return Mesh(np.array(jax.devices() if devices is None else devices),
+              (DATA,))
+
+
+def as_devices(devices) -> list[jax.Device] | None:
+  """``devices`` as a list of ``jax.Device`` (None stays None: all of
+  them); anything else, or an empty list, is an ``InputError``."""
+  if devices is None:
+    return None
   if isinstance(devices, jax.Device):
-    devices = [devices]
-  devices = list(jax.devices() if devices is None else devices)
-  return Mesh(np.array(devices), (DATA,))
+    return [devices]
+  if isinstance(devices, (str, bytes)) or not hasattr(devices, "__iter__"):
+    raise InputError(f"devices: a list of jax.Device (from jax.devices()), "
+                     f"got {type(devices).__name__} {devices!r}")
+  devices = list(devices)
+  wrong = [d for d in devices if not isinstance(d, jax.Device)]
+  if wrong:
+    raise InputError(f"devices: a list of jax.Device (from jax.devices()), "
+                     f"got {type(wrong[0]).__name__} {wrong[0]!r} in it")
+  if not devices:
+    raise InputError("devices: an empty list (give None for all devices)")
+  return devices
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -729,6 +729,17 @@ def test_translator_arguments_are_checked(run_dir, params):
     infer.Translator(config, params, devices=[])
   one = infer.Translator(config, params, devices=jax.devices()[0])
   assert one.mesh.devices.size == 1
+  # Device names, an int: one line each (were deep AttributeErrors).
+  for bad, what in (("cpu", "got str 'cpu'"), (["cpu"], "got str 'cpu' in"),
+                    (0, "got int 0")):
+    with pytest.raises(InputError, match=f"devices: a list of jax.Device.*"
+                       f"{what}"):
+      infer.Translator(config, params, devices=bad)
+    with pytest.raises(InputError, match="devices: a list"):
+      infer.load(run_dir, devices=bad)
+  # An iterator is read once (load used to use it up before the Translator).
+  t = infer.load(run_dir, devices=iter(jax.devices()[:1]))
+  assert t.mesh.devices.size == 1
   with pytest.raises(InputError, match="which='foo'"):
     infer.load(run_dir, which="foo")
   # A JAX array is a volume like a numpy one; [D, H, W, 1] as [D, H, W].
