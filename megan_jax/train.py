@@ -18,6 +18,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from megan_jax import augment, dataset, losses, sharding
@@ -300,8 +301,31 @@ def train(config, workdir: str, scales: str = "all", *, progress: bool = True,
   the workdir as it was (a folder it made, or a sketch cache it started, is
   removed again), so the corrected command can run there. Data paths are
   kept absolute (the run resumes from any folder); one ``megan train`` at a
-  time holds a workdir (`state.workdir_lock`).
+  time holds a workdir (`state.workdir_lock`). ``config`` may also be a
+  config's name (``configs.get_config``: "demo:smoke", a file), ``scales``
+  a scale's number.
   """
+  if isinstance(config, str):
+    from megan_jax import configs
+    config = configs.get_config(config)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise InputError(f"config: an ml_collections.ConfigDict (from "
+                     f"configs.get_config) or a config's name, got "
+                     f"{type(config).__name__}")
+  if not isinstance(workdir, (str, os.PathLike)):
+    raise InputError(f"workdir: a folder path, got {type(workdir).__name__}")
+  workdir = os.fspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise InputError(f"workdir {workdir}: exists and is not a folder")
+  if isinstance(scales, (int, np.integer)) and not isinstance(scales, bool):
+    scales = str(int(scales))  # train(config, wd, 1): scale 1
+  if not isinstance(scales, str):
+    raise InputError(f"scales {scales!r}: a string, 'all', 'lr' or a scale "
+                     "number such as '1'")
+  if stop_after is not None and (isinstance(stop_after, bool) or not
+                                 isinstance(stop_after, int)
+                                 or stop_after < 1):
+    raise InputError(f"stop_after {stop_after!r}: None or an integer >= 1")
   state_lib.check_config(config)
   config = _absolute_data_paths(config)
   names = state_lib.scale_names(config)

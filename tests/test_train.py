@@ -668,3 +668,29 @@ def test_a_full_disk_stops_training_with_one_line_before_orbax_writes(
   # Failed saves' closed-loop reports are dropped (as a failed read's).
   import sys
   assert getattr(sys.unraisablehook, "_megan_drops_closed_loop", False)
+
+
+def test_train_arguments_are_checked_before_anything_is_written(tmp_path):
+  # A dict config, scales=None, stop_after="x" or -1, workdir None or a
+  # file: deep AttributeErrors or TypeErrors before, some after the workdir
+  # was written.
+  wd = tmp_path / "run"
+  a_file = tmp_path / "f"
+  a_file.write_text("")
+  for kwargs, what in (({"config": {"seed": 1}}, "config: an ml_collections"),
+                       ({"workdir": None}, "workdir: a folder path"),
+                       ({"workdir": str(a_file)}, "exists and is not a folder"),
+                       ({"scales": None}, "scales None"),
+                       ({"stop_after": "x"}, "stop_after 'x'"),
+                       ({"stop_after": -1}, "stop_after -1"),
+                       ({"stop_after": True}, "stop_after True"),
+                       ({"scales": 7}, "--scale 7")):
+    call = {"config": tiny_config(), "workdir": str(wd), **kwargs}
+    with pytest.raises(InputError, match=what):
+      train.train(call.pop("config"), call.pop("workdir"), progress=False,
+                  **call)
+    assert not wd.exists()
+  # A name is a config's (it was read as a config missing "seed").
+  with pytest.raises(InputError, match="unknown variant 'nonesuch'"):
+    train.train("demo:nonesuch", str(wd), progress=False)
+  assert not wd.exists()
