@@ -347,9 +347,15 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray,
     affine, header: geometry to keep (default: ``like``'s).
     like: a ``Volume`` whose affine and header to keep.
     inputs: paths that must not be overwritten (``like.path`` is added).
-    dtype: on-disk data type; the header's data type is updated to it and
-      its scaling reset, everything else (qform/sform codes, units,
-      description, ...) is kept.
+    dtype: on-disk data type; the header's data type is updated to it,
+      everything else (qform/sform codes, units, description, ...) is
+      kept. Values it holds exactly (whole numbers in an integer type's
+      range, anything in a float type) are written as they are; others get
+      the scale factor nibabel picks (``scl_slope``/``scl_inter``), never
+      a silent truncation.
+
+  Raises:
+    ValueError: for data that are not 3D, not real numbers or not finite.
 
   Returns:
     ``path``.
@@ -366,6 +372,18 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray,
   data = np.asarray(data)
   if data.ndim != 3:
     raise ValueError(f"save_nifti expects a 3D array, got shape {data.shape}")
+  if data.dtype.kind not in "biuf":
+    raise ValueError(f"save_nifti expects real numbers, got dtype "
+                     f"{data.dtype}")
+  if data.dtype.kind == "f" and not np.isfinite(data).all():
+    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    raise ValueError(f"save_nifti: {path}: {bad} non-finite value(s) (NaN "
+                     "or inf) in the data; load_nifti would refuse the file")
+  dtype = np.dtype(dtype)
+  exact = (dtype.kind == "f" or data.size == 0 or (
+      dtype.kind in "iu" and bool(np.all(np.mod(data, 1) == 0))
+      and np.iinfo(dtype).min <= data.min()
+      and data.max() <= np.iinfo(dtype).max))
   if header is not None and isinstance(header, nib.Nifti2Header):
     cls = nib.Nifti2Image
   else:
@@ -377,9 +395,11 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray,
       data = data.reshape(kept)  # a 4D input with one volume stays 4D
     elif len(kept) != 3:
       header.set_data_shape(data.shape)
-  img = cls(data.astype(dtype, copy=False), affine, header)
+  img = cls(data.astype(dtype if exact else np.float64, copy=False), affine,
+            header)
   img.header.set_data_dtype(dtype)
-  img.header.set_slope_inter(1.0, 0.0)
+  # Exact: no scaling. Else nibabel picks one that spans the type's range.
+  img.header.set_slope_inter(*((1.0, 0.0) if exact else (np.nan, np.nan)))
   # The input's display window and meaning (e.g. a label intent) are not the
   # output's: unset them (0 = use the data's range; no intent).
   img.header["cal_min"], img.header["cal_max"] = 0.0, 0.0

@@ -311,3 +311,31 @@ def test_values_beyond_float32_are_named_so_without_numpy_warnings(
   inf[0, 0, 0] = np.inf
   assert "non-finite" in _err(_write(tmp_path / "inf.nii", inf,
                                      dtype=np.float32))
+
+
+def test_save_nifti_keeps_values_an_integer_type_cannot_hold_exactly(
+    tmp_path):
+  # dtype=int16 truncated [0, 0.01] floats to 0 silently; NaN or complex
+  # data were written (and NaN files then refused by load_nifti).
+  rng = np.random.default_rng(0)
+  small = (rng.random((6, 5, 4)) / 100).astype(np.float32)
+  out = io.save_nifti(tmp_path / "s.nii.gz", small, dtype=np.int16)
+  back = nib.load(out)
+  assert back.get_data_dtype() == np.int16
+  np.testing.assert_allclose(io.load_nifti(out).data, small, atol=1e-6)
+  # Whole numbers in range: written as they are, no scale factor.
+  labels = rng.integers(0, 4, (6, 5, 4)).astype(np.float32)
+  out = io.save_nifti(tmp_path / "l.nii.gz", labels, dtype=np.uint8)
+  img = nib.load(out)
+  assert img.dataobj.slope == 1.0 and img.dataobj.inter == 0.0
+  np.testing.assert_array_equal(np.asarray(img.dataobj), labels)
+  # Out of an integer type's range: scaled, not wrapped.
+  wide = np.linspace(-1e5, 1e5, 120).reshape(6, 5, 4)
+  out = io.save_nifti(tmp_path / "w.nii.gz", wide, dtype=np.int16)
+  np.testing.assert_allclose(io.load_nifti(out).data, wide, rtol=1e-3,
+                             atol=10)
+  for bad, what in ((np.where(labels > 2, np.nan, labels), "non-finite"),
+                    (labels.astype(np.complex64), "real numbers")):
+    with pytest.raises(ValueError, match=what):
+      io.save_nifti(tmp_path / "bad.nii.gz", bad)
+    assert not (tmp_path / "bad.nii.gz").exists()
