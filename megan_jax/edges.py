@@ -106,7 +106,8 @@ def _as_volume(volume, name: str, copy: bool = True) -> np.ndarray:
   arr = np.asarray(volume)
   if arr.ndim != 3:
     raise InputError(f"{name}: expected a 3D volume, got shape {arr.shape}")
-  if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or (
+  if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool
+          or _is_float(arr.dtype)) or (
       np.iscomplexobj(arr)):
     raise InputError(f"{name}: expected real numbers, got dtype {arr.dtype}")
   arr = arr.astype(np.float32, copy=copy)
@@ -142,9 +143,16 @@ def _as_mask(mask, shape, name: str) -> np.ndarray:
   if arr.shape != tuple(shape):
     raise InputError(
         f"{name}: shape {arr.shape} does not match the volume's {tuple(shape)}")
-  if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+  if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool
+          or _is_float(arr.dtype)):
     raise InputError(f"{name}: expected a numeric mask, got dtype {arr.dtype}")
   return arr != 0
+
+
+def _is_float(dtype) -> bool:
+  """Floating point, bfloat16 (ml_dtypes, unknown to numpy) included."""
+  import jax.numpy as jnp
+  return bool(jnp.issubdtype(dtype, jnp.floating))
 
 
 def _diff_into(f: np.ndarray, axis: int, out: np.ndarray, lo: int = 0,

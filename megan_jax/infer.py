@@ -181,7 +181,12 @@ class Translator:
     if missing:
       raise InputError(f"checkpoint: no generator for scale(s) "
                        f"{', '.join(missing)}; train them first")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str):  # np.float32, jnp.bfloat16, a dtype
+      try:
+        dtype = jnp.dtype(dtype).name
+      except TypeError:
+        pass
+    if not isinstance(dtype, str) or dtype not in DTYPES:
       raise InputError(f"dtype {dtype!r}: choose float32 or bfloat16")
     self.dtype = DTYPES[dtype]
     self.mesh = sharding.make_mesh(devices)

@@ -175,6 +175,14 @@ def test_integer_and_bool_volumes_accepted(engine):
                              edges.canny_3d(ball))
   np.testing.assert_allclose(edges.canny_3d(ball.astype(bool)),
                              edges.canny_3d(ball))
+  # bfloat16 (numpy's ml_dtypes and jax's), as translate and metrics take.
+  import jax.numpy as jnp
+  np.testing.assert_allclose(edges.canny_3d(ball.astype(jnp.bfloat16)),
+                             edges.canny_3d(ball))
+  np.testing.assert_allclose(
+      edges.canny_3d(jnp.asarray(ball, jnp.bfloat16),
+                     mask=jnp.asarray(ball > 0.5, jnp.bfloat16)),
+      edges.canny_3d(ball, mask=ball > 0.5))
 
 
 def test_invariant_to_affine_intensity_change(engine):

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
@@ -737,6 +738,13 @@ def test_translator_arguments_are_checked(run_dir, params):
       infer.Translator(config, params, devices=bad)
     with pytest.raises(InputError, match="devices: a list"):
       infer.load(run_dir, devices=bad)
+  # dtypes as numpy/jax objects too (only strings were taken).
+  for d, want in ((np.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16),
+                  (np.dtype("float32"), jnp.float32)):
+    assert infer.Translator(config, params, dtype=d).dtype == want
+  for d in (np.float16, "x", 3):
+    with pytest.raises(InputError, match="choose float32 or bfloat16"):
+      infer.Translator(config, params, dtype=d)
   # An iterator is read once (load used to use it up before the Translator).
   t = infer.load(run_dir, devices=iter(jax.devices()[:1]))
   assert t.mesh.devices.size == 1
