@@ -597,6 +597,10 @@ class Translator:
     """A ``Volume`` (scanner intensities) → the translated array, on the
     volume's grid, in the target domain's intensities."""
     from megan_jax import grid
+    if not isinstance(vol, io.Volume):
+      raise InputError(f"translate_volume: expected an io.Volume (from "
+                       f"io.load_nifti), got {type(vol).__name__}; an array "
+                       "goes to translate()")
     work = grid.to_working(vol, self.config, label)
     y = self.translate_normalised(
         self._normalise_source(work.volume.data, vol.path), work.label,

@@ -244,9 +244,11 @@ def check_finite(data: np.ndarray, path: str | None, *, what: str = "image"):
 
 def check_not_constant(data: np.ndarray, path: str | None, *,
                        what: str = "image"):
-  if data.size == 0 or float(data.min()) == float(data.max()):
-    value = float(data.flat[0]) if data.size else float("nan")
-    name = f"{what} {path}" if path else what
+  name = f"{what} {path}" if path else what
+  if data.size == 0:
+    raise InputError(f"{name}: empty (shape {tuple(data.shape)})")
+  if float(data.min()) == float(data.max()):
+    value = float(data.flat[0])
     raise InputError(f"{name}: constant image (every voxel is "
                      f"{value:g}): no anatomy in it")
 

@@ -930,3 +930,7 @@ def test_plan_and_translate_refuse_what_a_translation_cannot_take(params):
     t.translate(x)
   with pytest.raises(InputError, match="got dtype <U1"):
     t.translate(np.full(SHAPE, "a"))
+  with pytest.raises(InputError, match=r"empty \(shape \(0, 10, 10\)\)"):
+    t.translate(np.zeros((0, 10, 10), np.float32))
+  with pytest.raises(InputError, match="expected an io.Volume.*ndarray"):
+    t.translate_volume(_volume())
