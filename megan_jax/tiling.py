@@ -35,6 +35,7 @@ import functools
 import math
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -127,9 +128,18 @@ def _axis_geometry(length: int, p: int, b: int):
 
 
 def _as_int(name: str, value) -> int:
-  if isinstance(value, bool) or int(value) != value:
+  try:
+    whole = not isinstance(value, bool) and int(value) == value
+  except (TypeError, ValueError):  # "auto", None, ...
+    whole = False
+  if not whole:
     raise InputError(f"{name} must be an integer, got {value!r}")
   return int(value)
+
+
+def _check_threads(threads) -> None:
+  if threads is not None and _as_int("threads", threads) < 1:
+    raise InputError(f"threads must be None or >= 1, got {threads!r}")
 
 
 def make_plan(shape, patch_size: int = 32, border: int = 6) -> Plan:
@@ -363,9 +373,11 @@ def _patch_indices(plan: Plan, indices, xp):
   indices = xp.asarray(indices)
   if indices.ndim != 1:
     raise ValueError(f"indices must be 1D, got shape {indices.shape}")
-  if xp is np and indices.size and (indices.min() < 0
-                                    or indices.max() >= plan.num_patches):
-    # (Traced JAX indices cannot be checked: out-of-range ones clamp.)
+  # Concrete ones, numpy or JAX; traced JAX indices cannot be checked
+  # (out-of-range ones clamp).
+  concrete = xp is np or not isinstance(indices, jax.core.Tracer)
+  if concrete and indices.size and (int(indices.min()) < 0 or
+                                    int(indices.max()) >= plan.num_patches):
     raise ValueError(
         f"patch indices must lie in [0, {plan.num_patches}), got "
         f"{indices.min()}..{indices.max()}")
@@ -608,6 +620,7 @@ def map_patches(fn, volume: np.ndarray, plan: Plan, *, batch_size: int = 32,
   batch_size = _as_int("batch_size", batch_size)
   if batch_size < 1:
     raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+  _check_threads(threads)
   p, n = plan.patch_size, plan.num_patches
   pos = np.unravel_index(np.arange(n), plan.grid)
   starts = np.stack([np.asarray(plan.starts[a])[pos[a]] for a in range(3)],
@@ -637,6 +650,9 @@ def map_patches(fn, volume: np.ndarray, plan: Plan, *, batch_size: int = 32,
     if np.may_share_memory(out, volume):
       raise ValueError("out overlaps the volume: patches would be cut from "
                        "voxels already stitched over")
+    if not np.can_cast(first.dtype, out.dtype, "same_kind"):
+      raise ValueError(f"out of dtype {out.dtype} cannot take fn's "
+                       f"{first.dtype} outputs (they would be truncated)")
   idx = np.arange(n)
   _stitch_numpy(out, first, plan, idx[slice(*bounds[0])], 1)
   workers = max(1, min(HOST_THREADS if threads is None else threads,

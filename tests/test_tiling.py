@@ -358,6 +358,15 @@ def test_map_patches_errors():
     tiling.map_patches(lambda x: x, v, plan, out=v)
   with pytest.raises(ValueError, match="does not take"):
     tiling.map_patches(lambda x: x, v, plan, out=np.empty(v.shape + (2,)))
+  # A float result into an int buffer was truncated to zeros silently.
+  with pytest.raises(ValueError, match="cannot take fn's float32 outputs"):
+    tiling.map_patches(lambda x: x, v, plan, out=np.empty(v.shape, np.int8))
+  for threads in (0, -1, "two"):
+    with pytest.raises(ValueError, match="threads"):
+      tiling.map_patches(lambda x: x, v, plan, threads=threads)
+  with pytest.raises(ValueError, match="batch_size must be an integer, got "
+                     "'auto'"):
+    tiling.map_patches(lambda x: x, v, plan, batch_size="auto")
 
   def fails_late(x):  # in a worker thread, after the first batch
     if x[0, 0, 0, 0] == 123.0:
@@ -493,7 +502,13 @@ def test_plan_is_hashable_and_static():
 def test_extract_batch_refuses_indices_outside_the_grid():
   plan = tiling.make_plan((40, 40, 40), 16, 2)
   vol = np.zeros((40, 40, 40), np.float32)
-  for bad in ([plan.num_patches], [-1]):
+  for bad in ([plan.num_patches], [-1], [10**6]):
     with pytest.raises(ValueError, match=f"in \\[0, {plan.num_patches}\\)"):
       tiling.extract_batch(vol, plan, np.array(bad))
+    # A JAX volume with concrete indices too (it clamped them silently).
+    with pytest.raises(ValueError, match=f"in \\[0, {plan.num_patches}\\)"):
+      tiling.extract_batch(jnp.asarray(vol), plan, jnp.asarray(bad))
+  # Traced indices stay allowed (they cannot be checked).
+  cut = jax.jit(lambda v, i: tiling.extract_batch(v, plan, i))
+  assert cut(jnp.asarray(vol), jnp.arange(2)).shape == (2, 16, 16, 16)
   assert tiling.extract_batch(vol, plan, np.arange(3)).shape == (3, 16, 16, 16)
