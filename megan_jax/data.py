@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import numbers
 import os
 
 import numpy as np
 import scipy.ndimage as ndi
 
+from megan_jax.errors import InputError
 from megan_jax.io import Volume, load_nifti
 
 _FILES = {
@@ -55,6 +57,11 @@ def mni152(kind: str = "t1", spacing: float | None = None) -> Volume:
     kind: "t1" (intensities 0..255), "gm" or "wm" (probabilities ×255).
     spacing: isotropic voxel size in mm (default 1 mm, the file's own).
   """
+  if spacing is not None and not (isinstance(spacing, numbers.Real)
+                                  and not isinstance(spacing, bool)
+                                  and 0 < spacing < float("inf")):
+    raise InputError(f"spacing {spacing!r}: a voxel size in mm, > 0 (or "
+                     "None for the file's 1 mm)")
   vol = _load(kind, None if spacing is None else float(spacing))
   # The cache holds one copy; callers get their own arrays (and header) to
   # modify.

@@ -1,5 +1,6 @@
 """The embedded MNI152 template is read from nilearn's wheel, no download."""
 import numpy as np
+import pytest
 
 from megan_jax import data
 
@@ -43,3 +44,11 @@ def test_each_call_gets_its_own_header():
   b = data.mni152("t1", spacing=4.0)
   assert b.header.get_data_dtype() != np.int16
   assert b.header["descrip"] != a.header["descrip"]
+
+
+def test_a_bad_template_spacing_is_one_line():
+  # spacing=0 was an OverflowError; -2 a 1x1x1 volume.
+  from megan_jax.errors import InputError
+  for bad in (0, -2, float("nan"), float("inf"), "2", True):
+    with pytest.raises(InputError, match="spacing .*: a voxel size in mm"):
+      data.mni152("t1", spacing=bad)
