@@ -804,9 +804,16 @@ def mask_on(vol: io.Volume, mask, grid: bool = True) -> np.ndarray:
       io.check_same_grid(f"mask {mask.path or ''}".rstrip(), mask.data.shape,
                          mask.affine, vol.data.shape, vol.affine, ref="input")
     mask = mask.data
-  io.check_same_grid("mask", np.shape(mask), None, vol.data.shape, None,
+  arr = np.asarray(mask)
+  if arr.ndim != 3 or arr.dtype.kind not in "biuf":
+    raise InputError(f"mask: expected a 3D array of numbers on the input's "
+                     f"voxels, got {type(mask).__name__} of shape "
+                     f"{arr.shape}, dtype {arr.dtype}")
+  io.check_same_grid("mask", arr.shape, None, vol.data.shape, None,
                      ref="input")
-  return np.asarray(mask) > 0.5
+  if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # NaN > 0.5 is
+    raise InputError("mask: non-finite values (NaN or inf)")  # False
+  return arr > 0.5
 
 
 def workspace_for(out: str, fingerprint: str) -> str:

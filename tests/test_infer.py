@@ -934,3 +934,11 @@ def test_plan_and_translate_refuse_what_a_translation_cannot_take(params):
     t.translate(np.zeros((0, 10, 10), np.float32))
   with pytest.raises(InputError, match="expected an io.Volume.*ndarray"):
     t.translate_volume(_volume())
+  # Masks: a scalar said "shape  differs"; NaN voxels were read as outside.
+  with pytest.raises(InputError, match="mask: expected a 3D array of "
+                     r"numbers.*got ndarray of shape \(\), dtype bool"):
+    t.translate(_volume(), True)
+  nan_mask = np.zeros(SHAPE, np.float32)
+  nan_mask[3, 4, 5] = np.nan
+  with pytest.raises(InputError, match="mask: non-finite"):
+    t.translate(_volume(), nan_mask)
