@@ -728,10 +728,11 @@ class Checkpoints:
                for x in jax.tree.leaves(state) if hasattr(x, "dtype"))
     need = int(need * SAVE_SPACE_MARGIN[0]) + SAVE_SPACE_MARGIN[1]
     try:
-      free = shutil.disk_usage(self.root).free
+      usage = shutil.disk_usage(self.root)
     except OSError:  # not made yet, or no such call: orbax will say
       return
-    if free < need:
+    free = usage.free
+    if usage.total and free < need:  # (total 0: a file system with no size)
       raise OSError(errno.ENOSPC, (
           f"No space left on device for a checkpoint ({free / 2**20:,.1f} "
           f"MiB free, a save takes ~{need / 2**20:,.1f} MiB)"), self.root)
