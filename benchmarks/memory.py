@@ -692,6 +692,15 @@ def parse_args(argv):
     name, colon, arg = args.config.partition(":")
     if name not in configs.BUILTIN:  # a file: the cases run from the root
       args.config = os.path.abspath(name) + colon + arg
+  if not args.case and not args.replot:  # the baselines' own size rules
+    from benchmarks import baselines
+    for model in (m for m in args.models if m in BASELINES):
+      for size in sorted(set(args.sizes)):
+        try:
+          baselines.build(model, size, width_scale=args.width_scale)
+        except ValueError as e:
+          p.error(f"--sizes {size}: {e} (or leave {model} out with "
+                  "--models)")
   if args.hr_batch < 1 or args.cascade_batch < 1:
     p.error("--hr-batch and --cascade-batch must be >= 1")
   if args.fast_compile and args.measure != "compiled":

@@ -819,6 +819,8 @@ def parse_args(argv):
       p.error(f"{flag} {v}: must be >= 1")
   if a.edge_size < 2:
     p.error(f"--edge-size {a.edge_size}: must be >= 2")
+  if a.seed < 0:
+    p.error(f"--seed {a.seed}: must be >= 0")
   return a
 
 

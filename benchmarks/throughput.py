@@ -1673,12 +1673,16 @@ def parse_args(argv, backend: str | None = None):
                                 if isinstance(a.cascade_batch, int) else 1],
             "--cascade-repeats": [1 if a.cascade_repeats is None
                                   else a.cascade_repeats],
-            "--edge-sizes": [v - 1 for v in a.edge_sizes],
+            "--edge-sizes": a.edge_sizes,
             "--torch-threads": [1 if a.torch_threads is None
                                 else a.torch_threads]}
   for flag, values in counts.items():
     if any(v < 1 for v in values):
       p.error(f"{flag} {values}: must be >= 1")
+  if any(v < 2 for v in a.edge_sizes):
+    p.error(f"--edge-sizes {a.edge_sizes}: must be >= 2")
+  if a.seed < 0:
+    p.error(f"--seed {a.seed}: must be >= 0")
   if a.cascade_budget_s is not None and not a.cascade_budget_s > 0:
     p.error(f"--cascade-budget-s {a.cascade_budget_s:g}: must be > 0")
   for flag, sizes in (("--cascade-skinny-sizes", a.cascade_skinny_sizes),

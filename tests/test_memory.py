@@ -371,6 +371,14 @@ def test_bad_arguments_and_files_are_one_line(tmp_path, capsys):
       memory.parse_args(["--width-scale", value])
     assert e.value.code == 2
   assert f"--width-scale {value}" in capsys.readouterr().err
+  # A size the baselines cannot take: now, not as an error row per case.
+  with pytest.raises(SystemExit) as e:
+    memory.parse_args(["--models", "megan_hr_step", "pix2pix", "--sizes",
+                       "48", "32"])
+  assert e.value.code == 2
+  assert "--sizes 48: pix2pix: size 48 must be a power of two" in (
+      capsys.readouterr().err)
+  memory.parse_args(["--models", "megan_hr_step", "--sizes", "48"])  # MEGAN
   a_file = tmp_path / "f"
   a_file.write_text("")
   assert memory.main(["--out", str(a_file)]) == 2

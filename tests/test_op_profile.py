@@ -230,7 +230,8 @@ def test_bad_out_and_damaged_merge_file_are_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--batch", "0"], ["--repeats", "0"],
-                                  ["--edge-size", "1"], ["--impl", "slow"]])
+                                  ["--edge-size", "1"], ["--impl", "slow"],
+                                  ["--seed", "-1"]])
 def test_bad_options(argv):
   with pytest.raises(SystemExit) as e:
     op.parse_args(argv)

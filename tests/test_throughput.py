@@ -453,7 +453,7 @@ def test_ratios_of_the_fast_variants_and_the_edges():
   assert ratios["jax_over_torch_train_step_lr"] is None
   assert "not measured" in why["jax_over_torch_train_step_lr"]
 
-def test_defaults_follow_quick_and_the_backend():
+def test_defaults_follow_quick_and_the_backend(capsys):
   q = throughput.parse_args(["--quick"], backend="cpu")
   assert (q.batches, q.plain_batches, q.plain_dtypes) == ([1, 2], [1],
                                                            ["fp32"])
@@ -470,6 +470,13 @@ def test_defaults_follow_quick_and_the_backend():
   for flag in ("--cascade-repeats", "--torch-threads"):
     with pytest.raises(SystemExit):
       throughput.parse_args([flag, "0"], backend="cpu")
+  # A negative seed was a traceback once the benchmark ran; an edge size
+  # of 1 was reported as "[0]".
+  for argv, said in ((["--seed", "-1"], "--seed -1: must be >= 0"),
+                     (["--edge-sizes", "1"], "--edge-sizes [1]: must be >= 2")):
+    with pytest.raises(SystemExit):
+      throughput.parse_args(argv, backend="cpu")
+    assert said in capsys.readouterr().err
   assert cpu.cascade_dtype == "fp32"
   gpu = throughput.parse_args([], backend="gpu")
   assert gpu.cascade_sizes == [128, 256, 512, 1024]
