@@ -864,10 +864,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 2
     if old is not None and old["meta"].get("device_kind") != meta[
         "device_kind"]:
-      tp._log(f"op_profile: --merge: {path} was measured on "
-              f"{old['meta'].get('device_kind')}, not {meta['device_kind']}"
-              ": its sections are not kept")
-      old = None
+      print(f"op_profile: --merge: {path} was measured on "
+            f"{old['meta'].get('device_kind')}, not {meta['device_kind']}; "
+            "use another --out (or drop --merge)", file=sys.stderr)
+      return 2
     for k in SECTIONS if old is not None else ():
       if k not in args.only and old["results"].get(k):
         results[k] = old["results"][k]

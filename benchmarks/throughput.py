@@ -1613,7 +1613,8 @@ def parse_args(argv, backend: str | None = None):
                  help="keep the sections not run now from the existing "
                  "results file (each section records the command that "
                  "measured it), and the cascade rows not run again (by "
-                 "size, widths, dtype, impl, edges engine; kept_from)")
+                 "size, widths, dtype, impl, edges engine; kept_from); "
+                 "another device's file is refused")
   a = p.parse_args(argv)
 
   q = a.quick
@@ -1766,13 +1767,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
       print(f"throughput: --merge: {e}", file=sys.stderr)
       return 2
-    if old is not None:
-      if old["meta"].get("device_kind") != meta["device_kind"]:
-        # Times of two devices under one meta would read as one's.
-        _log(f"throughput: --merge: {path} was measured on "
-             f"{old['meta'].get('device_kind')}, not {meta['device_kind']}:"
-             " its sections are not kept")
-        old = None
+    if old is not None and old["meta"].get("device_kind") != meta[
+        "device_kind"]:
+      # Times of two devices under one meta would read as one's, and
+      # dropping them would overwrite another card's committed results.
+      print(f"throughput: --merge: {path} was measured on "
+            f"{old['meta'].get('device_kind')}, not {meta['device_kind']}; "
+            "use another --out (or drop --merge)", file=sys.stderr)
+      return 2
     if old is not None:
       old_cmds = old["meta"].get("sections") or {
           k: old["meta"]["command"] for k in SECTIONS + ("flops",)}

@@ -54,10 +54,9 @@ EOF
 # under the plain name): the memory suite runs only what they lack
 # (--merge --only-missing), so sessions' runs under a time limit add up;
 # the throughput benchmark replaces the sections it runs (the cascade's
-# rows it runs again) and keeps the others only if the same kind of device
-# measured them. Only results of
-# the same kind of device are added to (the memory suite refuses
-# another's), and a file already in $OUT is kept.
+# rows it runs again) and keeps the others. Only results of the same kind
+# of device are added to (both benchmarks refuse another's), and a file
+# already in $OUT is kept.
 if [ "$quick" != 1 ] && \
    [ "$(realpath "$out")" != "$(realpath benchmarks/results)" ]; then
   python -m benchmarks.same_card benchmarks/results memory-gpu \

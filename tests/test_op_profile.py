@@ -227,6 +227,15 @@ def test_bad_out_and_damaged_merge_file_are_refused(tmp_path, capsys):
                   str(tmp_path)]) == 2
   assert "not a results file" in capsys.readouterr().err
   assert bad.read_text() == "{not json"
+  # Another card's file: refused and kept (it was overwritten).
+  other = json.dumps({"meta": {"device_kind": "Some Other GPU",
+                               "backend": jax.default_backend()},
+                      "results": {"hr_forward": [{"x": 1}]}})
+  bad.write_text(other)
+  assert op.main(["--quick", "--only", "edges", "--merge", "--out",
+                  str(tmp_path)]) == 2
+  assert "measured on Some Other GPU" in capsys.readouterr().err
+  assert bad.read_text() == other
 
 
 @pytest.mark.parametrize("argv", [["--batch", "0"], ["--repeats", "0"],

@@ -654,7 +654,8 @@ def test_fp32_flops_row_gives_the_tf32_fraction_too(no_torch_run):
   assert lines[1].endswith("| – |")
 
 
-def test_merge_keeps_sections_of_the_same_device_only(tmp_path, monkeypatch):
+def test_merge_keeps_sections_of_the_same_device_only(tmp_path, monkeypatch,
+                                                     capsys):
   _without_torch(monkeypatch)
   out = str(tmp_path)
   quick = ["--quick", "--out", out, "--edge-sizes", "24"]
@@ -662,15 +663,19 @@ def test_merge_keeps_sections_of_the_same_device_only(tmp_path, monkeypatch):
   assert throughput.main(quick + ["--only", "stitch", "--merge"]) == 0
   data = _load(out)
   assert data["results"].get("edges") and data["results"].get("stitch")
-  # The file says another device measured it: its sections are dropped.
+  # The file says another device measured it: refused, the file kept (its
+  # sections were dropped and the file rewritten: another card's committed
+  # results lost).
   path = os.path.join(out, f"throughput-{data['meta']['backend']}.json")
   data["meta"]["device_kind"] = "Some Other GPU"
   with open(path, "w") as f:
     json.dump(data, f)
-  assert throughput.main(quick + ["--only", "stitch", "--merge"]) == 0
-  data = _load(out)
-  assert not data["results"].get("edges") and data["results"].get("stitch")
-  assert set(data["meta"]["sections"]) == {"stitch"}
+  before = open(path).read()
+  assert throughput.main(quick + ["--only", "stitch", "--merge"]) == 2
+  assert "measured on Some Other GPU" in capsys.readouterr().err
+  assert open(path).read() == before
+  assert throughput.main(quick + ["--only", "stitch"]) == 0  # afresh
+  assert set(_load(out)["meta"]["sections"]) == {"stitch"}
 
 
 @pytest.mark.slow
