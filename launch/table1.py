@@ -130,8 +130,25 @@ def parse_args(argv=None):
   return args
 
 
+# Config fields table1 sets itself (the flag that sets each): an override
+# of one would be silently undone.
+OWN_FIELDS = {"data.path": "--data", "steps": "--steps", "seed": "--seed"}
+OWN_FIELDS_BUILTIN_DATA = {"data.spacing": "--spacing",
+                           "train.checkpoint_every": "--steps",
+                           "train.eval_every": "--steps",
+                           "train.montage_every": "--steps"}
+
+
 def _config(args, train_dir: str):
-  from megan_jax import configs
+  from megan_jax import configs, state
+  from megan_jax.errors import InputError
+  own = dict(OWN_FIELDS, **(OWN_FIELDS_BUILTIN_DATA if args.data is None
+                            else {}))
+  for item in args.overrides:
+    field = item.lstrip("-").partition("=")[0][len("config."):]
+    if field in own:
+      raise InputError(f"{item}: table1 sets config.{field} itself (use "
+                       f"{own[field]})")
   c = configs.get_config(args.config)
   configs.apply_overrides(c, args.overrides)
   c.data.path = train_dir
@@ -142,7 +159,37 @@ def _config(args, train_dir: str):
     c.train.checkpoint_every = max(args.steps // 4, 1)
     c.train.eval_every = max(args.steps // 4, 1)
     c.train.montage_every = args.steps
+  state.check_config(c)
   return c
+
+
+def _test_pairs(data_dir: str):
+  """``(sources, targets, masks)`` of ``data_dir/test``, matched by file
+  name (a mask is ``None`` without a mask folder), each pair and mask on
+  one voxel grid: checked from the headers, before any training."""
+  from megan_jax import io
+  from megan_jax.errors import InputError
+  test = os.path.join(data_dir, "test")
+  sources = _files(os.path.join(test, "source"))
+  targets = _files(os.path.join(test, "target"))
+  mask_dir = os.path.join(test, "mask")
+  masks = (_files(mask_dir) if os.path.isdir(mask_dir)
+           else [None] * len(sources))
+  names = [[os.path.basename(f) for f in files]
+           for files in (sources, targets, masks if masks[:1] != [None]
+                         else sources)]
+  if not names[0] == names[1] == names[2]:
+    raise InputError(
+        f"{test}: source, target (and mask) files must pair by name; "
+        f"source {names[0][:3]}, target {names[1][:3]}, mask "
+        f"{names[2][:3]}{' ...' if len(names[0]) > 3 else ''}")
+  for src, tgt, mask in zip(sources, targets, masks):
+    shape, affine = io.nifti_geometry(src)
+    for other, what in ((tgt, "target"), (mask, "mask")):
+      if other is not None:
+        io.check_same_grid(f"{what} {other}", *io.nifti_geometry(other),
+                           shape, affine, ref=f"source {src}")
+  return sources, targets, masks
 
 
 def _files(folder: str) -> list[str]:
@@ -193,6 +240,9 @@ def main(argv=None) -> int:
   progress = not args.no_progress
   t_start = time.perf_counter()
   try:
+    # The config first (a bad one, before minutes of data generation).
+    config = _config(args, os.path.join(args.data or os.path.join(
+        out, "data"), "train", "target"))
     if args.data is None:
       print(f"[table1] paired benchmark {args.task!r} -> {out}/data",
             file=sys.stderr)
@@ -204,15 +254,7 @@ def main(argv=None) -> int:
       description = manifest.get("description", "")
     else:
       data_dir, description = args.data, f"user data in {args.data}"
-    sources = _files(os.path.join(data_dir, "test", "source"))
-    targets = _files(os.path.join(data_dir, "test", "target"))
-    mask_dir = os.path.join(data_dir, "test", "mask")
-    masks = _files(mask_dir) if os.path.isdir(mask_dir) else [None] * len(
-        sources)
-    if len(sources) != len(targets) or len(masks) != len(sources):
-      raise InputError(f"{data_dir}/test: {len(sources)} sources, "
-                       f"{len(targets)} targets, {len(masks)} masks")
-    config = _config(args, os.path.join(data_dir, "train", "target"))
+    sources, targets, masks = _test_pairs(data_dir)
     if config.edges.use_label:
       raise InputError("table1 compares methods without label masks: pass "
                        "--config.edges.use_label=False")

@@ -114,3 +114,46 @@ def test_table1_writes_every_method(tmp_path):
   preds = os.listdir(tmp_path / "run" / "pred")
   assert any(p.endswith("_megan.nii.gz") for p in preds)
 
+
+
+def test_test_pairs_and_the_config_are_checked_before_any_work(tmp_path,
+                                                               capsys):
+  # Pairs were matched by sorted order and their grids compared only after
+  # both GANs had trained; a bad --config came after minutes of building
+  # the benchmark data; an override of a field table1 sets was undone.
+  import nibabel as nib
+  import numpy as np
+  d = tmp_path / "d"
+  for kind in ("source", "target"):
+    (d / "test" / kind).mkdir(parents=True)
+  (d / "train" / "target").mkdir(parents=True)
+
+  def vol(path, shape=(8, 8, 8)):
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random(shape)
+                             .astype(np.float32), np.eye(4)), str(path))
+  vol(d / "test" / "source" / "a.nii.gz")
+  vol(d / "test" / "target" / "b.nii.gz")
+  common = ["--data", str(d), "--out", str(tmp_path / "o"), "--results",
+            str(tmp_path / "r"), "--no-progress", "--config", "demo:smoke"]
+  assert _table1().main(common) == 2
+  err = capsys.readouterr().err
+  assert "must pair by name" in err and err.count("\n") == 1
+  os.remove(d / "test" / "target" / "b.nii.gz")
+  vol(d / "test" / "target" / "a.nii.gz", (8, 8, 6))
+  assert _table1().main(common) == 2
+  err = capsys.readouterr().err
+  assert "target " in err and "a.nii.gz" in err and err.count("\n") == 1
+  assert not (tmp_path / "o").exists()  # nothing trained, folders removed
+  for override, flag in (("--config.steps=3", "--steps"),
+                         ("--config.seed=7", "--seed")):
+    assert _table1().main(common + [override]) == 2
+    err = capsys.readouterr().err
+    assert f"table1 sets config.{override[9:13]}" in err and flag in err
+  # The built-in data: a bad config is refused before any is generated.
+  out = tmp_path / "builtin"
+  for bad in (["--config", "nosuch"], ["--config.model.ngf=-3"],
+              ["--config.data.spacing=2.0"]):
+    assert _table1().main(["--out", str(out), "--results",
+                           str(tmp_path / "r"), "--no-progress"] + bad) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not out.exists()
