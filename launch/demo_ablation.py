@@ -164,6 +164,14 @@ def main(argv=None) -> int:
   from megan_jax import state as state_lib
   from megan_jax.errors import InputError
 
+  made = []  # folders this run made: removed if a failure leaves them empty
+  try:  # both usable before any work (the results come last)
+    for flag, folder in (("--out", args.out), ("--results", args.results)):
+      made += io.make_folder(folder, flag)
+  except InputError as e:
+    print(f"demo_ablation: error: {e}", file=sys.stderr)
+    io.remove_empty_folders(made)
+    return 2
   t_start = time.perf_counter()
   rows, panels, meta_variants = [], {}, {}
   arrays = masks = config = None
@@ -192,7 +200,8 @@ def main(argv=None) -> int:
                         if r["variant"] == variant and r["sketch"] == "t2_like"),
             flush=True)
   except InputError as e:
-    print(f"demo_ablation: {e}", file=sys.stderr)
+    print(f"demo_ablation: error: {e}", file=sys.stderr)
+    io.remove_empty_folders(made)
     return 2
 
   t1 = arrays["t1"]

@@ -160,3 +160,25 @@ def test_demo_refuses_an_output_name_taken_by_a_folder_before_training(
     assert len(err.splitlines()) == 1 and str(out / name) in err, err
     assert "is a folder" in err
     assert sorted(os.listdir(out)) == [name]  # no run, nothing written
+
+
+def test_demo_ablation_checks_its_folders_before_training(tmp_path, capsys):
+  # --results a file: found after ~15 min of training (a traceback);
+  # --out a file: a NotADirectoryError traceback.
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "demo_ablation", os.path.join(os.path.dirname(__file__), "..",
+                                    "launch", "demo_ablation.py"))
+  ablation = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ablation)
+  a_file = tmp_path / "f"
+  a_file.write_text("")
+  for argv, named in ((["--out", str(a_file)], "--out"),
+                      (["--out", str(tmp_path / "o"), "--results",
+                        str(a_file)], "--results")):
+    assert ablation.main(["--config", "demo:smoke", "--steps", "1",
+                          "--no-progress"] + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"demo_ablation: error: {named} ")
+    assert err.count("\n") == 1
+  assert sorted(os.listdir(tmp_path)) == ["f"]  # the made --out removed
