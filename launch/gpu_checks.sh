@@ -17,16 +17,39 @@
 # GPU_CHECKS_STEPS picks steps (default "1 2 3 4"; e.g. "2 3" for a
 # second, memory-only call), the last one picked taking the budget's rest;
 # GPU_CHECKS_CASE_S: step 3's limit per baseline case (default 100 s).
+# Exit status: 0 when every step picked ran to its end or its time limit,
+# 1 when one failed otherwise (the log says which), 2 for bad settings.
 set -uo pipefail
 # The steps' time budget counts from here, the setup checks included.
+SECONDS=0
+if [ $# -gt 0 ]; then
+  case "$1" in
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu_checks.sh: $1: takes no arguments (its settings are" \
+            "environment variables; --help)" >&2; exit 2 ;;
+  esac
+fi
+bad() { echo "gpu_checks.sh: $*" >&2; exit 2; }
 budget=${GPU_CHECKS_BUDGET_S:-570}
+case_s=${GPU_CHECKS_CASE_S:-100}
+for v in "GPU_CHECKS_BUDGET_S=$budget" "GPU_CHECKS_CASE_S=$case_s"; do
+  [[ ${v#*=} =~ ^[0-9]+$ ]] && [ "${v#*=}" -gt 0 ] \
+    || bad "$v: a whole number of seconds > 0"
+done
+steps=" ${GPU_CHECKS_STEPS:-1 2 3 4} "
+for n in $steps; do
+  [[ $n =~ ^[1-5]$ ]] || bad "GPU_CHECKS_STEPS=\"$(echo $steps)\": steps are 1-5"
+done
+[ -n "$(echo $steps)" ] || bad "GPU_CHECKS_STEPS is empty: no step to run"
 t_end=$((SECONDS + budget))
 out=${OUT:-benchmarks/results}
-mkdir -p "$out"
+[ ! -e "$out" ] || [ -d "$out" ] || bad "OUT=$out: exists and is not a folder"
+mkdir -p "$out" || bad "OUT=$out: cannot be made"
 log="$out/gpu-checks.log"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 quick=${GPU_CHECKS_QUICK:-0}
-if [ "$quick" = 1 ] && [ -z "${OUT:-}" ]; then
+if [ "$quick" = 1 ] && { [ -z "${OUT:-}" ] || \
+    [ "$(realpath "$out")" = "$(realpath benchmarks/results)" ]; }; then
   # Tiny sizes merged into the committed results would replace their rows.
   echo "gpu_checks.sh: GPU_CHECKS_QUICK=1 needs OUT= (not benchmarks/results)" >&2
   exit 2
@@ -124,9 +147,8 @@ fi
 
 # The benchmarks write their JSON as cases finish, so a step cut short by
 # its limit keeps what it measured (memory: meta.complete says so).
-steps=" ${GPU_CHECKS_STEPS:-1 2 3 4} "
 last_step=$(echo $steps | tr ' ' '\n' | sort -n | tail -1)
-case_s=${GPU_CHECKS_CASE_S:-100}
+failed=()
 step() {  # step N SECONDS|rest NAME COMMAND...: at most what the budget left
   local n=$1 limit=$2 name=$3 left=$((t_end - SECONDS))
   shift 3
@@ -144,8 +166,10 @@ step() {  # step N SECONDS|rest NAME COMMAND...: at most what the budget left
   fi
   echo "== $name ($limit s): $*" | tee -a "$log"
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
-  echo "== $name rc=${PIPESTATUS[0]} ($((t_end - SECONDS)) s left)" \
-    | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name rc=$rc ($((t_end - SECONDS)) s left)" | tee -a "$log"
+  # 124: cut by its limit (what it measured is saved); others: it failed.
+  if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then failed+=("$name (rc $rc)"); fi
 }
 step 1 240 "throughput: cascade" python -m benchmarks.throughput \
   --only cascade "${thr_cascade[@]}" --merge --out "$out"
@@ -161,3 +185,7 @@ step 5 45 "memory peak: MEGAN" python -m benchmarks.memory \
   ${mem[@]+"${mem[@]}"} "${megan_peak[@]}" --measure peak --timeout-s 30 \
   --merge --only-missing --out "$out"
 ls -l "$out" | tee -a "$log"
+if [ ${#failed[@]} -gt 0 ]; then
+  printf '== failed: %s\n' "${failed[@]}" | tee -a "$log" >&2
+  exit 1
+fi

@@ -111,3 +111,36 @@ def test_each_step_gets_its_limit_and_the_last_picked_the_rest(tmp_path):
   assert got["memory compiled"] == 100
   assert got["memory peak: baselines"] > 1000 - 100 - 60
   assert set(got) == {"memory compiled", "memory peak: baselines"}
+
+
+def test_help_bad_settings_and_a_failed_step_say_so(tmp_path):
+  # It took no --help (an argument started the whole GPU suite), bad
+  # settings were bash errors or ran nothing with exit 0, a quick run could
+  # write into benchmarks/results, and it exited 0 when every step failed.
+  r = subprocess.run(["bash", SCRIPT, "--help"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=60)
+  assert r.returncode == 0 and "GPU_CHECKS_STEPS" in r.stdout
+  r = subprocess.run(["bash", SCRIPT, "now"], cwd=ROOT, capture_output=True,
+                     text=True, timeout=60)
+  assert r.returncode == 2 and "takes no arguments" in r.stderr
+  a_file = tmp_path / "f"
+  a_file.write_text("")
+  for env, said in (({"GPU_CHECKS_BUDGET_S": "10m"}, "GPU_CHECKS_BUDGET_S"),
+                    ({"GPU_CHECKS_CASE_S": "abc"}, "GPU_CHECKS_CASE_S"),
+                    ({"GPU_CHECKS_STEPS": "6"}, "steps are 1-5"),
+                    ({"GPU_CHECKS_QUICK": "1", "OUT": "benchmarks/results"},
+                     "needs OUT="),
+                    ({"OUT": str(a_file)}, "not a folder")):
+    r = _run({"OUT": str(tmp_path / "o"), **env}, tmp_path)
+    assert r.returncode == 2 and said in r.stderr, (env, r.stderr)
+    assert r.stderr.count("\n") == 1
+  # A step that fails (not cut by its limit): named, exit status 1.
+  shim = tmp_path / "bin"
+  shim.mkdir()
+  (shim / "timeout").write_text("#!/bin/sh\nexit 3\n")
+  (shim / "timeout").chmod(0o755)
+  path = os.pathsep.join([str(shim), os.path.dirname(sys.executable),
+                          os.environ["PATH"]])
+  r = _run({"GPU_CHECKS_QUICK": "1", "OUT": str(tmp_path / "q"),
+            "PATH": path, "GPU_CHECKS_STEPS": "2"}, tmp_path)
+  assert r.returncode == 1 and "== failed: memory compiled (rc 3)" in r.stderr
