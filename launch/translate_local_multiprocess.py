@@ -139,6 +139,23 @@ def launch(args) -> int:
     print("error: --processes and --devices-per-process must be >= 1",
           file=sys.stderr)
     return 2
+  # What every process would refuse alike: once here, before N start.
+  why = None
+  if args.timeout < 1:
+    why = f"--timeout {args.timeout}: must be >= 1 second"
+  elif args.mask and len(args.mask) != len(args.input):
+    why = (f"--mask: {len(args.mask)} mask(s) for {len(args.input)} "
+           "input(s); give one per input, in the same order")
+  else:
+    from megan_jax import state as state_lib
+    from megan_jax.errors import InputError
+    try:
+      state_lib.load_config(args.workdir)
+    except InputError as e:
+      why = str(e)
+  if why:
+    print(f"error: {why}", file=sys.stderr)
+    return 2
   coordinator = f"127.0.0.1:{free_port()}"
   base = [sys.executable, os.path.abspath(__file__),
           "--workdir", args.workdir, "-i", *args.input, "-o", args.output,

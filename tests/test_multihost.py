@@ -106,12 +106,29 @@ def test_two_processes_resume_a_killed_run(run_dir, source, one_device,
   np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), reference)
 
 
-def test_a_failing_job_stops_with_the_error(source, tmp_path):
+def test_a_failing_job_stops_with_the_error(run_dir, source, tmp_path):
   out = str(tmp_path / "out.nii.gz")
+  # Found by every process: the job stops with their error.
+  damaged = tmp_path / "damaged.nii.gz"
+  damaged.write_bytes(open(source, "rb").read()[:200])
+  r = _launch(run_dir, str(damaged), out, timeout=120)
+  assert r.returncode == 2
+  assert str(damaged) in r.stderr and "Traceback" not in r.stderr
+  assert not os.path.exists(out)
+  # What every process would refuse alike, refused once before they start
+  # (a missing run; the mask count; the timeout).
   missing = str(tmp_path / "no_run")
   r = _launch(missing, source, out, timeout=120)
-  assert r.returncode == 2
+  assert r.returncode == 2 and r.stderr.count("\n") == 1
   assert missing in r.stderr
+  base = [sys.executable, LAUNCHER, "--workdir", run_dir, "-i", source,
+          "-o", out]
+  for extra, said in ((["--mask", source, source], "2 mask(s) for 1 input"),
+                      (["--timeout", "0"], "--timeout 0")):
+    r = subprocess.run(base + extra, capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and said in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
   assert not os.path.exists(out)
 
 
