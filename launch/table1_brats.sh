@@ -12,8 +12,17 @@
 # runs/table1-brats_t1t2/. The comparison runs without tumour masks on the
 # sketch (no baseline could use them).
 set -euo pipefail
-data=${1:?usage: $0 DATA_DIR [STEPS] [extra args]}
-steps=${2:-20000}
-shift $(( $# >= 2 ? 2 : 1 ))
+usage="usage: $0 DATA_DIR [STEPS] [extra table1.py args]"
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  ""|-*) echo "$usage" >&2; exit 2 ;;
+esac
+data=$1
+shift
+steps=20000
+if [[ ${1:-} =~ ^[0-9]+$ ]]; then  # STEPS is optional before extra args
+  steps=$1
+  shift
+fi
 exec python "$(dirname "$0")/table1.py" --data "$data" --task brats_t1t2 \
   --config brats_t2 --config.edges.use_label=False --steps "$steps" "$@"

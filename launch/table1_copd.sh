@@ -11,8 +11,17 @@
 # Metrics are computed on each target's [min, max] mapped to [0, 1].
 # Results: benchmarks/results/table1-copd_kernel.{json,md,png}.
 set -euo pipefail
-data=${1:?usage: $0 DATA_DIR [STEPS] [extra args]}
-steps=${2:-20000}
-shift $(( $# >= 2 ? 2 : 1 ))
+usage="usage: $0 DATA_DIR [STEPS] [extra table1.py args]"
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  ""|-*) echo "$usage" >&2; exit 2 ;;
+esac
+data=$1
+shift
+steps=20000
+if [[ ${1:-} =~ ^[0-9]+$ ]]; then  # STEPS is optional before extra args
+  steps=$1
+  shift
+fi
 exec python "$(dirname "$0")/table1.py" --data "$data" --task copd_kernel \
   --config copd_ct --steps "$steps" "$@"

@@ -36,8 +36,12 @@
 ##SBATCH --account=my-account
 
 set -euo pipefail
+usage="usage: sbatch $0 RUN IN.nii.gz OUT.nii.gz [megan translate options]"
+case "${1:-}" in
+  -h|--help) echo "$usage"; exit 0 ;;
+esac
 if [ $# -lt 3 ]; then
-  echo "usage: sbatch $0 RUN IN.nii.gz OUT.nii.gz [megan translate options]" >&2
+  echo "$usage" >&2
   exit 2
 fi
 RUN=$1 IN=$2 OUT=$3

@@ -157,3 +157,27 @@ def test_test_pairs_and_the_config_are_checked_before_any_work(tmp_path,
                            str(tmp_path / "r"), "--no-progress"] + bad) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert not out.exists()
+
+
+def test_the_shell_wrappers_have_help_and_a_usage_line():
+  # --help was "argument --steps: expected one argument" (or, for the
+  # slurm script, an error); extra args without STEPS were taken as STEPS.
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def run(*argv):
+    return subprocess.run(["bash", *argv], cwd=root, capture_output=True,
+                          text=True, timeout=60)
+  for script in ("launch/table1_brats.sh", "launch/table1_copd.sh"):
+    r = run(script, "--help")
+    assert r.returncode == 0 and "Usage:" in r.stdout
+    for argv in ((), ("-x",)):
+      r = run(script, *argv)
+      assert r.returncode == 2 and r.stderr.startswith("usage: ")
+    # DATA_DIR then table1 options, no STEPS: they reach table1.py (which
+    # refuses the missing folder in one line, before any work).
+    r = run(script, "/nonexistent-data", "--no-nlm")
+    assert r.returncode == 2 and "/nonexistent-data" in r.stderr
+    assert "--steps" not in r.stderr
+  r = run("launch/translate_slurm.sh", "--help")
+  assert r.returncode == 0 and r.stdout.startswith("usage: sbatch")
