@@ -322,7 +322,8 @@ def evaluate(pred: Array, target: Array,
       finite: PSNR's peak is 1 and SSIM's constants assume that range.
   """
   for name, v in (("pred", pred), ("target", target)):
-    lo, hi = float(jnp.min(v)), float(jnp.max(v))
+    xp = jnp if isinstance(v, jax.Array) else np  # no copy to a device
+    lo, hi = float(xp.min(v)), float(xp.max(v))
     if not (math.isfinite(lo) and math.isfinite(hi)):
       raise InputError(f"evaluate: {name} holds non-finite values (NaN or "
                        "inf)")
