@@ -33,15 +33,19 @@ def _finished(workdir: str, config) -> bool:
 # What training writes in a workdir: a folder holding anything else is not
 # the demo's to delete.
 RUN_ENTRIES = frozenset({".lock", "cache", "checkpoints", "config.json",
-                         "intensity.json", "logs", "montages"})
+                         "intensity.json", "logs", "montages", ".megan-demo"})
+# Written in a run `megan demo` trained: only such a run of other settings
+# (the demo's before an upgrade changed them) is replaced without --train.
+MARKER = ".megan-demo"
 
 
 def _deletable(workdir: str, config, retrain: bool) -> bool:
   """Whether the demo deletes ``workdir`` to train afresh: asked to
-  (``retrain``), or it holds a demo run of another config (e.g. the demo's
-  before an upgrade changed it). Raises an ``InputError`` rather than
-  delete a folder the demo did not make (another config's run, other
-  files)."""
+  (``retrain``), or it holds a run `megan demo` trained (``MARKER``) with
+  other settings (e.g. the demo's before an upgrade changed them). Raises
+  an ``InputError`` rather than delete a folder the demo did not make
+  (another config's run, a run of the demo config with other settings
+  made by `megan train`, other files)."""
   try:
     saved = state_lib.load_config(workdir)
   except Exception:
@@ -52,8 +56,14 @@ def _deletable(workdir: str, config, retrain: bool) -> bool:
         f"{workdir}: holds a run of config {saved.get('name')!r} on "
         f"{saved.data.get('path')!r}, not one `megan demo` made; the demo "
         "will not delete it (use another --out)")
-  delete = retrain or (saved is not None
-                       and not state_lib.same_run(saved, config))
+  stale = saved is not None and not state_lib.same_run(saved, config)
+  if stale and not retrain and not os.path.exists(
+      os.path.join(workdir, MARKER)):
+    raise InputError(
+        f"{workdir}: holds a run of the demo config with other settings "
+        "that `megan demo` did not train; the demo will not delete it "
+        "(--train replaces it; or use another --out)")
+  delete = retrain or stale
   others = sorted(set(os.listdir(workdir)) - RUN_ENTRIES)
   if delete and others:
     raise InputError(f"{workdir}: holds {others[0]!r}, which `megan demo` "
@@ -84,6 +94,8 @@ def run(out: str, *, steps: int | None = None, retrain: bool = False,
   reused = _finished(workdir, config)
   if not reused:
     train.train(config, workdir, "all", progress=progress)
+    io.write_text(os.path.join(workdir, MARKER),
+                  "trained by megan demo: it may replace this run\n")
   # What the run was trained to: a reused run may have more steps than
   # asked for (it is finished for any fewer).
   steps = int(state_lib.load_config(workdir).steps)

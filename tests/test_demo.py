@@ -22,6 +22,7 @@ def test_demo_writes_everything_and_reuses_its_run(tmp_path):
   assert set(scores) >= {"ssim", "psnr", "mae", "mse"}
   assert -1.0 <= scores["ssim"] <= 1.0 and 0.0 <= scores["mae"] <= 1.0
   run = os.path.join(out, "run")
+  assert os.path.exists(os.path.join(run, demo.MARKER))  # the demo's run
   trained = state_lib.load_config(run).steps
   assert written["steps"] == trained and not written["reused_run"]
   assert set(written["checkpoint_steps"]) == set(state_lib.scale_names(
@@ -127,7 +128,15 @@ def test_demo_deletes_only_a_run_it_made(tmp_path):
   older.model.ngf += 2
   os.remove(run / "config.json")
   state_lib.save_config(str(run), older)
+  # Other settings of the demo config: replaced only if `megan demo`
+  # trained it (its marker); a user's `megan train --config demo` run in
+  # the same place is refused (it was deleted), unless --train.
+  with pytest.raises(InputError, match="did not train"):
+    demo._deletable(str(run), demo_config, False)
+  assert demo._deletable(str(run), demo_config, True)
+  (run / demo.MARKER).write_text("")
   assert demo._deletable(str(run), demo_config, False)
+  os.remove(run / demo.MARKER)
 
   # No config there: --train deletes only what training writes.
   os.remove(run / "config.json")
@@ -140,6 +149,7 @@ def test_demo_deletes_only_a_run_it_made(tmp_path):
     demo._deletable(str(run), demo_config, True)
   # A demo run with the user's files beside it: not deleted either (to
   # retrain, or because an upgrade changed the demo's config).
+  (run / demo.MARKER).write_text("")
   state_lib.save_config(str(run), older)
   for cfg, retrain in ((older, True), (demo_config, False)):
     with pytest.raises(InputError, match="'notes.txt'"):
