@@ -3,7 +3,7 @@
 # go, sized for one 10-minute call on a single H100/H200 (a session lent a
 # GPU has 15 minutes of device time in all, so one call and a rerun).
 #
-#   OUT=/where/results/go bash launch/gpu_checks.sh      # default: benchmarks/results
+#   OUT=/where/results/go bash launch/gpu_checks.sh      # default: runs/gpu-checks
 #
 # Writes memory-gpu.{json,png,md}, throughput-gpu.{json,md},
 # profile-gpu.{json,md} and gpu-checks.log (8 files: the most the device
@@ -42,18 +42,19 @@ for n in $steps; do
 done
 [ -n "$(echo $steps)" ] || bad "GPU_CHECKS_STEPS is empty: no step to run"
 t_end=$((SECONDS + budget))
-out=${OUT:-benchmarks/results}
+out=${OUT:-runs/gpu-checks}
 [ ! -e "$out" ] || [ -d "$out" ] || bad "OUT=$out: exists and is not a folder"
+if [ "$(realpath -m "$out")" = "$(realpath -m benchmarks/results)" ]; then
+  # Several cards' committed results are there under their own names; the
+  # benchmarks would merge into (or refuse) the plain-named H200 ones.
+  bad "OUT=$out: must be another folder (several cards' committed results" \
+      "are there; this card's are copied into OUT first: commit them back" \
+      "with the card in the name)"
+fi
 mkdir -p "$out" || bad "OUT=$out: cannot be made"
 log="$out/gpu-checks.log"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 quick=${GPU_CHECKS_QUICK:-0}
-if [ "$quick" = 1 ] && { [ -z "${OUT:-}" ] || \
-    [ "$(realpath "$out")" = "$(realpath benchmarks/results)" ]; }; then
-  # Tiny sizes merged into the committed results would replace their rows.
-  echo "gpu_checks.sh: GPU_CHECKS_QUICK=1 needs OUT= (not benchmarks/results)" >&2
-  exit 2
-fi
 
 # Everything the steps import, first: a wrong python costs seconds, not
 # the steps' limits (session 15's first two calls).
@@ -80,8 +81,7 @@ EOF
 # rows it runs again) and keeps the others. Only results of the same kind
 # of device are added to (both benchmarks refuse another's), and a file
 # already in $OUT is kept.
-if [ "$quick" != 1 ] && \
-   [ "$(realpath "$out")" != "$(realpath benchmarks/results)" ]; then
+if [ "$quick" != 1 ]; then
   python -m benchmarks.same_card benchmarks/results memory-gpu \
       throughput-gpu | while read -r name f; do
     [ -e "$out/$name.json" ] || cp "$f" "$out/$name.json"

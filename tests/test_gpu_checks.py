@@ -15,11 +15,15 @@ def _run(env, tmp_path):
                         env={**os.environ, "PATH": path, **env})
 
 
-def test_quick_mode_needs_its_own_out(tmp_path):
-  # Tiny sizes merged into the committed results would replace their rows.
-  r = _run({"GPU_CHECKS_QUICK": "1", "OUT": ""}, tmp_path)
-  assert r.returncode == 2
-  assert "needs OUT=" in r.stderr
+def test_out_is_never_the_committed_results_folder(tmp_path):
+  # Tiny sizes merged into the committed results would replace their rows;
+  # a real run there merged into (or was refused by) the H200's plain-named
+  # files on any other card. The default is runs/gpu-checks.
+  for env in ({"GPU_CHECKS_QUICK": "1", "OUT": "benchmarks/results"},
+              {"OUT": "./benchmarks/results/"}):
+    r = _run(env, tmp_path)
+    assert r.returncode == 2
+    assert "must be another folder" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_steps_past_the_budget_are_skipped_and_logged(tmp_path):
@@ -128,8 +132,7 @@ def test_help_bad_settings_and_a_failed_step_say_so(tmp_path):
   for env, said in (({"GPU_CHECKS_BUDGET_S": "10m"}, "GPU_CHECKS_BUDGET_S"),
                     ({"GPU_CHECKS_CASE_S": "abc"}, "GPU_CHECKS_CASE_S"),
                     ({"GPU_CHECKS_STEPS": "6"}, "steps are 1-5"),
-                    ({"GPU_CHECKS_QUICK": "1", "OUT": "benchmarks/results"},
-                     "needs OUT="),
+
                     ({"OUT": str(a_file)}, "not a folder")):
     r = _run({"OUT": str(tmp_path / "o"), **env}, tmp_path)
     assert r.returncode == 2 and said in r.stderr, (env, r.stderr)
