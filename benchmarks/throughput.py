@@ -1704,10 +1704,14 @@ def cascade_key(row: dict) -> tuple:
           row.get("impl", "fast"), row.get("edges", "jax"))
 
 
-def load_for_merge(path: str) -> dict | None:
+def load_for_merge(path: str, device_kind: str | None = None
+                   ) -> dict | None:
   """An earlier results file (``{"meta": {...}, "results": {...}}``) for
   ``--merge``: None where there is none. Raises ValueError, a message naming
-  the file, where it is not such a file (it is left as it is)."""
+  the file, where it is not such a file, or (given ``device_kind``) another
+  kind of device measured it: times of two devices under one meta would
+  read as one's, and dropping them would overwrite another card's committed
+  results (the file is left as it is)."""
   if not os.path.exists(path):
     return None
   try:
@@ -1719,6 +1723,10 @@ def load_for_merge(path: str) -> dict | None:
   except (OSError, ValueError) as e:
     raise ValueError(f"{path}: not a results file ({' '.join(str(e).split())}"
                      "); move it away or drop --merge") from None
+  if device_kind is not None and old["meta"].get("device_kind") != device_kind:
+    raise ValueError(f"{path} was measured on {old['meta'].get('device_kind')}"
+                     f", not {device_kind}; use another --out (or drop "
+                     "--merge)")
   return old
 
 
@@ -1763,17 +1771,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.merge:
     path = os.path.join(args.out, f"throughput-{backend}.json")
     try:
-      old = load_for_merge(path)
+      old = load_for_merge(path, meta["device_kind"])
     except ValueError as e:
       print(f"throughput: --merge: {e}", file=sys.stderr)
-      return 2
-    if old is not None and old["meta"].get("device_kind") != meta[
-        "device_kind"]:
-      # Times of two devices under one meta would read as one's, and
-      # dropping them would overwrite another card's committed results.
-      print(f"throughput: --merge: {path} was measured on "
-            f"{old['meta'].get('device_kind')}, not {meta['device_kind']}; "
-            "use another --out (or drop --merge)", file=sys.stderr)
       return 2
     if old is not None:
       old_cmds = old["meta"].get("sections") or {

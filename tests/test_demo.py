@@ -58,13 +58,19 @@ def test_demo_writes_everything_and_reuses_its_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_ablation_scores_every_scale_of_every_variant(tmp_path):
+def _ablation():
+  """launch/demo_ablation.py as a module."""
   import importlib.util
   spec = importlib.util.spec_from_file_location(
       "demo_ablation", os.path.join(os.path.dirname(__file__), "..",
                                     "launch", "demo_ablation.py"))
   ablation = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(ablation)
+  return ablation
+
+
+def test_demo_ablation_scores_every_scale_of_every_variant(tmp_path):
+  ablation = _ablation()
   results = tmp_path / "results"
   rc = ablation.main(["--config", "demo:smoke", "--steps", "2", "--variants",
                       "paper", "demo", "--out", str(tmp_path / "runs"),
@@ -175,12 +181,7 @@ def test_demo_refuses_an_output_name_taken_by_a_folder_before_training(
 def test_demo_ablation_checks_its_folders_before_training(tmp_path, capsys):
   # --results a file: found after ~15 min of training (a traceback);
   # --out a file: a NotADirectoryError traceback.
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "demo_ablation", os.path.join(os.path.dirname(__file__), "..",
-                                    "launch", "demo_ablation.py"))
-  ablation = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(ablation)
+  ablation = _ablation()
   a_file = tmp_path / "f"
   a_file.write_text("")
   for argv, named in ((["--out", str(a_file)], "--out"),

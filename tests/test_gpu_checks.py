@@ -15,6 +15,17 @@ def _run(env, tmp_path):
                         env={**os.environ, "PATH": path, **env})
 
 
+def _timeout_shim(tmp_path, body: str) -> str:
+  """A PATH whose ``timeout`` runs the sh ``body`` instead (the steps'
+  commands are not run), python's folder next."""
+  shim = tmp_path / "bin"
+  shim.mkdir()
+  (shim / "timeout").write_text(f"#!/bin/sh\n{body}\n")
+  (shim / "timeout").chmod(0o755)
+  return os.pathsep.join([str(shim), os.path.dirname(sys.executable),
+                          os.environ["PATH"]])
+
+
 def test_out_is_never_the_committed_results_folder(tmp_path):
   # Tiny sizes merged into the committed results would replace their rows;
   # a real run there merged into (or was refused by) the H200's plain-named
@@ -87,12 +98,7 @@ def test_same_card_picks_the_results_of_this_kind_of_device(tmp_path):
 def test_each_step_gets_its_limit_and_the_last_picked_the_rest(tmp_path):
   # A `timeout` that only says what it was asked: the steps' limits, not
   # their runs.
-  shim = tmp_path / "bin"
-  shim.mkdir()
-  (shim / "timeout").write_text('#!/bin/sh\necho "ran with limit $1"\n')
-  (shim / "timeout").chmod(0o755)
-  path = os.pathsep.join([str(shim), os.path.dirname(sys.executable),
-                          os.environ["PATH"]])
+  path = _timeout_shim(tmp_path, 'echo "ran with limit $1"')
 
   def limits(steps):
     out = tmp_path / f"out{steps.replace(' ', '')}"
@@ -138,12 +144,7 @@ def test_help_bad_settings_and_a_failed_step_say_so(tmp_path):
     assert r.returncode == 2 and said in r.stderr, (env, r.stderr)
     assert r.stderr.count("\n") == 1
   # A step that fails (not cut by its limit): named, exit status 1.
-  shim = tmp_path / "bin"
-  shim.mkdir()
-  (shim / "timeout").write_text("#!/bin/sh\nexit 3\n")
-  (shim / "timeout").chmod(0o755)
-  path = os.pathsep.join([str(shim), os.path.dirname(sys.executable),
-                          os.environ["PATH"]])
+  path = _timeout_shim(tmp_path, "exit 3")
   r = _run({"GPU_CHECKS_QUICK": "1", "OUT": str(tmp_path / "q"),
             "PATH": path, "GPU_CHECKS_STEPS": "2"}, tmp_path)
   assert r.returncode == 1 and "== failed: memory compiled (rc 3)" in r.stderr
