@@ -327,14 +327,12 @@ class Translator:
     volume of ``shape`` (the run reuses them)."""
     c = self.config
     from megan_jax import grid
-    try:  # what a translation checks: whole sizes the scales can halve
+    try:  # what a translation checks: whole sizes, the scales, lr_size
       shape = as_shape3(shape)
       grid.check_size(shape, c)
     except ValueError as e:
       raise InputError(f"plan: shape {shape!r}: {e}") from None
     shapes = resample.scale_shapes(shape, c.num_hr_scales)
-    resample.check_lr_size(shapes[0], c.lr_size,
-                           state_lib.lr_size_multiple(c))
     n = c.lr_size
     if "lr" not in self._compiled:  # the steps do not depend on the shape
       self._compiled["lr"] = self._lr_abstract().compile()
