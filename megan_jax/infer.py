@@ -885,6 +885,19 @@ def working_shape(config, vol: io.Volume | tuple) -> tuple[int, int, int]:
   return grid.working_shape(config, vol)
 
 
+def left_right_axis(affine) -> int:
+  """The voxel axis of an image with this affine that runs left-right (the
+  one nearest the world's x), where a label mirror is anatomically
+  plausible; 0 for an affine that names none (degenerate)."""
+  import nibabel as nib
+  try:
+    ornt = nib.orientations.io_orientation(np.asarray(affine, np.float64))
+  except (ValueError, np.linalg.LinAlgError):  # a degenerate affine
+    return 0
+  (axis,) = np.flatnonzero(ornt[:, 0] == 0)[:1].tolist() or [0]
+  return int(axis)
+
+
 def translate_file(translator: Translator, in_path: str, out_path: str,
                    mask_path: str | None = None, *, progress: bool = True,
                    on_batch: Callable | None = None,
@@ -896,7 +909,9 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
   With ``mask_augment_seed`` the label mask is first scaled (±
   ``config.augment.label_scale``) and mirrored at random (the paper's label
   augmentation, ``edges.augment_label``): a new lesion placement, so one
-  healthy scan and one mask give many pathological images.
+  healthy scan and one mask give many pathological images. The mirror is
+  left-right in the world, whatever the file's voxel order
+  (:func:`left_right_axis`).
 
   With several processes every one calls this with the same arguments; only
   process 0 writes (the output and the resume workspace), and all return once
@@ -935,7 +950,8 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
         a = translator.config.augment
         label = edges.augment_label(
             label, np.random.default_rng(mask_augment_seed),
-            scale_range=a.label_scale, mirror=a.label_mirror) > 0
+            scale_range=a.label_scale, mirror=a.label_mirror,
+            axes=(left_right_axis(vol.affine),)) > 0
   except (InputError, OSError) as e:
     error = e
   settle(error, f"input {in_path}")

@@ -386,6 +386,46 @@ def test_mask_is_written_and_augmented(run_dir, tmp_path):
   assert np.abs(outs[2] - outs[0]).max() > 1e-3 or np.abs(outs[0] - masked).max() > 1e-3
 
 
+def test_mask_mirror_is_left_right_whatever_the_voxel_order(run_dir,
+                                                            tmp_path):
+  """--mask-augment mirrors a lesion left-right in the world: the same scan
+  and mask stored in another voxel order (I, A, L: axes permuted and
+  flipped) give the same translation, voxel for voxel once reoriented.
+  The mirror once flipped the file's first axis, head-foot there."""
+  seed = next(s for s in range(100) if _draws_a_flip(s))
+  vol = _volume()
+  mask = np.zeros(SHAPE, np.float32)
+  mask[4:12, 5:14, 4:10] = 1  # off-centre on every axis
+  t = megan_jax.load(run_dir, batch_size=8)
+  outs = []
+  for name, codes in (("ras", "RAS"), ("ial", "IAL")):
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt("RAS"),
+        nib.orientations.axcodes2ornt(codes))
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    affine[:3, 3] = [-50, -60, -40]
+    affine = affine @ nib.orientations.inv_ornt_aff(ornt, SHAPE)
+    files = []
+    for what, data in (("src", vol), ("mask", mask)):
+      path = str(tmp_path / f"{what}_{name}.nii.gz")
+      nib.save(nib.Nifti1Image(
+          nib.orientations.apply_orientation(data, ornt), affine), path)
+      files.append(path)
+    assert "".join(nib.aff2axcodes(affine)) == codes
+    out = infer.translate_file(t, files[0], str(tmp_path / f"{name}.nii.gz"),
+                               files[1], progress=False,
+                               mask_augment_seed=seed)
+    outs.append(np.asarray(nib.as_closest_canonical(nib.load(out)).dataobj))
+  np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
+
+
+def _draws_a_flip(seed):
+  """Whether ``augment_label``'s draws for this seed mirror the label."""
+  rng = np.random.default_rng(seed)
+  rng.uniform()
+  return rng.random() < 0.5
+
+
 def test_large_outputs_are_memory_mapped(params):
   config = _config()
   config.unlock()
