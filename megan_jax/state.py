@@ -205,7 +205,23 @@ def make_optimizer(config) -> optax.GradientTransformation:
     lr = o.lr
   else:
     raise InputError(f"config optim.decay={o.decay!r}: 'none' or 'linear'")
-  return optax.adam(lr, b1=o.b1, b2=o.b2)
+  # optax.adam, spelled out (the same state) so that a skipped update can
+  # keep Adam's part and still advance the schedule's (skip_update).
+  return optax.chain(optax.scale_by_adam(b1=o.b1, b2=o.b2),
+                     optax.scale_by_learning_rate(lr))
+
+
+def skip_update(skip, new_opt, old_opt):
+  """The optimiser state after an update that ``skip`` drops (D's while it
+  is too good): Adam's moments and count as before the step, the
+  learning-rate schedule's count advanced all the same, so the rate follows
+  the training step as the public code's per-epoch scheduler does, whether
+  D updated or not (a schedule counting only D's updates lagged G's and
+  never reached 0)."""
+  (adam_new, *schedule_new), (adam_old, *_) = new_opt, old_opt
+  adam = jax.tree.map(lambda new, old: jnp.where(skip, old, new),
+                      adam_new, adam_old)
+  return (adam, *schedule_new)
 
 
 def create_state(rng, config, kind: str) -> GanState:

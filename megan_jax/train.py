@@ -95,7 +95,7 @@ def train_step(state: GanState, batch, rng, *, config, kind: str,
   skip = (d_acc > threshold) if threshold > 0 else jnp.asarray(False)
   keep_old = lambda new, old: jnp.where(skip, old, new)
   d_params = jax.tree.map(keep_old, d_params, state.d_params)
-  d_opt = jax.tree.map(keep_old, d_opt, state.d_opt)
+  d_opt = state_lib.skip_update(skip, d_opt, state.d_opt)
 
   def g_loss_fn(fake_img):
     fake_logits = d_logits(d_params, fake_img)
