@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from megan_jax import demo, io
+from megan_jax import demo, io, metrics
+from megan_jax.normalise import fit_normaliser, normalise, to_unit
 from megan_jax import state as state_lib
 
 
@@ -20,7 +21,23 @@ def test_demo_writes_everything_and_reuses_its_run(tmp_path):
     written = json.load(f)
   scores = written["scores"]
   assert set(scores) >= {"ssim", "psnr", "mae", "mse"}
-  assert -1.0 <= scores["ssim"] <= 1.0 and 0.0 <= scores["mae"] <= 1.0
+  # The scores are those of the written translation against the written
+  # target inside the written mask, each scaled as the demo says it does
+  # (scoring the target against itself, or anything but these files,
+  # fails here).
+  config = state_lib.load_config(os.path.join(out, "run"))
+  pred = io.load_nifti(first["translated"]).data
+  tgt = io.load_nifti(first["target"]).data
+  inside = io.load_nifti(first["brain_mask"]).data > 0
+  rescored = metrics.evaluate(
+      to_unit(fit_normaliser(pred, percentiles=tuple(
+          config.data.percentiles)).normalise(pred)),
+      to_unit(normalise(tgt)[0]), inside)
+  for name in ("ssim", "psnr", "mae", "mse"):
+    assert scores[name] == pytest.approx(rescored[name], rel=1e-4,
+                                         abs=1e-6), name
+  assert 0.0 < scores["ssim"] < 0.99 and 0.0 < scores["mae"] < 1.0
+  assert np.isfinite(scores["psnr"])
   run = os.path.join(out, "run")
   assert os.path.exists(os.path.join(run, demo.MARKER))  # the demo's run
   trained = state_lib.load_config(run).steps
@@ -57,7 +74,6 @@ def test_demo_writes_everything_and_reuses_its_run(tmp_path):
   assert state_lib.load_config(run).model.ngf == saved["model"]["ngf"] - 2
 
 
-@pytest.mark.slow
 def _ablation():
   """launch/demo_ablation.py as a module."""
   import importlib.util
@@ -69,6 +85,7 @@ def _ablation():
   return ablation
 
 
+@pytest.mark.slow
 def test_demo_ablation_scores_every_scale_of_every_variant(tmp_path):
   ablation = _ablation()
   results = tmp_path / "results"

@@ -174,11 +174,16 @@ def test_unknown_task_is_named(tmp_path):
   assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("kw", [dict(index=-1), dict(seed=-2),
-                                dict(spacing=0.0), dict(max_side=4)])
-def test_bad_arguments_raise_value_error(kw):
+@pytest.mark.parametrize("kw, says", [
+    (dict(index=-1), "index must be an integer >= 0, got -1"),
+    (dict(seed=-2), "seed must be an integer >= 0, got -2"),
+    (dict(spacing=0.0), "spacing must be a positive number of mm, got 0.0"),
+    (dict(max_side=4), "max_side must be an integer >= 8")])
+def test_bad_arguments_raise_value_error(kw, says):
+  """Each is our own check's message (numpy raises its own ValueError for a
+  negative seed further down, which must not be what passes this)."""
   kw = dict(dict(index=0), **kw)
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=re.escape(says)):
     paired.make_subject("t1t2", kw.pop("index"), **kw)
 
 

@@ -3,6 +3,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -49,6 +50,39 @@ def test_step_lowers_loss_and_compiles_once(subjects, kind, scale):
   assert step._cache_size() == 1  # no per-step recompilation
 
 
+@pytest.mark.parametrize("accuracy", [1.0, 0.0])
+def test_a_skipped_d_update_keeps_d_but_not_its_schedule(subjects,
+                                                         monkeypatch,
+                                                         accuracy):
+  """While D is too good (accuracy > loss.d_skip_accuracy) its parameters
+  and Adam state stay as they were, but its learning-rate schedule follows
+  the training step as G's does (it once counted only D's own updates, so
+  with linear decay D's rate lagged G's and never reached 0)."""
+  from megan_jax import losses
+  monkeypatch.setattr(losses, "discriminator_accuracy",
+                      lambda *a, **k: jnp.asarray(accuracy, jnp.float32))
+  # A seed of its own: no step compiled before the patch is reused.
+  config = tiny_config(**{"optim.decay": "linear", "steps": 4,
+                          "seed": 4242 + int(accuracy)})
+  state = state_lib.create_state(jax.random.key(0), config, "hr")
+  d_before = jax.tree.map(np.asarray, state.d_params)
+  step = train.make_train_step(config, "hr", donate=False)
+  batch = _fixed_batch(subjects, config, 1)
+  for _ in range(4):
+    state, metrics = step(state, batch, jax.random.key(1))
+    assert float(metrics["d_skipped"]) == float(accuracy > 0.8)
+  (d_adam, d_schedule), (g_adam, g_schedule) = state.d_opt, state.g_opt
+  assert int(d_schedule.count) == int(g_schedule.count) == 4
+  assert int(g_adam.count) == 4
+  same = jax.tree.leaves(jax.tree.map(
+      lambda a, b: bool(np.array_equal(a, np.asarray(b))), d_before,
+      state.d_params))
+  if accuracy > 0.8:  # skipped every step
+    assert all(same) and int(d_adam.count) == 0
+  else:
+    assert not all(same) and int(d_adam.count) == 4
+
+
 def test_augment_inputs_follows_the_config(subjects):
   quiet = {"augment.edge_noise_std": 0.0, "augment.prev_noise_std": 0.0,
            "augment.blur_prob": 0.0, "augment.halfres_prob": 0.0,
@@ -82,7 +116,6 @@ def _zero_output_conv(g_params):
 
 
 def test_hr_residual_adds_the_upsampled_previous_patch(subjects):
-  import jax.numpy as jnp
   quiet = {"augment.edge_noise_std": 0.0, "augment.prev_noise_std": 0.0,
            "augment.blur_prob": 0.0, "augment.halfres_prob": 0.0,
            "model.dropout": 0.0, "hr_condition": "upsampled"}
@@ -132,12 +165,27 @@ def test_l1_only_overfits_a_single_patch(subjects):
 
 
 def test_generator_is_a_pure_function(subjects):
-  config = tiny_config()
+  """The eval function runs the generator in inference mode: with dropout
+  in the model it is still deterministic, and it is the ``train=False``
+  apply, not the training one (which drops units and differs)."""
+  config = tiny_config(**{"model.dropout": 0.5})
   state = state_lib.create_state(jax.random.key(0), config, "hr")
   gen = train.make_eval_fn(config, "hr")
   batch = _fixed_batch(subjects, config, 1)
   a, b = gen(state.g_params, batch), gen(state.g_params, batch)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  g = state_lib.build_generator(config, "hr")
+  x = state_lib.generator_input(batch, config, "hr")
+
+  def out(raw):
+    return np.asarray(state_lib.generator_output(raw, batch, config, "hr"),
+                      np.float32)
+  np.testing.assert_allclose(
+      np.asarray(a), out(g.apply(state.g_params, x, train=False)),
+      rtol=1e-5, atol=1e-6)
+  dropped = out(g.apply(state.g_params, x, train=True,
+                        rngs={"dropout": jax.random.key(3)}))
+  assert np.abs(dropped - np.asarray(a)).max() > 1e-3
 
 
 @pytest.mark.slow
@@ -232,6 +280,18 @@ def test_bfloat16_step_runs(subjects, kind, scale):
                         jax.random.key(1))
   assert all(np.isfinite(float(v)) for v in metrics.values())
   assert jax.tree.leaves(state.g_params)[0].dtype == np.float32
+  # The config's dtype reaches the networks: they compute in bf16, so the
+  # step's losses round apart from the float32 step's (same state, batch,
+  # key), though not far.
+  assert state_lib.build_generator(config, kind).dtype == jnp.bfloat16
+  assert state_lib.build_discriminator(config, kind).dtype == jnp.bfloat16
+  f32 = tiny_config()
+  f32_state = state_lib.create_state(jax.random.key(0), f32, kind)
+  _, f32_metrics = train.make_train_step(f32, kind, donate=False)(
+      f32_state, _fixed_batch(subjects, f32, scale), jax.random.key(1))
+  for name in ("g_l1", "d_loss"):
+    ours, theirs = float(metrics[name]), float(f32_metrics[name])
+    assert ours != theirs and ours == pytest.approx(theirs, rel=0.1), name
 
 
 def test_sketch_cache_key_follows_the_edge_engine_and_config(monkeypatch):
@@ -349,7 +409,6 @@ def test_resume_from_another_folder_and_changed_data_and_a_second_train(
 
 
 def test_batches_of_the_wrong_shape_say_so():
-  import jax.numpy as jnp
   from megan_jax import state as state_lib
   config = tiny_config()
   p = config.patch_size
@@ -562,7 +621,6 @@ def test_one_step_lowers_d_and_g_losses_on_its_batch(subjects, hr_state):
   the same real and fake pairs is lower with the new D params than with the
   old, and G's loss (against the new D, as in the step) is lower with the
   new G params than with the old: both descend, neither climbs."""
-  import jax.numpy as jnp
   from megan_jax import losses
   config = _arithmetic_config()
   step = train.make_train_step(config, "hr", donate=False)
