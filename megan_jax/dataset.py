@@ -311,6 +311,10 @@ def sample_hr_batch(subjects: Sequence[Subject], scale: int, batch_size: int,
   proportion to the foreground. A ``uniform_fraction`` of the patches is
   centred anywhere instead, so the generator also sees empty background (at
   inference every patch of the grid is generated, the empty ones included).
+  Starts run from 0 to inference's last, ``2 * coarse.shape - p``: every
+  voxel is in some patch (an odd axis's last patch reaches one voxel past
+  the volume, padded: the target with -1, the sketch with 0, as inference
+  pads it).
 
   Returns:
     ``prev``, ``edges``, ``target``: ``[B, p, p, p, 1]`` float32 each; the
@@ -326,7 +330,10 @@ def sample_hr_batch(subjects: Sequence[Subject], scale: int, batch_size: int,
     else:
       centre = np.unravel_index(int(rng.choice(sub.foreground[scale - 1])),
                                 coarse.shape)
-    cmax = [max(length - p, 0) // 2 for length in fine.shape]
+    # The last start is inference's last patch on its even grid (twice the
+    # previous scale): on an odd axis it reaches past the volume (padded)
+    # so that the last voxel is trained on too.
+    cmax = [max(2 * length - p, 0) // 2 for length in coarse.shape]
     c = [int(np.clip(u - p // 4, 0, m)) for u, m in zip(centre, cmax)]
     s = [2 * ci for ci in c]
     target.append(crop(fine, s, p, -1.0))

@@ -164,6 +164,37 @@ def test_hr_patch_starts_even_and_its_previous_scale_patch_is_centred_on_it():
   assert any(0 in s for s in starts)
 
 
+def test_hr_patches_reach_every_voxel_of_odd_axes_as_inference_does():
+  """Patch starts run up to inference's last, ``2 * coarse - p`` (its grid
+  is twice the previous scale), so on an odd axis the last voxel is
+  trained on too (the largest start was once ``fine - p - 1`` there)."""
+  p = 8
+  fine_shape = (25, 26, 27)
+  coarse_shape = tuple(-(-n // 2) for n in fine_shape)  # (13, 13, 14)
+  fine, coarse = _ramp(fine_shape), _ramp(coarse_shape)
+  sub = dataset.Subject(
+      name="ramp", images=[coarse, fine], edges=[coarse, fine],
+      lr_input=np.zeros((1, 1, 1), np.float32),
+      lr_target=np.zeros((1, 1, 1), np.float32),
+      foreground=[np.arange(coarse.size, dtype=np.int32)] * 2,
+      intensity=np.array([0.0, 1.0]))
+  target = dataset.sample_hr_batch([sub], 1, 400, p, np.random.default_rng(0),
+                                   uniform_fraction=0.5)["target"][..., 0]
+  v = target[:, 0, 0, 0].astype(int)
+  starts = np.stack([v // 10000, v // 100 % 100, v % 100], axis=1)
+  assert (starts % 2 == 0).all()
+  np.testing.assert_array_equal(starts.max(axis=0),
+                                [2 * n - p for n in coarse_shape])
+  for axis, n in enumerate(fine_shape):
+    covered = np.zeros(n, bool)
+    for s in starts[:, axis]:
+      covered[s:s + p] = True
+    assert covered.all(), (axis, np.flatnonzero(~covered))
+  # Past an odd axis's end the target is background, as inference pads it.
+  last = target[starts[:, 0] == 2 * coarse_shape[0] - p]
+  assert len(last) and (last[:, -1] == -1.0).all()
+
+
 def _cube_subject(config):
   """A 32³ volume, -1 but for a bright cube at [12:20)³, through
   ``preprocess`` (scales 8³, 16³, 32³; the cube at [3:5), [6:10), [12:20))."""
