@@ -134,8 +134,8 @@ class HRGenerator(ResNetGenerator):
   """HR patch generator: ``[B, p, p, p, C_in] -> [B, p, p, p, 1]`` (p % 4 == 0).
 
   The input channels are the previous-scale patch and the edge patch (C_in =
-  2), plus a label-mask channel where used (C_in = 3); C_in is read from the
-  input. At ngf 64, 6 blocks and C_in 2: 26,513,089 parameters and 36.3
+  2; a label mask is written onto the sketch, not given a channel of its
+  own); C_in is read from the input. At ngf 64, 6 blocks and C_in 2: 26,513,089 parameters and 36.3
   GFLOP per 32³ patch (the reference's). Initialisation defaults to the
   reference's ``"reference"`` scheme. See `ResNetGenerator` for the layers
   and attributes.
