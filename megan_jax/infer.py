@@ -235,8 +235,11 @@ class Translator:
                         train=False).astype(jnp.float32)
 
     def hr_fn(params, prev, edges):
-      batch = {"prev": prev.astype(self.dtype), "edges": edges.astype(self.dtype)}
-      x = state_lib.generator_input(batch, config, "hr")
+      # The batch stays float32: with model.hr_residual the previous patch
+      # is also the output's base, kept unrounded (generator_output).
+      batch = {"prev": prev.astype(jnp.float32),
+               "edges": edges.astype(jnp.float32)}
+      x = state_lib.generator_input(batch, config, "hr").astype(self.dtype)
       out = hr_g.apply(params, x, train=False)
       return state_lib.generator_output(out, batch, config,
                                         "hr").astype(jnp.float32)

@@ -169,7 +169,8 @@ def generator_output(out, batch, config, kind: str):
   """The scale's image from the generator's output: the output itself, or
   with ``model.hr_residual`` (HR scales; our option, not the paper's) the
   previous patch's centre trilinearly upsampled plus the output, clipped to
-  [-1, 1]. The generator then predicts what the previous scale lacks
+  [-1, 1], in float32 (the sum; ``out`` as is without the option). The
+  generator then predicts what the previous scale lacks
   instead of the whole intensity again, which its instance norms make
   hard: they take each patch's mean away (measured on the demo: its note
   in `configs.demo`)."""
@@ -178,8 +179,12 @@ def generator_output(out, batch, config, kind: str):
   if config.hr_condition == "none":
     raise InputError("config model.hr_residual needs the previous scale; "
                      "hr_condition='none' has none")
-  base = linear_upsampled_centre(batch["prev"], config.patch_size)
-  return jnp.clip(base.astype(out.dtype) + out, -1, 1)
+  # In float32 whatever the compute dtype: the base carries most of the
+  # intensity, and in bfloat16 it would be rounded to 8 bits (~0.004 at
+  # 1) where only the generator's small residual needs to be.
+  base = linear_upsampled_centre(batch["prev"].astype(jnp.float32),
+                                 config.patch_size)
+  return jnp.clip(base + out.astype(jnp.float32), -1, 1)
 
 
 def discriminator_input(batch, image, kind: str, config=None):

@@ -426,6 +426,29 @@ def _draws_a_flip(seed):
   return rng.random() < 0.5
 
 
+def test_bf16_residual_base_is_the_previous_scale_unrounded(params):
+  """With model.hr_residual the HR output is the previous patch's centre
+  upsampled plus the generator's output; in bfloat16 that base stays
+  float32 (it was rounded to bf16: errors up to ~0.004 near ±1). With the
+  last layer zeroed the output is the float32 base itself."""
+  config = _config()
+  assert config.model.hr_residual
+  zeroed = dict(params)
+  zeroed["hr1"] = {"params": dict(params["hr1"]["params"])}
+  zeroed["hr1"]["params"]["conv_out"] = jax.tree.map(
+      np.zeros_like, params["hr1"]["params"]["conv_out"])
+  t = infer.Translator(config, zeroed, batch_size=8, dtype="bfloat16")
+  p = config.patch_size
+  rng = np.random.default_rng(0)
+  prev = rng.uniform(-0.99, 0.99, (8, p, p, p, 1)).astype(np.float32)
+  edges = rng.uniform(0, 1, (8, p, p, p, 1)).astype(np.float32)
+  got = np.asarray(t._hr_fn(t.params["hr1"], prev, edges))
+  want = np.clip(np.asarray(state_lib.linear_upsampled_centre(prev, p)),
+                 -1, 1)
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 def test_large_outputs_are_memory_mapped(params):
   config = _config()
   config.unlock()
