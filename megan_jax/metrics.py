@@ -401,10 +401,14 @@ def seam_score(volume: Array, plan: Plan | None = None, *,
     ``h`` at both);
   * *inside patches*: every other plane ``1 <= i <= L - 2``.
 
-  The score is the mean over the first set divided by the mean over the
-  second, pooled over the three axes (every plane contributes its voxel
-  count, so axes with more border voxels weigh more). A smooth volume scores
-  about 1 whatever the grid; a step or a kink at the borders scores > 1.
+  Per axis with borders, the score is the mean over the first set divided
+  by the mean over the second, both along that axis; the axes' ratios are
+  averaged weighted by their voxels across a border. A smooth volume scores
+  about 1 whatever the grid, even when its axes differ in smoothness
+  (thick slices) or one has no borders; a step or a kink at the borders
+  scores > 1. (Means pooled over the axes before the ratio compared one
+  axis's curvature with another's: a smooth volume with 3 mm slices scored
+  0.18, the same with seams 0.81.)
   (The four-point ``|v[i+1] - v[i] - v[i-1] + v[i-2]|``, centred exactly on
   the border, is blind to a pure step, which is the most common seam.)
 
@@ -441,20 +445,23 @@ def seam_score(volume: Array, plan: Plan | None = None, *,
     raise InputError(
         f"seam_score needs at least 3 voxels per axis, got {tuple(v.shape)}")
   profiles = _second_difference_profiles(v)
-  sums = np.zeros(2)  # [across, inside]
-  counts = np.zeros(2)
+  ratios, weights = [], []
   for axis, (profile, bs) in enumerate(zip(profiles, boundaries)):
+    if not bs:
+      continue
     n = v.shape[axis]
-    plane = v.size // n
     centres = np.arange(1, n - 1)
     across = np.zeros(n - 2, bool)
     for b in bs:
       across |= (centres == b - 1) | (centres == b)
-    profile = np.asarray(profile, np.float64)
-    sums += [profile[across].sum(), profile[~across].sum()]
-    counts += [across.sum() * plane, (~across).sum() * plane]
-  if counts[1] == 0:
+    if across.all():  # no plane inside a patch along this axis
+      continue
+    plane = v.size // n
+    profile = np.asarray(profile, np.float64) / plane  # per voxel
+    ratios.append((profile[across].mean() + eps)
+                  / (profile[~across].mean() + eps))
+    weights.append(across.sum() * plane)
+  if not ratios:
     raise InputError(
         f"seam_score: no planes inside patches for borders {boundaries}")
-  across_mean, inside_mean = sums / counts
-  return float((across_mean + eps) / (inside_mean + eps))
+  return float(np.average(ratios, weights=weights))

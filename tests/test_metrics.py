@@ -218,6 +218,31 @@ def test_seam_score_ramp_and_explicit_boundaries():
   assert metrics.seam_score(step, boundaries=((5,), (), ())) < 1.5
 
 
+def test_seam_score_is_about_one_for_thick_slices_and_an_unbordered_axis():
+  """Axes of different smoothness (thick slices) and an axis with no
+  borders: the smooth volume still scores about 1 and the stepped one > 2
+  (scores pooled over axes before the ratio gave 0.18 and 0.81 here)."""
+  import scipy.ndimage as ndi
+  rng = np.random.default_rng(0)
+  smooth = ndi.gaussian_filter(rng.random((24, 64, 64)), (0.7, 3, 3))
+  plan = tiling.make_plan(smooth.shape, 32, 6)
+  borders = _boundaries(plan)
+  assert borders[0] == () and borders[1] and borders[2]
+  assert metrics.seam_score(smooth, plan) == pytest.approx(1.0, abs=0.15)
+  step = 0.5 * smooth.std()
+  stepped = _checkerboard_offset(smooth, plan, step)
+  assert metrics.seam_score(stepped, plan) > 2
+  # Borders on every axis of a volume smooth unlike along each.
+  smooth = ndi.gaussian_filter(rng.random((40, 64, 64)), (0.7, 3, 5))
+  plan = tiling.make_plan(smooth.shape, 32, 6)
+  assert all(_boundaries(plan))
+  assert metrics.seam_score(smooth, plan) == pytest.approx(1.0, abs=0.15)
+
+
+def _boundaries(plan):
+  return tuple(tuple(lo for lo, _ in r[1:]) for r in plan.keep_in_volume)
+
+
 def test_seam_score_single_patch_and_bad_input():
   v = np.random.default_rng(7).random((8, 8, 8))
   assert metrics.seam_score(v, tiling.make_plan(v.shape, 16, 3)) == 1.0
