@@ -234,8 +234,9 @@ def train_scale(config, workdir: str, scale: str, subjects, val_subjects, *,
   val = validation_batches(val_subjects, config, k)
   logdir = os.path.join(workdir, "logs", scale)
   writer = writers.create_default_writer(logdir)
-  if start:  # a killed run's logs of the steps after its checkpoint go
-    writer.resume_from(start)
+  # A killed run's logs of the steps after its checkpoint (all of them when
+  # it was killed before its first) go: those steps are logged again.
+  writer.resume_from(start)
   montage_dir = os.path.join(workdir, "montages")
   os.makedirs(montage_dir, exist_ok=True)
   t = config.train

@@ -210,6 +210,28 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
   assert os.listdir(tmp_path / "killed" / "checkpoints" / "hr1" / "best")
 
 
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(
+    tmp_path):
+  """Its logs (steps it never checkpointed) are dropped when the rerun
+  logs those steps again, in metrics.jsonl and for TensorBoard."""
+  from megan_jax import writers
+  config = tiny_config()
+  logdir = tmp_path / "logs" / "lr"
+  with writers.create_default_writer(str(logdir)) as w:  # the killed run's
+    w.write_scalars(2, {"g_loss": 1e9})
+  train.train(config, str(tmp_path), "lr", progress=False)
+  lines = [json.loads(l) for l in open(logdir / "metrics.jsonl")]
+  twos = [l["g_loss"] for l in lines if l["step"] == 2 and "g_loss" in l]
+  assert len(twos) == 1 and twos[0] < 1e3, twos
+  event_accumulator = pytest.importorskip(
+      "tensorboard.backend.event_processing.event_accumulator")
+  acc = event_accumulator.EventAccumulator(str(logdir))
+  acc.Reload()
+  events = [(e.step, e.value) for e in acc.Scalars("g_loss")]
+  assert [s for s, _ in events] == sorted({s for s, _ in events})
+  assert all(v < 1e3 for _, v in events), events
+
+
 def test_workdir_of_another_config_is_refused(tmp_path):
   config = tiny_config()
   state_lib.save_config(str(tmp_path), config)
