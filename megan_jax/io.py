@@ -357,7 +357,9 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray,
       a silent truncation.
 
   Raises:
-    ValueError: for data that are not 3D, not real numbers or not finite.
+    ValueError: for data that are not 3D, not real numbers or not finite
+      (also once in ``dtype``), or a ``dtype`` that is not a real number
+      type.
 
   Returns:
     ``path``.
@@ -382,6 +384,15 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray,
     raise ValueError(f"save_nifti: {path}: {bad} non-finite value(s) (NaN "
                      "or inf) in the data; load_nifti would refuse the file")
   dtype = np.dtype(dtype)
+  if dtype.kind not in "iuf":
+    raise ValueError(f"save_nifti: {path}: dtype {dtype}: an integer or "
+                     "float type")
+  if (dtype.kind == "f" and data.size and data.dtype.kind == "f"
+      and float(np.abs(data).max()) > float(np.finfo(dtype).max)):
+    raise ValueError(f"save_nifti: {path}: values up to "
+                     f"{float(np.abs(data).max()):g} beyond {dtype}'s range "
+                     "(they would be written as inf, which load_nifti "
+                     "refuses)")
   exact = (dtype.kind == "f" or data.size == 0 or (
       dtype.kind in "iu" and bool(np.all(np.mod(data, 1) == 0))
       and np.iinfo(dtype).min <= data.min()

@@ -339,3 +339,10 @@ def test_save_nifti_keeps_values_an_integer_type_cannot_hold_exactly(
     with pytest.raises(ValueError, match=what):
       io.save_nifti(tmp_path / "bad.nii.gz", bad)
     assert not (tmp_path / "bad.nii.gz").exists()
+  # Finite float64 values beyond float32's range were written as inf.
+  for dtype, what in ((np.float32, "beyond float32's range"),
+                      (np.complex64, "an integer or float type")):
+    with pytest.raises(ValueError, match=what):
+      io.save_nifti(tmp_path / "bad.nii.gz", np.full((3, 3, 3), 1e39),
+                    dtype=dtype)
+    assert not (tmp_path / "bad.nii.gz").exists()
