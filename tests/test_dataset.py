@@ -130,6 +130,17 @@ def _ramp(shape):
   return (z * 10000 + y * 100 + x).astype(np.float32)
 
 
+def _ramp_subject(coarse, fine):
+  """A subject of two scales (its sketches the images), every voxel
+  foreground."""
+  return dataset.Subject(
+      name="ramp", images=[coarse, fine], edges=[coarse, fine],
+      lr_input=np.zeros((1, 1, 1), np.float32),
+      lr_target=np.zeros((1, 1, 1), np.float32),
+      foreground=[np.arange(coarse.size, dtype=np.int32)] * 2,
+      intensity=np.array([0.0, 1.0]))
+
+
 def test_hr_patch_starts_even_and_its_previous_scale_patch_is_centred_on_it():
   """The target (and edge) patch is ``fine[s : s + p]`` with every ``s``
   even, and ``prev`` is the coarse volume from ``s // 2 - p // 4`` (padded
@@ -138,12 +149,7 @@ def test_hr_patch_starts_even_and_its_previous_scale_patch_is_centred_on_it():
   p = 8
   fine_shape, coarse_shape = (24, 26, 28), (12, 13, 14)
   fine, coarse = _ramp(fine_shape), _ramp(coarse_shape)
-  sub = dataset.Subject(
-      name="ramp", images=[coarse, fine], edges=[coarse, fine],
-      lr_input=np.zeros((1, 1, 1), np.float32),
-      lr_target=np.zeros((1, 1, 1), np.float32),
-      foreground=[np.arange(coarse.size, dtype=np.int32)] * 2,
-      intensity=np.array([0.0, 1.0]))
+  sub = _ramp_subject(coarse, fine)
   batch = dataset.sample_hr_batch([sub], 1, 64, p, np.random.default_rng(0))
   padded = np.pad(coarse, p // 4, constant_values=-1.0)
   starts = set()
@@ -172,12 +178,7 @@ def test_hr_patches_reach_every_voxel_of_odd_axes_as_inference_does():
   fine_shape = (25, 26, 27)
   coarse_shape = tuple(-(-n // 2) for n in fine_shape)  # (13, 13, 14)
   fine, coarse = _ramp(fine_shape), _ramp(coarse_shape)
-  sub = dataset.Subject(
-      name="ramp", images=[coarse, fine], edges=[coarse, fine],
-      lr_input=np.zeros((1, 1, 1), np.float32),
-      lr_target=np.zeros((1, 1, 1), np.float32),
-      foreground=[np.arange(coarse.size, dtype=np.int32)] * 2,
-      intensity=np.array([0.0, 1.0]))
+  sub = _ramp_subject(coarse, fine)
   target = dataset.sample_hr_batch([sub], 1, 400, p, np.random.default_rng(0),
                                    uniform_fraction=0.5)["target"][..., 0]
   v = target[:, 0, 0, 0].astype(int)
