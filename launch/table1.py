@@ -225,7 +225,8 @@ def _unit(x, lo, hi):
 def main(argv=None) -> int:
   args = parse_args(argv)
   import jax
-  from megan_jax import baselines, grid, infer, io, metrics, paired, train
+  from megan_jax import (baselines, edges, grid, infer, io, metrics, paired,
+                         train)
   from megan_jax.errors import InputError
 
   out = args.out or os.path.join("runs", f"table1-{args.task}")
@@ -273,11 +274,17 @@ def main(argv=None) -> int:
     megan = infer.load(os.path.join(out, "megan"))
     megan.keep_scales = True
     patch_gan = baselines.PatchGan.load(os.path.join(out, "patch_gan"))
-    # Compile outside the timings: every jitted shape is fixed by the
-    # config (LR grid, patch batch), not by the volume.
+    # Compile outside the timings: the generators' shapes are fixed by the
+    # config (LR grid, patch batch), the edge kernels by each test volume's
+    # working shape (per scale for MEGAN, the whole for the patch GAN).
     warm = np.random.default_rng(0).uniform(-1, 1, (24, 24, 24))
     megan.translate_normalised(warm.astype(np.float32), progress=False)
     patch_gan.translate_normalised(warm.astype(np.float32))
+    if edges.ENGINE == "jax":
+      for shape in {grid.to_working(io.load_nifti(sp), config).volume.data
+                    .shape for sp in sources}:
+        megan.plan(shape)
+        edges.compile_canny(shape, patch_gan.config.edges.sigma)
     per = {m: [] for m in METHODS}
     montage = None
     pred_dir = os.path.join(out, "pred")
