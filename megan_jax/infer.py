@@ -402,8 +402,9 @@ class Translator:
       workspace: folder for resumable memory-mapped outputs (see module doc).
         What another translation left there is cleared first.
       workspace_key: what identifies this translation in ``workspace``
-        (default: a digest of ``image``, ``label``, the config, dtype and
-        weights; `translate_file` passes its own, from the files).
+        (default: a digest of ``image``, ``label``, the config, dtype,
+        weights and edge engine; `translate_file` passes its own, from the
+        files).
       on_batch: called as ``on_batch(scale, patches_done)`` after each batch
         (tests use it to interrupt a run).
     """
@@ -411,7 +412,7 @@ class Translator:
     if workspace and self.is_writer:  # never another input's outputs
       claim_workspace(workspace, workspace_key or _fingerprint(
           _array_digest(image, label), c.to_dict(), str(self.dtype),
-          self.fingerprint))
+          self.fingerprint, edges_lib.ENGINE))
     # The finer scales' sketches are made on a second thread while the
     # coarser scales are generated (their jax-engine kernels share the
     # device; the rest of `canny_3d` is host work); "edges" times what the
@@ -923,7 +924,8 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
 
   The resume folder is kept only for the same input and mask files (path,
   size, modification time; an array mask by its contents), seed, config,
-  dtype and checkpoints; anything else starts afresh.
+  dtype, checkpoints and edge engine (the engines' sketches differ by
+  rounding near ties); anything else starts afresh.
   """
   writer = translator.is_writer
   if mask_path is not None and label is not None:
@@ -963,7 +965,7 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
                                 f"input {in_path}")
   fp = _fingerprint(_file_id(vol.path), mask_id, mask_augment_seed,
                     translator.config.to_dict(), str(translator.dtype),
-                    translator.fingerprint)
+                    translator.fingerprint, edges_lib.ENGINE)
   lock = folder = None
   try:
     if writer:

@@ -974,6 +974,17 @@ def test_a_workspace_never_returns_another_inputs_translation(
                                  on_batch=lambda s, d: seen.append((s, d)))
   assert seen[0][0] == 2 and seen[0][1] > 12
   np.testing.assert_allclose(again, ya, atol=1e-5)
+  # Another edge engine (sketches that differ by rounding near ties)
+  # starts afresh rather than mixing the two.
+  ws = str(tmp_path / "ws2")
+  with pytest.raises(Killed):
+    t.translate_normalised(a, progress=False, workspace=ws, on_batch=kill)
+  other = "numpy" if infer.edges_lib.ENGINE == "jax" else "jax"
+  monkeypatch.setattr(infer.edges_lib, "ENGINE", other)
+  seen.clear()
+  t.translate_normalised(a, progress=False, workspace=ws,
+                         on_batch=lambda s, d: seen.append((s, d)))
+  assert seen[0][0] == 1
 
 
 def test_plan_and_translate_refuse_what_a_translation_cannot_take(params):
