@@ -254,7 +254,10 @@ class SummaryWriter(_FileWriter):
   """Writes TensorBoard event files, with no TensorFlow at runtime.
 
   The file is ``<logdir>/events.out.tfevents.<time>.<host>.<pid>.<n>`` (the
-  pid and a counter keep two writers in one second apart); its first record
+  pid and a counter keep two writers in one second apart; both zero-padded,
+  since TensorBoard reads a folder's files in name order: a counter's 10
+  sorted before its 9, and a resumed run's restart came before the old
+  events it drops); its first record
   is the ``brain.Event:2`` file-version event that TensorBoard expects.
   Scalars are legacy ``simple_value`` summaries, images PNG-encoded
   ``Summary.Image``s: TensorBoard shows both in its Scalars / Images tabs.
@@ -263,7 +266,8 @@ class SummaryWriter(_FileWriter):
   def __init__(self, logdir: str | os.PathLike):
     os.makedirs(logdir, exist_ok=True)
     name = (f"events.out.tfevents.{int(time.time()):010d}."
-            f"{socket.gethostname()}.{os.getpid()}.{next(_file_counter)}")
+            f"{socket.gethostname()}.{os.getpid():07d}."
+            f"{next(_file_counter):06d}")
     self.path = os.path.join(os.fspath(logdir), name)
     self._file = open(self.path, "wb")
     self._write_event(_event(time.time(), 0, file_version="brain.Event:2"))

@@ -261,6 +261,21 @@ def test_a_resumed_run_replaces_the_steps_after_its_checkpoint(tmp_path):
   assert [(r["step"], r["loss"]) for r in lines] == got
 
 
+def test_writers_of_one_second_sort_in_the_order_they_were_made(
+    tmp_path, monkeypatch):
+  """TensorBoard reads a folder's event files in name order: the 10th
+  writer's file sorted before the 9th's, so a resume's restart marker was
+  read before the events it drops (each step logged twice)."""
+  import itertools
+  monkeypatch.setattr(writers, "_file_counter", itertools.count(9))
+  monkeypatch.setattr(writers.time, "time", lambda: 1_700_000_000.0)
+  first = writers.SummaryWriter(tmp_path)
+  first.close()
+  second = writers.SummaryWriter(tmp_path)
+  second.close()
+  assert sorted([first.path, second.path]) == [first.path, second.path]
+
+
 # ---------------------------------------------------------------------------
 # JsonlWriter, MultiWriter, create_default_writer.
 # ---------------------------------------------------------------------------
