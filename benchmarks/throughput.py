@@ -1172,7 +1172,9 @@ def _ok(rows, **match):
 
 
 def _im2col_batch(rows):
-  """The batch the ``fast-im2col`` forward ran at (compared at the same)."""
+  """The first batch the ``fast-im2col`` forward ran at: both sides of
+  ``fast_over_im2col_forward`` are taken there (the im2col side was the
+  best of all its batches, against ``fast`` at this one)."""
   got = _ok(rows, framework="jax", impl="fast-im2col")
   return got[0]["batch"] if got else None
 
@@ -1229,7 +1231,7 @@ def compute_ratios(results: dict) -> tuple[dict, dict]:
         best(fwd, "hr_forward", "s_per_patch", framework="jax", impl="fast",
              dtype="fp32", batch=_im2col_batch(fwd)),
         best(fwd, "hr_forward", "s_per_patch", framework="jax",
-             impl="fast-im2col", dtype="fp32"))
+             impl="fast-im2col", dtype="fp32", batch=_im2col_batch(fwd)))
   def fast_over(before, name):  # JAX training steps, batch 1
     for kind in ("hr", "lr"):
       ratio(f"{name}_{kind}", *(
