@@ -414,7 +414,7 @@ ROW_KEYS = ("model", "size", "measure", "bytes", "compile_s", "error")
 # Written where a row has them: ``autotune`` (false where the case ran with
 # XLA's GPU autotuning off) and ``compile_peak_bytes`` (a GPU peak case:
 # the device's high-water mark after compiling, before the step ran).
-OPTIONAL_ROW_KEYS = ("autotune", "compile_peak_bytes")
+OPTIONAL_ROW_KEYS = ("autotune", "compile_peak_bytes", "rerun_error")
 
 
 def _atomic_write(path: str, write) -> None:
@@ -784,13 +784,21 @@ def _options_clash(old: dict | None, opts: dict) -> str | None:
 
 def _merge(old: dict | None, results: list[dict], meta: dict) -> list[dict]:
   """The rows of the earlier results ``old`` that ``results`` does not
-  replace, plus ``results``; notes the earlier run's command in ``meta``."""
+  replace, plus ``results``; notes the earlier run's command in ``meta``.
+  A new row without bytes never replaces an old one with bytes."""
   if old is None:
     return results
   old_rows, old_meta = old["results"], old["meta"]
-  new = {(r["model"], r["size"], r["measure"]) for r in results}
-  keep = [r for r in old_rows
-          if (r["model"], r["size"], r["measure"]) not in new]
+  key = lambda r: (r["model"], r["size"], r["measure"])
+  # A case measured before and failed now (a timeout, say) keeps its
+  # bytes, the failure noted on it (``rerun_error``), rather than losing a
+  # measured point to a failed rerun.
+  measured = {key(r): r for r in old_rows if r.get("bytes") is not None}
+  results = [dict(measured[key(r)], rerun_error=r.get("error") or "no bytes")
+             if r.get("bytes") is None and key(r) in measured else r
+             for r in results]
+  new = {key(r) for r in results}
+  keep = [r for r in old_rows if key(r) not in new]
   fields = ("command", "date", "total_s") + tuple(
       k for k in ("device_kind", "jax_version") if k in old_meta)
   meta["merged_with"] = old_meta.get("merged_with", []) + [

@@ -1179,6 +1179,20 @@ def _im2col_batch(rows):
   return got[0]["batch"] if got else None
 
 
+def merge_cascade(rows: list[dict], old_rows: list[dict]) -> list[dict]:
+  """The cascade rows of a ``--merge``: this run's, then the earlier
+  file's not run again. A case that ran before without error and failed
+  now (out of memory, a time limit) keeps its earlier row, this run's
+  error noted on it (``rerun_error``): a failed rerun never loses a
+  measured case."""
+  good = {cascade_key(r): r for r in old_rows if r.get("error") is None}
+  out = [dict(good[cascade_key(r)], rerun_error=r["error"])
+         if r.get("error") is not None and cascade_key(r) in good else r
+         for r in rows]
+  ran = {cascade_key(r) for r in rows}
+  return out + [r for r in old_rows if cascade_key(r) not in ran]
+
+
 def compute_ratios(results: dict) -> tuple[dict, dict]:
   """``(ratios, why_missing)``: every key of `RATIO_KEYS`, None where a side
   was not measured (its reason in ``why_missing``)."""
@@ -1355,7 +1369,9 @@ def markdown(data: dict) -> str:
                     f"{r.get('edges', 'jax')}"
                     + (f" ({r['kept_from']['date'][:10]})"
                        if r["kept_from"].get("date") else "")
-                    + f": `{r['kept_from']['command']}`" for r in kept)
+                    + f": `{r['kept_from']['command']}`"
+                    + (f" (its rerun failed: {r['rerun_error']})"
+                       if r.get("rerun_error") else "") for r in kept)
                 + "."]
   edge_rows = [r for r in res.get("edges") or [] if not r.get("error")]
   if edge_rows:
@@ -1802,11 +1818,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   def keep(section):  # saves a section's rows as they come
     def on_row(rows):
-      results[section] = list(rows)
-      if section == "cascade":  # --merge: the earlier rows not run again
-        ran = {cascade_key(r) for r in rows}
-        results[section] += [r for r in old_cascade
-                             if cascade_key(r) not in ran]
+      results[section] = (merge_cascade(rows, old_cascade)
+                          if section == "cascade" else list(rows))
       save()
     return on_row
 

@@ -335,6 +335,21 @@ def test_merge_replaces_rows_by_model_size_and_measure():
                                   "total_s": 1.0}]
 
 
+def test_a_failed_rerun_keeps_the_measured_row():
+  """A case measured before that fails now (a timeout) keeps its bytes,
+  the failure noted on it; a failure where nothing was measured replaces
+  the earlier failure."""
+  old = {"results": [_mrow("pggan", 64, "peak", 8),
+                     dict(_mrow("dcgan", 256, "peak", None), error="old")],
+         "meta": {"command": "old", "date": "d0", "total_s": 1.0}}
+  new = [dict(_mrow("pggan", 64, "peak", None), error="timeout after 90 s"),
+         dict(_mrow("dcgan", 256, "peak", None), error="new")]
+  rows = {(r["model"], r["size"]): r for r in memory._merge(old, new, {})}
+  assert rows["pggan", 64]["bytes"] == 8
+  assert rows["pggan", 64]["rerun_error"] == "timeout after 90 s"
+  assert rows["dcgan", 256]["error"] == "new" and len(rows) == 2
+
+
 def test_merge_keeps_the_new_runs_channel_notes():
   """Where both runs noted a model and size's channels, the new run's text
   wins; the earlier run's notes fill only the sizes the new run lacks."""

@@ -656,6 +656,24 @@ def test_fp32_flops_row_gives_the_tf32_fraction_too(no_torch_run):
   assert lines[1].endswith("| – |")
 
 
+def test_a_failed_cascade_rerun_keeps_the_measured_row():
+  """--merge: a case that ran before and fails now (out of memory) keeps
+  its earlier row, the error noted; new cases and new failures of cases
+  never measured are this run's."""
+  def row(size, total, error=None):
+    return {"size": size, "widths": "paper", "dtype": "bf16", "impl": "fast",
+            "edges": "jax", "total_s": total, "error": error}
+  old = [row(512, 8.85), row(1024, None, "old failure")]
+  new = [row(512, None, "out of memory"), row(1024, None, "again"),
+         row(256, 2.0)]
+  got = {r["size"]: r for r in throughput.merge_cascade(new, old)}
+  assert got[512]["total_s"] == 8.85
+  assert got[512]["rerun_error"] == "out of memory"
+  assert got[1024]["error"] == "again" and got[256]["total_s"] == 2.0
+  assert len(throughput.merge_cascade(new, old)) == 3
+  assert throughput.merge_cascade([row(512, 9.0)], old)[0]["total_s"] == 9.0
+
+
 def test_merge_keeps_sections_of_the_same_device_only(tmp_path, monkeypatch,
                                                      capsys):
   _without_torch(monkeypatch)
