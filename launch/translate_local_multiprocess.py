@@ -143,14 +143,18 @@ def launch(args) -> int:
   why = None
   if args.timeout < 1:
     why = f"--timeout {args.timeout}: must be >= 1 second"
-  elif args.mask and len(args.mask) != len(args.input):
-    why = (f"--mask: {len(args.mask)} mask(s) for {len(args.input)} "
-           "input(s); give one per input, in the same order")
   else:
+    from megan_jax import cli
     from megan_jax import state as state_lib
     from megan_jax.errors import InputError
-    try:
-      state_lib.load_config(args.workdir)
+    try:  # counted as megan translate counts them: @FILE lists expanded
+      inputs = cli.expand_arg_files(args.input)
+      masks = cli.expand_arg_files(args.mask or [])
+      if masks and len(masks) != len(inputs):
+        why = (f"--mask: {len(masks)} mask(s) for {len(inputs)} "
+               "input(s); give one per input, in the same order")
+      else:
+        state_lib.load_config(args.workdir)
     except InputError as e:
       why = str(e)
   if why:

@@ -598,17 +598,42 @@ class Translator:
                        ) -> np.ndarray:
     """A ``Volume`` (scanner intensities) → the translated array, on the
     volume's grid, in the target domain's intensities."""
-    from megan_jax import grid
     if not isinstance(vol, io.Volume):
       raise InputError(f"translate_volume: expected an io.Volume (from "
                        f"io.load_nifti), got {type(vol).__name__}; an array "
                        "goes to translate()")
+    work, image = self._prepare(vol, label)
+    return self._to_input(work, self.translate_normalised(
+        image, work.label, **kwargs))
+
+  def _settle(self, write: Callable[[], object], what: str) -> None:
+    """Runs ``write`` on the writing process; with several processes every
+    one then raises if it failed (``sharding.agree``, which also waits for
+    the writer), so none goes on alone into a collective or returns before
+    the file exists."""
+    error = None
+    if self.is_writer:
+      try:
+        write()
+      except (InputError, OSError, ValueError) as e:
+        error = e
+    if self.multiprocess:
+      sharding.agree(error, what)
+    elif error is not None:
+      raise error
+
+  def _prepare(self, vol: io.Volume, label=None):
+    """``(working grid, its image in [-1, 1])``: what `translate_volume`
+    checks of an input before any work on the devices (a constant image, a
+    grid too small, ...)."""
+    from megan_jax import grid
     work = grid.to_working(vol, self.config, label)
-    y = self.translate_normalised(
-        self._normalise_source(work.volume.data, vol.path), work.label,
-        **kwargs)
-    y = work.restore(y)
-    return self.intensity.denormalise(np.clip(y, -1.0, 1.0))
+    return work, self._normalise_source(work.volume.data, vol.path)
+
+  def _to_input(self, work, y: np.ndarray) -> np.ndarray:
+    """The cascade's output on the working grid → the input's grid, in the
+    target domain's intensities."""
+    return self.intensity.denormalise(np.clip(work.restore(y), -1.0, 1.0))
 
   def translate(self, x, mask=None, *, out: str | None = None,
                 progress: bool = False):
@@ -662,8 +687,9 @@ class Translator:
                        f"numpy array, got {type(x).__name__}")
     if label is not None:  # an array has no grid to compare a mask's with
       label = mask_on(vol, label, grid=not isinstance(x, np.ndarray))
-    if out is not None and self.is_writer:
-      io.check_output_path(out, [vol.path, mask_path])
+    if out is not None:  # with several processes: all fail, or none
+      self._settle(lambda: io.check_output_path(out, [vol.path, mask_path]),
+                   f"output {out}")
     try:
       y = self.translate_volume(vol, label, progress=progress)
     except InputError as e:  # say which volume, as a file's error does
@@ -673,9 +699,10 @@ class Translator:
       if str(e).startswith(name.split()[0]):
         raise
       raise InputError(f"{name}: {e}") from None
-    if out is not None:
-      if self.is_writer:
-        io.save_nifti(out, y, like=vol, inputs=[mask_path])
+    if out is not None:  # several processes: none returns before the file
+      self._settle(lambda: io.save_nifti(out, y, like=vol,
+                                         inputs=[mask_path]),
+                   f"output {out}")
       return out
     if isinstance(x, np.ndarray):
       return y.reshape(shape_in)  # [D, H, W, 1] in, [D, H, W, 1] out
@@ -957,6 +984,15 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
             label, np.random.default_rng(mask_augment_seed),
             scale_range=a.label_scale, mirror=a.label_mirror,
             axes=(left_right_axis(vol.affine),)) > 0
+    # What the translation checks of the input (a constant image on the
+    # working grid, a grid too small) fails here, agreed by every process,
+    # so a job of several inputs goes on with the next.
+    try:
+      work, image = translator._prepare(vol, label)
+    except InputError as e:
+      if in_path in str(e):
+        raise
+      raise InputError(f"input {in_path}: {e}") from None
   except (InputError, OSError) as e:
     error = e
   settle(error, f"input {in_path}")
@@ -980,9 +1016,9 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
   try:
     settle(error, f"output {out_path}")
     try:
-      y = translator.translate_volume(vol, label, progress=progress,
-                                      workspace=folder, workspace_key=fp,
-                                      on_batch=on_batch)
+      y = translator._to_input(work, translator.translate_normalised(
+          image, work.label, progress=progress, workspace=folder,
+          workspace_key=fp, on_batch=on_batch))
     except InputError as e:
       # This input cannot be translated: no resume state to keep.
       if folder:
@@ -1007,7 +1043,9 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
       os.close(lock)
   if translator.multiprocess:  # nobody returns before the file exists
     from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f"megan translate_file {out_path}")
+    # One name on every process: with node-local copies the inputs' (and
+    # so the outputs') names may differ between them.
+    multihost_utils.sync_global_devices("megan translate_file")
   return out_path
 
 

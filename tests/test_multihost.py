@@ -130,12 +130,25 @@ def test_a_failing_job_stops_with_the_error(run_dir, source, tmp_path):
     assert r.returncode == 2 and said in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1
   assert not os.path.exists(out)
+  # Masks are counted against the inputs of @FILE lists as megan translate
+  # counts them (two inputs listed, two masks: not refused, so the missing
+  # run is what is said).
+  listed = tmp_path / "inputs.txt"
+  listed.write_text(f"{source}\n{source}\n")
+  r = subprocess.run([sys.executable, LAUNCHER, "--workdir", missing, "-i",
+                      f"@{listed}", "-o", str(tmp_path / "o") + "/",
+                      "--mask", source, source],
+                     capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert r.returncode == 2 and missing in r.stderr, r.stderr
+  assert "mask(s)" not in r.stderr
 
 
-def _megan_job(argvs, timeout=240):
+def _megan_job(argvs, timeout=240,
+               prefix=("-m", "megan_jax.cli", "--distributed")):
   """Runs ``megan --distributed ARGV`` once per entry of ``argvs`` as one
   job (what srun starts: the MEGAN_* variables instead of SLURM's), one CPU
-  device each; returns ``[(exit status, stdout, stderr)]``."""
+  device each; returns ``[(exit status, stdout, stderr)]``. Another
+  ``prefix`` (``("-c", script)``) runs a script instead."""
   import socket
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
@@ -147,7 +160,7 @@ def _megan_job(argvs, timeout=240):
                MEGAN_COORDINATOR=f"127.0.0.1:{port}",
                MEGAN_NUM_PROCESSES=str(len(argvs)), MEGAN_PROCESS_ID=str(i))
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "megan_jax.cli", "--distributed", *argv],
+        [sys.executable, *prefix, *argv],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         cwd=ROOT))
   outs = []
@@ -213,6 +226,56 @@ def test_processes_that_disagree_all_stop_with_an_error(run_dir, tmp_path):
   assert sorted(os.listdir(folder)) == [".blocked.nii.gz.partial",
                                         "same.nii.gz"]
   assert o0.count("wrote") == 1 and o1.count("wrote") == 0  # process 0 writes
+
+  # An input constant on the working grid (one bright voxel at 1 mm; the
+  # run works at 4 mm) is refused by every process alike when the cascade
+  # prepares it: the job went on with no other input (all stopped).
+  spike = np.zeros((40, 40, 40), np.float32)
+  spike[20, 20, 20] = 1.0
+  nib.save(nib.Nifti1Image(spike, np.diag([1.0, 1.0, 1.0, 1.0])),
+           str(tmp_path / "spike.nii.gz"))
+  # Node-local copies under other names: one output, named by process 0's.
+  folder = tmp_path / "out2"
+  (c0, o0, e0), (c1, o1, e1) = _megan_job([
+      ["translate", "--workdir", run_dir, "--quiet", "-o", f"{folder}/", "-i",
+       str(tmp_path / "spike.nii.gz"), str(copies[i] / name)]
+      for i, name in enumerate(("same.nii.gz", "blocked.nii.gz"))])
+  assert (c0, c1) == (2, 2), (e0[-2000:], e1[-2000:])
+  for err in (e0, e1):
+    assert "spike.nii.gz" in err and "Traceback" not in err, err
+  assert sorted(os.listdir(folder)) == ["same.nii.gz"]
+  assert o0.count("wrote") == 1
+
+
+API_SCRIPT = """
+import os, sys
+import numpy as np
+from megan_jax import infer, sharding
+sharding.initialize_distributed()
+run, out = sys.argv[1:3]
+t = infer.load(run, batch_size=2)
+x = np.random.default_rng(0).uniform(0, 255, (30, 37, 36)).astype(np.float32)
+try:
+  t.translate(x, out=out)
+  print("returned; the file exists:", os.path.exists(out))
+except ValueError as e:
+  print("raised:", e)
+"""
+
+
+@pytest.mark.slow
+def test_translate_to_a_file_on_several_processes(run_dir, tmp_path):
+  """``Translator.translate(array, out=...)`` in a job: no process returns
+  before the file is there, and an output only process 0 could find bad
+  stops every process (the others waited in a collective for it)."""
+  good = str(tmp_path / "y.nii.gz")
+  bad = str(tmp_path / "no_folder" / "y.nii.gz")
+  for out, said in ((good, "returned; the file exists: True"),
+                    (bad, f"raised: output {bad}")):
+    results = _megan_job([[run_dir, out]] * 2, timeout=180,
+                         prefix=("-c", API_SCRIPT))
+    for code, stdout, stderr in results:
+      assert code == 0 and said in stdout, (stdout, stderr[-2000:])
 
 
 @pytest.mark.slow
