@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
 import time
 from typing import Callable
 
@@ -243,8 +244,12 @@ def train_scale(config, workdir: str, scale: str, subjects, val_subjects, *,
   bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
              desc=f"train {scale}", unit="step", disable=not progress,
              dynamic_ncols=True)
-  if start and progress:
-    bar.write(f"{scale}: resuming from step {start}")
+  if start:  # said with or without the bar (`megan train --quiet` too)
+    note = f"{scale}: resuming from step {start}"
+    if progress:
+      bar.write(note)
+    else:
+      print(note, file=sys.stderr)
   finished = False
   try:
     done = 0

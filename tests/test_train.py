@@ -189,14 +189,19 @@ def test_generator_is_a_pure_function(subjects):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+def test_killed_run_resumes_to_the_same_parameters(tmp_path, capsys):
   config = tiny_config()
   full = train.train(config, str(tmp_path / "full"), "all", progress=False)
   killed = str(tmp_path / "killed")
   train.train(config, killed, "all", progress=False, stop_after=2)  # "killed"
   _, partial = train.restore(killed)
   assert {int(s.step) for s in partial.values()} == {2}
+  capsys.readouterr()
   resumed = train.train(config, killed, "all", progress=False)
+  # Said without a progress bar too (`megan train --quiet`).
+  said = capsys.readouterr().err
+  for name in ("lr", "hr1", "hr2"):
+    assert f"{name}: resuming from step 2" in said, said
   for name in ("lr", "hr1", "hr2"):
     jax.tree.map(np.testing.assert_array_equal, full[name].g_params,
                  resumed[name].g_params)
