@@ -606,21 +606,25 @@ class Translator:
     return self._to_input(work, self.translate_normalised(
         image, work.label, **kwargs))
 
+  def _agree(self, error: BaseException | None, what: str) -> None:
+    """Raises ``error``; with several processes, on all if any met one
+    (``sharding.agree``: else the others would wait in a collective)."""
+    if self.multiprocess:
+      sharding.agree(error, what)
+    elif error is not None:
+      raise error
+
   def _settle(self, write: Callable[[], object], what: str) -> None:
-    """Runs ``write`` on the writing process; with several processes every
-    one then raises if it failed (``sharding.agree``, which also waits for
-    the writer), so none goes on alone into a collective or returns before
-    the file exists."""
+    """Runs ``write`` on the writing process, then `_agree`s on how it
+    went (which also waits for the writer): no process goes on alone into
+    a collective or returns before the file exists."""
     error = None
     if self.is_writer:
       try:
         write()
       except (InputError, OSError, ValueError) as e:
         error = e
-    if self.multiprocess:
-      sharding.agree(error, what)
-    elif error is not None:
-      raise error
+    self._agree(error, what)
 
   def _prepare(self, vol: io.Volume, label=None):
     """``(working grid, its image in [-1, 1])``: what `translate_volume`
@@ -916,6 +920,11 @@ def working_shape(config, vol: io.Volume | tuple) -> tuple[int, int, int]:
   return grid.working_shape(config, vol)
 
 
+def _naming(error: InputError, path: str) -> InputError:
+  """``error``, or the same saying first which input it is about."""
+  return error if path in str(error) else InputError(f"input {path}: {error}")
+
+
 def left_right_axis(affine) -> int:
   """The voxel axis of an image with this affine that runs left-right (the
   one nearest the world's x), where a label mirror is anatomically
@@ -957,13 +966,6 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
   writer = translator.is_writer
   if mask_path is not None and label is not None:
     raise ValueError("translate_file: give mask_path or label, not both")
-  def settle(error, what):
-    """Raises ``error``; with several processes, on all if any met one."""
-    if translator.multiprocess:  # else the others would wait in a collective
-      sharding.agree(error, what)
-    elif error is not None:
-      raise error
-
   vol, error = None, None
   try:
     if writer:
@@ -990,12 +992,10 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
     try:
       work, image = translator._prepare(vol, label)
     except InputError as e:
-      if in_path in str(e):
-        raise
-      raise InputError(f"input {in_path}: {e}") from None
+      raise _naming(e, in_path) from None
   except (InputError, OSError) as e:
     error = e
-  settle(error, f"input {in_path}")
+  translator._agree(error, f"input {in_path}")
   if translator.multiprocess:  # or their patches would not fit together
     sharding.assert_same_on_all(_content_digest(vol, label),
                                 f"input {in_path}")
@@ -1014,7 +1014,7 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
   except (InputError, OSError) as e:
     error = e
   try:
-    settle(error, f"output {out_path}")
+    translator._agree(error, f"output {out_path}")
     try:
       y = translator._to_input(work, translator.translate_normalised(
           image, work.label, progress=progress, workspace=folder,
@@ -1023,9 +1023,7 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
       # This input cannot be translated: no resume state to keep.
       if folder:
         shutil.rmtree(folder, ignore_errors=True)
-      if in_path not in str(e):
-        raise InputError(f"input {in_path}: {e}") from None
-      raise
+      raise _naming(e, in_path) from None
     if writer:
       try:
         io.save_nifti(out_path, y, like=vol, inputs=[mask_path])
@@ -1037,7 +1035,7 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
         error = e
       else:
         shutil.rmtree(folder, ignore_errors=True)
-    settle(error, f"output {out_path}")
+    translator._agree(error, f"output {out_path}")
   finally:
     if lock is not None:
       os.close(lock)
