@@ -350,9 +350,9 @@ def train(config, workdir: str, scales: str = "all", *, progress: bool = True,
     if done is not None and done > config.steps:
       raise InputError(
           f"workdir {workdir}: scale {name} is trained to step {done} "
-          f"already; steps={config.steps} is below it (one steps for the "
-          f"whole run, whichever scale is trained: give steps >= {done}, "
-          "or another --workdir)")
+          f"already; steps={config.steps} is below it (steps is one value "
+          f"for the whole run, whichever scale is trained: give steps >= "
+          f"{done}, or another --workdir)")
   dataset.list_volumes(config.data.path, config.data.label_suffix)
   if config.data.val_path:
     dataset.list_volumes(config.data.val_path, config.data.label_suffix)
