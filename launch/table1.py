@@ -319,7 +319,8 @@ def main(argv=None) -> int:
         den, secs["nlm"] = baselines.nlm(_unit(src.data, lo, hi))
         preds["nlm"] = den * (hi - lo) + lo
       preds["input"], secs["input"] = src.data, 0.0
-      # Every method is scored on the target's range mapped to [0, 1].
+      # Every method is scored on the target's range mapped to [0, 1] (then
+      # clipped to it: `_unit`).
       lo, hi = float(tgt.data.min()), float(tgt.data.max())
       target01 = _unit(tgt.data, lo, hi)
       # Patch borders are where the patches were: on the working grid. When

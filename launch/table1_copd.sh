@@ -8,7 +8,8 @@
 #   DATA_DIR/test/source/*.nii.gz   sharp-kernel (B80f or B50f) CTs of the test subjects
 #   DATA_DIR/test/target/*.nii.gz   their B20f CTs (same file names)
 #   DATA_DIR/test/mask/*.nii.gz     optional body/lung masks (metrics inside)
-# Metrics are computed on each target's [min, max] mapped to [0, 1].
+# Metrics are computed on each target's [min, max] mapped to [0, 1] (every
+# prediction mapped the same way, then clipped to [0, 1]).
 # Results: benchmarks/results/table1-copd_kernel.{json,md,png}.
 set -euo pipefail
 usage="usage: $0 DATA_DIR [STEPS] [extra table1.py args]"
