@@ -161,7 +161,9 @@ def preprocess(image: np.ndarray, config, label: np.ndarray | None = None,
   images = resample.pyramid(image, n)
   labels = None
   if label is not None:
-    labels = [label.astype(np.float32)]
+    # Nonzero = inside, every class alike (as add_label): a class value
+    # (BRATS' 4, say) must not weigh more in the area average below.
+    labels = [(np.asarray(label) != 0).astype(np.float32)]
     for _ in range(n):
       labels.insert(0, resample.downsample2(labels[0]))
     labels = [lab > 0.5 for lab in labels]

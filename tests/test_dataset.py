@@ -256,3 +256,20 @@ def test_rewriting_a_volume_invalidates_its_cached_arrays(tmp_path):
   for x, y in zip(after.images + after.edges, fresh.images + fresh.edges):
     np.testing.assert_array_equal(x, y)
   assert not np.array_equal(after.images[-1], before)
+
+
+def test_a_labels_class_value_does_not_change_its_sketch_at_any_scale():
+  # add_label's rule, nonzero = inside, every class alike: a lesion drawn
+  # with class 4 (BRATS' enhancing tumour) is the same lesion as class 1 at
+  # every scale, not one that grows on the coarse scales' area average.
+  c = configs.get_config("demo:smoke")
+  img = np.full((32,) * 3, -1.0, np.float32)
+  img[8:24, 8:24, 8:24] = 0.5
+  lab = np.zeros((32,) * 3, np.uint8)
+  # A checkerboard-ish lesion: one in four voxels' blocks at most half full.
+  lab[12:20, 12:20, 12:20] = np.tile(
+      np.array([[[1, 1], [1, 0]], [[0, 0], [0, 0]]], np.uint8), (4, 4, 4))
+  one = dataset.preprocess(img, c, lab)
+  four = dataset.preprocess(img, c, lab * 4)
+  for k in range(c.num_hr_scales + 1):
+    np.testing.assert_array_equal(one[f"edges_{k}"], four[f"edges_{k}"])
