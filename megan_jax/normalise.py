@@ -58,9 +58,11 @@ def fit_normaliser(volume: np.ndarray, *,
     A ``Normaliser``.
   """
   name = f"image {path}" if path else "image"
+  vmin, vmax = float(np.min(volume)), float(np.max(volume))  # NaN spreads
+  if not (np.isfinite(vmin) and np.isfinite(vmax)):
+    raise InputError(f"{name}: has non-finite voxels (NaN or inf)")
   if window is not None:
     lo, hi = (float(w) for w in window)
-    vmin, vmax = float(np.min(volume)), float(np.max(volume))
     if hi > lo and (vmax <= lo or vmin >= hi):  # it would be one value
       raise InputError(
           f"{name}: no voxel inside the intensity window [{lo:g}, {hi:g}] "
@@ -71,7 +73,7 @@ def fit_normaliser(volume: np.ndarray, *,
       raise InputError(f"percentiles {percentiles}: need 0 <= low < high <= 100")
     lo, hi = (float(v) for v in np.percentile(volume, [p_lo, p_hi]))
     if hi <= lo:  # a mostly-constant volume: fall back to the full range
-      lo, hi = float(np.min(volume)), float(np.max(volume))
+      lo, hi = vmin, vmax
   if not hi > lo:
     raise InputError(f"{name}: intensity range [{lo:g}, {hi:g}] is empty "
                      "(constant image)")

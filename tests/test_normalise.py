@@ -72,3 +72,14 @@ def test_a_window_touching_the_volume_at_one_end_only_raises():
   below = nz.fit_normaliser(x, window=(299.5, 2000)).normalise(x)
   above = nz.fit_normaliser(x, window=(-2000, 0.5)).normalise(x)
   assert below.max() > -1.0 and above.min() < 1.0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("window", [None, (0.0, 20.0)])
+def test_non_finite_voxels_are_named_not_called_constant(bad, window):
+  # Were "intensity range [nan, nan] is empty (constant image)" with
+  # percentiles, and NaN passed through to the output with a window.
+  x = np.arange(27, dtype=np.float32).reshape(3, 3, 3)
+  x[0, 0, 0] = bad
+  with pytest.raises(InputError, match=r"image a\.nii: .*non-finite"):
+    nz.fit_normaliser(x, window=window, path="a.nii")
