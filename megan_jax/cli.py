@@ -97,7 +97,10 @@ def _add_edges(sub):
       "edges", help="3D Canny edge sketch of a volume (the generators' input)",
       description="Writes the gradient-weighted 3D Canny edge sketch of IN to "
       "OUT (same affine and header) and a PNG montage of three orthogonal "
-      "slices next to it. IN may be 'mni152' for the embedded template.")
+      "slices next to it. IN may be 'mni152' for the embedded template. As "
+      "in training and translation, IN is first scaled to [-1, 1] (clipped "
+      "at --percentiles, or at --window for CT), so a few bright outliers "
+      "do not set the largest gradient and wipe out the real edges.")
   p.add_argument("-i", "--input", required=True, metavar="IN",
                  help="NIfTI volume (.nii/.nii.gz), or 'mni152'")
   p.add_argument("-o", "--output", required=True, metavar="OUT",
@@ -112,6 +115,12 @@ def _add_edges(sub):
                  help="low hysteresis threshold, fraction of the max gradient")
   p.add_argument("--high", type=float, default=0.2,
                  help="high hysteresis threshold, fraction of the max gradient")
+  p.add_argument("--percentiles", nargs=2, type=float, default=(0.0, 99.5),
+                 metavar=("LO", "HI"), help="intensity percentiles mapped to "
+                 "-1 and 1 (default 0 99.5, as data.percentiles)")
+  p.add_argument("--window", nargs=2, type=float, metavar=("LO", "HI"),
+                 help="a fixed intensity window instead, e.g. Hounsfield "
+                 "units for CT (as data.window)")
   p.add_argument("--engine", choices=("jax", "numpy"), default=None,
                  help="what computes smoothing, gradients and suppression: "
                  "jitted JAX slabs on the default device, or scipy on host "
@@ -127,13 +136,23 @@ def cmd_edges(args) -> int:
   if not args.no_png and os.path.isdir(_png_path(args.output)):
     raise InputError(f"montage {_png_path(args.output)}: is a folder "
                      "(or use --no-png)")
-  if not 0 <= args.low <= args.high <= 1:
+  if not 0 <= args.low <= args.high < 1:
     raise InputError(f"--low {args.low:g} / --high {args.high:g}: need "
-                     "0 <= low <= high <= 1")
+                     "0 <= low <= high < 1")
+  lo, hi = args.percentiles
+  if not 0 <= lo < hi <= 100:
+    raise InputError(f"--percentiles {lo:g} {hi:g}: need 0 <= LO < HI <= 100")
+  if args.window is not None and not args.window[0] < args.window[1]:
+    raise InputError(f"--window {args.window[0]:g} {args.window[1]:g}: need "
+                     "LO < HI")
   vol = load_input(args.input)
   label = load_label(args.mask, vol)
+  # The sketch the networks see: of the scaled volume (dataset, infer).
+  scaled, _ = normalise(vol.data, percentiles=tuple(args.percentiles),
+                        window=None if args.window is None
+                        else tuple(args.window), path=args.input)
   try:
-    sketch = edges.canny_3d(vol.data, sigma=args.sigma,
+    sketch = edges.canny_3d(scaled, sigma=args.sigma,
                             low_threshold=args.low, high_threshold=args.high,
                             engine=args.engine)
   except InputError as e:  # e.g. a volume one voxel thin
@@ -141,7 +160,7 @@ def cmd_edges(args) -> int:
   if label is not None:
     sketch = edges.add_label(sketch, label)
   image = None if args.no_png else writers.montage(
-      {"input": normalise(vol.data)[0], "edges": sketch * 2.0 - 1.0})
+      {"input": scaled, "edges": sketch * 2.0 - 1.0})
   io.save_nifti(args.output, sketch, vol.affine, vol.header,
                 inputs=[args.input, args.mask])
   if image is not None:

@@ -804,7 +804,7 @@ def canny_3d(volume,
     low_threshold: hysteresis low threshold, a fraction of the maximum
       gradient magnitude (or a quantile in [0, 1] with ``use_quantiles``).
     high_threshold: hysteresis high threshold, same units, >= low_threshold
-      and <= 1.
+      and < 1 (a strong voxel lies strictly above it: at 1, none would).
     mask: optional ``[D, H, W]`` region of interest (nonzero = inside), e.g. a
       foreground mask. Edges outside are zeroed, and thresholds and the
       scaling use only voxels inside. The volume is smoothed unmasked, so the
@@ -835,9 +835,10 @@ def canny_3d(volume,
   low, high = float(low_threshold), float(high_threshold)
   if not sigma >= 0:
     raise InputError(f"sigma: expected >= 0, got {sigma}")
-  # Fractions of the largest magnitude or quantiles: above 1, no voxel.
-  if not 0 <= low <= high <= 1:
-    raise InputError(f"thresholds: expected 0 <= low <= high <= 1, got "
+  # Fractions of the largest magnitude or quantiles. A strong voxel lies
+  # strictly above high: at 1 none does, and the sketch would be empty.
+  if not 0 <= low <= high < 1:
+    raise InputError(f"thresholds: expected 0 <= low <= high < 1, got "
                      f"low={low}, high={high}")
 
   engine = ENGINE if engine is None else engine

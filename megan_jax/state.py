@@ -472,7 +472,8 @@ def check_inference_config(config) -> None:
   # Edges: thresholds are fractions of the largest gradient magnitude.
   _number(config, "edges.sigma", 0.0)
   low = _number(config, "edges.low", 0.0, 1.0)
-  high = _number(config, "edges.high", 0.0, 1.0)
+  high = _number(config, "edges.high", 0.0, 1.0, hi_open=True,
+                 why="at 1 no voxel is strong: an empty sketch")
   if low > high:
     _fail("edges.low", f"<= edges.high ({high:g})", low)
   if _bool(config, "edges.use_label") and not suffix:

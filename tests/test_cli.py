@@ -9,6 +9,7 @@ import pytest
 
 from megan_jax import cli
 from megan_jax.errors import InputError
+from megan_jax.normalise import normalise
 
 
 def _ball(path, shape=(24, 28, 20), affine=None):
@@ -61,9 +62,38 @@ def test_edges_engine_flag(tmp_path, capsys, monkeypatch, flag, engine):
   code, _, _ = _run(["edges", "-i", src, "-o", str(out), "--no-png"] + flag,
                     capsys)
   assert code == 0 and seen == [engine]
-  np.testing.assert_array_equal(
-      np.asarray(nib.load(out).dataobj),
-      real(np.asarray(nib.load(src).dataobj), engine=engine))
+  scaled = normalise(np.asarray(nib.load(src).dataobj))[0]
+  np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj),
+                                real(scaled, engine=engine))
+
+
+def test_edges_sketches_the_scaled_volume_the_networks_see(tmp_path, capsys):
+  # A few bright outlier voxels set the raw volume's largest gradient and
+  # wiped out every real edge; training and translation sketch the volume
+  # clipped at data.percentiles (or data.window), and so does megan edges.
+  from megan_jax import edges
+  raw = np.asarray(nib.load(_ball(tmp_path / "b.nii.gz")).dataobj).copy()
+  raw[3, 3, 3:6] = 5000.0
+  src = str(tmp_path / "outliers.nii.gz")
+  nib.save(nib.Nifti1Image(raw, np.eye(4)), src)
+  for flags, scaled in (
+      ([], normalise(raw)[0]),
+      (["--percentiles", "1", "99"], normalise(raw, percentiles=(1, 99))[0]),
+      (["--window", "0", "50"], normalise(raw, window=(0, 50))[0])):
+    out = tmp_path / "e.nii.gz"
+    code, _, err = _run(["edges", "-i", src, "-o", str(out), "--no-png"]
+                        + flags, capsys)
+    assert code == 0, err
+    got = np.asarray(nib.load(out).dataobj)
+    np.testing.assert_array_equal(got, edges.canny_3d(scaled))
+    # The ball's surface is there, not only the outliers' few voxels.
+    assert (got > 0).sum() > 10 * (edges.canny_3d(raw) > 0).sum()
+    out.unlink()
+  for flags in (["--percentiles", "50", "10"], ["--window", "5", "5"]):
+    code, _, err = _run(["edges", "-i", src, "-o", str(tmp_path / "f.nii"),
+                         "--no-png"] + flags, capsys)
+    assert code == 2 and flags[0] in err and err.count("\n") == 1
+    assert not (tmp_path / "f.nii").exists()
 
 
 def test_edges_with_label_mask(tmp_path, capsys):
@@ -359,7 +389,15 @@ def test_edges_thresholds_above_one_are_refused(tmp_path, capsys):
   code, _, err = _run(["edges", "-i", "mni152", "-o",
                        str(tmp_path / "x.nii.gz"), "--low", "0.5",
                        "--high", "2"], capsys)
-  assert code == 2 and "--high 2" in err and "<= 1" in err
+  assert code == 2 and "--high 2" in err and "< 1" in err
+  assert os.listdir(tmp_path) == []
+
+
+def test_edges_high_threshold_one_is_refused(tmp_path, capsys):
+  # No voxel lies strictly above the largest gradient: an empty sketch.
+  code, _, err = _run(["edges", "-i", "mni152", "-o",
+                       str(tmp_path / "x.nii.gz"), "--high", "1"], capsys)
+  assert code == 2 and "--high 1" in err and "< 1" in err
   assert os.listdir(tmp_path) == []
 
 

@@ -325,6 +325,8 @@ def test_bad_volume_raises_input_error(volume):
     dict(low_threshold=0.3, high_threshold=0.2),
     dict(low_threshold=-0.1),
     dict(low_threshold=0.5, high_threshold=1.5, use_quantiles=True),
+    dict(low_threshold=0.5, high_threshold=1.0),  # nothing is above the peak
+    dict(low_threshold=0.5, high_threshold=1.0, use_quantiles=True),
     dict(sigma=-1.0),
     dict(engine="torch"),
 ])
