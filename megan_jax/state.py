@@ -523,10 +523,15 @@ def _check_training_config(config) -> None:
 # Checkpoints and the run's config
 # ---------------------------------------------------------------------------
 # Fields that make a run what it is: a workdir refuses a config that differs
-# in any of them (steps, logging intervals and inference settings may change).
+# in any of them (steps, logging and checkpoint intervals and inference
+# settings may change).
 IDENTITY_FIELDS = ("seed", "data", "num_hr_scales", "lr_size", "patch_size",
                    "border", "hr_condition", "edges", "model", "loss", "optim",
                    "augment")
+# And of train: the batches (another batch is another run: its steps, and
+# a resume no longer equals the uninterrupted run) and the validation
+# patches (``best`` compares scores on one validation set).
+IDENTITY_TRAIN_FIELDS = ("lr_batch_size", "hr_batch_size", "val_patches")
 
 
 # Fields added after runs were first saved, with the value their absence
@@ -538,6 +543,9 @@ ADDED_FIELDS = {("augment", "edge_gain"): 0.0, ("model", "hr_residual"): False,
 def _identity(config_dict: dict) -> dict:
   out = json.loads(json.dumps({k: config_dict.get(k) for k in IDENTITY_FIELDS},
                               default=list))  # tuples == lists
+  train = config_dict.get("train")
+  if isinstance(train, dict):
+    out["train"] = {k: train.get(k) for k in IDENTITY_TRAIN_FIELDS}
   for (group, key), value in ADDED_FIELDS.items():
     if isinstance(out.get(group), dict):
       out[group].setdefault(key, value)
@@ -580,6 +588,9 @@ def check_workdir(workdir: str, config) -> bool:
     return True
   new = json.loads(config.to_json())
   old = _read_json(path)
+  for group, value in new.items():  # a section that is no object: damaged
+    if isinstance(value, dict) and not isinstance(old.get(group, {}), dict):
+      raise InputError(f"{path}: damaged, {group} is not an object")
   for key in ("path", "val_path"):  # the same folder, named another way
     a, b = old.get("data", {}).get(key), new["data"].get(key)
     if (isinstance(a, str) and isinstance(b, str) and a and b and a != b
@@ -592,7 +603,10 @@ def check_workdir(workdir: str, config) -> bool:
         f"{d[1]!r} there, {d[2]!r} here); use another --workdir, or "
         f"--config.{d[0]}={'' if d[1] is None else d[1]} to go on with it")
   if old.get("steps") == new.get("steps"):
-    return False
+    # The same run: config.json is rewritten where a field that may change
+    # (logging, inference settings) did, so it says what the run goes on
+    # with.
+    return old != new
   if new["optim"].get("decay") == "linear":
     raise InputError(
         f"workdir {workdir}: trained for steps={old.get('steps')} with "
@@ -711,10 +725,20 @@ def load_intensity(workdir: str) -> tuple[float, float] | None:
 SAVE_SPACE_MARGIN = (1.1, 4 * 2**20)
 
 
-class Checkpoints:
-  """``latest`` and ``best`` orbax managers of one scale of a workdir."""
+def _best_score(metrics: dict) -> float:
+  """The ``best`` manager's score: validation L1, lower is better. A
+  diverged run's NaN is worst (inf): orbax would otherwise keep the NaN step
+  as the best and delete the good one."""
+  v = float(metrics["val_l1"])
+  return v if math.isfinite(v) else math.inf
 
-  def __init__(self, workdir: str, scale: str):
+
+class Checkpoints:
+  """``latest`` and ``best`` orbax managers of one scale of a workdir.
+  ``read_only``: makes no folder and writes nothing (reading a run that may
+  be someone else's, or on a read-only share)."""
+
+  def __init__(self, workdir: str, scale: str, read_only: bool = False):
     import orbax.checkpoint as ocp
     self._ocp = ocp
     # A save that fails (a full disk) leaves the same closed-loop reports
@@ -722,14 +746,14 @@ class Checkpoints:
     _drop_closed_loop_reports()
     root = os.path.abspath(os.path.join(workdir, "checkpoints", scale))
     self.root = root
+    mode = dict(read_only=True) if read_only else dict(create=True)
     self.latest = ocp.CheckpointManager(
         os.path.join(root, "latest"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, **mode))
     self.best = ocp.CheckpointManager(
         os.path.join(root, "best"),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, best_fn=lambda m: m["val_l1"],
-            best_mode="min"))
+            max_to_keep=1, best_fn=_best_score, best_mode="min", **mode))
 
   def save_latest(self, step: int, state: GanState) -> None:
     self.check_space(state)
@@ -767,12 +791,20 @@ class Checkpoints:
       return self.latest, self.latest.latest_step()
     return self.best, self.best.best_step()
 
-  def restore(self, abstract: GanState, which: str = "latest"
-              ) -> GanState | None:
-    """The ``latest`` or ``best`` state, or None if there is none."""
+  def restore(self, abstract: GanState, which: str = "latest",
+              sharding=None) -> GanState | None:
+    """The ``latest`` or ``best`` state, or None if there is none. Every
+    array goes to ``sharding`` (default: this process's first device), not
+    to the devices it was saved from: a run trained on 2 GPUs resumes on
+    1."""
     mngr, step = self._step(which)
     if step is None:
       return None
+    if sharding is None:
+      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        abstract)
     _drop_closed_loop_reports()
     try:
       return mngr.restore(step, args=self._ocp.args.StandardRestore(abstract))
@@ -931,8 +963,10 @@ def read_scales(workdir: str, read, which: str = "latest", scales=None):
   config = load_config(workdir)
   got = {}
   for name in scales or scale_names(config):
+    if not os.path.isdir(os.path.join(workdir, "checkpoints", name)):
+      continue  # never trained (and nothing is made for it here)
     with quiet_orbax():
-      ckpt = Checkpoints(workdir, name)
+      ckpt = Checkpoints(workdir, name, read_only=True)
     try:
       found = read(ckpt, config, "lr" if name == "lr" else "hr")
     finally:

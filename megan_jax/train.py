@@ -222,13 +222,14 @@ def train_scale(config, workdir: str, scale: str, subjects, val_subjects, *,
   ckpt = state_lib.Checkpoints(workdir, scale)
   base = jax.random.fold_in(jax.random.key(config.seed), k)
   abstract = state_lib.abstract_state(config, kind)
-  state = ckpt.restore(abstract, "latest")
+  mesh = sharding.make_mesh()
+  # Onto this run's devices, whichever the checkpoint was saved from.
+  state = ckpt.restore(abstract, "latest", sharding.replicated(mesh))
   if state is None:
     state = state_lib.create_state(jax.random.fold_in(base, -1 % 2**31),
                                    config, kind)
   start = int(state.step)
   ckpt.forget_after(start)  # the steps after it run (and are judged) again
-  mesh = sharding.make_mesh()
   state = sharding.replicate(state, mesh)
   step_fn = make_train_step(config, kind)
   eval_fn = make_eval_fn(config, kind)

@@ -335,6 +335,38 @@ def test_steps_may_change_on_resume_unless_the_schedule_follows_them(
     state_lib.save_config(str(tmp_path / "b"), tiny_config(steps=8, **linear))
 
 
+@pytest.mark.parametrize("field,value", [("train.hr_batch_size", 7),
+                                         ("train.lr_batch_size", 3),
+                                         ("train.val_patches", 5)])
+def test_a_resume_with_other_batches_or_validation_is_refused(
+    tmp_path, field, value):
+  # Another batch is another run (a resume no longer equals the
+  # uninterrupted one), and best compares scores on one validation set.
+  state_lib.save_config(str(tmp_path), tiny_config())
+  before = (tmp_path / "config.json").read_text()
+  with pytest.raises(InputError, match=f"{field} is"):
+    state_lib.save_config(str(tmp_path), tiny_config(**{field: value}))
+  assert (tmp_path / "config.json").read_text() == before
+
+
+def test_config_json_says_what_a_resumed_run_goes_on_with(tmp_path):
+  # Same steps, another logging interval: the run goes on, and its
+  # config.json was left saying the old interval.
+  state_lib.save_config(str(tmp_path), tiny_config())
+  state_lib.save_config(str(tmp_path), tiny_config(**{"train.log_every": 3}))
+  saved = json.load(open(tmp_path / "config.json"))
+  assert saved["train"]["log_every"] == 3
+
+
+def test_a_config_json_of_the_wrong_structure_is_one_line(tmp_path):
+  state_lib.save_config(str(tmp_path), tiny_config())
+  d = json.load(open(tmp_path / "config.json"))
+  d["data"] = [1]
+  (tmp_path / "config.json").write_text(json.dumps(d))
+  with pytest.raises(InputError, match=r"config\.json: damaged, data"):
+    state_lib.check_workdir(str(tmp_path), tiny_config())
+
+
 def test_best_checkpoints_after_the_resumed_step_are_forgotten(tmp_path):
   # A run killed after its latest checkpoint left a "best" of a later step;
   # orbax refuses to save below it, so the resumed run's evaluations of
@@ -353,6 +385,83 @@ def test_best_checkpoints_after_the_resumed_step_are_forgotten(tmp_path):
   assert ck.best.best_step() == 5
   assert ck.forget_after(5) == []
   ck.close()
+
+
+def test_a_nan_validation_score_never_replaces_the_best_checkpoint(tmp_path):
+  # A diverged run's val_l1 = NaN: orbax kept the NaN step as the best (and
+  # deleted the good one), and inference loads the best by default.
+  st = state_lib.create_state(jax.random.key(0), tiny_config(), "hr")
+  ck = state_lib.Checkpoints(str(tmp_path), "hr1")
+  ck.save_best(1, st, 0.5)
+  ck.wait()
+  ck.save_best(2, st, float("nan"))
+  ck.wait()
+  assert ck.best.best_step() == 1 and ck.best.all_steps() == [1]
+  ck.save_best(3, st, 0.4)  # a finite, better score still wins
+  ck.wait()
+  assert ck.best.best_step() == 3
+  ck.close()
+
+
+def test_a_run_saved_on_two_devices_restores_and_resumes_on_one(tmp_path):
+  # Orbax restored onto the devices a checkpoint was saved from: a run
+  # killed on a 2-GPU node could not resume (nor be read) on 1 GPU.
+  import subprocess
+  import sys
+  import textwrap
+  run = str(tmp_path / "run")
+  script = textwrap.dedent(f"""
+    import jax
+    from megan_jax import configs, sharding
+    from megan_jax import state as state_lib
+    assert len(jax.devices()) == 2
+    c = configs.get_config("demo:smoke")
+    state_lib.save_config({run!r}, c)
+    st = state_lib.create_state(jax.random.key(7), c, "lr")
+    st = sharding.replicate(st.replace(step=st.step + 1),
+                            sharding.make_mesh())
+    ck = state_lib.Checkpoints({run!r}, "lr")
+    ck.save_latest(1, st)
+    ck.finish()
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                     text=True, timeout=600, env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert len(jax.devices()) == 1
+  config, states = train.restore(run)
+  want = state_lib.create_state(jax.random.key(7), config, "lr")
+  got = states["lr"]
+  assert int(got.step) == 1
+  for a, b in zip(jax.tree.leaves(got.g_params), jax.tree.leaves(want.g_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # And training goes on from it, here.
+  out = train.train(config.copy_and_resolve_references(), run, "lr",
+                    progress=False, stop_after=1)
+  assert int(out["lr"].step) == 2
+
+
+def test_reading_a_run_makes_no_folder_in_it(tmp_path):
+  # Reading made empty checkpoints/<scale>/{latest,best} for every scale
+  # without a checkpoint (orbax's create=True): on a read-only share the
+  # error was "Read-only file system" instead of what is missing.
+  run = str(tmp_path / "run")
+  c = tiny_config()
+  state_lib.save_config(run, c)
+  st = state_lib.create_state(jax.random.key(0), c, "hr")
+  ck = state_lib.Checkpoints(run, "hr1")
+  ck.save_latest(3, st)
+  ck.finish()
+  before = sorted(os.walk(run))
+  _, got = state_lib.restore_generators(run)
+  assert list(got) == ["hr1"]
+  _, states = train.restore(run)
+  assert list(states) == ["hr1"]
+  assert sorted(os.walk(run)) == before
+  with pytest.raises(InputError, match="no latest checkpoint"):
+    state_lib.restore_generators(run, "latest", scales=["lr", "hr2"])
+  assert sorted(os.walk(run)) == before
 
 
 def _nifti(path, data):
