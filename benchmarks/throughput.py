@@ -24,7 +24,7 @@ Sections (``--only`` picks some):
 - ``train_step``: one G + D forward, backward and Adam update, s/step. JAX:
   the library's own ``megan_jax.train.make_train_step(config, kind)`` on
   ``configs.get_config("default")`` (``model.d_norm="instance"``,
-  augmentation as configured); HR at ``--train-batches`` patches of 32³, LR
+  ``model.d_output="code"`` as the port, augmentation as configured); HR at ``--train-batches`` patches of 32³, LR
   (the public code's ResNet generator, ``model.lr_generator="resnet"``, 128³
   edges -> 64³, LR discriminator) at ``--lr-train-batches`` (default 1 2;
   --quick 1). Plain for HR at ``--plain-train-batches`` (default 1), for LR
@@ -628,6 +628,7 @@ def train_config(sizes: Sizes, kind: str, impl: str, batch: int):
   c.unlock()
   c.model.lr_generator = "resnet"  # the public code's, as torch_port
   c.model.d_norm = "instance"  # both sides
+  c.model.d_output = "code"  # the port's (the public code's) D outputs
   c.model.impl = impl
   c.model.dtype = "float32"
   c.model.ngf, c.model.n_blocks = sizes.ngf, sizes.n_blocks
@@ -1485,7 +1486,8 @@ def make_meta(args, argv, tc: Torch, threads: int) -> dict:
                         "conditioning augmentation and the D-skip rule, both "
                         "computed every step); PyTorch: "
                         "benchmarks.torch_port.make_train_step (neither). "
-                        "Both model.d_norm='instance', Adam, fp32.",
+                        "Both model.d_norm='instance', the public code's "
+                        "D outputs (model.d_output='code'), Adam, fp32.",
           "stitch": "ours: tiling.map_patches (make_plan, batches of "
                     "sw_batch patches cut into reused buffers and stitched "
                     "back on host threads, as in inference); MONAI: "

@@ -81,7 +81,7 @@ def build_discriminator(config, kind: str):
   m = config.model
   return models.PatchDiscriminator(kind=kind, ndf=m.ndf, n_layers=m.d_layers,
                                    norm=m.d_norm, dtype=_dtype(config),
-                                   impl=m.impl)
+                                   impl=m.impl, output=m.d_output)
 
 
 def input_shapes(config, kind: str, batch_size: int = 1):
@@ -430,6 +430,7 @@ def check_inference_config(config) -> None:
   _int(config, "model.ndf", 1)
   d_layers = _int(config, "model.d_layers", 1)
   _choice(config, "model.d_norm", models.layers.NORMS)
+  _choice(config, "model.d_output", models.discriminator.OUTPUTS)
   _number(config, "model.dropout", 0.0, 1.0, hi_open=True)
   _choice(config, "model.dtype", DTYPES)
   _choice(config, "model.impl", models.layers.IMPLS)
@@ -537,7 +538,7 @@ IDENTITY_TRAIN_FIELDS = ("lr_batch_size", "hr_batch_size", "val_patches")
 # Fields added after runs were first saved, with the value their absence
 # means (what those runs trained with), so such runs still resume.
 ADDED_FIELDS = {("augment", "edge_gain"): 0.0, ("model", "hr_residual"): False,
-                ("data", "orientation"): ""}
+                ("data", "orientation"): "", ("model", "d_output"): "code"}
 
 
 def _identity(config_dict: dict) -> dict:

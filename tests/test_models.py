@@ -310,14 +310,23 @@ def test_init_schemes():
      (1, 32, 32, 32, 1)),
     ("lr_resnet_g", LRResNetGenerator(), (S((1, 128, 128, 128, 1), F32),),
      26_773_697, (1, 64, 64, 64, 1)),
-    ("hr_d_instance", PatchDiscriminator(kind="hr"),
+    # The public code's outputs (METHOD.md's table): one logit per patch.
+    ("hr_d_instance", PatchDiscriminator(kind="hr", output="code"),
      (S((1, 32, 32, 32, 3), F32),), 2_651_329, (1, 1, 1, 1, 1)),
-    ("hr_d_batch", PatchDiscriminator(kind="hr", norm="batch"),
+    ("hr_d_batch", PatchDiscriminator(kind="hr", norm="batch", output="code"),
      (S((1, 32, 32, 32, 3), F32),), 2_651_329, (1, 1, 1, 1, 1)),
     # 28 + 8,256 + 524,416 + 256 + 2,097,408 + 512
-    ("lr_d", PatchDiscriminator(kind="lr"),
+    ("lr_d", PatchDiscriminator(kind="lr", output="code"),
      ((S((1, 128, 128, 128, 1), F32), S((1, 64, 64, 64, 1), F32)),),
      2_630_876, (1, 8, 8, 8, 256)),
+    # The paper's PatchGAN maps (the default): the same HR weights with a
+    # stride-1 last conv, a 2³ map; the LR scale gains pix2pix's last conv,
+    # 4³ x 256 -> 1 (+16,385), a 7³ map.
+    ("hr_d_map", PatchDiscriminator(kind="hr"),
+     (S((1, 32, 32, 32, 3), F32),), 2_651_329, (1, 2, 2, 2, 1)),
+    ("lr_d_map", PatchDiscriminator(kind="lr"),
+     ((S((1, 128, 128, 128, 1), F32), S((1, 64, 64, 64, 1), F32)),),
+     2_647_261, (1, 7, 7, 7, 1)),
 ])
 def test_paper_size_parameter_counts_and_shapes(name, model, args, n_params,
                                                 out_shape):
@@ -515,13 +524,17 @@ def test_lr_generators_validate_size():
 # Discriminators.
 
 
-@pytest.mark.parametrize("norm", ["instance", "batch"])
-def test_hr_discriminator_fast_equals_plain(norm):
+@pytest.mark.parametrize("norm,output", [("instance", "map"),
+                                         ("batch", "map"),
+                                         ("instance", "code")])
+def test_hr_discriminator_fast_equals_plain(norm, output):
   x = _rand(2, (2, 16, 16, 16, 3))
-  fast = PatchDiscriminator(kind="hr", ndf=4, n_layers=2, norm=norm)
+  fast = PatchDiscriminator(kind="hr", ndf=4, n_layers=2, norm=norm,
+                            output=output)
   params = _np_params(fast, x)
   logits, features = jax.jit(fast.apply)(params, x)
-  assert logits.shape == (2, 1, 1, 1, 1) and logits.dtype == F32
+  side = 2 if output == "map" else 1  # 5³ -> conv 4³ stride 1 or 2
+  assert logits.shape == (2, side, side, side, 1) and logits.dtype == F32
   assert [f.shape for f in features] == [(2, 13, 13, 13, 4), (2, 5, 5, 5, 8)]
   plain = fast.clone(impl="plain")
   logits_p, features_p = jax.jit(plain.apply)(params, x)
@@ -534,7 +547,7 @@ def test_hr_discriminator_fast_equals_plain(norm):
 
 def test_lr_discriminator_fast_equals_plain_and_bf16():
   edges, image = _rand(3, (1, 32, 32, 32, 1)), _rand(4, (1, 16, 16, 16, 1))
-  fast = PatchDiscriminator(kind="lr", ndf=4, n_layers=3)
+  fast = PatchDiscriminator(kind="lr", ndf=4, n_layers=3, output="code")
   params = _np_params(fast, (edges, image))
   assert params["params"]["sketch_down"]["kernel"].shape == (3, 3, 3, 1, 1)
   logits, features = jax.jit(fast.apply)(params, (edges, image))
@@ -546,6 +559,26 @@ def test_lr_discriminator_fast_equals_plain_and_bf16():
   logits_h, features_h = jax.jit(half.apply)(params, (edges, image))
   assert logits_h.dtype == F32 and features_h[0].dtype == jnp.bfloat16
   np.testing.assert_allclose(logits_h, logits, atol=0.1)
+
+
+def test_lr_discriminator_map_is_one_conv_on_the_codes_logits():
+  # output="map" (the paper's): pix2pix's last conv 4³ s1 p1 to 1 channel on
+  # what output="code" returns as logits (the last features).
+  edges, image = _rand(5, (2, 64, 64, 64, 1)), _rand(6, (2, 32, 32, 32, 1))
+  mapped = PatchDiscriminator(kind="lr", ndf=4, n_layers=3)
+  params = _np_params(mapped, (edges, image))
+  logits, features = jax.jit(mapped.apply)(params, (edges, image))
+  assert logits.shape == (2, 3, 3, 3, 1)  # 4³ features -> a 3³ map
+  code = mapped.clone(output="code")
+  code_params = {"params": {k: v for k, v in params["params"].items()
+                            if k != "conv_out"}}
+  code_logits, _ = jax.jit(code.apply)(code_params, (edges, image))
+  np.testing.assert_array_equal(code_logits, features[-1])
+  out = params["params"]["conv_out"]
+  want = layers.conv3d(features[-1], out["kernel"], 1) + out["bias"]
+  _close(logits, want, tol=2e-5)
+  with pytest.raises(ValueError, match="output"):
+    _init_shapes(mapped.clone(output="pix2pix"), (edges, image))
 
 
 def test_discriminators_validate_inputs():

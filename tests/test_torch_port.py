@@ -77,7 +77,8 @@ def test_param_counts_match_flax_and_method():
       (torch_port.ResNetGenerator(in_channels=1, n_pre_down=1),
        LRResNetGenerator(), S((1, 16, 16, 16, 1), F32), 26_773_697),
       (torch_port.PatchDiscriminator("hr", in_channels=3, norm="batch"),
-       PatchDiscriminator("hr", norm="batch"), S((1, 32, 32, 32, 3), F32),
+       PatchDiscriminator("hr", norm="batch", output="code"),
+       S((1, 32, 32, 32, 3), F32),
        2_651_329),
   ]
   for torch_model, flax_model, x, expected in cases:
@@ -86,7 +87,7 @@ def test_param_counts_match_flax_and_method():
     assert torch_port.count_params(torch_model) == expected
   # LR D (docstring's count): sketch 1 channel + image 1 channel.
   d = torch_port.PatchDiscriminator("lr", in_channels=2)
-  flax_d = PatchDiscriminator("lr")
+  flax_d = PatchDiscriminator("lr", output="code")
   shapes = _init_shapes(flax_d, (S((1, 16, 16, 16, 1), F32),
                                  S((1, 8, 8, 8, 1), F32)))
   assert torch_port.count_params(d) == _n_params(shapes) == 2_630_876
@@ -121,7 +122,9 @@ def test_generator_matches_flax(impl, n_pre_down):
 @pytest.mark.parametrize("impl", ["plain", "fast"])
 @pytest.mark.parametrize("norm", ["instance", "batch"])
 def test_hr_discriminator_matches_flax(impl, norm):
+  # The public code's outputs (the port's): output="code".
   flax_d = PatchDiscriminator("hr", ndf=8, n_layers=3, norm=norm, impl=impl,
+                              output="code",
                               init_scheme="default")
   x = _rand(2, (2, 32, 32, 32, 3))  # 32³: the smallest patch for 3 layers
   variables = _np_params(flax_d, S(x.shape, F32), seed=1)
@@ -140,6 +143,7 @@ def test_hr_discriminator_matches_flax(impl, norm):
 @pytest.mark.parametrize("norm", ["instance", "batch"])
 def test_lr_discriminator_matches_flax(impl, norm):
   flax_d = PatchDiscriminator("lr", ndf=8, n_layers=3, norm=norm, impl=impl,
+                              output="code",
                               init_scheme="default")
   # Two sketch channels: the sketch conv must take all of them.
   edges = _rand(3, (2, 32, 32, 16, 2))

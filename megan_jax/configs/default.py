@@ -60,6 +60,9 @@ def get_config(arg=None):
   c.model.ndf = 64
   c.model.d_layers = 3
   c.model.d_norm = "instance"  # "instance" (paper) | "batch" (code)
+  # "map": a 1-channel map of patch logits (paper, pix2pix's PatchGAN) |
+  # "code": one logit per HR patch, the LR scale's 256 features as logits
+  c.model.d_output = "map"
   c.model.dropout = 0.5
   c.model.dtype = "float32"  # compute dtype; parameters stay float32
   c.model.impl = "fast"  # "fast" (XLA-friendly forms) | "plain"

@@ -14,6 +14,10 @@ from megan_jax.models import layers
 from megan_jax.types import Array
 
 KINDS = ("hr", "lr")
+# "map": a one-channel map of patch logits (the paper's PatchGAN, as
+# pix2pix's); "code": the public MEGAN code's outputs (one logit per HR
+# patch; the LR scale's last features, no final conv).
+OUTPUTS = ("map", "code")
 
 
 class PatchDiscriminator(nn.Module):
@@ -22,17 +26,19 @@ class PatchDiscriminator(nn.Module):
   ``kind="hr"`` (input: concat(edges, previous-scale patch, patch) as
   channels, ``[B, p, p, p, C]``, C read from the input, 3 in MEGAN):
   conv 4³ s1 p0 C→ndf, LReLU 0.2; ``n_layers - 1`` × [conv 4³ s2 p0 to
-  ``ndf·min(2**n, 8)``, norm, LReLU 0.2]; conv 4³ s2 p0 →1. A 32³ patch gives
-  one logit, ``[B, 1, 1, 1, 1]`` (29³ -> 13³ -> 5³ -> 1³). At ndf 64, C 3:
-  2,651,329 parameters.
+  ``ndf·min(2**n, 8)``, norm, LReLU 0.2]; conv 4³ p0 →1, stride 1 for
+  ``output="map"`` (a 32³ patch gives a 2³ map of logits, ``[B, 2, 2, 2,
+  1]``: 29³ -> 13³ -> 5³ -> 2³), stride 2 for ``"code"`` (one logit, 1³). At
+  ndf 64, C 3: 2,651,329 parameters either way.
 
   ``kind="lr"`` (input: the tuple ``(edges [B, 2L, 2L, 2L, C_e], image [B, L,
   L, L, C_i])``): conv 3³ s2 p1 C_e→C_e on the sketch (2L -> L), concatenated
   with the image; conv 4³ s2 p1 →ndf, LReLU 0.2; ``n_layers - 1`` × [conv 4³
-  s2 p1 to ``ndf·min(2**n, 8)``, norm, LReLU 0.2]; no final conv: the logits
-  are the last features, ``[B, L/8, L/8, L/8, 4ndf]`` (the GAN loss is taken
-  over them, as in the reference). At ndf 64 with 128³/64³ inputs:
-  2,630,876 parameters.
+  s2 p1 to ``ndf·min(2**n, 8)``, norm, LReLU 0.2]; then ``output="map"``:
+  pix2pix's final conv 4³ s1 p1 →1, a ``[B, L/8 - 1, ..., 1]`` map of logits
+  (7³ at L 64; 2,647,261 parameters at ndf 64); ``"code"``: no final conv,
+  the logits are the last features, ``[B, L/8, L/8, L/8, 4ndf]`` (the GAN
+  loss is taken over them, as in the reference; 2,630,876 parameters).
 
   All stride-2 convs are `layers.DownConv` (fast form: space-to-depth).
 
@@ -45,6 +51,8 @@ class PatchDiscriminator(nn.Module):
       `layers.BatchNorm`). Both have a scale and a shift per channel.
     dtype: compute dtype (input cast once); params float32.
     impl: ``"fast"`` or ``"plain"`` convolutions; same params.
+    output: ``"map"`` (the paper's, the default) or ``"code"`` (the public
+      code's); see above.
     init_scheme: ``"reference"`` (conv weights N(0, 0.001²), norm scales N(1,
       0.02²)) or ``"default"`` (Flax defaults); None picks the reference's
       choice per kind: ``"reference"`` for ``"hr"``, ``"default"`` for
@@ -57,6 +65,7 @@ class PatchDiscriminator(nn.Module):
   dtype: Any = jnp.float32
   impl: str = "fast"
   init_scheme: Optional[str] = None
+  output: str = "map"
 
   @nn.compact
   def __call__(self, inputs, *, train: bool = True
@@ -73,13 +82,17 @@ class PatchDiscriminator(nn.Module):
 
     Returns:
       ``(logits, features)``: logits float32 (``"hr"``: ``[B, p', p', p',
-      1]``; ``"lr"``: ``[B, L/2**n_layers, ..., ndf·min(2**(n_layers-1),
-      8)]``); features, a tuple of the ``n_layers`` activations after each
-      LeakyReLU, in ``dtype``.
+      1]``, p' = `hr_logit_side`; ``"lr"``, ``output="map"``: ``[B,
+      L/2**n_layers - 1, ..., 1]``, ``"code"``: ``[B, L/2**n_layers, ...,
+      ndf·min(2**(n_layers-1), 8)]``); features, a tuple of the ``n_layers``
+      activations after each LeakyReLU, in ``dtype``.
     """
     del train
     if self.kind not in KINDS:
       raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+    if self.output not in OUTPUTS:
+      raise ValueError(f"output must be one of {OUTPUTS}, got "
+                       f"{self.output!r}")
     layers.check_impl(self.impl)
     if self.n_layers < 1:
       raise ValueError(f"n_layers must be >= 1, got {self.n_layers}")
@@ -113,9 +126,15 @@ class PatchDiscriminator(nn.Module):
                            scale_init=scale_init)(x)
       x = nn.leaky_relu(x, 0.2)
       features.append(x)
-    if self.kind == "hr":
+    if self.kind == "hr" and self.output == "code":
       logits = layers.DownConv(1, kernel_size=4, padding=0, **common,
                                name="conv_out")(x)
+    elif self.kind == "hr":
+      logits = layers.Conv3d(1, kernel_size=4, padding=0, **common,
+                             name="conv_out")(x)
+    elif self.output == "map":
+      logits = layers.Conv3d(1, kernel_size=4, padding=1, **common,
+                             name="conv_out")(x)
     else:
       logits = x
     return jnp.asarray(logits, jnp.float32), tuple(features)
@@ -126,7 +145,7 @@ class PatchDiscriminator(nn.Module):
           "PatchDiscriminator(kind='hr'): expected one [B, p, p, p, C] array "
           f"(edges, previous-scale patch and patch concatenated), got "
           f"{_shapes(x)}")
-    if hr_logit_side(min(x.shape[1:4]), self.n_layers) < 1:
+    if hr_logit_side(min(x.shape[1:4]), self.n_layers, self.output) < 1:
       raise InputError(
           f"PatchDiscriminator(kind='hr'): patch size {tuple(x.shape[1:4])} "
           f"too small for n_layers={self.n_layers}")
@@ -155,14 +174,16 @@ class PatchDiscriminator(nn.Module):
     return edges, image
 
 
-def hr_logit_side(patch_side: int, n_layers: int) -> int:
+def hr_logit_side(patch_side: int, n_layers: int, output: str = "map"
+                  ) -> int:
   """Side of the ``kind="hr"`` logits for a patch side; below 1 the patch is
   too small. Sizes through the layers: ``p - 3``, then ``(n - 4) // 2 + 1``
-  per stride-2 conv."""
+  per stride-2 conv, then ``n - 3`` (``"map"``) or ``(n - 4) // 2 + 1``
+  (``"code"``): both below 1 exactly where n < 4."""
   n = patch_side - 3
-  for _ in range(n_layers):
+  for _ in range(n_layers - 1):
     n = (n - 4) // 2 + 1
-  return n
+  return n - 3 if output == "map" else (n - 4) // 2 + 1
 
 
 def _shapes(x):
