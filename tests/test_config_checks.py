@@ -50,6 +50,7 @@ BAD = [
     ("data.window=(5.0,1.0)", "data.window"),
     ("edges.low=0.5", "edges.low"),  # above edges.high
     ("edges.high=1.0", "edges.high"),  # no voxel above the peak: no edges
+    ("model.d_output=pix2pix", "model.d_output"),
     ("edges.sigma=-1.0", "edges.sigma"),
     ("loss.l1_weight=-1.0", "loss.l1_weight"),
     ("optim.lr=0.0", "optim.lr"),

@@ -112,6 +112,17 @@ def test_runs_saved_before_the_field_load_without_reorienting():
   assert state.same_run(loaded, new)
 
 
+def test_runs_saved_before_d_output_load_with_the_codes_discriminator():
+  # Their discriminators' checkpoints are the code's form (no LR conv_out,
+  # a stride-2 HR one): such a run must resume as it was trained.
+  new = configs.get_config("demo:smoke")
+  old = json.loads(new.to_json())
+  del old["model"]["d_output"]
+  loaded = state.config_from_json(json.dumps(old))
+  assert loaded.model.d_output == "code"
+  assert configs.get_config("default").model.d_output == "map"
+
+
 def _save(path, vol):
   nib.save(nib.Nifti1Image(vol.data, vol.affine), str(path))
   return str(path)
