@@ -37,8 +37,15 @@ def in_parts(fn, count: int, parts: int, kind: str) -> None:
   bounds = np.linspace(0, count, parts + 1).astype(int).tolist()
   futures = [pool(parts - 1, kind).submit(fn, lo, hi)
              for lo, hi in zip(bounds[1:-1], bounds[2:])]
+  first = None
   try:
     fn(bounds[0], bounds[1])
-  finally:
-    for f in futures:
+  except BaseException as e:  # this thread's error goes first
+    first = e
+  for f in futures:  # every part is waited for, whatever failed
+    try:
       f.result()
+    except BaseException as e:
+      first = first or e
+  if first is not None:
+    raise first

@@ -56,6 +56,9 @@ def as_devices(devices) -> list[jax.Device] | None:
                      f"got {type(wrong[0]).__name__} {wrong[0]!r} in it")
   if not devices:
     raise InputError("devices: an empty list (give None for all devices)")
+  twice = [d for i, d in enumerate(devices) if d in devices[:i]]
+  if twice:  # a mesh of [d0, d0] failed later, inside JAX's device_put
+    raise InputError(f"devices: {twice[0]} is listed twice")
   return devices
 
 

@@ -534,6 +534,12 @@ def stitch_into(out: np.ndarray, patches: Array, plan: Plan,
   _check_volume(out, plan.shape, "out")
   patches = np.asarray(patches)
   indices = np.asarray(indices).reshape(-1)
+  p = plan.patch_size
+  if patches.shape[1:4] != (p, p, p) or patches.shape[4:] != out.shape[3:]:
+    raise ValueError(
+        f"patches: expected [B, {p}, {p}, {p}"
+        + "".join(f", {c}" for c in out.shape[3:]) + f"] (the plan's patch "
+        f"and out's channels), got {tuple(patches.shape)}")
   if patches.shape[0] != indices.shape[0]:
     raise ValueError(
         f"{patches.shape[0]} patches but {indices.shape[0]} indices")

@@ -30,6 +30,22 @@ def test_worker_exception_propagates():
     host_threads.in_parts(fn, 4, 2, "test-error")
 
 
+def test_this_threads_exception_goes_first_and_every_part_is_waited_for():
+  # A worker's error was raised over this thread's (the docstring's order).
+  finished = []
+
+  def fn(lo, hi):
+    if lo == 0:
+      raise ValueError("this thread's part")
+    threading.Event().wait(0.05)
+    finished.append(lo)
+    raise RuntimeError("a worker's part")
+
+  with pytest.raises(ValueError, match="this thread's part"):
+    host_threads.in_parts(fn, 4, 2, "test-error-order")
+  assert finished == [2]  # waited for, though this thread failed first
+
+
 def test_nested_same_kind_runs_inline_without_deadlock():
   # Two workers of pool "test-nest" (size 1) both start nested work of the
   # same kind. Waiting on the pool would hang: its only worker is busy

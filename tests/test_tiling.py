@@ -378,6 +378,21 @@ def test_map_patches_errors():
     tiling.map_patches(fails_late, v, plan_big, batch_size=1, threads=3)
 
 
+def test_stitch_into_rejects_patches_of_another_size_or_channels():
+  # Larger patches were stitched from the wrong voxels, silently; smaller
+  # ones or another channel count failed in numpy's broadcast.
+  plan = tiling.make_plan((20, 20, 20), 8, 2)
+  vol = np.arange(8000, dtype=np.float32).reshape(20, 20, 20)
+  patches = tiling.extract(vol, plan)
+  idx = np.arange(plan.num_patches)
+  for bad in (np.pad(patches, [(0, 0), (2, 0), (2, 0), (2, 0)]),
+              patches[:, :6, :6, :6], patches[..., None]):
+    with pytest.raises(ValueError, match=r"patches: expected \[B, 8, 8, 8\]"):
+      tiling.stitch_into(np.zeros_like(vol), bad, plan, idx)
+  out = tiling.stitch_into(np.zeros_like(vol), patches, plan, idx)
+  np.testing.assert_array_equal(out, vol)
+
+
 def test_stitch_into_rejects_indices_outside_the_plan():
   plan = tiling.make_plan((10, 10, 10), 8, 2)
   out = np.zeros(plan.shape, np.float32)
