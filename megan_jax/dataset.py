@@ -135,7 +135,7 @@ def _load_volume(path: str, config, label_file: str | None = None
 
 def preprocess(image: np.ndarray, config, label: np.ndarray | None = None,
                *, foreground: bool = True,
-               sketch_executor=None) -> dict[str, np.ndarray]:
+               sketch_executor=None, device=None) -> dict[str, np.ndarray]:
   """Pyramid and sketches of one normalised volume (pure numpy, no I/O).
 
   Args:
@@ -148,6 +148,7 @@ def preprocess(image: np.ndarray, config, label: np.ndarray | None = None,
       of scales 2..n are submitted to it and come back as Futures of the
       same arrays, so a caller can generate the coarser scales meanwhile
       (inference does; scales 0 and 1, the LR input's, are computed here).
+    device: where the sketches' "jax" engine runs (`edges.canny_3d`).
 
   Returns:
     A dict of arrays: ``image_k``, ``edges_k`` (and ``fg_k``) for every scale k,
@@ -171,7 +172,7 @@ def preprocess(image: np.ndarray, config, label: np.ndarray | None = None,
   def sketch(img, lab):
     s = edges_lib.canny_3d(img, sigma=config.edges.sigma,
                            low_threshold=config.edges.low,
-                           high_threshold=config.edges.high)
+                           high_threshold=config.edges.high, device=device)
     return s if lab is None else edges_lib.add_label(s, lab)
 
   out = {}

@@ -399,27 +399,36 @@ def _slab_executable(sigma: float, geometry, device):
   return _EXECUTABLES[key]
 
 
-def compile_canny(shape, sigma: float = 1.0) -> None:
-  """Compiles the JAX engine's kernel for volumes of ``shape`` ahead of the
-  first `canny_3d` (which otherwise compiles it then: ~0.6 s on a CPU)."""
+def _device(device=None):
+  """The device the JAX engine runs on: ``device``, or JAX's first local
+  one."""
+  if device is not None:
+    return device
   import jax
-  device = jax.local_devices()[0]
+  return jax.local_devices()[0]
+
+
+def compile_canny(shape, sigma: float = 1.0, device=None) -> None:
+  """Compiles the JAX engine's kernel for volumes of ``shape`` (on
+  ``device``, default JAX's first local one) ahead of the first `canny_3d`
+  (which otherwise compiles it then: ~0.6 s on a CPU)."""
+  device = _device(device)
   geometry = _jax_geometry(tuple(shape), sigma, device)
   _slab_executable(sigma, geometry, device)
   if JAX_SPARSE_TRANSFER:
     _sparse_executables(sigma, geometry, device)
 
 
-def _steps_jax(vol: np.ndarray, sigma: float
+def _steps_jax(vol: np.ndarray, sigma: float, device=None
                ) -> tuple[np.ndarray, np.ndarray]:
   """Steps 1-3 with the JAX engine: ``(magnitude, local_max)`` volumes.
 
-  Slabs of planes go through `_slab_kernel` on JAX's first local device; the
-  next slab is cut on the host while the device works on this one. Device
-  memory is one slab's, whatever the depth.
+  Slabs of planes go through `_slab_kernel` on ``device`` (default JAX's
+  first local one); the next slab is cut on the host while the device works
+  on this one. Device memory is one slab's, whatever the depth.
   """
   import jax
-  device = jax.local_devices()[0]
+  device = _device(device)
   depth, h, w = vol.shape
   geometry = _jax_geometry(vol.shape, sigma, device)
   planes, rows, cols, halo = geometry
@@ -522,7 +531,8 @@ def _sparse_executables(sigma: float, geometry, device):
   return _SPARSE_EXECUTABLES[key]
 
 
-def _candidates_jax_sparse(vol: np.ndarray, sigma: float, low_fraction: float
+def _candidates_jax_sparse(vol: np.ndarray, sigma: float, low_fraction: float,
+                           device=None
                            ) -> tuple[float, np.ndarray, np.ndarray]:
   """`JAX_SPARSE_TRANSFER`: ``(peak, idx, values)``, the largest gradient
   magnitude and the sorted flat indices and magnitudes of the voxels that
@@ -531,7 +541,7 @@ def _candidates_jax_sparse(vol: np.ndarray, sigma: float, low_fraction: float
   slab kernels (the volume goes to the device twice; a few MB come back).
   A slab with more candidates than the capacity sends its dense pair."""
   import jax
-  device = jax.local_devices()[0]
+  device = _device(device)
   depth, h, w = vol.shape
   geometry = _jax_geometry(vol.shape, sigma, device)
   planes, rows, cols, halo = geometry
@@ -787,7 +797,8 @@ def canny_3d(volume,
              *,
              mask=None,
              use_quantiles: bool = False,
-             engine: str | None = None) -> np.ndarray:
+             engine: str | None = None,
+             device=None) -> np.ndarray:
   """Gradient-weighted 3D Canny edge sketch of a volume.
 
   Thresholds are relative: by default fractions of the largest gradient
@@ -815,6 +826,8 @@ def canny_3d(volume,
       threads, bit for bit independent of their number. They agree but for
       voxels within float rounding of a tie (the smoothing's precision
       differs: float32 in JAX, float64 in scipy).
+    device: the ``jax.Device`` the "jax" engine runs on (default JAX's
+      first local one; a `Translator` passes its own first device).
 
   Returns:
     ``[D, H, W]`` float32 sketch in [0, 1]: the gradient magnitude on edge
@@ -847,11 +860,11 @@ def canny_3d(volume,
                      f"got {engine!r}")
   if (engine == "jax" and JAX_SPARSE_TRANSFER and roi is None
       and not use_quantiles):
-    sketch = _canny_jax_sparse(vol, sigma, low, high)
+    sketch = _canny_jax_sparse(vol, sigma, low, high, device)
     if sketch is not None:
       return sketch
   if engine == "jax":
-    magnitude, local_max = _steps_jax(vol, sigma)
+    magnitude, local_max = _steps_jax(vol, sigma, device)
   else:
     magnitude, grads = _smooth_and_differentiate(vol, sigma)
   inside = magnitude if roi is None else magnitude[roi]
@@ -883,17 +896,16 @@ def canny_3d(volume,
 
 
 def _canny_jax_sparse(vol: np.ndarray, sigma: float, low: float,
-                      high: float) -> np.ndarray | None:
+                      high: float, device=None) -> np.ndarray | None:
   """`canny_3d` with `JAX_SPARSE_TRANSFER`, no mask, fractions of the
   largest magnitude as thresholds: the same sketch, from the candidates
   the device compacted (`_candidates_jax_sparse`); None where a slab has
   2³¹ voxels or more (the device's int32 indices; the dense path runs)."""
-  import jax
-  planes, rows, cols, _ = _jax_geometry(vol.shape, sigma,
-                                        jax.local_devices()[0])
+  device = _device(device)
+  planes, rows, cols, _ = _jax_geometry(vol.shape, sigma, device)
   if planes * rows * cols >= 2**31:
     return None
-  peak, idx, values = _candidates_jax_sparse(vol, sigma, low)
+  peak, idx, values = _candidates_jax_sparse(vol, sigma, low, device)
   sketch = np.zeros(vol.shape, np.float32)
   if peak <= 0 or idx.size == 0:
     return sketch

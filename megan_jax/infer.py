@@ -193,6 +193,11 @@ class Translator:
     # A mesh over several processes (multi-host): see the module doc.
     self.multiprocess = not sharding.is_local(self.mesh)
     self.is_writer = not self.multiprocess or jax.process_index() == 0
+    # The sketches' JAX engine runs on this process's first device of the
+    # mesh (it ran on JAX's first local device, in use or not).
+    self.edge_device = next(
+        (d for d in self.mesh.devices.flat
+         if d.process_index == jax.process_index()), jax.local_devices()[0])
     n_dev = self.mesh.devices.size
     auto = batch_size == "auto"
     if batch_size is None or auto:
@@ -344,7 +349,7 @@ class Translator:
                        4 * int(np.prod(shapes[0])))]
     if edges_lib.ENGINE == "jax":  # the sketches' kernels, one per scale
       for s in shapes:
-        edges_lib.compile_canny(s, c.edges.sigma)
+        edges_lib.compile_canny(s, c.edges.sigma, self.edge_device)
     p = c.patch_size
     for k in range(1, c.num_hr_scales + 1):
       even = tuple(2 * s for s in shapes[k - 1])
@@ -445,7 +450,8 @@ class Translator:
     c = self.config
     t0 = time.perf_counter()
     arrays = dataset.preprocess(image, c, label, foreground=False,
-                                sketch_executor=pool)
+                                sketch_executor=pool,
+                                device=self.edge_device)
     # "edges_lr": what the LR scale needs (pyramid, its sketch) and
     # any sketch not left to the threads; "edges": that and every wait.
     self.timings = {"edges": time.perf_counter() - t0}

@@ -343,6 +343,15 @@ def test_eight_devices_equal_one(run_dir, tmp_path):
     assert plan[-1].num_patches % 8 != 0, plan[-1].num_patches
     a, b = one.translate(vol), eight.translate(vol)
     print("maxdiff", float(np.abs(a - b).max()))
+    # The sketches' JAX engine runs on the Translator's devices (it ran on
+    # JAX's first device, whichever devices were chosen).
+    from megan_jax import edges
+    seen, pick = set(), edges._device
+    edges._device = lambda d=None: seen.add(pick(d)) or pick(d)
+    c = megan_jax.load({run_dir!r}, devices=jax.devices()[2:4], batch_size=8)
+    np.testing.assert_allclose(c.translate(vol), a, rtol=0, atol=1e-4)
+    assert seen == {{jax.devices()[2]}}, seen
+    edges._device = pick
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
     # --batch-size auto on the CPU: the 8 devices share the host's RAM
     infer.memory_budget = lambda dev: (8 << 30, "host")
@@ -793,6 +802,9 @@ def test_translator_arguments_are_checked(run_dir, params):
     infer.Translator(config, params, devices=[])
   one = infer.Translator(config, params, devices=jax.devices()[0])
   assert one.mesh.devices.size == 1
+  # A device twice made a mesh [d0, d0] that failed in JAX's device_put.
+  with pytest.raises(InputError, match="devices: .* is listed twice"):
+    infer.Translator(config, params, devices=[jax.devices()[0]] * 2)
   # Device names, an int: one line each (were deep AttributeErrors).
   for bad, what in (("cpu", "got str 'cpu'"), (["cpu"], "got str 'cpu' in"),
                     (0, "got int 0")):
