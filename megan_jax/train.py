@@ -245,8 +245,16 @@ def train_scale(config, workdir: str, scale: str, subjects, val_subjects, *,
   bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
              desc=f"train {scale}", unit="step", disable=not progress,
              dynamic_ncols=True)
-  if start:  # said with or without the bar (`megan train --quiet` too)
-    note = f"{scale}: resuming from step {start}"
+  notes = [f"{scale}: resuming from step {start}"] if start else []
+  n_dev = mesh.devices.size
+  batch = t.lr_batch_size if kind == "lr" else t.hr_batch_size
+  if n_dev > 1 and batch % n_dev:  # sharding.shard_batch replicates it
+    field = "lr_batch_size" if kind == "lr" else "hr_batch_size"
+    notes.append(
+        f"{scale}: batch {batch} does not divide over the {n_dev} devices: "
+        f"each computes the whole batch (a multiple of {n_dev}, "
+        f"--config.train.{field}, splits it)")
+  for note in notes:  # said with or without the bar (`--quiet` too)
     if progress:
       bar.write(note)
     else:

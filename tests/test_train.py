@@ -423,12 +423,17 @@ def test_a_run_saved_on_two_devices_restores_and_resumes_on_one(tmp_path):
     ck = state_lib.Checkpoints({run!r}, "lr")
     ck.save_latest(1, st)
     ck.finish()
+    # A batch that does not divide over the devices is replicated: said.
+    from megan_jax import train
+    train.train(c, {run!r} + "-other", "lr", progress=False, stop_after=1)
   """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-c", script], capture_output=True,
                      text=True, timeout=600, env=env)
   assert r.returncode == 0, r.stderr[-3000:]
+  assert ("lr: batch 1 does not divide over the 2 devices" in r.stderr
+          and "--config.train.lr_batch_size" in r.stderr), r.stderr[-2000:]
   assert len(jax.devices()) == 1
   config, states = train.restore(run)
   want = state_lib.create_state(jax.random.key(7), config, "lr")
