@@ -26,7 +26,7 @@ from megan_jax import io, resample
 from megan_jax.errors import InputError
 from megan_jax.normalise import fit_normaliser
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: a label's classes alike on every scale
 
 
 @dataclasses.dataclass(frozen=True)

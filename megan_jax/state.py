@@ -430,7 +430,7 @@ def check_inference_config(config) -> None:
   _int(config, "model.ndf", 1)
   d_layers = _int(config, "model.d_layers", 1)
   _choice(config, "model.d_norm", models.layers.NORMS)
-  _choice(config, "model.d_output", models.discriminator.OUTPUTS)
+  d_output = _choice(config, "model.d_output", models.discriminator.OUTPUTS)
   _number(config, "model.dropout", 0.0, 1.0, hi_open=True)
   _choice(config, "model.dtype", DTYPES)
   _choice(config, "model.impl", models.layers.IMPLS)
@@ -444,6 +444,10 @@ def check_inference_config(config) -> None:
            else "model.lr_generator='resnet'")
     _fail("lr_size", f"a positive multiple of {m} (for {why} and "
           f"model.d_layers={d_layers})", lr_size)
+  if d_output == "map" and lr_size < 2**(d_layers + 1):
+    _fail("lr_size", f">= {2**(d_layers + 1)} (model.d_output='map' with "
+          f"model.d_layers={d_layers}: the LR discriminator's map would be "
+          "empty)", lr_size)
   p = _field(config, "patch_size")
   p_min = min_patch_size(d_layers)
   if not _is_int(p) or p < p_min or p % 4:
@@ -583,7 +587,7 @@ def checkpointed_step(workdir: str, scale: str) -> int | None:
 def check_workdir(workdir: str, config) -> bool:
   """Raises an ``InputError`` if ``workdir`` holds a run that ``config`` may
   not go on with; returns whether ``config.json`` is to be (re)written
-  (``False``: the same run with the same steps is there). Writes nothing."""
+  (``False``: it says exactly this config already). Writes nothing."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return True
@@ -819,11 +823,13 @@ class Checkpoints:
     if there is none. Reads only the generator's parameters (orbax's partial
     restore): what inference needs, in half the time of the whole state and
     without the optimiser moments in memory. ``sharding`` places every array
-    (default: as saved)."""
+    (default: this process's first device, as `restore`)."""
     ocp = self._ocp
     mngr, step = self._step(which)
     if step is None:
       return None
+    if sharding is None:
+      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     _drop_closed_loop_reports()
     item = {"step": jax.ShapeDtypeStruct((), jnp.int32), "g_params": abstract_g}
     restore_args = jax.tree.map(

@@ -113,12 +113,30 @@ def test_lr_size_rule_is_the_lr_networks_own():
   c = smoke()
   c.model.ngf = c.model.ndf = 2
   c.patch_size = 32  # large enough for every d_layers below
-  for gen, levels, d_layers, size in itertools.product(
-      ("unet", "resnet"), (2, 3), (1, 2, 3), (4, 6, 8, 12, 16)):
+  # "map": the LR discriminator's map is lr_size / 2**d_layers - 1 wide,
+  # empty (a NaN loss) at lr_size = 2**d_layers.
+  for gen, levels, d_layers, size, out in itertools.product(
+      ("unet", "resnet"), (2, 3), (1, 2, 3), (4, 6, 8, 12, 16),
+      ("code", "map")):
     c.model.lr_generator, c.model.unet_levels = gen, levels
-    c.model.d_layers, c.lr_size = d_layers, size
+    c.model.d_layers, c.lr_size, c.model.d_output = d_layers, size, out
     accepted, builds = _accepted_and_builds(c, "lr", "lr_size")
-    assert accepted == builds, (gen, levels, d_layers, size)
+    assert accepted == builds, (gen, levels, d_layers, size, out)
+
+
+def test_an_empty_lr_discriminator_map_is_refused():
+  # lr_size = 2**d_layers passed the multiple rule, and "map"'s last conv
+  # left a 0³ map of logits: the GAN loss was NaN from the first step.
+  c = smoke()
+  c.model.d_output, c.model.d_layers, c.lr_size = "map", 2, 4
+  with pytest.raises(InputError, match=r"config lr_size.*d_output='map'"):
+    state_lib.check_config(c)
+  with pytest.raises(InputError, match="too small for output='map'"):
+    state_lib.abstract_state(c, "lr")
+  c.lr_size = 8  # a 1³ map
+  state_lib.check_config(c)
+  d = state_lib.abstract_state(c, "lr")
+  assert d.d_params is not None
 
 
 def test_patch_size_and_border_rules_are_the_hr_networks_and_grids_own():

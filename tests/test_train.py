@@ -441,6 +441,12 @@ def test_a_run_saved_on_two_devices_restores_and_resumes_on_one(tmp_path):
   assert int(got.step) == 1
   for a, b in zip(jax.tree.leaves(got.g_params), jax.tree.leaves(want.g_params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  ck = state_lib.Checkpoints(run, "lr", read_only=True)  # the generator alone
+  step, g = ck.restore_generator(state_lib.abstract_state(config, "lr").g_params)
+  ck.close()
+  assert step == 1
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want.g_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # And training goes on from it, here.
   out = train.train(config.copy_and_resolve_references(), run, "lr",
                     progress=False, stop_after=1)

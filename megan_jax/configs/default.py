@@ -61,7 +61,7 @@ def get_config(arg=None):
   c.model.d_layers = 3
   c.model.d_norm = "instance"  # "instance" (paper) | "batch" (code)
   # "map": a 1-channel map of patch logits (paper, pix2pix's PatchGAN) |
-  # "code": one logit per HR patch, the LR scale's 256 features as logits
+  # "code": one logit per HR patch, the LR scale's last features as logits
   c.model.d_output = "map"
   c.model.dropout = 0.5
   c.model.dtype = "float32"  # compute dtype; parameters stay float32

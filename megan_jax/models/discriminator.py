@@ -171,6 +171,11 @@ class PatchDiscriminator(nn.Module):
       raise InputError(
           f"PatchDiscriminator(kind='lr'): image size {spatial} must be "
           f"divisible by 2**n_layers = {factor}")
+    if self.output == "map" and min(spatial) < 2 * factor:
+      raise InputError(
+          f"PatchDiscriminator(kind='lr'): image size {spatial} too small "
+          f"for output='map' with n_layers={self.n_layers} (at least "
+          f"{2 * factor}: its last conv leaves side - 1)")
     return edges, image
 
 
