@@ -106,7 +106,7 @@ fi
 #     model's smallest sizes first; only what the card's file lacks (on
 #     the H100 mostly from 256³: PGGAN from 128³, the LR step and the
 #     cascade from 512³; the H200's file has none); XLA's autotuning off
-#     (--no-autotune: with it on, 8 parallel compiles took 30-80 s a case
+#     (--no-autotune: with it on, 8 parallel compiles took 10-80 s a case
 #     at 64³-128³ on the H100; rows marked).
 #  3. memory, measured peak of the baselines from 128³ (the H200's file has
 #     them from 32³; compiled covers the small sizes), smallest sizes
