@@ -557,14 +557,18 @@ def _identity(config_dict: dict) -> dict:
   return out
 
 
-def _diff(a, b, prefix=""):
+def _diffs(a, b, prefix=""):
+  """Every ``(field, a's value, b's value)`` where two config dicts differ,
+  in field order."""
   if isinstance(a, dict) and isinstance(b, dict):
     for k in sorted(set(a) | set(b)):
-      d = _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-      if d:
-        return d
-    return None
-  return None if a == b else (prefix.rstrip("."), a, b)
+      yield from _diffs(a.get(k), b.get(k), f"{prefix}{k}.")
+  elif a != b:
+    yield (prefix.rstrip("."), a, b)
+
+
+def _diff(a, b, prefix=""):
+  return next(_diffs(a, b, prefix), None)
 
 
 def same_run(a, b) -> bool:
@@ -601,12 +605,24 @@ def check_workdir(workdir: str, config) -> bool:
     if (isinstance(a, str) and isinstance(b, str) and a and b and a != b
         and os.path.realpath(a) == os.path.realpath(b)):
       old["data"][key] = b
-  d = _diff(_identity(old), _identity(new))
-  if d:
+  diffs = list(_diffs(_identity(old), _identity(new)))
+  if diffs:
+    (field, there, here), rest = diffs[0], [d[0] for d in diffs[1:]]
+    name = old.get("name")
+    what = f"config {name!r}" if isinstance(name, str) and name else (
+        "another config")
+    if not rest:
+      raise InputError(
+          f"workdir {workdir}: holds a run of {what} ({field} is {there!r} "
+          f"there, {here!r} here); use another --workdir, or "
+          f"--config.{field}={'' if there is None else there} to go on "
+          "with it")
+    more = ", ".join(rest[:5]) + (f" and {len(rest) - 5} more"
+                                  if len(rest) > 5 else "")
     raise InputError(
-        f"workdir {workdir}: holds a run of another config ({d[0]} is "
-        f"{d[1]!r} there, {d[2]!r} here); use another --workdir, or "
-        f"--config.{d[0]}={'' if d[1] is None else d[1]} to go on with it")
+        f"workdir {workdir}: holds a run of {what}, {len(diffs)} fields "
+        f"differ ({field} is {there!r} there, {here!r} here; also {more}); "
+        "use another --workdir")
   if old.get("steps") == new.get("steps"):
     # The same run: config.json is rewritten where a field that may change
     # (logging, inference settings) did, so it says what the run goes on

@@ -270,6 +270,22 @@ def test_run_saved_before_added_fields_still_resumes(tmp_path):
         "augment.edge_gain": 0.0, "model.hr_residual": False}))
 
 
+def test_a_run_of_a_config_far_from_this_one_is_named_with_its_count(
+    tmp_path):
+  # The first differing field alone sent a user through a round per field
+  # (the demo's run against the paper's config: 24 rounds).
+  state_lib.save_config(str(tmp_path), tiny_config())
+  with pytest.raises(InputError) as info:
+    state_lib.save_config(str(tmp_path), tiny_config(**{
+        "seed": 5, "border": 2, "model.ngf": 3}))
+  msg = str(info.value)
+  assert "holds a run of config 'demo', 3 fields differ" in msg, msg
+  assert "also model.ngf, seed" in msg and "--config." not in msg, msg
+  with pytest.raises(InputError, match=r"\(seed is 0 there, 5 here\); use "
+                     r"another --workdir, or --config\.seed=0 to go on"):
+    state_lib.save_config(str(tmp_path), tiny_config(seed=5))
+
+
 def test_cli_train_errors(tmp_path, capsys):
   empty = tmp_path / "empty"
   empty.mkdir()
