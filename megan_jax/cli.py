@@ -255,7 +255,8 @@ def _add_translate(sub):
                  "the device memory (default: the run's config)")
   p.add_argument("--dtype", default="float32",
                  choices=("float32", "bf16", "bfloat16"),
-                 help="compute dtype (bf16: parameters cast once)")
+                 help="compute dtype (bf16: parameters cast once; it pays "
+                 "on GPUs, and on CPUs with bf16 instructions only)")
   p.add_argument("--plan", action="store_true",
                  help="print per scale the shape, patches, batch shape, "
                  "compiled device memory and host memory, then exit")
@@ -363,6 +364,8 @@ def _translate(args, made: list) -> int:
           print(f"{inp}:")
         for r in plans[shapes[inp]]:
           print(r.line())
+    for reports in plans.values():  # what the run would refuse: said now
+      translator.check_device_memory(reports)
     return 0
   for reports in plans.values():
     translator.check_device_memory(reports)
@@ -380,6 +383,13 @@ def _translate(args, made: list) -> int:
       infer.translate_file(translator, inp, out, mask,
                            progress=not args.quiet,
                            mask_augment_seed=args.mask_augment)
+    except KeyboardInterrupt:
+      if report and os.path.isdir(infer.workspace_path(out)):
+        _end_progress_bars()
+        print(f"{PROG}: the batches done for {out} are kept in "
+              f"{infer.workspace_path(out)}; the same command resumes",
+              file=sys.stderr)
+      raise
     except (InputError, OSError) as e:
       if len(jobs) == 1 or not sharding.is_agreed(e):
         raise  # (of several processes, this one alone: the job ends)
@@ -470,9 +480,15 @@ def cmd_train(args) -> int:
         ", with the overrides)" if args.overrides else ")")) from None
   if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
     raise InputError(f"workdir {args.workdir}: exists and is not a folder")
+  before = {s: state_lib.checkpointed_step(args.workdir, s)
+            for s in state_lib.scale_names(config)}
   states = train.train(config, args.workdir, args.scale,
                        progress=not args.quiet)
-  print(f"trained {', '.join(states)} in {args.workdir}")
+  if all(before.get(s) == config.steps for s in states):
+    print(f"{', '.join(states)} in {args.workdir}: already trained to "
+          f"{config.steps} steps, nothing to do (more --config.steps goes on)")
+  else:
+    print(f"trained {', '.join(states)} in {args.workdir}")
   return 0
 
 
@@ -485,7 +501,8 @@ def _add_evaluate(sub):
       description="Scores PRED against TARGET on intensities in [0, 1] (both "
       "mapped with the target's range, or --range LO HI, e.g. a CT window in "
       "HU, and clipped), over the whole volume or inside --mask; prints JSON. "
-      "PRED and TARGET may be folders: files are matched by name, each is "
+      "PRED and TARGET may be folders: files are matched by name (.nii and "
+      ".nii.gz alike), each is "
       "scored, and the mean and standard deviation over them are added. "
       "A non-finite value (the PSNR of identical volumes is infinite) is "
       "written as null.")
@@ -546,15 +563,28 @@ def _evaluate_pairs(args) -> list[tuple[str, str, str | None]]:
     raise InputError(f"prediction {args.pred}: holds no .nii or .nii.gz files")
   pairs = []
   for name in names:
-    target = os.path.join(args.target, name)
+    target = _same_name(args.target, name)
     if not os.path.exists(target):
       raise InputError(f"target {target}: no such file (for the prediction "
                        f"{os.path.join(args.pred, name)})")
     mask = args.mask
     if mask is not None and os.path.isdir(mask):
-      mask = os.path.join(args.mask, name)
+      mask = _same_name(args.mask, name)
     pairs.append((os.path.join(args.pred, name), target, mask))
   return pairs
+
+
+def _same_name(folder: str, name: str) -> str:
+  """``folder/name``, or where that is missing the one file of the same name
+  with the other NIfTI ending (``.nii`` / ``.nii.gz``: `megan translate`
+  keeps each input's)."""
+  path = os.path.join(folder, name)
+  if os.path.exists(path):
+    return path
+  stem = name[:-7] if name.lower().endswith(".nii.gz") else name[:-4]
+  found = [os.path.join(folder, stem + end) for end in (".nii.gz", ".nii")
+           if os.path.exists(os.path.join(folder, stem + end))]
+  return found[0] if len(found) == 1 else path
 
 
 def _finite_or_null(x):

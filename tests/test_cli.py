@@ -273,6 +273,22 @@ def test_evaluate_folders_matched_by_name(tmp_path, capsys):
                        "--target", str(tmp_path / "target")], capsys)
   assert code == 2 and len(err.strip().splitlines()) == 1
   assert str(tmp_path / "target" / "c.nii.gz") in err
+  # The same name with the other NIfTI ending is its target (translate keeps
+  # each input's ending: a .nii prediction of a .nii.gz target).
+  os.remove(tmp_path / "pred" / "c.nii.gz")
+  nib.save(nib.load(tmp_path / "pred" / "a.nii.gz"),
+           str(tmp_path / "pred" / "a.nii"))
+  os.remove(tmp_path / "pred" / "a.nii.gz")
+  nib.save(nib.load(tmp_path / "masks" / "a.nii.gz"),
+           str(tmp_path / "masks" / "a.nii"))
+  os.remove(tmp_path / "masks" / "a.nii.gz")
+  code, out, err = _run(["evaluate", "--pred", str(tmp_path / "pred"),
+                         "--target", str(tmp_path / "target"), "--mask",
+                         str(tmp_path / "masks")], capsys)
+  assert code == 0, err
+  rows = {os.path.basename(r["target"]): r for r in json.loads(out)["subjects"]}
+  assert sorted(rows) == ["a.nii.gz", "b.nii"]
+  assert rows["a.nii.gz"]["ssim"] == pytest.approx(want["a.nii.gz"]["ssim"])
   code, _, err = _run(["evaluate", "--pred", str(tmp_path / "pred"),
                        "--target", str(tmp_path / "target" / "a.nii.gz")],
                       capsys)

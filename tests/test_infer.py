@@ -230,6 +230,35 @@ def test_cli_plan_and_translate(run_dir, tmp_path, capsys):
   assert not os.path.exists(out)  # --plan only plans
   assert cli.main(["translate", "-i", src, "-o", out, "--workdir", run_dir, "--quiet"]) == 0
   assert nib.load(out).shape == SHAPE
+  capsys.readouterr()
+  # A batch the device cannot hold: the plan says so, as the run would
+  # (it printed the plan and exit 0, and the run then refused).
+  code = cli.main(["translate", "-i", src, "-o", str(tmp_path / "b.nii.gz"),
+                   "--workdir", run_dir, "--plan", "--batch-size", "4000000"])
+  captured = capsys.readouterr()
+  assert code == 2 and "per device" in captured.err, captured.err
+  assert "use a smaller --batch-size" in captured.err
+  assert [l.split()[0] for l in captured.out.strip().splitlines()] == [
+      "lr", "hr1", "hr2"]
+
+
+def test_cli_interrupted_translation_says_where_its_batches_are(
+    run_dir, tmp_path, capsys, monkeypatch):
+  # Ctrl-C printed only "interrupted"; the batches done are kept, and the
+  # same command resumes from them.
+  src = _nifti(tmp_path / "src.nii.gz", _volume())
+  out = str(tmp_path / "out.nii.gz")
+
+  def killed(translator, inp, out, *a, **k):
+    os.makedirs(infer.workspace_path(out))
+    raise KeyboardInterrupt
+  monkeypatch.setattr(infer, "translate_file", killed)
+  code = cli.main(["translate", "-i", src, "-o", out, "--workdir", run_dir,
+                   "--quiet"])
+  err = capsys.readouterr().err
+  assert code == 130 and "interrupted" in err
+  assert (f"the batches done for {out} are kept in "
+          f"{infer.workspace_path(out)}; the same command resumes") in err
 
 
 CONFIG_EDITS = {  # a run's config.json, valid JSON, edited by hand

@@ -883,6 +883,24 @@ def test_a_full_disk_stops_training_with_one_line_before_orbax_writes(
   assert getattr(sys.unraisablehook, "_megan_drops_closed_loop", False)
 
 
+def test_cli_train_of_a_finished_run_says_nothing_was_trained(
+    tmp_path, capsys, monkeypatch):
+  # It printed "trained lr, hr1, hr2" (and full bars) though no step ran.
+  run = tmp_path / "run"
+  for scale, step in (("lr", 4), ("hr1", 4), ("hr2", 2)):
+    (run / "checkpoints" / scale / "latest" / str(step)).mkdir(parents=True)
+  monkeypatch.setattr(train, "train", lambda config, workdir, scales, **k: {
+      s: None for s in ("lr", "hr1", "hr2")})
+  argv = ["train", "--config", "demo:smoke", "--workdir", str(run), "--quiet"]
+  assert cli.main(argv) == 0  # hr2 was at step 2 of 4
+  assert capsys.readouterr().out.startswith("trained lr, hr1, hr2 in")
+  (run / "checkpoints" / "hr2" / "latest" / "2").rename(
+      run / "checkpoints" / "hr2" / "latest" / "4")
+  assert cli.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "already trained to 4 steps, nothing to do" in out, out
+
+
 def test_train_arguments_are_checked_before_anything_is_written(tmp_path):
   # A dict config, scales=None, stop_after="x" or -1, workdir None or a
   # file: deep AttributeErrors or TypeErrors before, some after the workdir
