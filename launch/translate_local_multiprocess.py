@@ -148,7 +148,7 @@ def launch(args) -> int:
     from megan_jax import state as state_lib
     from megan_jax.errors import InputError
     try:  # counted as megan translate counts them: @FILE lists expanded
-      inputs = cli.expand_arg_files(args.input)
+      inputs = cli.expand_input_folders(cli.expand_arg_files(args.input))
       masks = cli.expand_arg_files(args.mask or [])
       if masks and len(masks) != len(inputs):
         why = (f"--mask: {len(masks)} mask(s) for {len(inputs)} "

@@ -229,13 +229,15 @@ def _add_translate(sub):
       "translate", help="translate volumes with a trained run",
       description="Translates IN with the generators of a trained run "
       "(--workdir) into OUT, with IN's shape, affine and header. Several "
-      "inputs go into the folder OUT under their own file names, through "
+      "inputs (or the NIfTI files of a folder IN) go into the folder OUT "
+      "under their own file names, through "
       "networks compiled once. Patches are spread over every device; a "
       "killed run continues where it stopped when started again with the "
       "same arguments.")
   p.add_argument("-i", "--input", required=True, nargs="+", metavar="IN",
-                 help="source volume(s) (.nii/.nii.gz), or 'mni152'; "
-                 "@LIST reads them from a text file, one per line")
+                 help="source volume(s) (.nii/.nii.gz), a folder of them, "
+                 "or 'mni152'; @LIST reads them from a text file, one per "
+                 "line")
   p.add_argument("-o", "--output", required=True, metavar="OUT",
                  help="output .nii/.nii.gz; a folder for several inputs "
                  "(created if missing; also for one input when OUT is a "
@@ -271,19 +273,42 @@ def _output_name(path: str) -> str:
       os.path.normpath(path))
 
 
+def expand_input_folders(inputs: Sequence[str]) -> list[str]:
+  """``inputs`` with each folder replaced by the NIfTI files in it (sorted
+  by name; hidden ones left out), as `megan evaluate` takes folders. A
+  folder with none is an `InputError`."""
+  from megan_jax import data, io
+  out = []
+  for inp in inputs:
+    if inp == data.MNI152_NAME or not os.path.isdir(inp):
+      out.append(inp)
+      continue
+    names = sorted(f for f in os.listdir(inp)
+                   if io.is_nifti_path(f) and not f.startswith("."))
+    if not names:
+      raise InputError(f"input {inp}: a folder holding no .nii or .nii.gz "
+                       "files")
+    out += [os.path.join(inp, n) for n in names]
+  return out
+
+
 def translate_jobs(inputs: Sequence[str], output: str,
                    masks: Sequence[str] | None = None
                    ) -> list[tuple[str, str, str | None]]:
   """``(input, output, mask)`` per input of ``megan translate``, checked
   before any work: one mask per input, outputs that neither collide nor
   overwrite an input. Several inputs (or an ``output`` that is a folder or
-  ends in a separator) write into the folder ``output``."""
+  ends in a separator, or an input that is a folder: its NIfTI files, see
+  `expand_input_folders`) write into the folder ``output``."""
+  from megan_jax import data
+  folders = any(i != data.MNI152_NAME and os.path.isdir(i) for i in inputs)
+  inputs = expand_input_folders(inputs)
   masks = list(masks or [])
   if masks and len(masks) != len(inputs):
     raise InputError(f"--mask: {len(masks)} mask(s) for {len(inputs)} "
                      "inputs; give one per input")
   masks = masks or [None] * len(inputs)
-  to_folder = (len(inputs) > 1 or os.path.isdir(output)
+  to_folder = (len(inputs) > 1 or folders or os.path.isdir(output)
                or output.endswith(("/", os.sep)))
   if not to_folder:
     return [(inputs[0], output, masks[0])]

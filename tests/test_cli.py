@@ -364,6 +364,26 @@ def test_several_inputs_refuse_a_nifti_file_name_as_their_folder(tmp_path):
   assert [os.path.basename(o) for _, o, _ in jobs] == ["a.nii.gz", "b.nii.gz"]
 
 
+def test_a_folder_input_is_its_nifti_files(tmp_path):
+  # Was "is a folder, expected a NIfTI file" (megan evaluate takes folders).
+  src = tmp_path / "scans"
+  src.mkdir()
+  for name in ("b.nii", "a.nii.gz", ".hidden.nii", "notes.txt"):
+    (src / name).write_text("")
+  jobs = cli.translate_jobs([str(src)], str(tmp_path / "out"))
+  assert [(os.path.basename(i), o) for i, o, _ in jobs] == [
+      ("a.nii.gz", str(tmp_path / "out" / "a.nii.gz")),
+      ("b.nii", str(tmp_path / "out" / "b.nii"))]
+  only = tmp_path / "one"
+  only.mkdir()
+  (only / "c.nii").write_text("")  # one file: still into the folder OUT
+  assert cli.translate_jobs([str(only)], str(tmp_path / "o2")) == [
+      (str(only / "c.nii"), str(tmp_path / "o2" / "c.nii"), None)]
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(InputError, match="empty: a folder holding no .nii"):
+    cli.translate_jobs([str(tmp_path / "empty")], str(tmp_path / "o3"))
+
+
 @pytest.mark.parametrize("argv,flag", [
     (["translate", "-i", "a.nii", "-o", "b.nii", "--workdir", "w", "--mask",
       "m.nii", "--mask-augment", "-1"], "--mask-augment"),
