@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
       "megan translate options are passed on to every process.")
   p.add_argument("--workdir", required=True, help="a trained run's folder")
   p.add_argument("-i", "--input", required=True, nargs="+", metavar="IN",
-                 help="source volume(s) (.nii/.nii.gz), or 'mni152'")
+                 help="source volume(s) (.nii/.nii.gz), a folder of them, "
+                 "or 'mni152'")
   p.add_argument("-o", "--output", required=True, metavar="OUT",
                  help="output .nii/.nii.gz, a folder for several inputs "
                  "(written by process 0)")
@@ -147,14 +148,10 @@ def launch(args) -> int:
     from megan_jax import cli
     from megan_jax import state as state_lib
     from megan_jax.errors import InputError
-    try:  # counted as megan translate counts them: @FILE lists expanded
-      inputs = cli.expand_input_folders(cli.expand_arg_files(args.input))
-      masks = cli.expand_arg_files(args.mask or [])
-      if masks and len(masks) != len(inputs):
-        why = (f"--mask: {len(masks)} mask(s) for {len(inputs)} "
-               "input(s); give one per input, in the same order")
-      else:
-        state_lib.load_config(args.workdir)
+    try:  # paired as megan translate pairs them: @FILE lists expanded
+      state_lib.load_config(args.workdir)
+      cli.translate_jobs(cli.expand_arg_files(args.input), args.output,
+                         cli.expand_arg_files(args.mask or []))
     except InputError as e:
       why = str(e)
   if why:

@@ -283,13 +283,21 @@ def expand_input_folders(inputs: Sequence[str]) -> list[str]:
     if inp == data.MNI152_NAME or not os.path.isdir(inp):
       out.append(inp)
       continue
-    names = sorted(f for f in os.listdir(inp)
-                   if io.is_nifti_path(f) and not f.startswith("."))
+    names = _nifti_files(inp)
     if not names:
       raise InputError(f"input {inp}: a folder holding no .nii or .nii.gz "
                        "files")
     out += [os.path.join(inp, n) for n in names]
   return out
+
+
+def _nifti_files(folder: str) -> list[str]:
+  """The names of the NIfTI files in ``folder`` (not hidden ones, not
+  folders), sorted."""
+  from megan_jax import io
+  return sorted(f for f in os.listdir(folder)
+                if io.is_nifti_path(f) and not f.startswith(".")
+                and os.path.isfile(os.path.join(folder, f)))
 
 
 def translate_jobs(inputs: Sequence[str], output: str,
@@ -301,13 +309,29 @@ def translate_jobs(inputs: Sequence[str], output: str,
   ends in a separator, or an input that is a folder: its NIfTI files, see
   `expand_input_folders`) write into the folder ``output``."""
   from megan_jax import data
-  folders = any(i != data.MNI152_NAME and os.path.isdir(i) for i in inputs)
-  inputs = expand_input_folders(inputs)
+  is_folder = [i != data.MNI152_NAME and os.path.isdir(i) for i in inputs]
   masks = list(masks or [])
   if masks and len(masks) != len(inputs):
     raise InputError(f"--mask: {len(masks)} mask(s) for {len(inputs)} "
-                     "inputs; give one per input")
+                     "inputs; give one per input (a folder of masks for a "
+                     "folder input)")
   masks = masks or [None] * len(inputs)
+  if any(is_folder):  # a folder's masks: a folder, matched by file name
+    pairs = []
+    for inp, mask, folder in zip(inputs, masks, is_folder):
+      if not folder:
+        pairs.append((inp, mask))
+        continue
+      if mask is not None and not os.path.isdir(mask):
+        raise InputError(f"--mask {mask}: input {inp} is a folder; give a "
+                         "folder of masks, named as its files")
+      for f in expand_input_folders([inp]):
+        m = None if mask is None else _same_name(mask, os.path.basename(f))
+        if m is not None and not os.path.isfile(m):
+          raise InputError(f"mask {m}: no such file (for the input {f})")
+        pairs.append((f, m))
+    inputs, masks = [p[0] for p in pairs], [p[1] for p in pairs]
+  folders = any(is_folder)
   to_folder = (len(inputs) > 1 or folders or os.path.isdir(output)
                or output.endswith(("/", os.sep)))
   if not to_folder:
@@ -317,7 +341,7 @@ def translate_jobs(inputs: Sequence[str], output: str,
                      "inputs are written into a folder)")
   if (not os.path.isdir(output)
       and output.lower().endswith((".nii", ".nii.gz"))):
-    raise InputError(f"output {output}: {len(inputs)} inputs go into a "
+    raise InputError(f"output {output}: {len(inputs)} input(s) go into a "
                      "folder, and this is a NIfTI file name; give a folder")
   outs, seen = [], {}
   for inp in inputs:
@@ -409,7 +433,7 @@ def _translate(args, made: list) -> int:
                            progress=not args.quiet,
                            mask_augment_seed=args.mask_augment)
     except KeyboardInterrupt:
-      if report and os.path.isdir(infer.workspace_path(out)):
+      if report and infer.workspace_has_batches(out):
         _end_progress_bars()
         print(f"{PROG}: the batches done for {out} are kept in "
               f"{infer.workspace_path(out)}; the same command resumes",
@@ -582,16 +606,19 @@ def _evaluate_pairs(args) -> list[tuple[str, str, str | None]]:
     return [(args.pred, args.target, args.mask)]
   if not os.path.isdir(args.target):
     raise InputError(f"target {args.target}: not a folder, but --pred is")
-  names = sorted(f for f in os.listdir(args.pred)
-                 if io.is_nifti_path(f) and not f.startswith("."))
+  names = _nifti_files(args.pred)
   if not names:
     raise InputError(f"prediction {args.pred}: holds no .nii or .nii.gz files")
-  pairs = []
+  pairs, used = [], {}
   for name in names:
     target = _same_name(args.target, name)
     if not os.path.exists(target):
       raise InputError(f"target {target}: no such file (for the prediction "
                        f"{os.path.join(args.pred, name)})")
+    if target in used:  # a.nii and a.nii.gz beside each other
+      raise InputError(f"target {target}: matched by two predictions, "
+                       f"{used[target]} and {os.path.join(args.pred, name)}")
+    used[target] = os.path.join(args.pred, name)
     mask = args.mask
     if mask is not None and os.path.isdir(mask):
       mask = _same_name(args.mask, name)

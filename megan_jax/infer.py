@@ -889,6 +889,16 @@ def workspace_path(out: str) -> str:
                       f".{os.path.basename(out)}.partial")
 
 
+def workspace_has_batches(out: str) -> bool:
+  """Whether ``out``'s resume folder holds a finished scale or batches
+  (it is made, empty, before the first)."""
+  try:
+    names = os.listdir(workspace_path(out))
+  except OSError:
+    return False
+  return any(n.startswith("scale_") or n == "progress.json" for n in names)
+
+
 def lock_workspace(out: str) -> int | None:
   """A file descriptor holding an exclusive ``flock`` on ``out``'s resume
   folder (made if missing), or None if another process holds it: two

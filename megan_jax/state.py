@@ -609,8 +609,10 @@ def check_workdir(workdir: str, config) -> bool:
   if diffs:
     (field, there, here), rest = diffs[0], [d[0] for d in diffs[1:]]
     name = old.get("name")
-    what = f"config {name!r}" if isinstance(name, str) and name else (
-        "another config")
+    what = "another config"
+    if isinstance(name, str) and name:
+      what = (f"config {name!r} with other settings"
+              if name == new.get("name") else f"config {name!r}")
     if not rest:
       raise InputError(
           f"workdir {workdir}: holds a run of {what} ({field} is {there!r} "

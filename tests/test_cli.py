@@ -289,6 +289,13 @@ def test_evaluate_folders_matched_by_name(tmp_path, capsys):
   rows = {os.path.basename(r["target"]): r for r in json.loads(out)["subjects"]}
   assert sorted(rows) == ["a.nii.gz", "b.nii"]
   assert rows["a.nii.gz"]["ssim"] == pytest.approx(want["a.nii.gz"]["ssim"])
+  # Both endings of one name among the predictions: one target, not scored
+  # twice (the mean would count it twice).
+  nib.save(nib.load(tmp_path / "pred" / "a.nii"),
+           str(tmp_path / "pred" / "a.nii.gz"))
+  code, _, err = _run(["evaluate", "--pred", str(tmp_path / "pred"),
+                       "--target", str(tmp_path / "target")], capsys)
+  assert code == 2 and "matched by two predictions" in err, err
   code, _, err = _run(["evaluate", "--pred", str(tmp_path / "pred"),
                        "--target", str(tmp_path / "target" / "a.nii.gz")],
                       capsys)
@@ -380,8 +387,27 @@ def test_a_folder_input_is_its_nifti_files(tmp_path):
   assert cli.translate_jobs([str(only)], str(tmp_path / "o2")) == [
       (str(only / "c.nii"), str(tmp_path / "o2" / "c.nii"), None)]
   (tmp_path / "empty").mkdir()
+  (tmp_path / "empty" / "sub.nii.gz").mkdir()  # a folder: not a file
   with pytest.raises(InputError, match="empty: a folder holding no .nii"):
     cli.translate_jobs([str(tmp_path / "empty")], str(tmp_path / "o3"))
+  # Its masks: a folder, matched by name (by position they would pair with
+  # the wrong scans wherever all share one grid).
+  masks = tmp_path / "masks"
+  masks.mkdir()
+  for name in ("b.nii.gz", "a.nii.gz"):
+    (masks / name).write_text("")
+  jobs = cli.translate_jobs([str(src), "mni152"], str(tmp_path / "out"),
+                            [str(masks), "m.nii"])
+  assert [(os.path.basename(i), m and os.path.basename(m))
+          for i, _, m in jobs] == [("a.nii.gz", "a.nii.gz"),
+                                   ("b.nii", "b.nii.gz"),
+                                   ("mni152", "m.nii")]
+  with pytest.raises(InputError, match="input .*scans is a folder; give a "
+                     "folder of masks"):
+    cli.translate_jobs([str(src)], str(tmp_path / "out"), ["m.nii"])
+  os.remove(masks / "b.nii.gz")
+  with pytest.raises(InputError, match=r"mask .*masks/b\.nii: no such file"):
+    cli.translate_jobs([str(src)], str(tmp_path / "out"), [str(masks)])
 
 
 @pytest.mark.parametrize("argv,flag", [

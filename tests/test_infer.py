@@ -250,15 +250,20 @@ def test_cli_interrupted_translation_says_where_its_batches_are(
   out = str(tmp_path / "out.nii.gz")
 
   def killed(translator, inp, out, *a, **k):
-    os.makedirs(infer.workspace_path(out))
+    os.makedirs(infer.workspace_path(out), exist_ok=True)  # made first
+    if batches:
+      open(os.path.join(infer.workspace_path(out), "progress.json"),
+           "w").close()
     raise KeyboardInterrupt
   monkeypatch.setattr(infer, "translate_file", killed)
-  code = cli.main(["translate", "-i", src, "-o", out, "--workdir", run_dir,
-                   "--quiet"])
-  err = capsys.readouterr().err
-  assert code == 130 and "interrupted" in err
-  assert (f"the batches done for {out} are kept in "
-          f"{infer.workspace_path(out)}; the same command resumes") in err
+  for batches in (False, True):  # interrupted before any batch: not said
+    code = cli.main(["translate", "-i", src, "-o", out, "--workdir", run_dir,
+                     "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted" in err
+    said = (f"the batches done for {out} are kept in "
+            f"{infer.workspace_path(out)}; the same command resumes") in err
+    assert said == batches, err
 
 
 CONFIG_EDITS = {  # a run's config.json, valid JSON, edited by hand

@@ -279,11 +279,16 @@ def test_a_run_of_a_config_far_from_this_one_is_named_with_its_count(
     state_lib.save_config(str(tmp_path), tiny_config(**{
         "seed": 5, "border": 2, "model.ngf": 3}))
   msg = str(info.value)
-  assert "holds a run of config 'demo', 3 fields differ" in msg, msg
+  assert ("holds a run of config 'demo' with other settings, 3 fields "
+          "differ" in msg), msg
   assert "also model.ngf, seed" in msg and "--config." not in msg, msg
   with pytest.raises(InputError, match=r"\(seed is 0 there, 5 here\); use "
                      r"another --workdir, or --config\.seed=0 to go on"):
     state_lib.save_config(str(tmp_path), tiny_config(seed=5))
+  other = tiny_config(seed=5)
+  other.name = "mine"  # another config's name is said as such
+  with pytest.raises(InputError, match="holds a run of config 'demo' \\("):
+    state_lib.save_config(str(tmp_path), other)
 
 
 def test_cli_train_errors(tmp_path, capsys):
