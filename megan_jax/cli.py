@@ -277,7 +277,7 @@ def expand_input_folders(inputs: Sequence[str]) -> list[str]:
   """``inputs`` with each folder replaced by the NIfTI files in it (sorted
   by name; hidden ones left out), as `megan evaluate` takes folders. A
   folder with none is an `InputError`."""
-  from megan_jax import data, io
+  from megan_jax import data
   out = []
   for inp in inputs:
     if inp == data.MNI152_NAME or not os.path.isdir(inp):
@@ -599,7 +599,6 @@ def score_pair(pred_path: str, target_path: str, mask_path: str | None = None,
 
 def _evaluate_pairs(args) -> list[tuple[str, str, str | None]]:
   """(prediction, target, mask) for files, or for folders matched by name."""
-  from megan_jax import io
   if not os.path.isdir(args.pred):
     if os.path.isdir(args.target):
       raise InputError(f"target {args.target}: a folder, but --pred is not")

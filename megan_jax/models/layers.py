@@ -616,7 +616,7 @@ def conv3d_blocked(x: Array, kernel: Array, padding: int = 0,
   Returns:
     ``[B, D', H', W', C_out]`` with ``D' = D + 2p - k + 1``, as `conv3d`.
   """
-  k, cin, cout = kernel.shape[0], kernel.shape[3], kernel.shape[4]
+  k = kernel.shape[0]
   b = int(block)
   taps = (b + k - 2) // b + 1  # S
   config, outs = [(0, 0, 0)], []
