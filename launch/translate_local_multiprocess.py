@@ -188,7 +188,10 @@ def launch(args) -> int:
         return 0
       time.sleep(0.2)
   except KeyboardInterrupt as e:
-    _stop(procs)
+    # Ctrl-C reached the processes too (one process group): a moment to
+    # end as megan translate does (process 0 says where the batches done
+    # are kept); SIGTERM (a scheduler's) stops them at once.
+    _stop(procs, 0.0 if isinstance(e, _Terminated) else INTERRUPT_GRACE_S)
     return 143 if isinstance(e, _Terminated) else 130  # 128 + the signal
 
 
@@ -200,9 +203,17 @@ def _interrupt(signum, frame):
   raise _Terminated
 
 
-def _stop(procs) -> None:
-  """Kills the processes still running. SIGKILL: XLA's coordination client
-  catches SIGTERM (as a preemption notice) and would keep waiting."""
+INTERRUPT_GRACE_S = 5.0  # after Ctrl-C, before the processes are killed
+
+
+def _stop(procs, grace_s: float = 0.0) -> None:
+  """Kills the processes still running after ``grace_s`` seconds. SIGKILL:
+  XLA's coordination client catches SIGTERM (as a preemption notice) and
+  would keep waiting."""
+  deadline = time.monotonic() + grace_s
+  while (any(p.poll() is None for p in procs)
+         and time.monotonic() < deadline):
+    time.sleep(0.05)
   for p in procs:
     if p.poll() is None:
       p.kill()

@@ -336,6 +336,29 @@ def test_launcher_stopped_by_sigterm_stops_its_processes(run_dir, source,
   assert not any(os.path.exists(f"/proc/{c}") for c in started)
 
 
+def test_launcher_gives_interrupted_processes_a_moment_to_end():
+  # After Ctrl-C (which reaches the processes too) they were killed at
+  # once, so process 0 never said where the batches done are kept. A
+  # process that ends within the grace period is not killed; one that does
+  # not end is, once it is over.
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("launcher", LAUNCHER)
+  launcher = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(launcher)
+  quick = subprocess.Popen([sys.executable, "-c",
+                            "import time; time.sleep(0.5)"])
+  stuck = subprocess.Popen([sys.executable, "-c",
+                            "import time; time.sleep(60)"])
+  launcher._stop([quick, stuck], grace_s=2.0)
+  assert quick.returncode == 0  # ended by itself (was killed: -9)
+  assert stuck.returncode == -9  # SIGKILL, once the grace period is over
+  assert launcher.INTERRUPT_GRACE_S > 0
+  again = subprocess.Popen([sys.executable, "-c",
+                            "import time; time.sleep(60)"])
+  launcher._stop([again])  # SIGTERM's path: at once
+  assert again.returncode == -9
+
+
 def test_distributed_is_for_translate_only(tmp_path, capsys):
   from megan_jax import cli
   assert cli.main(["--distributed", "edges", "-i", "a.nii", "-o",
