@@ -193,11 +193,12 @@ class Translator:
     # A mesh over several processes (multi-host): see the module doc.
     self.multiprocess = not sharding.is_local(self.mesh)
     self.is_writer = not self.multiprocess or jax.process_index() == 0
-    # The sketches' JAX engine runs on this process's first device of the
-    # mesh (it ran on JAX's first local device, in use or not).
-    self.edge_device = next(
-        (d for d in self.mesh.devices.flat
-         if d.process_index == jax.process_index()), jax.local_devices()[0])
+    # This process's devices of the mesh (the only ones it can ask); the
+    # sketches' JAX engine runs on the first (it ran on JAX's first local
+    # device, in use or not).
+    self.mesh_local = [d for d in self.mesh.devices.flat
+                       if d.process_index == jax.process_index()]
+    self.edge_device = self.mesh_local[0]
     n_dev = self.mesh.devices.size
     auto = batch_size == "auto"
     if batch_size is None or auto:
@@ -273,13 +274,12 @@ class Translator:
 
   def _auto_batch_size(self) -> None:
     """Sets ``batch_size`` from the device memory (see ``__init__``)."""
-    me = jax.process_index()
-    dev = next(d for d in self.mesh.devices.flat if d.process_index == me)
+    dev = self.mesh_local[0]
     budget, where = memory_budget(dev)
     if budget is not None and where == "host":
       # This process's CPU devices share the host's RAM (as the memory
       # check before a run counts them).
-      budget //= sum(d.process_index == me for d in self.mesh.devices.flat)
+      budget //= len(self.mesh_local)
     n_dev = self.mesh.devices.size
     cap = AUTO_MAX_BATCH["cpu" if dev.platform == "cpu" else "gpu"]
     measured = {}
@@ -364,8 +364,7 @@ class Translator:
 
   def check_device_memory(self, reports) -> None:
     """Stops before any work if a step would not fit the device's memory."""
-    me = jax.process_index()  # only this process's devices can be asked
-    dev = next(d for d in self.mesh.devices.flat if d.process_index == me)
+    dev = self.mesh_local[0]  # only this process's devices can be asked
     try:
       stats = dev.memory_stats() or {}
     except Exception:
@@ -377,7 +376,7 @@ class Translator:
         limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
       except (AttributeError, ValueError, OSError):
         limit = None
-      per = sum(d.process_index == me for d in self.mesh.devices.flat)
+      per = len(self.mesh_local)
       has = f"for {per} CPU device(s), the host has in all"
     problem = next((
         f"scale {r.scale}: needs {r.device_bytes / 2**30:.2f} GiB per "
@@ -732,11 +731,12 @@ class Translator:
 
 class _Workspace:
   """Resumable state of one translation in a folder beside its output."""
+  PROGRESS = "progress.json"  # written with the first batch recorded
 
   def __init__(self, folder: str):
     self.folder = folder
     os.makedirs(folder, exist_ok=True)
-    self._progress_path = os.path.join(folder, "progress.json")
+    self._progress_path = os.path.join(folder, self.PROGRESS)
     self.progress = {}
     if os.path.exists(self._progress_path):
       with open(self._progress_path) as f:
@@ -890,13 +890,9 @@ def workspace_path(out: str) -> str:
 
 
 def workspace_has_batches(out: str) -> bool:
-  """Whether ``out``'s resume folder holds a finished scale or batches
-  (it is made, empty, before the first)."""
-  try:
-    names = os.listdir(workspace_path(out))
-  except OSError:
-    return False
-  return any(n.startswith("scale_") or n == "progress.json" for n in names)
+  """Whether ``out``'s resume folder holds batches (it is made, empty,
+  before the first)."""
+  return os.path.exists(os.path.join(workspace_path(out), _Workspace.PROGRESS))
 
 
 def lock_workspace(out: str) -> int | None:
