@@ -715,18 +715,7 @@ class Translator:
       return out
     if isinstance(x, np.ndarray):
       return y.reshape(shape_in)  # [D, H, W, 1] in, [D, H, W, 1] out
-    header = vol.header.copy() if vol.header is not None else None
-    if header is not None:
-      header.set_data_dtype(np.float32)
-      header.set_slope_inter(1.0, 0.0)
-      header["cal_min"], header["cal_max"] = 0.0, 0.0  # as io.save_nifti
-      header.set_intent("none")
-      kept = tuple(header.get_data_shape())
-      if kept[:3] == y.shape and set(kept[3:]) == {1}:
-        y = y.reshape(kept)  # a 4D image of one volume stays 4D
-      elif len(kept) != 3:
-        header.set_data_shape(y.shape)
-    return nib.Nifti1Image(y, vol.affine, header)
+    return io.output_image(y, vol.affine, vol.header)  # as saved
 
 
 class _Workspace:

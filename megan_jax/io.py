@@ -187,10 +187,13 @@ def from_image(img, *, what: str = "image", allow_constant: bool = True,
 def check_same_grid(name: str, shape, affine, ref_shape, ref_affine,
                     ref: str = "image") -> None:
   """Raises ``InputError`` unless ``(shape, affine)`` is the voxel grid of
-  ``(ref_shape, ref_affine)``: the same shape, and affines equal to 1 % of a
-  voxel (a mask in another space, e.g. flipped or at another resolution,
-  would otherwise be applied silently in the wrong place). ``affine`` None
-  (an array) checks the shape alone."""
+  ``(ref_shape, ref_affine)``: the same shape, and every voxel centre within
+  1 % of a voxel (the smallest side) of the same place in the world, the
+  grid's far corners included (a mask in another space, e.g. flipped, at
+  another resolution or turned by a fraction of a degree, would otherwise
+  be applied silently in the wrong place); the affines' entries also
+  agree to 1 % of a voxel (for axes of one voxel). ``affine`` None (an
+  array) checks the shape alone."""
   shape, ref_shape = tuple(int(n) for n in shape), tuple(
       int(n) for n in ref_shape)
   if shape != ref_shape:
@@ -201,12 +204,19 @@ def check_same_grid(name: str, shape, affine, ref_shape, ref_affine,
   a = np.asarray(affine, np.float64)[:3]
   b = np.asarray(ref_affine, np.float64)[:3]
   voxel = float(np.linalg.norm(b[:, :3], axis=0).min())
-  diff = float(np.abs(a - b).max())
+  # The grid's 8 corner voxels: an affine map's largest move is at one.
+  corners = np.array(np.meshgrid(*[(0, max(n - 1, 0)) for n in shape],
+                                 indexing="ij")).reshape(3, -1)
+  corners = np.vstack([corners, np.ones(corners.shape[1])])
+  moved = np.linalg.norm((a - b) @ corners, axis=0)
+  diff = max(float(moved.max()), float(np.abs(a - b).max()))
   if not diff <= 0.01 * voxel:
+    where = tuple(int(i) for i in corners[:3, int(np.argmax(moved))])
     raise InputError(
-        f"{name}: affine differs from the {ref}'s (by up to {diff:.3g} mm; "
-        f"it must be on the {ref}'s voxel grid: same orientation, voxel "
-        "size and origin)")
+        f"{name}: affine differs from the {ref}'s (voxels up to {diff:.3g} "
+        f"mm apart, {diff / voxel:.2g} voxel, at voxel {where}; it must be "
+        f"on the {ref}'s voxel grid: same orientation, voxel size and "
+        "origin)")
 
 
 def _as_float32(dataobj) -> np.ndarray:
@@ -393,6 +403,22 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray,
                      f"{float(np.abs(data).max()):g} beyond {dtype}'s range "
                      "(they would be written as inf, which load_nifti "
                      "refuses)")
+  img = output_image(data, affine, header, dtype)
+  with atomic_path(path) as tmp:  # a full disk, say, names ``path``
+    nib.save(img, tmp)
+  return path
+
+
+def output_image(data: np.ndarray, affine, header=None,
+                 dtype=np.float32):
+  """The NIfTI image `save_nifti` writes (no checks): ``data`` (3D) with
+  ``affine`` and a copy of ``header`` (NIfTI-2 stays NIfTI-2), its data
+  type set to ``dtype`` (scaled only where ``dtype`` cannot hold the values
+  exactly), its display window and intent unset; a 4D header of one volume
+  keeps the data 4D. `infer.Translator.translate` returns it for an image
+  in memory."""
+  data = np.asarray(data)
+  dtype = np.dtype(dtype)
   exact = (dtype.kind == "f" or data.size == 0 or (
       dtype.kind in "iu" and bool(np.all(np.mod(data, 1) == 0))
       and np.iinfo(dtype).min <= data.min()
@@ -417,9 +443,7 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray,
   # output's: unset them (0 = use the data's range; no intent).
   img.header["cal_min"], img.header["cal_max"] = 0.0, 0.0
   img.header.set_intent("none")
-  with atomic_path(path) as tmp:  # a full disk, say, names ``path``
-    nib.save(img, tmp)
-  return path
+  return img
 
 
 def make_folder(folder: str | os.PathLike, what: str = "folder"

@@ -181,6 +181,16 @@ def test_api_returns_the_kind_it_was_given(run_dir, tmp_path):
   np.testing.assert_allclose(np.asarray(from_path.dataobj), arr, atol=1e-4)
   out = t.translate(src, out=str(tmp_path / "out.nii.gz"))
   assert out == str(tmp_path / "out.nii.gz") and os.path.exists(out)
+  # A NIfTI-2 image comes back as one (as save_nifti writes it), its
+  # header of NIfTI-2's kind, so nibabel takes it without a warning.
+  two = nib.Nifti2Image(vol, nib.load(src).affine)
+  two.header["descrip"] = b"kept"
+  img2 = t.translate(two)
+  assert type(img2) is nib.Nifti2Image
+  assert isinstance(img2.header, nib.Nifti2Header)
+  assert img2.header["descrip"] == b"kept"
+  assert img2.get_data_dtype() == np.float32
+  np.testing.assert_allclose(np.asarray(img2.dataobj), arr, atol=1e-4)
 
 
 def test_killed_translation_resumes_to_the_same_file(run_dir, tmp_path, monkeypatch):

@@ -261,6 +261,32 @@ def test_check_same_grid_tolerance_is_a_hundredth_of_a_voxel():
     io.check_same_grid("m", (4, 5, 6), tilted, (4, 5, 6), a)
 
 
+def test_check_same_grid_counts_the_far_corners():
+  """A voxel size 0.5 % off or a turn of 0.5 degrees moves each affine
+  entry by under 1 % of a voxel, but the far voxels of a 512x512x100 CT
+  grid by several voxels: refused, naming where; float noise (1e-6
+  relative, a header's float32 rounding) at that size still passes."""
+  a = np.diag([0.7, 0.7, 2.5, 1.0])
+  shape = (512, 512, 100)
+  bigger = a.copy()
+  bigger[0, 0] = bigger[1, 1] = 0.7035
+  turn = np.deg2rad(0.5)
+  turned = np.eye(4)
+  turned[:2, :2] = [[np.cos(turn), -np.sin(turn)],
+                    [np.sin(turn), np.cos(turn)]]
+  for other in (bigger, turned @ a):
+    assert np.abs(other - a).max() <= 0.01 * 0.7  # entries within 1 %
+    with pytest.raises(InputError, match=r"m: affine differs .* voxel "
+                       r"\(511, 511, 0\)"):
+      io.check_same_grid("m", shape, other, shape, a)
+  io.check_same_grid("m", shape, a * (1 + 1e-6), shape, a)
+  one = (1, 5, 6)  # an axis of one voxel: its column still compared
+  thick = a.copy()
+  thick[0, 0] = 0.8
+  with pytest.raises(InputError, match="m: affine differs"):
+    io.check_same_grid("m", one, thick, one, a)
+
+
 def test_make_folder_makes_or_names_why_not(tmp_path):
   new = tmp_path / "a" / "b"
   assert io.make_folder(new, "--out") == [str(tmp_path / "a"), str(new)]
