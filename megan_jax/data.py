@@ -86,14 +86,28 @@ def resample_spacing(vol: Volume, spacing: float, order: int = 1) -> Volume:
   """Resamples an (axis-aligned) volume to isotropic ``spacing`` mm.
 
   Keeps the world position of the first voxel's corner and updates the
-  affine's scale; the header's zooms follow the new affine on save.
+  affine's scale; the header's zooms follow the new affine on save. An
+  axis that shrinks more than 2x is area-averaged (each new voxel the
+  volume-weighted mean of the old ones it covers): interpolation there
+  would read 2 of every 4 or more voxels (0.5 mm noise at 4 mm kept 8x
+  the area mean's standard deviation). The rest is ``ndi.zoom`` (spline
+  ``order``, voxel corners aligned), which at 2x is the area mean too.
   """
+  from megan_jax.resample import _area_matrix
   zooms = np.sqrt((vol.affine[:3, :3] ** 2).sum(axis=0))
   shape = np.array(spacing_shape(vol.data.shape, vol.affine, spacing))
   if tuple(shape) == vol.data.shape:  # already (close to) that spacing
     return vol
   real = shape / np.array(vol.data.shape)  # the factor actually applied
-  data = ndi.zoom(vol.data, real, order=order, grid_mode=True, mode="nearest")
+  data = vol.data
+  for a in sorted((a for a in range(3) if 2 * shape[a] < data.shape[a]),
+                  key=lambda a: real[a]):  # the largest shrink first
+    w = _area_matrix(data.shape[a], int(shape[a])).astype(np.float32)
+    data = np.moveaxis(np.tensordot(w, np.asarray(data, np.float32),
+                                    axes=([1], [a])), 0, a)
+  rest = shape / np.array(data.shape)
+  if (rest != 1).any():
+    data = ndi.zoom(data, rest, order=order, grid_mode=True, mode="nearest")
   affine = vol.affine.copy()
   affine[:3, :3] = vol.affine[:3, :3] / real[None, :]
   # grid_mode: voxel corners stay put, so centres shift by half a new voxel.
@@ -103,7 +117,7 @@ def resample_spacing(vol: Volume, spacing: float, order: int = 1) -> Volume:
   if header is not None:
     header.set_data_shape(data.shape)
     header.set_zooms(tuple(float(z) for z in zooms / real))
-  return Volume(data.astype(np.float32), affine, header, None)
+  return Volume(np.ascontiguousarray(data, np.float32), affine, header, None)
 
 
 def brain_mask(spacing: float | None = None, threshold: float = 0.1

@@ -26,7 +26,8 @@ from megan_jax import io, resample
 from megan_jax.errors import InputError
 from megan_jax.normalise import fit_normaliser
 
-CACHE_VERSION = 3  # 3: a label's classes alike on every scale
+CACHE_VERSION = 4  # 3: a label's classes alike on every scale; 4: area
+# averaging where data.spacing shrinks an axis more than 2x
 
 
 @dataclasses.dataclass(frozen=True)
