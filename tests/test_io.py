@@ -83,6 +83,24 @@ def test_bad_files_give_one_line_errors(tmp_path):
   trunc = tmp_path / "trunc.nii.gz"
   trunc.write_bytes(raw[: len(raw) // 2])
   _err(trunc)
+  # Damaged mid-stream (bytes changed in transfer) or in the gzip trailer:
+  # nibabel reads up to the last voxel without the checksum, so both
+  # loaded silently (wrong voxels, or right ones from a file that says it
+  # is damaged).
+  for name, spots in (("mid.nii.gz", range(len(raw) // 2, len(raw) // 2 + 50)),
+                      ("crc.nii.gz", [len(raw) - 6])):
+    bad = bytearray(raw)
+    for k in spots:
+      bad[k] ^= 0xFF
+    (tmp_path / name).write_bytes(bytes(bad))
+    assert "corrupt compressed data" in _err(tmp_path / name)
+  # A multi-member gzip (concatenated streams, as some tools write) is fine.
+  import gzip
+  body = gzip.decompress(raw)
+  multi = tmp_path / "multi.nii.gz"
+  multi.write_bytes(gzip.compress(body[:1000]) + gzip.compress(body[1000:]))
+  np.testing.assert_array_equal(io.load_nifti(multi).data,
+                                io.load_nifti(full).data)
   # Uncompressed and truncated: the header is fine, the data are short.
   full2 = _write(tmp_path / "full2.nii", np.ones((20, 20, 20)), dtype=np.float32)
   raw2 = open(full2, "rb").read()
