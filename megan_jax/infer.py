@@ -795,7 +795,13 @@ def open_memmap(path: str, shape) -> np.ndarray:
   """A new float32 ``.npy`` file at ``path`` mapped into memory, its disk
   space reserved first: a full disk is then an ``OSError`` naming the file
   here, not a SIGBUS when a page of the sparse file is first written."""
-  arr = np.lib.format.open_memmap(path, "w+", np.float32, tuple(shape))
+  try:
+    arr = np.lib.format.open_memmap(path, "w+", np.float32, tuple(shape))
+  except OSError as e:  # writing the header: a write error names no file
+    with contextlib.suppress(OSError):
+      os.remove(path)
+    raise OSError(e.errno, f"{e.strerror or e} (reserving "
+                  f"{4 * int(np.prod(shape)) / 2**20:.1f} MiB)", path) from None
   try:
     with open(path, "r+b") as f:
       os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
@@ -867,8 +873,14 @@ def claim_workspace(folder: str, fingerprint: str) -> str:
         shutil.rmtree(path)
       else:
         os.remove(path)
-    with open(meta, "w") as f:
-      json.dump({"fingerprint": fingerprint}, f)
+    try:
+      with open(meta, "w") as f:
+        json.dump({"fingerprint": fingerprint}, f)
+    except OSError as e:  # a write error names no file: this one's
+      with contextlib.suppress(OSError):
+        os.remove(meta)
+      raise OSError(e.errno, f"{e.strerror or e} (writing the resume "
+                    "folder's meta.json)", folder) from None
   return folder
 
 

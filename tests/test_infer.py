@@ -794,6 +794,27 @@ def test_a_full_disk_is_an_error_naming_the_file_not_a_crash(tmp_path,
   assert os.stat(path).st_blocks * 512 >= arr.nbytes  # reserved, not sparse
 
 
+def test_a_full_disk_while_making_the_resume_files_names_them(tmp_path,
+                                                              monkeypatch):
+  # Where the disk is full before the space is reserved (writing the .npy
+  # header; the resume folder's meta.json), the write's OSError named no
+  # file: `megan translate` printed "No space left on device" alone.
+  import errno
+  path = tmp_path / "scale_2.npy"
+  path.symlink_to("/dev/full")  # every write: ENOSPC
+  with pytest.raises(OSError, match="No space left") as e:
+    infer.open_memmap(str(path), (40, 50, 60))
+  assert e.value.filename == str(path) and not os.path.lexists(path)
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(infer.json, "dump", full)
+  folder = str(tmp_path / ".out.nii.gz.partial")
+  with pytest.raises(OSError, match="No space left") as e:
+    infer.claim_workspace(folder, "abc")
+  assert e.value.filename == folder and os.listdir(folder) == []
+
+
 def test_a_batch_beyond_the_hosts_ram_stops_before_any_work(run_dir):
   # The CPU reports no memory limit: its devices share the host's RAM.
   t = infer.load(run_dir, batch_size=10**6)
