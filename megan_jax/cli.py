@@ -142,9 +142,11 @@ def cmd_edges(args) -> int:
   lo, hi = args.percentiles
   if not 0 <= lo < hi <= 100:
     raise InputError(f"--percentiles {lo:g} {hi:g}: need 0 <= LO < HI <= 100")
-  if args.window is not None and not args.window[0] < args.window[1]:
+  if args.window is not None and not (
+      math.isfinite(args.window[0]) and math.isfinite(args.window[1])
+      and args.window[0] < args.window[1]):
     raise InputError(f"--window {args.window[0]:g} {args.window[1]:g}: need "
-                     "LO < HI")
+                     "finite LO < HI")
   vol = load_input(args.input)
   label = load_label(args.mask, vol)
   # The sketch the networks see: of the scaled volume (dataset, infer).
@@ -601,6 +603,8 @@ def _evaluate_pairs(args) -> list[tuple[str, str, str | None]]:
   """(prediction, target, mask) for files, or for folders matched by name."""
   if not os.path.isdir(args.pred):
     if os.path.isdir(args.target):
+      if not os.path.lexists(args.pred):  # a typo: say so, not the kinds
+        raise InputError(f"prediction {args.pred}: no such file or folder")
       raise InputError(f"target {args.target}: a folder, but --pred is not")
     return [(args.pred, args.target, args.mask)]
   if not os.path.isdir(args.target):

@@ -89,7 +89,8 @@ def test_edges_sketches_the_scaled_volume_the_networks_see(tmp_path, capsys):
     # The ball's surface is there, not only the outliers' few voxels.
     assert (got > 0).sum() > 10 * (edges.canny_3d(raw) > 0).sum()
     out.unlink()
-  for flags in (["--percentiles", "50", "10"], ["--window", "5", "5"]):
+  for flags in (["--percentiles", "50", "10"], ["--window", "5", "5"],
+                ["--window", "0", "inf"]):
     code, _, err = _run(["edges", "-i", src, "-o", str(tmp_path / "f.nii"),
                          "--no-png"] + flags, capsys)
     assert code == 2 and flags[0] in err and err.count("\n") == 1
@@ -273,6 +274,12 @@ def test_evaluate_folders_matched_by_name(tmp_path, capsys):
                        "--target", str(tmp_path / "target")], capsys)
   assert code == 2 and len(err.strip().splitlines()) == 1
   assert str(tmp_path / "target" / "c.nii.gz") in err
+  # A mistyped --pred beside a target folder: the typo is the error, not
+  # the kinds of the two ("a folder, but --pred is not").
+  code, _, err = _run(["evaluate", "--pred", str(tmp_path / "prd"),
+                       "--target", str(tmp_path / "target")], capsys)
+  assert code == 2 and len(err.strip().splitlines()) == 1
+  assert f"prediction {tmp_path / 'prd'}: no such file or folder" in err
   # The same name with the other NIfTI ending is its target (translate keeps
   # each input's ending: a .nii prediction of a .nii.gz target).
   os.remove(tmp_path / "pred" / "c.nii.gz")
