@@ -200,7 +200,7 @@ def _add_demo(sub):
 
 
 def cmd_demo(args) -> int:
-  from megan_jax import demo
+  from megan_jax import demo, io
   if args.steps is not None and args.steps < 1:
     raise InputError(f"--steps {args.steps}: must be >= 1")
   if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -208,10 +208,12 @@ def cmd_demo(args) -> int:
   run = os.path.join(args.out, "run")
   if os.path.exists(run) and not os.path.isdir(run):
     raise InputError(f"run folder {run}: exists and is not a folder")
-  os.makedirs(args.out, exist_ok=True)
-  if not os.access(args.out, os.W_OK):
-    raise InputError(f"output folder {args.out}: not writable")
-  summary = demo.run(args.out, steps=args.steps, retrain=args.train)
+  made = io.make_folder(args.out, "output folder")
+  try:
+    summary = demo.run(args.out, steps=args.steps, retrain=args.train)
+  except BaseException:  # a failure, Ctrl-C: no empty folder left behind
+    io.remove_empty_folders(made)
+    raise
   if summary["reused_run"]:
     print(f"reused the finished run in {os.path.join(args.out, 'run')} "
           f"({summary['steps']} steps per scale; --train retrains)")

@@ -348,9 +348,19 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None
       os.remove(tmp)
     if isinstance(e, OSError) and e.filename in (None, tmp):
       reason = e.strerror or _one_line(e)  # str(e) names the temporary file
+      if e.errno is None and _disk_full(folder):  # numpy's short write
+        reason = f"No space left on device: {reason}"
       raise OSError(e.errno, f"could not be written ({reason})",
                     path) from None
     raise
+
+
+def _disk_full(folder: str) -> bool:
+  """Whether ``folder``'s filesystem has no block left for this user."""
+  try:
+    return os.statvfs(folder).f_bavail == 0
+  except OSError:
+    return False
 
 
 def _umask() -> int:

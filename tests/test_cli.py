@@ -538,6 +538,24 @@ def test_demo_steps_below_one_make_no_folder(tmp_path, capsys):
   assert code == 2 and "--steps 0" in err and not (tmp_path / "d").exists()
 
 
+
+def test_a_failed_demo_leaves_no_empty_folder(tmp_path, capsys, monkeypatch):
+  # A demo that fails (a full disk, say) took away its run folder but left
+  # the --out folder it had made, empty; a folder that was there stays.
+  from megan_jax import demo
+
+  def full(*args, **kwargs):
+    raise OSError(28, "No space left on device", str(tmp_path / "x"))
+  monkeypatch.setattr(demo, "run", full)
+  out = tmp_path / "new" / "d"
+  code, _, err = _run(["demo", "--out", str(out)], capsys)
+  assert code == 2 and "No space left" in err
+  assert list(tmp_path.iterdir()) == []
+  (tmp_path / "kept").mkdir()
+  code, _, _ = _run(["demo", "--out", str(tmp_path / "kept")], capsys)
+  assert code == 2 and (tmp_path / "kept").is_dir()
+
+
 def test_evaluate_names_an_empty_mask(tmp_path, capsys):
   a = np.random.default_rng(0).uniform(0, 1, (8, 9, 10)).astype(np.float32)
   for name, data in (("t.nii", a), ("p.nii", a + 0.1),

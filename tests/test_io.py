@@ -180,6 +180,23 @@ def test_a_full_disk_names_the_output_not_the_temporary_file(tmp_path):
     assert e.value.errno == errno.ENOSPC
     assert ".tmp-" not in str(e.value)
     assert os.listdir(tmp_path) == []
+  # numpy's short write (an OSError with no errno, "N requested and M
+  # written") on a full filesystem says the disk is full.
+  class Full:
+    f_bavail = 0
+  real = os.statvfs
+  os.statvfs = lambda path: Full()
+  try:
+    with pytest.raises(OSError, match=r"could not be written \(No space "
+                       r"left on device: 400 requested and 96 written\)"):
+      with io.atomic_path(tmp_path / "a.npy"):
+        raise OSError("400 requested and 96 written")
+  finally:
+    os.statvfs = real
+  with pytest.raises(OSError, match=r"written \(400 requested and 96 "
+                     r"written\)"):  # room left: numpy's words alone
+    with io.atomic_path(tmp_path / "a.npy"):
+      raise OSError("400 requested and 96 written")
   # An error about another file keeps its own name.
   with pytest.raises(OSError) as e:
     with io.atomic_path(tmp_path / "x.json"):
