@@ -284,13 +284,16 @@ def train_scale(config, workdir: str, scale: str, subjects, val_subjects, *,
         val_l1 = float(np.mean(l1s))
         writer.write_scalars(n, {"val_l1": val_l1})
         ckpt.save_best(n, state, val_l1)
-      if n % t.checkpoint_every == 0 or last:
-        ckpt.save_latest(n, state)
       if n % t.montage_every == 0 or last:
         b = val[0]
         image = _montage(os.path.join(montage_dir, f"{scale}_{n:06d}.png"), b,
                          eval_fn(state.g_params, b), kind)
         writer.write_images(n, {"montage": image})
+      if n % t.checkpoint_every == 0 or last:
+        # Step n's logs and montage on disk before the checkpoint a resume
+        # starts after: a process killed once it is saved loses none.
+        writer.flush()
+        ckpt.save_latest(n, state)
       done += 1
       if stop_after is not None and done >= stop_after:
         break

@@ -237,6 +237,40 @@ def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(
   assert all(v < 1e3 for _, v in events), events
 
 
+def test_a_run_killed_once_a_checkpoint_is_saved_has_that_steps_logs(
+    tmp_path, monkeypatch):
+  """What is on disk the moment a checkpoint is saved (all a SIGKILL then
+  leaves) holds that step's scalars and montage: the resumed run starts
+  after it and never logs it again. The logs were flushed only at open
+  and close, and the montage written after the save."""
+  import shutil
+  event_accumulator = pytest.importorskip(
+      "tensorboard.backend.event_processing.event_accumulator")
+  config = tiny_config()  # checkpoint, log and montage every 2 steps
+  run = tmp_path / "run"
+  real = state_lib.Checkpoints.save_latest
+  snapshots = {}
+
+  def save_and_look(self, step, state):
+    out = real(self, step, state)
+    snap = tmp_path / f"at{step}"
+    shutil.copytree(run / "logs" / "lr", snap / "logs")
+    shutil.copytree(run / "montages", snap / "montages")
+    snapshots[step] = snap
+    return out
+  monkeypatch.setattr(state_lib.Checkpoints, "save_latest", save_and_look)
+  train.train(config, str(run), "lr", progress=False)
+  assert sorted(snapshots) == [2, 4]
+  for step, snap in snapshots.items():
+    assert f"lr_{step:06d}.png" in os.listdir(snap / "montages")
+    acc = event_accumulator.EventAccumulator(
+        str(snap / "logs"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert step in [e.step for e in acc.Scalars("g_loss")]
+    assert step in [e.step for e in acc.Scalars("val_l1")]
+    assert step in [e.step for e in acc.Images("montage")]
+
+
 def test_workdir_of_another_config_is_refused(tmp_path):
   config = tiny_config()
   state_lib.save_config(str(tmp_path), config)
