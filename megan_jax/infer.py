@@ -730,6 +730,11 @@ class _Workspace:
     if os.path.exists(self._progress_path):
       with open(self._progress_path) as f:
         self.progress = json.load(f)
+    # A scale recorded but whose file is gone (a folder half removed, by
+    # hand or by a process killed while removing it) is done again: its
+    # record alone would pass zeros on as the finished scale.
+    self.progress = {k: v for k, v in self.progress.items()
+                     if os.path.exists(self._path(k))}
     self._last_flush = time.monotonic()
 
   def _path(self, k):
@@ -867,7 +872,7 @@ def claim_workspace(folder: str, fingerprint: str) -> str:
   except (OSError, ValueError):
     same = False
   if not same:
-    for name in os.listdir(folder):
+    for name in _records_first(os.listdir(folder)):
       path = os.path.join(folder, name)
       if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
@@ -882,6 +887,33 @@ def claim_workspace(folder: str, fingerprint: str) -> str:
       raise OSError(e.errno, f"{e.strerror or e} (writing the resume "
                     "folder's meta.json)", folder) from None
   return folder
+
+
+def _records_first(names: list[str]) -> list[str]:
+  """A resume folder's file names in a safe order to remove them in: its
+  meta.json, then its progress record, then the scales' files; a process
+  killed part way through leaves a folder no rerun takes as its own."""
+  first = ["meta.json", _Workspace.PROGRESS]
+  return ([n for n in first if n in names]
+          + sorted(n for n in names if n not in first))
+
+
+def discard_workspace(folder: str) -> None:
+  """Removes a resume folder, its records first (`_records_first`), as
+  far as it can."""
+  try:
+    names = os.listdir(folder)
+  except OSError:
+    return
+  for name in _records_first(names):
+    path = os.path.join(folder, name)
+    with contextlib.suppress(OSError):
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        os.remove(path)
+  with contextlib.suppress(OSError):
+    os.rmdir(folder)
 
 
 def workspace_path(out: str) -> str:
@@ -1035,7 +1067,7 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
     except InputError as e:
       # This input cannot be translated: no resume state to keep.
       if folder:
-        shutil.rmtree(folder, ignore_errors=True)
+        discard_workspace(folder)
       raise _naming(e, in_path) from None
     if writer:
       try:
@@ -1047,7 +1079,7 @@ def translate_file(translator: Translator, in_path: str, out_path: str,
       except InputError as e:
         error = e
       else:
-        shutil.rmtree(folder, ignore_errors=True)
+        discard_workspace(folder)
     translator._agree(error, f"output {out_path}")
   finally:
     if lock is not None:

@@ -2,6 +2,7 @@
 resumes after a kill, and plans its memory before running."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -191,6 +192,59 @@ def test_api_returns_the_kind_it_was_given(run_dir, tmp_path):
   assert img2.header["descrip"] == b"kept"
   assert img2.get_data_dtype() == np.float32
   np.testing.assert_allclose(np.asarray(img2.dataobj), arr, atol=1e-4)
+
+
+def test_a_resume_folder_half_removed_is_not_taken_as_done(run_dir, tmp_path,
+                                                          monkeypatch):
+  """The resume folder is removed once the output is written; a process
+  killed while removing it left records saying "done" beside scale files
+  already gone (the order the filesystem listed them in): every rerun
+  failed on the missing file, or, where the last scale's went first,
+  wrote a constant volume and exit 0. Now its records go first, and a
+  record whose file is gone is redone."""
+  src = _nifti(tmp_path / "src.nii.gz", _volume())
+  t = megan_jax.load(run_dir, batch_size=8)
+  whole = np.asarray(nib.load(infer.translate_file(
+      t, src, str(tmp_path / "whole.nii.gz"), progress=False)).dataobj)
+  out = tmp_path / "out.nii.gz"
+  partial = tmp_path / ".out.nii.gz.partial"
+  kept = infer.discard_workspace
+  monkeypatch.setattr(infer, "discard_workspace", lambda folder: None)
+  infer.translate_file(t, src, str(out), progress=False)  # kept, all done
+  monkeypatch.setattr(infer, "discard_workspace", kept)
+  assert json.load(open(partial / "progress.json")) == {
+      "0": "done", "1": "done", "2": "done"}
+  backup = tmp_path / "backup"
+  shutil.copytree(partial, backup)
+
+  class Killed(Exception):
+    pass
+  # Killed after its first n removals, in the order it removes.
+  for n in range(1, len(os.listdir(partial))):
+    removed = []
+    real_remove = os.remove
+
+    def remove(path, *args, **kwargs):
+      if len(removed) == n:
+        raise Killed()
+      removed.append(os.path.basename(path))
+      return real_remove(path, *args, **kwargs)
+    monkeypatch.setattr(os, "remove", remove)
+    with pytest.raises(Killed):
+      infer.discard_workspace(str(partial))
+    monkeypatch.setattr(os, "remove", real_remove)
+    assert removed[0] == "meta.json"
+    os.remove(out)
+    infer.translate_file(t, src, str(out), progress=False)
+    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), whole)
+    assert not partial.exists()
+    shutil.copytree(backup, partial)
+  # Records intact, the last scale's file gone (the old order could leave
+  # it so): that scale is translated again, not passed on as zeros.
+  os.remove(partial / "scale_2.npy")
+  os.remove(out)
+  infer.translate_file(t, src, str(out), progress=False)
+  np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), whole)
 
 
 def test_killed_translation_resumes_to_the_same_file(run_dir, tmp_path, monkeypatch):
