@@ -64,7 +64,8 @@ def _deletable(workdir: str, config, retrain: bool) -> bool:
         "that `megan demo` did not train; the demo will not delete it "
         "(--train replaces it; or use another --out)")
   delete = retrain or stale
-  others = sorted(set(os.listdir(workdir)) - RUN_ENTRIES)
+  others = sorted(n for n in set(os.listdir(workdir)) - RUN_ENTRIES
+                  if not n.startswith(io.TEMP_PREFIX))  # a killed write's
   if delete and others:
     raise InputError(f"{workdir}: holds {others[0]!r}, which `megan demo` "
                      "did not make; the demo will not delete the folder to "

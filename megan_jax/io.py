@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gzip
+import hashlib
 import logging
-import zlib
 import os
+import socket
 import tempfile
 import warnings
+import zlib
 from typing import Iterable, Iterator
 
 import nibabel as nib
@@ -321,7 +323,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None
   """Yields a temporary path beside ``path``; renames it to ``path`` on success.
 
   On any exception the temporary file is removed, so nothing half-written is
-  left behind; an ``OSError`` naming no file or the temporary one (a full
+  left behind (a process killed outright leaves it, named by its process
+  id: the next write of ``path`` from this host removes it, `temp_prefix`);
+  an ``OSError`` naming no file or the temporary one (a full
   disk, say) is raised again naming ``path``. ``suffix`` defaults to the
   target's (``.nii.gz``, ``.png``), which lets writers pick the format from
   the name.
@@ -332,8 +336,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None
     base = os.path.basename(path)
     suffix = ".nii.gz" if base.lower().endswith(".nii.gz") else (
         os.path.splitext(base)[1])
+  prefix = temp_prefix(path)
+  _remove_dead_temps(folder, prefix)
   try:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-",
+                               suffix=suffix, dir=folder)
   except OSError as e:  # no such folder, no permission, no inode left, ...
     raise OSError(e.errno, f"could not be written ({e.strerror or e})",
                   path) from None
@@ -361,6 +368,48 @@ def _disk_full(folder: str) -> bool:
     return os.statvfs(folder).f_bavail == 0
   except OSError:
     return False
+
+
+TEMP_PREFIX = ".tmp-"  # hidden: no folder of inputs takes them as volumes
+
+
+def temp_prefix(path: str | os.PathLike) -> str:
+  """The start of `atomic_path`'s temporary names for ``path``:
+  ``.tmp-<digest of the file name>-<host>-``, then the writer's process id.
+  A process killed while writing (SIGKILL: no clean-up) leaves its file;
+  the next write of ``path`` from this host removes it once that process
+  is gone (`_remove_dead_temps`)."""
+  name = os.path.basename(os.fspath(path)).encode()
+  host = "".join(c if c.isalnum() or c == "." else "_"
+                 for c in socket.gethostname())[:40] or "host"
+  return f"{TEMP_PREFIX}{hashlib.sha1(name).hexdigest()[:8]}-{host}-"
+
+
+def _remove_dead_temps(folder: str, prefix: str) -> None:
+  """Removes the files in ``folder`` named ``prefix<pid>-...`` whose
+  process is no longer running (this host's: ``prefix`` names it)."""
+  try:
+    names = [n for n in os.listdir(folder) if n.startswith(prefix)]
+  except OSError:
+    return
+  for name in names:
+    pid = name[len(prefix):].split("-", 1)[0]
+    if pid.isdigit() and not _running(int(pid)):
+      with contextlib.suppress(OSError):
+        os.remove(os.path.join(folder, name))
+
+
+def _running(pid: int) -> bool:
+  """Whether a process ``pid`` runs on this host (another user's too)."""
+  if pid == os.getpid():
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # it exists (another user's), or cannot be asked
+    return True
+  return True
 
 
 def _umask() -> int:

@@ -178,6 +178,10 @@ def test_demo_deletes_only_a_run_it_made(tmp_path):
     with pytest.raises(InputError, match="'notes.txt'"):
       demo._deletable(str(run), cfg, retrain)
   assert not demo._deletable(str(run), older, False)  # the same run: kept
+  # A killed write's temporary file (config.json's, say) is the demo's own.
+  os.remove(run / "notes.txt")
+  (run / (io.temp_prefix(run / "config.json") + "1-x.json")).write_text("{")
+  assert demo._deletable(str(run), demo_config, True)
 
 
 def test_demo_refuses_an_output_name_taken_by_a_folder_before_training(

@@ -165,6 +165,32 @@ def test_write_text_is_atomic(tmp_path):
   assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp left
 
 
+def test_a_killed_writers_temporary_file_goes_with_the_next_write(tmp_path):
+  """SIGKILL leaves atomic_path's temporary file (a 512³ output takes
+  seconds to write: a killed translation left a 4-27 MB file each time,
+  for good). Named by its writer's process id, it goes with the next
+  write of the same file once that process is gone; a running writer's,
+  and another file's, stay."""
+  import subprocess
+  import sys
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  dead_pid = int(dead.stdout)
+  target = tmp_path / "out.nii.gz"
+  prefix = io.temp_prefix(target)
+  assert prefix.startswith(".tmp-")  # hidden: never read as an input
+  stale = tmp_path / f"{prefix}{dead_pid}-abc.nii.gz"
+  live = tmp_path / f"{prefix}{os.getppid()}-def.nii.gz"
+  other = tmp_path / f"{io.temp_prefix(tmp_path / 'b.nii.gz')}{dead_pid}-g.nii.gz"
+  for f in (stale, live, other):
+    f.write_bytes(b"half")
+  with io.atomic_path(target) as tmp:
+    assert os.path.basename(tmp).startswith(f"{prefix}{os.getpid()}-")
+    open(tmp, "w").write("whole")
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      ["out.nii.gz", live.name, other.name])
+
+
 def test_a_full_disk_names_the_output_not_the_temporary_file(tmp_path):
   # What a full disk raises from a write names no file (or the temporary
   # one): the error names the output, and the temporary file is gone.
