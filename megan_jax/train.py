@@ -269,11 +269,12 @@ def train_scale(config, workdir: str, scale: str, subjects, val_subjects, *,
       state, metrics = step_fn(state, batch, base)
       n = step + 1
       last = n == config.steps
-      if n % t.log_every == 0 or last:
+      logged = n % t.log_every == 0 or last
+      if logged:
         metrics = {key: float(v) for key, v in metrics.items()}
         now = time.perf_counter()  # the first interval includes compiling
         metrics["sec_per_step"] = (now - tick) / (n - tick_step)
-        tick, tick_step = now, n
+        tick_step = n
         writer.write_scalars(n, metrics)
         bar.set_postfix(g=f"{metrics['g_loss']:.3f}",
                         l1=f"{metrics['g_l1']:.3f}",
@@ -294,6 +295,8 @@ def train_scale(config, workdir: str, scale: str, subjects, val_subjects, *,
         # starts after: a process killed once it is saved loses none.
         writer.flush()
         ckpt.save_latest(n, state)
+      if logged:  # the next interval times steps alone, not this one's
+        tick = time.perf_counter()  # validation, montage and checkpoint
       done += 1
       if stop_after is not None and done >= stop_after:
         break

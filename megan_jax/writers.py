@@ -228,6 +228,9 @@ def encode_png(image: np.ndarray) -> bytes:
 # ---------------------------------------------------------------------------
 
 _file_counter = itertools.count()
+# A SummaryWriter flushes its events at most this many seconds after they
+# are written (TensorFlow's writer: 120 s), so a live TensorBoard follows.
+FLUSH_SECS = 10.0
 
 
 class _FileWriter(MetricWriter):
@@ -261,6 +264,8 @@ class SummaryWriter(_FileWriter):
   is the ``brain.Event:2`` file-version event that TensorBoard expects.
   Scalars are legacy ``simple_value`` summaries, images PNG-encoded
   ``Summary.Image``s: TensorBoard shows both in its Scalars / Images tabs.
+  Events reach the file within ``FLUSH_SECS`` of the next write, and at
+  `flush` (training flushes before each checkpoint) and `close`.
   """
 
   def __init__(self, logdir: str | os.PathLike):
@@ -270,12 +275,19 @@ class SummaryWriter(_FileWriter):
             f"{next(_file_counter):06d}")
     self.path = os.path.join(os.fspath(logdir), name)
     self._file = open(self.path, "wb")
+    self._flushed = time.monotonic()
     self._write_event(_event(time.time(), 0, file_version="brain.Event:2"))
     self.flush()
 
   def _write_event(self, event: bytes) -> None:
     self._check_open()
     self._file.write(tfrecord(event))
+    if time.monotonic() - self._flushed >= FLUSH_SECS:
+      self.flush()
+
+  def flush(self) -> None:
+    super().flush()
+    self._flushed = time.monotonic()
 
   def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:
     if not scalars:

@@ -1,6 +1,7 @@
 """Training: the step learns, compiles once, and resumes exactly."""
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -269,6 +270,30 @@ def test_a_run_killed_once_a_checkpoint_is_saved_has_that_steps_logs(
     assert step in [e.step for e in acc.Scalars("g_loss")]
     assert step in [e.step for e in acc.Scalars("val_l1")]
     assert step in [e.step for e in acc.Images("montage")]
+
+
+def test_sec_per_step_times_the_steps_not_the_montage_before_them(
+    tmp_path, monkeypatch):
+  """The interval after a logged step counted that step's validation,
+  checkpoint and montage (hr2 logged 0.08 s, then 0.8 s after each):
+  a montage that takes 1000 s on a clock of our own is not counted."""
+  config = tiny_config(**{"steps": 4, "train.log_every": 1})
+  offset = [0.0]
+  real_clock, real_montage = time.perf_counter, train._montage
+
+  def slow_montage(*args, **kwargs):
+    offset[0] += 1000.0
+    return real_montage(*args, **kwargs)
+  monkeypatch.setattr(train, "_montage", slow_montage)
+  monkeypatch.setattr(train.time, "perf_counter",
+                      lambda: real_clock() + offset[0])
+  train.train(config, str(tmp_path), "lr", progress=False)
+  assert offset[0] == 2000.0  # montages at steps 2 and 4
+  lines = [json.loads(l) for l in open(tmp_path / "logs" / "lr" /
+                                       "metrics.jsonl") if "g_loss" in l]
+  secs = {l["step"]: l["sec_per_step"] for l in lines}
+  assert sorted(secs) == [1, 2, 3, 4]
+  assert secs[3] < 500.0, secs  # step 2's montage is not step 3's time
 
 
 def test_workdir_of_another_config_is_refused(tmp_path):
