@@ -101,6 +101,17 @@ def test_bad_files_give_one_line_errors(tmp_path):
   multi.write_bytes(gzip.compress(body[:1000]) + gzip.compress(body[1000:]))
   np.testing.assert_array_equal(io.load_nifti(multi).data,
                                 io.load_nifti(full).data)
+  # Bytes after the last stream that start no other (padding; nibabel
+  # ignores them): the voxels are whole, the file is taken.
+  for tail in (b"\0" * 64, b"trailing bytes"):
+    padded = tmp_path / "padded.nii.gz"
+    padded.write_bytes(raw + tail)
+    np.testing.assert_array_equal(io.load_nifti(padded).data,
+                                  io.load_nifti(full).data)
+  # A second stream cut short is damage, though the voxels read whole.
+  cut = tmp_path / "cut.nii.gz"
+  cut.write_bytes(gzip.compress(body[:1000]) + gzip.compress(body[1000:])[:-3])
+  assert "corrupt compressed data" in _err(cut)
   # Uncompressed and truncated: the header is fine, the data are short.
   full2 = _write(tmp_path / "full2.nii", np.ones((20, 20, 20)), dtype=np.float32)
   raw2 = open(full2, "rb").read()
@@ -168,27 +179,44 @@ def test_write_text_is_atomic(tmp_path):
 def test_a_killed_writers_temporary_file_goes_with_the_next_write(tmp_path):
   """SIGKILL leaves atomic_path's temporary file (a 512³ output takes
   seconds to write: a killed translation left a 4-27 MB file each time,
-  for good). Named by its writer's process id, it goes with the next
-  write of the same file once that process is gone; a running writer's,
-  and another file's, stay."""
+  for good). Its writer holds a lock on it while writing; the next write
+  of the same file removes one nobody holds. One held (a writer at work,
+  in another container, say: process ids would not tell) stays, as does
+  another file's."""
+  import fcntl
   import subprocess
   import sys
-  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                        capture_output=True, text=True, check=True)
-  dead_pid = int(dead.stdout)
   target = tmp_path / "out.nii.gz"
   prefix = io.temp_prefix(target)
   assert prefix.startswith(".tmp-")  # hidden: never read as an input
-  stale = tmp_path / f"{prefix}{dead_pid}-abc.nii.gz"
-  live = tmp_path / f"{prefix}{os.getppid()}-def.nii.gz"
-  other = tmp_path / f"{io.temp_prefix(tmp_path / 'b.nii.gz')}{dead_pid}-g.nii.gz"
-  for f in (stale, live, other):
+  stale = tmp_path / f"{prefix}abc.nii.gz"
+  held = tmp_path / f"{prefix}def.nii.gz"
+  other = tmp_path / f"{io.temp_prefix(tmp_path / 'b.nii.gz')}g.nii.gz"
+  for f in (stale, held, other):
     f.write_bytes(b"half")
-  with io.atomic_path(target) as tmp:
-    assert os.path.basename(tmp).startswith(f"{prefix}{os.getpid()}-")
-    open(tmp, "w").write("whole")
+  # A writer in another process, at work: it holds its file's lock.
+  writer = subprocess.Popen(
+      [sys.executable, "-c", "import fcntl, os, sys; "
+       f"fd = os.open({str(held)!r}, os.O_RDONLY); "
+       "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); "
+       "sys.stdin.read()"],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    assert writer.stdout.readline().strip() == "locked"
+    with io.atomic_path(target) as tmp:
+      assert os.path.basename(tmp).startswith(prefix)
+      fd = os.open(tmp, os.O_RDONLY)  # this write's own file is held too
+      with pytest.raises(BlockingIOError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      os.close(fd)
+      open(tmp, "w").write("whole")
+  finally:
+    writer.communicate("")
   assert sorted(os.listdir(tmp_path)) == sorted(
-      ["out.nii.gz", live.name, other.name])
+      ["out.nii.gz", held.name, other.name])
+  with io.atomic_path(target) as tmp:  # its writer gone: removed
+    open(tmp, "w").write("again")
+  assert sorted(os.listdir(tmp_path)) == sorted(["out.nii.gz", other.name])
 
 
 def test_a_full_disk_names_the_output_not_the_temporary_file(tmp_path):
@@ -341,6 +369,24 @@ def test_check_same_grid_counts_the_far_corners():
                        r"\(511, 511, 0\)"):
       io.check_same_grid("m", shape, other, shape, a)
   io.check_same_grid("m", shape, a * (1 + 1e-6), shape, a)
+  # One header's two forms of one oblique grid: the qform (a float32
+  # quaternion) and the sform differ by 0.28 voxel at a CT grid's far
+  # corner (a tool that reads the other form wrote the mask): the same grid.
+  rng = np.random.default_rng(3)
+  for _ in range(20):
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]],
+                  [-axis[1], axis[0], 0]])
+    tilt = np.deg2rad(rng.uniform(0.02, 3.0))
+    turn = np.eye(3) + np.sin(tilt) * k + (1 - np.cos(tilt)) * k @ k
+    ct = np.eye(4)
+    ct[:3, :3] = turn @ np.diag([-1.0, -1.0, 1.0]) @ np.diag([0.488, 0.488, 1])
+    ct[:3, 3] = [125.0, 140.0, -310.0]
+    header = nib.Nifti1Header()
+    header.set_qform(ct, 1)
+    big = (512, 512, 300)
+    io.check_same_grid("m", big, header.get_qform(), big, ct)
   one = (1, 5, 6)  # an axis of one voxel: its column still compared
   thick = a.copy()
   thick[0, 0] = 0.8
