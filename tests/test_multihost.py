@@ -208,13 +208,12 @@ def test_processes_that_disagree_all_stop_with_an_error(run_dir, tmp_path):
 
   # Process 0 alone writes, so only it finds that the resume folder of
   # blocked.nii.gz cannot be made (a file is in the way): all the same stop
-  # that input and go on. An input constant on the working grid (one
-  # bright voxel at 1 mm; the run works at 4 mm) is refused by every
+  # that input and go on. An input constant on the working grid (a 1 mm
+  # checkerboard, an even grey at 4 mm, where the run works) is refused by every
   # process alike when the cascade prepares it (that once stopped the
   # whole job). Node-local copies under other names (same.nii.gz on one,
   # copy.nii.gz on the other): one output, named by process 0's.
-  spike = np.zeros((40, 40, 40), np.float32)
-  spike[20, 20, 20] = 1.0
+  spike = (np.indices((40, 40, 40)).sum(axis=0) % 2).astype(np.float32)
   nib.save(nib.Nifti1Image(spike, np.diag([1.0, 1.0, 1.0, 1.0])),
            str(tmp_path / "spike.nii.gz"))
   os.rename(copies[1] / "same.nii.gz", copies[1] / "copy.nii.gz")
