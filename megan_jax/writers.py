@@ -228,8 +228,9 @@ def encode_png(image: np.ndarray) -> bytes:
 # ---------------------------------------------------------------------------
 
 _file_counter = itertools.count()
-# A SummaryWriter flushes its events at most this many seconds after they
-# are written (TensorFlow's writer: 120 s), so a live TensorBoard follows.
+# A SummaryWriter flushes at a write once this many seconds have passed
+# since its last flush (TensorFlow's writer: every 120 s, on a thread), so a
+# live TensorBoard follows a run that logs.
 FLUSH_SECS = 10.0
 
 
