@@ -27,7 +27,7 @@ from megan_jax.errors import InputError
 from megan_jax.normalise import fit_normaliser
 
 CACHE_VERSION = 4  # 3: a label's classes alike on every scale; 4: area
-# averaging where data.spacing shrinks an axis more than 2x
+# averaging where data.spacing shrinks an axis 2.5x or more
 
 
 @dataclasses.dataclass(frozen=True)
