@@ -243,11 +243,16 @@ def test_a_run_killed_once_a_checkpoint_is_saved_has_that_steps_logs(
   """What is on disk the moment a checkpoint is saved (all a SIGKILL then
   leaves) holds that step's scalars and montage: the resumed run starts
   after it and never logs it again. The logs were flushed only at open
-  and close, and the montage written after the save."""
+  and close, and the montage written after the save. And sec_per_step
+  times the steps alone: the interval after a logged step counted that
+  step's validation, checkpoint and montage (hr2 logged 0.08 s, then
+  0.8 s after each); a montage that takes 1000 s on a clock of our own
+  is not counted."""
   import shutil
   event_accumulator = pytest.importorskip(
       "tensorboard.backend.event_processing.event_accumulator")
-  config = tiny_config()  # checkpoint, log and montage every 2 steps
+  # Checkpoint and montage every 2 steps, logs every step.
+  config = tiny_config(**{"steps": 4, "train.log_every": 1})
   run = tmp_path / "run"
   real = state_lib.Checkpoints.save_latest
   snapshots = {}
@@ -260,6 +265,15 @@ def test_a_run_killed_once_a_checkpoint_is_saved_has_that_steps_logs(
     snapshots[step] = snap
     return out
   monkeypatch.setattr(state_lib.Checkpoints, "save_latest", save_and_look)
+  offset = [0.0]
+  real_clock, real_montage = time.perf_counter, train._montage
+
+  def slow_montage(*args, **kwargs):
+    offset[0] += 1000.0
+    return real_montage(*args, **kwargs)
+  monkeypatch.setattr(train, "_montage", slow_montage)
+  monkeypatch.setattr(train.time, "perf_counter",
+                      lambda: real_clock() + offset[0])
   train.train(config, str(run), "lr", progress=False)
   assert sorted(snapshots) == [2, 4]
   for step, snap in snapshots.items():
@@ -270,26 +284,8 @@ def test_a_run_killed_once_a_checkpoint_is_saved_has_that_steps_logs(
     assert step in [e.step for e in acc.Scalars("g_loss")]
     assert step in [e.step for e in acc.Scalars("val_l1")]
     assert step in [e.step for e in acc.Images("montage")]
-
-
-def test_sec_per_step_times_the_steps_not_the_montage_before_them(
-    tmp_path, monkeypatch):
-  """The interval after a logged step counted that step's validation,
-  checkpoint and montage (hr2 logged 0.08 s, then 0.8 s after each):
-  a montage that takes 1000 s on a clock of our own is not counted."""
-  config = tiny_config(**{"steps": 4, "train.log_every": 1})
-  offset = [0.0]
-  real_clock, real_montage = time.perf_counter, train._montage
-
-  def slow_montage(*args, **kwargs):
-    offset[0] += 1000.0
-    return real_montage(*args, **kwargs)
-  monkeypatch.setattr(train, "_montage", slow_montage)
-  monkeypatch.setattr(train.time, "perf_counter",
-                      lambda: real_clock() + offset[0])
-  train.train(config, str(tmp_path), "lr", progress=False)
   assert offset[0] == 2000.0  # montages at steps 2 and 4
-  lines = [json.loads(l) for l in open(tmp_path / "logs" / "lr" /
+  lines = [json.loads(l) for l in open(run / "logs" / "lr" /
                                        "metrics.jsonl") if "g_loss" in l]
   secs = {l["step"]: l["sec_per_step"] for l in lines}
   assert sorted(secs) == [1, 2, 3, 4]
